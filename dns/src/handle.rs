@@ -1,0 +1,97 @@
+//! [`ZoneHandle`]: the lock-free holder of the currently served zone.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use tracing::{debug, info};
+
+use crate::{DnsMetrics, Zone};
+
+/// Shared handle to the served [`Zone`]. Cloning is cheap and every clone
+/// sees the same zone.
+///
+/// Readers ([`ZoneHandle::current`], the DNS server) never lock;
+/// [`ZoneHandle::publish`] swaps the whole snapshot atomically.
+///
+/// A handle reports `strait_dns_zone_records` and
+/// `strait_dns_zone_last_update_timestamp_seconds` to the first
+/// [`DnsMetrics`] attached to it, either with [`ZoneHandle::with_metrics`]
+/// or by passing it to [`DnsServer::bind`](crate::DnsServer::bind); later
+/// attachments are ignored.
+#[derive(Clone, Debug)]
+pub struct ZoneHandle {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    zone: ArcSwap<Zone>,
+    /// Unix time of the last publication, in nanoseconds.
+    published_at_nanos: AtomicU64,
+    metrics: OnceLock<DnsMetrics>,
+}
+
+impl ZoneHandle {
+    /// Creates a handle serving `zone`.
+    pub fn new(zone: Zone) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                zone: ArcSwap::from_pointee(zone),
+                published_at_nanos: AtomicU64::new(now_nanos()),
+                metrics: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// Creates a handle serving `zone` that keeps the zone gauges of
+    /// `metrics` up to date.
+    pub fn with_metrics(zone: Zone, metrics: DnsMetrics) -> Self {
+        let handle = Self::new(zone);
+        handle.attach_metrics(&metrics);
+        handle
+    }
+
+    /// Atomically replaces the served zone; queries already in flight finish
+    /// with the snapshot they started with.
+    pub fn publish(&self, zone: Zone) {
+        let serial = zone.serial();
+        let records = zone.record_count();
+        self.inner.zone.store(Arc::new(zone));
+        let now = now_nanos();
+        self.inner.published_at_nanos.store(now, Ordering::Release);
+        if let Some(metrics) = self.inner.metrics.get() {
+            metrics.record_zone(records, from_nanos(now));
+        }
+        info!(serial, records, "published DNS zone");
+    }
+
+    /// The zone currently served.
+    pub fn current(&self) -> Arc<Zone> {
+        self.inner.zone.load_full()
+    }
+
+    /// Attaches `metrics` unless some metrics are already attached, and
+    /// reports the current zone to them.
+    pub(crate) fn attach_metrics(&self, metrics: &DnsMetrics) {
+        if self.inner.metrics.set(metrics.clone()).is_err() {
+            debug!("zone handle already reports to other metrics");
+            return;
+        }
+        let zone = self.current();
+        let at = from_nanos(self.inner.published_at_nanos.load(Ordering::Acquire));
+        metrics.record_zone(zone.record_count(), at);
+    }
+}
+
+fn now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn from_nanos(nanos: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_nanos(nanos)
+}

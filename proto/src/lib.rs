@@ -1,0 +1,22 @@
+//! Strait's wire types, generated at build time from `proto/` with protox
+//! (no `protoc` needed): the tunnel [`tunnel::v1::StreamHeader`] that opens
+//! every QUIC stream between gateways, and the [`peer::v1`] `Peering`
+//! service through which gateways exchange export catalogs.
+#![forbid(unsafe_code)]
+#![allow(missing_docs)]
+
+/// Tunnel framing types.
+pub mod tunnel {
+    /// Version 1 of the tunnel framing.
+    pub mod v1 {
+        tonic::include_proto!("strait.tunnel.v1");
+    }
+}
+
+/// Peering (catalog exchange) types and the `Peering` gRPC service.
+pub mod peer {
+    /// Version 1 of the peering API.
+    pub mod v1 {
+        tonic::include_proto!("strait.peer.v1");
+    }
+}

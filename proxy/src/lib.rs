@@ -1,0 +1,15 @@
+//! The Strait data plane shared by the sidecar proxy and the edge gateway.
+//!
+//! It owns the one rustls crypto provider of the tree ([`tls`]), workload
+//! identity (SPIFFE X.509 certificates, issuing, rotation and peer
+//! verification in [`identity`]), byte-for-byte TCP forwarding with
+//! half-close ([`forward`]), the metric families every component shares
+//! ([`metrics`]) and the admin HTTP server ([`admin`]).
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod forward;
+pub mod identity;
+pub mod metrics;
+pub mod tls;
