@@ -1,1 +1,14 @@
-//! placeholder
+//! The Strait edge gateway.
+//!
+//! A gateway watches its own cluster through a [`source`], serves the
+//! services it exports to linked peers over the [`tunnel`] (QUIC, mTLS),
+//! learns the peers' exports through [`peering`], turns them into
+//! [`imports`] with local virtual IPs answered in DNS, and carries each
+//! connection to an import across the tunnel to the exporting peer.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod catalog;
+pub mod imports;
+pub mod source;
+pub mod tunnel;

@@ -1,0 +1,85 @@
+use super::*;
+
+fn export(ns: &str, name: &str, port: u16) -> Export {
+    Export {
+        key: ServiceKey::new(ns, name),
+        service_type: ServiceType::ClusterSetIp,
+        ports: vec![Port {
+            name: "http".into(),
+            port,
+            protocol: Protocol::Tcp,
+            app_protocol: Some("http".into()),
+        }],
+    }
+}
+
+fn catalog(items: &[Export]) -> Catalog {
+    items.iter().map(|e| (e.key.clone(), e.clone())).collect()
+}
+
+#[test]
+fn diff_reports_changes_and_removals_only() {
+    let old = catalog(&[
+        export("a", "x", 80),
+        export("a", "y", 80),
+        export("b", "z", 80),
+    ]);
+    let new = catalog(&[
+        export("a", "x", 80),
+        export("a", "y", 81),
+        export("c", "w", 80),
+    ]);
+    let (up, rm) = diff(&old, &new);
+    assert_eq!(up, vec![export("a", "y", 81), export("c", "w", 80)]);
+    assert_eq!(rm, vec![ServiceKey::new("b", "z")]);
+    assert_eq!(diff(&new, &new), (vec![], vec![]));
+}
+
+#[test]
+fn wire_round_trip() {
+    let e = export("demo", "hello", 8080);
+    let wire = pb::Export::from(&e);
+    assert_eq!(Export::try_from(&wire), Ok(e));
+}
+
+#[test]
+fn invalid_exports_from_peers_are_refused() {
+    let good = pb::Export::from(&export("demo", "hello", 8080));
+    let mut bad = good.clone();
+    bad.namespace = "Demo".into();
+    assert!(matches!(
+        Export::try_from(&bad),
+        Err(InvalidExport::Label { .. })
+    ));
+    let mut bad = good.clone();
+    bad.name = "a".repeat(64);
+    assert!(Export::try_from(&bad).is_err());
+    let mut bad = good.clone();
+    bad.ports[0].port = 70000;
+    assert_eq!(Export::try_from(&bad), Err(InvalidExport::PortRange(70000)));
+    let mut bad = good.clone();
+    bad.ports[0].port = 0;
+    assert!(Export::try_from(&bad).is_err());
+    let mut bad = good.clone();
+    bad.ports[0].protocol = "QUIC".into();
+    assert!(Export::try_from(&bad).is_err());
+    let mut bad = good.clone();
+    bad.ports.push(bad.ports[0].clone());
+    assert!(matches!(
+        Export::try_from(&bad),
+        Err(InvalidExport::DuplicatePort(_))
+    ));
+    let mut bad = good;
+    bad.ports.clear();
+    assert_eq!(Export::try_from(&bad), Err(InvalidExport::NoPorts));
+}
+
+#[test]
+fn labels() {
+    for ok in ["a", "hello", "a-1", &"x".repeat(63)] {
+        assert!(validate_label("n", ok).is_ok(), "{ok}");
+    }
+    for bad in ["", "-a", "a-", "A", "a.b", "a_b", &"x".repeat(64)] {
+        assert!(validate_label("n", bad).is_err(), "{bad}");
+    }
+}

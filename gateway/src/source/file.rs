@@ -1,0 +1,366 @@
+//! The file cluster source: a YAML document of services, their ports and
+//! endpoints, and which are exported. Polled for changes (robust to editors
+//! that replace files and to Kubernetes ConfigMap symlink swaps); a document
+//! that fails to parse or validate is refused, counted and logged, and the
+//! last good state stays in force.
+//!
+//! ```yaml
+//! services:
+//!   - namespace: demo
+//!     name: hello
+//!     export: true
+//!     type: ClusterSetIP          # or Headless
+//!     ports:
+//!       - { name: http, port: 8080, protocol: TCP, appProtocol: http }
+//!     endpoints:
+//!       - { name: hello-0, ip: 127.0.0.1, ports: { http: 18080 } }
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use super::ClusterSource;
+use crate::catalog::{
+    validate_label, validate_ports, ClusterState, Endpoint, LocalService, Port, Protocol,
+    ServiceKey, ServiceType,
+};
+
+/// Why a cluster file was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FileSourceError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The YAML did not parse into the expected shape.
+    #[error("parsing {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (with line and column).
+        message: String,
+    },
+    /// A service is invalid.
+    #[error("{path}: service {service}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Which service (`namespace/name`, or its index).
+        service: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Document {
+    #[serde(default)]
+    services: Vec<ServiceDoc>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ServiceDoc {
+    namespace: String,
+    name: String,
+    #[serde(default)]
+    export: bool,
+    #[serde(default, rename = "type")]
+    service_type: ServiceType,
+    ports: Vec<PortDoc>,
+    #[serde(default)]
+    endpoints: Vec<EndpointDoc>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PortDoc {
+    #[serde(default)]
+    name: String,
+    port: u16,
+    #[serde(default)]
+    protocol: Protocol,
+    #[serde(default)]
+    app_protocol: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EndpointDoc {
+    name: String,
+    ip: IpAddr,
+    #[serde(default)]
+    ports: BTreeMap<String, u16>,
+    #[serde(default = "yes")]
+    ready: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Parses and validates a cluster document (pure; no I/O).
+pub fn parse(text: &str, path: &Path) -> Result<ClusterState, FileSourceError> {
+    let doc: Document = serde_saphyr::from_str(text).map_err(|e| FileSourceError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let mut state = ClusterState::default();
+    for (i, s) in doc.services.into_iter().enumerate() {
+        let invalid = |message: String| FileSourceError::Invalid {
+            path: path.to_path_buf(),
+            service: format!("#{i} ({}/{})", s.namespace, s.name),
+            message,
+        };
+        validate_label("namespace", &s.namespace).map_err(|e| invalid(e.to_string()))?;
+        validate_label("name", &s.name).map_err(|e| invalid(e.to_string()))?;
+        let ports: Vec<Port> = s
+            .ports
+            .iter()
+            .map(|p| Port {
+                name: p.name.clone(),
+                port: p.port,
+                protocol: p.protocol,
+                app_protocol: p.app_protocol.clone(),
+            })
+            .collect();
+        validate_ports(&ports).map_err(|e| invalid(e.to_string()))?;
+        let mut endpoints = Vec::new();
+        for e in &s.endpoints {
+            if let Some(unknown) = e
+                .ports
+                .keys()
+                .find(|n| !ports.iter().any(|p| &p.name == *n))
+            {
+                return Err(invalid(format!(
+                    "endpoint {} maps unknown port {unknown:?}",
+                    e.name
+                )));
+            }
+            if e.ports.values().any(|p| *p == 0) {
+                return Err(invalid(format!("endpoint {} maps a port to 0", e.name)));
+            }
+            endpoints.push(Endpoint {
+                name: e.name.clone(),
+                ip: e.ip,
+                target_ports: e.ports.clone(),
+                ready: e.ready,
+            });
+        }
+        let key = ServiceKey::new(&s.namespace, &s.name);
+        if state.services.contains_key(&key) {
+            return Err(invalid("defined twice".into()));
+        }
+        state.services.insert(
+            key.clone(),
+            LocalService {
+                key,
+                service_type: s.service_type,
+                ports,
+                endpoints,
+                exported: s.export,
+            },
+        );
+    }
+    Ok(state)
+}
+
+/// Reads and parses a cluster file.
+pub fn load(path: &Path) -> Result<ClusterState, FileSourceError> {
+    let text = std::fs::read_to_string(path).map_err(|source| FileSourceError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Reload outcomes, by result (`ok`, `error`).
+pub type ReloadCounter = Family<Vec<(String, String)>, Counter>;
+
+/// A running file source.
+#[derive(Debug)]
+pub struct FileSource {
+    rx: watch::Receiver<Arc<ClusterState>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FileSource {
+    /// Loads `path` (an error here is fatal: there is no last good state
+    /// yet), then polls it every `interval`.
+    pub fn start(
+        path: PathBuf,
+        interval: Duration,
+        reloads: ReloadCounter,
+    ) -> Result<Self, FileSourceError> {
+        let text = std::fs::read_to_string(&path).map_err(|source| FileSourceError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let state = parse(&text, &path)?;
+        let (tx, rx) = watch::channel(Arc::new(state));
+        let task = tokio::spawn(async move {
+            let mut last = text;
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                let text = match tokio::fs::read_to_string(&path).await {
+                    Ok(t) => t,
+                    Err(error) => {
+                        if last != "\0unreadable" {
+                            tracing::warn!(path = %path.display(), %error, "cluster file unreadable; keeping last state");
+                            reloads
+                                .get_or_create(&vec![("result".into(), "error".into())])
+                                .inc();
+                            last = "\0unreadable".into();
+                        }
+                        continue;
+                    }
+                };
+                if text == last {
+                    continue;
+                }
+                match parse(&text, &path) {
+                    Ok(state) => {
+                        tracing::info!(path = %path.display(), services = state.services.len(), "cluster file reloaded");
+                        reloads
+                            .get_or_create(&vec![("result".into(), "ok".into())])
+                            .inc();
+                        tx.send_if_modified(|cur| {
+                            if **cur == state {
+                                false
+                            } else {
+                                *cur = Arc::new(state);
+                                true
+                            }
+                        });
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "cluster file refused; keeping last state");
+                        reloads
+                            .get_or_create(&vec![("result".into(), "error".into())])
+                            .inc();
+                    }
+                }
+                last = text;
+                if tx.is_closed() {
+                    break;
+                }
+            }
+        });
+        Ok(Self { rx, task })
+    }
+}
+
+impl ClusterSource for FileSource {
+    fn watch(&self) -> watch::Receiver<Arc<ClusterState>> {
+        self.rx.clone()
+    }
+}
+
+impl Drop for FileSource {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+services:
+  - namespace: demo
+    name: hello
+    export: true
+    ports:
+      - { name: http, port: 8080, appProtocol: http }
+    endpoints:
+      - { name: hello-0, ip: 127.0.0.1, ports: { http: 18080 } }
+      - { name: hello-1, ip: 127.0.0.2 }
+  - namespace: demo
+    name: private
+    ports: [{ port: 9000 }]
+"#;
+
+    #[test]
+    fn parses_services_ports_and_endpoints() {
+        let s = parse(GOOD, Path::new("x.yaml")).expect("valid");
+        let hello = &s.services[&ServiceKey::new("demo", "hello")];
+        assert!(hello.exported);
+        assert_eq!(hello.endpoints[0].target(&hello.ports[0]).port(), 18080);
+        assert_eq!(hello.endpoints[1].target(&hello.ports[0]).port(), 8080);
+        assert_eq!(
+            s.catalog().len(),
+            1,
+            "only exported services are in the catalog"
+        );
+    }
+
+    #[test]
+    fn bad_documents_are_refused_with_a_reason() {
+        for (doc, needle) in [
+            ("services: [{namespace: demo, name: x, ports: [{port: 0}]}]", "port 0"),
+            ("services: [{namespace: Demo, name: x, ports: [{port: 1}]}]", "namespace"),
+            ("services: [{namespace: demo, name: x, ports: []}]", "no ports"),
+            ("services: [{namespace: demo, name: x, ports: [{port: 99999}]}]", "parsing"),
+            ("services: [{namespace: demo, name: x, bogus: 1, ports: [{port: 1}]}]", "bogus"),
+            ("services: [{namespace: demo, name: x, ports: [{port: 1}], endpoints: [{name: e, ip: nope}]}]", "parsing"),
+            ("services: [{namespace: demo, name: x, ports: [{name: a, port: 1}], endpoints: [{name: e, ip: 1.2.3.4, ports: {b: 2}}]}]", "unknown port"),
+            (": : :", "parsing"),
+        ] {
+            let err = parse(doc, Path::new("x.yaml")).expect_err(doc).to_string();
+            assert!(err.contains(needle), "{doc}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn reloads_on_change_and_keeps_last_good_state() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, GOOD).expect("write");
+        let reloads = ReloadCounter::default();
+        let src = FileSource::start(path.clone(), Duration::from_millis(20), reloads.clone())
+            .expect("start");
+        let mut rx = src.watch();
+        assert_eq!(rx.borrow().catalog().len(), 1);
+        std::fs::write(
+            &path,
+            "services: [{namespace: demo, name: x, ports: [{port: 0}]}]",
+        )
+        .expect("write");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(
+            rx.borrow().catalog().len(),
+            1,
+            "bad file keeps the last state"
+        );
+        assert_eq!(
+            reloads
+                .get_or_create(&vec![("result".into(), "error".into())])
+                .get(),
+            1
+        );
+        std::fs::write(&path, GOOD.replace("export: true", "export: false")).expect("write");
+        tokio::time::timeout(Duration::from_secs(2), rx.changed())
+            .await
+            .expect("reload in time")
+            .expect("changed");
+        assert_eq!(rx.borrow().catalog().len(), 0);
+    }
+}
