@@ -1,5 +1,6 @@
 //! [`ZoneHandle`]: the lock-free holder of the currently served zone.
 
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -20,12 +21,11 @@ use crate::{DnsMetrics, Zone};
 /// [`DnsMetrics`] attached to it, either with [`ZoneHandle::with_metrics`]
 /// or by passing it to [`DnsServer::bind`](crate::DnsServer::bind); later
 /// attachments are ignored.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ZoneHandle {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug)]
 struct Inner {
     zone: ArcSwap<Zone>,
     /// Unix time of the last publication, in nanoseconds.
@@ -82,6 +82,18 @@ impl ZoneHandle {
         let zone = self.current();
         let at = from_nanos(self.inner.published_at_nanos.load(Ordering::Acquire));
         metrics.record_zone(zone.record_count(), at);
+    }
+}
+
+impl fmt::Debug for ZoneHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let zone = self.current();
+        f.debug_struct("ZoneHandle")
+            .field("origin", &zone.origin().to_string())
+            .field("serial", &zone.serial())
+            .field("records", &zone.record_count())
+            .field("metrics", &self.inner.metrics.get().is_some())
+            .finish()
     }
 }
 

@@ -7,6 +7,7 @@
 //! into a wire response.
 
 use std::collections::{HashMap, HashSet};
+use std::fmt;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -62,7 +63,8 @@ impl PortProtocol {
 /// One port of an imported service.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServicePort {
-    /// Port name (a lowercase DNS label). An empty name means the port is
+    /// Port name (a lowercase DNS label of at most 62 octets, usually an
+    /// IANA service name). An empty name means the port is
     /// unnamed: it then only appears in the SRV set at the service name.
     pub name: String,
     /// Port number.
@@ -166,7 +168,7 @@ pub enum Lookup<'z> {
 }
 
 /// An immutable, fully indexed snapshot of the zone.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Zone {
     origin: LowerName,
     serial: u32,
@@ -325,6 +327,17 @@ impl Zone {
     }
 }
 
+impl fmt::Debug for Zone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Zone")
+            .field("origin", &self.origin.to_string())
+            .field("serial", &self.serial)
+            .field("names", &self.nodes.len())
+            .field("records", &self.record_count)
+            .finish()
+    }
+}
+
 /// Returns a serial that is at least the current Unix time and strictly
 /// greater than any serial returned before in this process.
 fn next_serial() -> u32 {
@@ -389,7 +402,8 @@ fn validate_service(service: &ServiceRecord) -> Result<(), ZoneError> {
         return Err(invalid("name", &service.name));
     }
     for port in &service.ports {
-        if !port.name.is_empty() && !is_dns_label(&port.name) {
+        // `_<name>` must fit in one 63-octet label.
+        if !port.name.is_empty() && (!is_dns_label(&port.name) || port.name.len() > 62) {
             return Err(invalid("port name", &port.name));
         }
     }

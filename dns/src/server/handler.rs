@@ -6,7 +6,9 @@ use std::time::Instant;
 
 use hickory_proto::op::{Edns, Header, HeaderCounts, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::{DNSClass, Record, RecordType};
+use hickory_proto::serialize::binary::BinEncoder;
 use hickory_server::net::runtime::Time;
+use hickory_server::net::xfer::Protocol;
 use hickory_server::net::NetError;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
@@ -20,6 +22,12 @@ pub(crate) const MAX_UDP_PAYLOAD: u16 = 1232;
 
 /// EDNS version this server implements.
 const EDNS_VERSION: u8 = 0;
+
+/// UDP payload limit of a query without EDNS (RFC 1035).
+const CLASSIC_UDP_PAYLOAD: u16 = 512;
+
+/// Wire size of an OPT record without options.
+const OPT_RECORD_LEN: u16 = 11;
 
 /// Answers queries from a [`ZoneHandle`] and records [`DnsMetrics`].
 pub(crate) struct ZoneRequestHandler {
@@ -85,6 +93,8 @@ impl ZoneRequestHandler {
         let mut metadata = Metadata::response_from_request(&request.metadata);
         metadata.authoritative = true;
         metadata.response_code = rcode;
+        let fit = additionals_that_fit(request, edns, metadata, answers, authorities, additionals);
+        let additionals = additionals.get(..fit).unwrap_or(additionals);
         // The question section is copied from the request bytes, so it
         // echoes the query's case.
         let response = MessageResponseBuilder::new(&request.queries, edns).build(
@@ -125,6 +135,43 @@ fn response_edns(request: &Edns) -> Edns {
     edns.set_max_payload(request.max_payload().min(MAX_UDP_PAYLOAD));
     edns.set_version(EDNS_VERSION);
     edns
+}
+
+/// How many of `additionals` fit in a UDP response beside the rest of it.
+///
+/// hickory's encoder sets TC whenever any section overflows, but additional
+/// data that does not fit is simply left out (RFC 2181 section 9), so a
+/// trial encoding finds how much of it fits, keeping room for the OPT record.
+fn additionals_that_fit(
+    request: &Request,
+    edns: Option<&Edns>,
+    metadata: Metadata,
+    answers: &[Record],
+    authorities: &[Record],
+    additionals: &[Record],
+) -> usize {
+    if additionals.is_empty() || request.protocol() != Protocol::Udp {
+        return additionals.len();
+    }
+    let limit = match edns {
+        Some(edns) => edns.max_payload().saturating_sub(OPT_RECORD_LEN),
+        None => CLASSIC_UDP_PAYLOAD,
+    };
+    let mut buf = Vec::with_capacity(usize::from(limit));
+    let mut encoder = BinEncoder::new(&mut buf);
+    encoder.set_max_size(limit);
+    let trial = MessageResponseBuilder::new(&request.queries, None).build(
+        metadata,
+        answers,
+        authorities,
+        &[],
+        additionals,
+    );
+    match trial.destructive_emit(&mut encoder) {
+        Ok(info) => usize::from(info.counts().additionals),
+        // The real encoding reports the error.
+        Err(_) => additionals.len(),
+    }
 }
 
 async fn send_error<R: ResponseHandler>(
