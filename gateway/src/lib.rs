@@ -8,7 +8,20 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod catalog;
+pub mod config;
+pub mod egress;
+pub mod gateway;
 pub mod imports;
+pub mod ingress;
+pub mod links;
+pub mod metrics;
+pub mod peering;
 pub mod source;
+pub mod state;
 pub mod tunnel;
+
+pub use config::GatewayConfig;
+pub use gateway::Gateway;
+pub mod demo;

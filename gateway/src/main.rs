@@ -1,1 +1,332 @@
-fn main() {}
+//! `strait`: the Strait gateway binary.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use strait_gateway::config::default_trust_domain;
+use strait_gateway::demo::{Demo, DemoOptions};
+use strait_gateway::{Gateway, GatewayConfig};
+use strait_proxy::identity::{generate_issuer, generate_root, PemPair};
+
+/// Strait links Kubernetes clusters: an edge gateway per cluster, mutually
+/// authenticated QUIC tunnels between them, and clusterset DNS.
+#[derive(Parser, Debug)]
+#[command(name = "strait", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run one gateway from a config file.
+    Gateway {
+        /// The gateway config (YAML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run two linked clusters (west, east) on this machine.
+    Demo {
+        /// Make one round trip, print a summary and exit.
+        #[arg(long)]
+        once: bool,
+        /// Requests to send.
+        #[arg(long, default_value_t = 6)]
+        requests: usize,
+        /// West's DNS address.
+        #[arg(long, default_value = "127.0.0.1:15353")]
+        west_dns: SocketAddr,
+        /// West's admin address.
+        #[arg(long, default_value = "127.0.0.1:14191")]
+        west_admin: SocketAddr,
+        /// West's tunnel address.
+        #[arg(long, default_value = "127.0.0.1:14143")]
+        west_tunnel: SocketAddr,
+        /// East's DNS address.
+        #[arg(long, default_value = "127.0.0.1:25353")]
+        east_dns: SocketAddr,
+        /// East's admin address.
+        #[arg(long, default_value = "127.0.0.1:24191")]
+        east_admin: SocketAddr,
+        /// East's tunnel address.
+        #[arg(long, default_value = "127.0.0.1:24143")]
+        east_tunnel: SocketAddr,
+    },
+    /// Make certificates.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CertsCommand {
+    /// Make a trust anchor (root CA) for a clusterset: root.pem, root.key.
+    Root {
+        /// Output folder.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// A name for the clusterset (in the certificate's subject).
+        #[arg(long, default_value = "strait")]
+        name: String,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Make a cluster's issuer (intermediate CA): <cluster>-issuer.pem/.key.
+    Issuer {
+        /// The cluster's name.
+        #[arg(long)]
+        cluster: String,
+        /// The cluster's trust domain (default <cluster>.strait.local).
+        #[arg(long)]
+        trust_domain: Option<String>,
+        /// The root certificate.
+        #[arg(long, default_value = "root.pem")]
+        root: PathBuf,
+        /// The root key.
+        #[arg(long, default_value = "root.key")]
+        root_key: PathBuf,
+        /// Output folder.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn write_new(
+    path: &std::path::Path,
+    contents: &str,
+    force: bool,
+    private: bool,
+) -> anyhow::Result<()> {
+    if path.exists() && !force {
+        bail!("{} exists (use --force to overwrite)", path.display());
+    }
+    std::fs::write(path, contents).with_context(|| format!("writing {}", path.display()))?;
+    #[cfg(unix)]
+    if private {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    #[cfg(not(unix))]
+    let _ = private;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+fn certs(cmd: CertsCommand) -> anyhow::Result<()> {
+    match cmd {
+        CertsCommand::Root { out, name, force } => {
+            let root = generate_root(&name)?;
+            write_new(&out.join("root.pem"), &root.cert_pem, force, false)?;
+            write_new(&out.join("root.key"), &root.key_pem, force, true)?;
+        }
+        CertsCommand::Issuer {
+            cluster,
+            trust_domain,
+            root,
+            root_key,
+            out,
+            force,
+        } => {
+            strait_gateway::catalog::validate_label("cluster", &cluster)?;
+            let pair = PemPair {
+                cert_pem: std::fs::read_to_string(&root)
+                    .with_context(|| format!("reading {}", root.display()))?,
+                key_pem: std::fs::read_to_string(&root_key)
+                    .with_context(|| format!("reading {}", root_key.display()))?,
+            };
+            let td = trust_domain.unwrap_or_else(|| default_trust_domain(&cluster));
+            let issuer = generate_issuer(&pair, &td)?;
+            write_new(
+                &out.join(format!("{cluster}-issuer.pem")),
+                &issuer.cert_pem,
+                force,
+                false,
+            )?;
+            write_new(
+                &out.join(format!("{cluster}-issuer.key")),
+                &issuer.key_pem,
+                force,
+                true,
+            )?;
+            println!("issuer for trust domain {td}");
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn demo(opts: DemoOptions, once: bool) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let demo = Demo::start(&opts).await?;
+    println!(
+        "west gateway: tunnel {} (QUIC), DNS {}, admin http://{}",
+        demo.west.tunnel_addr(),
+        demo.west.dns_addr(),
+        demo.west.admin_addr()
+    );
+    println!(
+        "east gateway: tunnel {} (QUIC), DNS {}, admin http://{}",
+        demo.east.tunnel_addr(),
+        demo.east.dns_addr(),
+        demo.east.admin_addr()
+    );
+    println!("certificates and configs: {}", demo.dir.display());
+    let summary = demo
+        .round_trip(opts.requests, |line| println!("{line}"))
+        .await?;
+    let endpoints: Vec<String> = summary
+        .served
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    println!(
+        "ok: {} requests from west reached east's hello through the tunnel ({}); first response after {:.2?}, total {:.2?}",
+        opts.requests,
+        endpoints.join(", "),
+        summary.first_response,
+        started.elapsed()
+    );
+    if once {
+        demo.west.shutdown().await;
+        demo.east.shutdown().await;
+        return Ok(());
+    }
+    println!();
+    println!("try:");
+    println!(
+        "  dig @{} -p {} hello.demo.svc.clusterset.local",
+        opts.west_dns.ip(),
+        opts.west_dns.port()
+    );
+    println!("  curl http://{}:8080/", summary.vip);
+    println!("  curl http://{}/metrics", opts.west_admin);
+    println!("  curl http://{}/api/imports", opts.west_admin);
+    println!("Ctrl-C to stop.");
+    shutdown_signal().await;
+    println!("stopping");
+    demo.west.shutdown().await;
+    demo.east.shutdown().await;
+    Ok(())
+}
+
+async fn gateway(config: PathBuf) -> anyhow::Result<()> {
+    let config = GatewayConfig::load(&config)?;
+    let gw = Gateway::start(config).await?;
+    println!(
+        "gateway {} up: tunnel {}, DNS {}, admin http://{}",
+        gw.identity(),
+        gw.tunnel_addr(),
+        gw.dns_addr(),
+        gw.admin_addr()
+    );
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    tokio::time::timeout(Duration::from_secs(10), gw.shutdown())
+        .await
+        .ok();
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    // The demo prints its own story; a gateway logs what it does.
+    let default_filter = match cli.command {
+        Command::Demo { .. } => "warn",
+        _ => "warn,strait_gateway=info,strait_proxy=info",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STRAIT_LOG")
+                .unwrap_or_else(|_| default_filter.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    strait_proxy::tls::install_default_provider();
+    let result = match cli.command {
+        Command::Certs { command } => certs(command),
+        Command::Gateway { config } => run_async(gateway(config)),
+        Command::Demo {
+            once,
+            requests,
+            west_dns,
+            west_admin,
+            west_tunnel,
+            east_dns,
+            east_admin,
+            east_tunnel,
+        } => {
+            let opts = DemoOptions {
+                west_dns,
+                west_admin,
+                west_tunnel,
+                east_dns,
+                east_admin,
+                east_tunnel,
+                requests,
+            };
+            run_async(async move {
+                if once {
+                    tokio::time::timeout(Duration::from_secs(60), demo(opts, true))
+                        .await
+                        .unwrap_or_else(|_| bail!("demo did not finish within 60 s"))
+                } else {
+                    demo(opts, false).await
+                }
+            })
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_async(f: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?
+        .block_on(f)
+}

@@ -32,6 +32,7 @@ use crate::catalog::{
     validate_label, validate_ports, ClusterState, Endpoint, LocalService, Port, Protocol,
     ServiceKey, ServiceType,
 };
+use crate::metrics::ResultLabels;
 
 /// Why a cluster file was refused.
 #[derive(Debug, thiserror::Error)]
@@ -190,7 +191,7 @@ pub fn load(path: &Path) -> Result<ClusterState, FileSourceError> {
 }
 
 /// Reload outcomes, by result (`ok`, `error`).
-pub type ReloadCounter = Family<Vec<(String, String)>, Counter>;
+pub type ReloadCounter = Family<ResultLabels, Counter>;
 
 /// A running file source.
 #[derive(Debug)]
@@ -225,7 +226,7 @@ impl FileSource {
                         if last != "\0unreadable" {
                             tracing::warn!(path = %path.display(), %error, "cluster file unreadable; keeping last state");
                             reloads
-                                .get_or_create(&vec![("result".into(), "error".into())])
+                                .get_or_create(&ResultLabels { result: "error" })
                                 .inc();
                             last = "\0unreadable".into();
                         }
@@ -238,9 +239,7 @@ impl FileSource {
                 match parse(&text, &path) {
                     Ok(state) => {
                         tracing::info!(path = %path.display(), services = state.services.len(), "cluster file reloaded");
-                        reloads
-                            .get_or_create(&vec![("result".into(), "ok".into())])
-                            .inc();
+                        reloads.get_or_create(&ResultLabels { result: "ok" }).inc();
                         tx.send_if_modified(|cur| {
                             if **cur == state {
                                 false
@@ -253,7 +252,7 @@ impl FileSource {
                     Err(error) => {
                         tracing::warn!(%error, "cluster file refused; keeping last state");
                         reloads
-                            .get_or_create(&vec![("result".into(), "error".into())])
+                            .get_or_create(&ResultLabels { result: "error" })
                             .inc();
                     }
                 }
@@ -352,7 +351,7 @@ services:
         );
         assert_eq!(
             reloads
-                .get_or_create(&vec![("result".into(), "error".into())])
+                .get_or_create(&ResultLabels { result: "error" })
                 .get(),
             1
         );

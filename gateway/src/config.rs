@@ -1,0 +1,464 @@
+//! The gateway configuration file (YAML), validated when loaded: an invalid
+//! value is refused at start, with the field named, never at first use.
+//!
+//! ```yaml
+//! cluster: west
+//! identity:
+//!   trustAnchors: certs/root.pem
+//!   issuerCert: certs/west-issuer.pem
+//!   issuerKey: certs/west-issuer.key
+//! listen:
+//!   tunnel: 0.0.0.0:4143
+//!   admin: 0.0.0.0:4191
+//!   dns: 0.0.0.0:5353
+//! source:
+//!   file: west-cluster.yaml
+//! links:
+//!   - name: east
+//!     addresses: ["east-gateway.example.com:4143"]
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use strait_proxy::identity::SpiffeId;
+
+use crate::catalog::validate_label;
+
+/// The namespace and service account gateways run as; part of their
+/// SPIFFE ID.
+pub const GATEWAY_NAMESPACE: &str = "strait-system";
+/// See [`GATEWAY_NAMESPACE`].
+pub const GATEWAY_SERVICE_ACCOUNT: &str = "strait-gateway";
+
+/// A whole gateway configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GatewayConfig {
+    /// This cluster's name (an RFC 1123 label).
+    pub cluster: String,
+    /// The SPIFFE trust domain of this cluster; default `<cluster>.strait.local`.
+    #[serde(default)]
+    pub trust_domain: Option<String>,
+    /// Certificate files.
+    pub identity: IdentityConfig,
+    /// Listen addresses.
+    #[serde(default)]
+    pub listen: ListenConfig,
+    /// Where the cluster's services come from.
+    pub source: SourceConfig,
+    /// Import settings.
+    #[serde(default)]
+    pub imports: ImportsConfig,
+    /// Linked peers.
+    #[serde(default)]
+    pub links: Vec<LinkConfig>,
+    /// Tunnel transport tuning.
+    #[serde(default)]
+    pub tunnel: TunnelTuning,
+}
+
+/// Certificate files.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct IdentityConfig {
+    /// PEM bundle of trust anchors (root CAs).
+    pub trust_anchors: PathBuf,
+    /// The cluster issuer's PEM certificate.
+    pub issuer_cert: PathBuf,
+    /// The cluster issuer's PKCS#8 PEM key.
+    pub issuer_key: PathBuf,
+    /// Leaf certificate lifetime in seconds (default 86400).
+    #[serde(default = "default_leaf_lifetime")]
+    pub leaf_lifetime_seconds: u64,
+}
+
+fn default_leaf_lifetime() -> u64 {
+    86_400
+}
+
+/// Listen addresses.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ListenConfig {
+    /// QUIC tunnel (UDP); default `0.0.0.0:4143`.
+    #[serde(default = "default_tunnel")]
+    pub tunnel: SocketAddr,
+    /// Admin HTTP; default `0.0.0.0:4191`.
+    #[serde(default = "default_admin")]
+    pub admin: SocketAddr,
+    /// DNS (UDP and TCP); default `0.0.0.0:5353`.
+    #[serde(default = "default_dns")]
+    pub dns: SocketAddr,
+}
+
+fn default_tunnel() -> SocketAddr {
+    ([0, 0, 0, 0], 4143).into()
+}
+fn default_admin() -> SocketAddr {
+    ([0, 0, 0, 0], 4191).into()
+}
+fn default_dns() -> SocketAddr {
+    ([0, 0, 0, 0], 5353).into()
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            tunnel: default_tunnel(),
+            admin: default_admin(),
+            dns: default_dns(),
+        }
+    }
+}
+
+/// Where the cluster's services come from.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SourceConfig {
+    /// A cluster YAML file (see [`crate::source::file`]).
+    pub file: PathBuf,
+    /// How often to check the file for changes, ms (default 500).
+    #[serde(default = "default_poll")]
+    pub poll_interval_ms: u64,
+}
+
+fn default_poll() -> u64 {
+    500
+}
+
+/// Import settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ImportsConfig {
+    /// Keep a lost peer's imports this long before removing them (default 60).
+    #[serde(default = "default_grace")]
+    pub grace_period_seconds: u64,
+    /// Where to persist virtual IP assignments (optional).
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
+    /// DNS record TTL in seconds (default 5).
+    #[serde(default = "default_ttl")]
+    pub dns_ttl_seconds: u32,
+}
+
+fn default_grace() -> u64 {
+    60
+}
+fn default_ttl() -> u32 {
+    5
+}
+
+impl Default for ImportsConfig {
+    fn default() -> Self {
+        Self {
+            grace_period_seconds: default_grace(),
+            state_file: None,
+            dns_ttl_seconds: default_ttl(),
+        }
+    }
+}
+
+/// How a link's tunnel travels.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// QUIC over UDP.
+    #[default]
+    Quic,
+    /// HTTP/2 CONNECT over TLS on TCP (not built yet: refused at load).
+    Tcp,
+    /// QUIC, falling back to TCP (not built yet: refused at load).
+    Auto,
+}
+
+/// A linked peer.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LinkConfig {
+    /// The peer's cluster name.
+    pub name: String,
+    /// `host:port` of the peer's gateways, dialed to import its exports;
+    /// hostnames are resolved again on every reconnect. Empty: the link
+    /// only lets the peer in (it imports from us).
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// The SPIFFE ID the peer's gateway must present; default
+    /// `spiffe://<name>.strait.local/ns/strait-system/sa/strait-gateway`.
+    #[serde(default)]
+    pub identity: Option<String>,
+    /// `quic` (default).
+    #[serde(default)]
+    pub transport: Transport,
+}
+
+/// Tunnel transport tuning.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TunnelTuning {
+    /// Idle timeout, ms (default 15000).
+    #[serde(default = "default_idle")]
+    pub idle_timeout_ms: u64,
+    /// Keepalive, ms (default 4000).
+    #[serde(default = "default_keepalive")]
+    pub keep_alive_ms: u64,
+    /// First reconnect delay, ms (default 250); doubles up to the maximum.
+    #[serde(default = "default_backoff_min")]
+    pub reconnect_min_ms: u64,
+    /// Longest reconnect delay, ms (default 10000).
+    #[serde(default = "default_backoff_max")]
+    pub reconnect_max_ms: u64,
+}
+
+fn default_idle() -> u64 {
+    15_000
+}
+fn default_keepalive() -> u64 {
+    4_000
+}
+fn default_backoff_min() -> u64 {
+    250
+}
+fn default_backoff_max() -> u64 {
+    10_000
+}
+
+impl Default for TunnelTuning {
+    fn default() -> Self {
+        Self {
+            idle_timeout_ms: default_idle(),
+            keep_alive_ms: default_keepalive(),
+            reconnect_min_ms: default_backoff_min(),
+            reconnect_max_ms: default_backoff_max(),
+        }
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The YAML did not parse.
+    #[error("parsing {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// A field has an invalid value.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// The field.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// The default trust domain of a cluster.
+pub fn default_trust_domain(cluster: &str) -> String {
+    format!("{cluster}.strait.local")
+}
+
+/// The SPIFFE ID of the gateway of a cluster in `trust_domain`.
+pub fn gateway_identity(trust_domain: &str) -> Result<SpiffeId, ConfigError> {
+    SpiffeId::workload(trust_domain, GATEWAY_NAMESPACE, GATEWAY_SERVICE_ACCOUNT)
+        .map_err(|e| invalid("trustDomain", e.to_string()))
+}
+
+impl GatewayConfig {
+    /// Reads and validates a config file; relative paths in it are taken
+    /// relative to the file's folder.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config = Self::parse(&text, path)?;
+        if let Some(dir) = path.parent() {
+            config.rebase(dir);
+        }
+        Ok(config)
+    }
+
+    /// Parses and validates config text (pure).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Self = serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn rebase(&mut self, dir: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        };
+        fix(&mut self.identity.trust_anchors);
+        fix(&mut self.identity.issuer_cert);
+        fix(&mut self.identity.issuer_key);
+        fix(&mut self.source.file);
+        if let Some(p) = &mut self.imports.state_file {
+            fix(p);
+        }
+    }
+
+    /// Checks every value.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_label("cluster", &self.cluster).map_err(|e| invalid("cluster", e.to_string()))?;
+        gateway_identity(&self.trust_domain())?;
+        if self.identity.leaf_lifetime_seconds < 60 {
+            return Err(invalid(
+                "identity.leafLifetimeSeconds",
+                "must be at least 60",
+            ));
+        }
+        if self.source.poll_interval_ms == 0 {
+            return Err(invalid("source.pollIntervalMs", "must be positive"));
+        }
+        let t = &self.tunnel;
+        if t.keep_alive_ms == 0 || t.keep_alive_ms >= t.idle_timeout_ms {
+            return Err(invalid(
+                "tunnel.keepAliveMs",
+                "must be positive and shorter than tunnel.idleTimeoutMs",
+            ));
+        }
+        if t.reconnect_min_ms == 0 || t.reconnect_min_ms > t.reconnect_max_ms {
+            return Err(invalid(
+                "tunnel.reconnectMinMs",
+                "must be positive and at most tunnel.reconnectMaxMs",
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, link) in self.links.iter().enumerate() {
+            let field = format!("links[{i}]");
+            validate_label("name", &link.name)
+                .map_err(|e| invalid(format!("{field}.name"), e.to_string()))?;
+            if link.name == self.cluster {
+                return Err(invalid(
+                    format!("{field}.name"),
+                    "a cluster cannot link to itself",
+                ));
+            }
+            if !names.insert(&link.name) {
+                return Err(invalid(format!("{field}.name"), "duplicate link"));
+            }
+            if link.transport != Transport::Quic {
+                return Err(invalid(
+                    format!("{field}.transport"),
+                    "only `quic` is available in this version",
+                ));
+            }
+            for (j, a) in link.addresses.iter().enumerate() {
+                let ok = a
+                    .rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+                if !ok {
+                    return Err(invalid(
+                        format!("{field}.addresses[{j}]"),
+                        format!("{a:?} is not host:port"),
+                    ));
+                }
+            }
+            self.link_identity(link)
+                .map_err(|e| invalid(format!("{field}.identity"), e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// This cluster's trust domain.
+    pub fn trust_domain(&self) -> String {
+        self.trust_domain
+            .clone()
+            .unwrap_or_else(|| default_trust_domain(&self.cluster))
+    }
+
+    /// The identity a link's peer must present.
+    pub fn link_identity(&self, link: &LinkConfig) -> Result<SpiffeId, ConfigError> {
+        match &link.identity {
+            Some(id) => SpiffeId::parse(id).map_err(|e| invalid("identity", e.to_string())),
+            None => gateway_identity(&default_trust_domain(&link.name)),
+        }
+    }
+
+    /// The tunnel transport settings.
+    pub fn tunnel_config(&self) -> crate::tunnel::TunnelConfig {
+        crate::tunnel::TunnelConfig {
+            idle_timeout: Duration::from_millis(self.tunnel.idle_timeout_ms),
+            keep_alive: Duration::from_millis(self.tunnel.keep_alive_ms),
+            ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+cluster: west
+identity: { trustAnchors: root.pem, issuerCert: i.pem, issuerKey: i.key }
+source: { file: c.yaml }
+"#;
+
+    #[test]
+    fn defaults_apply() {
+        let c = GatewayConfig::parse(BASE, Path::new("g.yaml")).expect("valid");
+        assert_eq!(c.listen.tunnel.port(), 4143);
+        assert_eq!(c.listen.admin.port(), 4191);
+        assert_eq!(c.listen.dns.port(), 5353);
+        assert_eq!(c.trust_domain(), "west.strait.local");
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        for (extra, field) in [
+            ("links: [{name: west}]", "links[0].name"),
+            ("links: [{name: east}, {name: east}]", "links[1].name"),
+            (
+                "links: [{name: east, addresses: [nope]}]",
+                "links[0].addresses[0]",
+            ),
+            (
+                "links: [{name: east, transport: tcp}]",
+                "links[0].transport",
+            ),
+            (
+                "links: [{name: east, identity: 'http://x'}]",
+                "links[0].identity",
+            ),
+            ("tunnel: {keepAliveMs: 20000}", "tunnel.keepAliveMs"),
+        ] {
+            let text = format!("{BASE}{extra}\n");
+            let err = GatewayConfig::parse(&text, Path::new("g.yaml")).expect_err(extra);
+            assert!(err.to_string().starts_with(field), "{extra}: {err}");
+        }
+        let err = GatewayConfig::parse("cluster: West\n", Path::new("g.yaml")).expect_err("bad");
+        assert!(err.to_string().contains("parsing"), "{err}");
+        let err = GatewayConfig::parse(&BASE.replace("west", "West"), Path::new("g.yaml"))
+            .expect_err("bad");
+        assert!(err.to_string().starts_with("cluster"), "{err}");
+    }
+}

@@ -1,0 +1,203 @@
+//! The accepting side of the tunnel: admit linked peers (their identity was
+//! checked in the handshake), read each stream's header, authorize the
+//! target against this cluster's exports, and connect it to an endpoint;
+//! peering streams go to the catalog service.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::CertificateDer;
+use strait_proto::tunnel::v1::{StreamHeader, StreamKind};
+use strait_proxy::forward::splice;
+use strait_proxy::identity::identity_of;
+
+use crate::catalog::{Protocol, ServiceKey};
+use crate::gateway::Shared;
+use crate::metrics::StreamLabels;
+use crate::tunnel::io::PeerInfo;
+use crate::tunnel::{frame, QuicIo, Refusal};
+
+/// How long a peer has to send a stream header.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one endpoint connect may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Endpoints tried per stream before giving up.
+const CONNECT_ATTEMPTS: usize = 3;
+
+/// Accepts tunnel connections until the endpoint closes.
+pub async fn run(shared: Arc<Shared>) {
+    while let Some(incoming) = shared.endpoint.accept().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => serve_connection(conn, shared).await,
+                Err(error) => tracing::info!(%remote, %error, "tunnel handshake failed"),
+            }
+        });
+    }
+}
+
+fn identify(conn: &quinn::Connection, shared: &Shared) -> Option<PeerInfo> {
+    let chain = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    let id = identity_of(&chain)?;
+    let name = shared.links_by_identity.get(&id)?.clone();
+    Some(PeerInfo {
+        name,
+        identity: id.to_string(),
+    })
+}
+
+async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
+    let Some(peer) = identify(&conn, &shared) else {
+        // The handshake verifier admits only linked identities; this is a
+        // defence in depth.
+        conn.close(quinn::VarInt::from_u32(1), b"unknown peer");
+        return;
+    };
+    tracing::info!(peer = %peer.name, remote = %conn.remote_address(), "peer connected");
+    loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                let io = QuicIo {
+                    send,
+                    recv,
+                    peer: peer.clone(),
+                };
+                tokio::spawn(handle_stream(io, shared.clone()));
+            }
+            Err(error) => {
+                tracing::info!(peer = %peer.name, %error, "peer disconnected");
+                return;
+            }
+        }
+    }
+}
+
+fn refuse(io: &mut QuicIo, why: Refusal) {
+    let code = quinn::VarInt::from_u32(why.code());
+    let _ = io.send.reset(code);
+    let _ = io.recv.stop(code);
+}
+
+async fn handle_stream(mut io: QuicIo, shared: Arc<Shared>) {
+    let header = match tokio::time::timeout(HEADER_TIMEOUT, frame::read(&mut io.recv)).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(error)) => {
+            tracing::info!(peer = %io.peer.name, %error, "refusing stream");
+            refuse(&mut io, Refusal::BadHeader);
+            shared
+                .metrics
+                .stream_done(&io.peer.name, "inbound", error.reason());
+            return;
+        }
+        Err(_) => {
+            refuse(&mut io, Refusal::BadHeader);
+            shared
+                .metrics
+                .stream_done(&io.peer.name, "inbound", "header_timeout");
+            return;
+        }
+    };
+    match StreamKind::try_from(header.kind) {
+        Ok(StreamKind::Peering) => {
+            if shared.peering_tx.send(io).await.is_err() {
+                tracing::warn!("peering service gone");
+            }
+        }
+        _ => proxy(io, header, shared).await,
+    }
+}
+
+/// Picks up to [`CONNECT_ATTEMPTS`] endpoints round robin and connects to
+/// the first that answers.
+async fn connect(targets: &[SocketAddr], shared: &Shared) -> Option<tokio::net::TcpStream> {
+    let start = shared.next_endpoint.fetch_add(1, Ordering::Relaxed);
+    for i in 0..targets.len().min(CONNECT_ATTEMPTS) {
+        let target = targets[(start + i) % targets.len()];
+        match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(target)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                return Some(s);
+            }
+            Ok(Err(error)) => tracing::info!(%target, %error, "endpoint connect failed"),
+            Err(_) => tracing::info!(%target, "endpoint connect timed out"),
+        }
+    }
+    None
+}
+
+async fn proxy(mut io: QuicIo, header: StreamHeader, shared: Arc<Shared>) {
+    let key = ServiceKey::new(&header.namespace, &header.service);
+    let peer = io.peer.name.clone();
+    let targets: Result<Vec<SocketAddr>, Refusal> = {
+        let state = shared.local.borrow();
+        match state.exported(&key) {
+            None => Err(Refusal::NotExported),
+            Some(svc) => match svc
+                .ports
+                .iter()
+                .find(|p| u32::from(p.port) == header.port && p.protocol == Protocol::Tcp)
+            {
+                None => Err(Refusal::NotExported),
+                Some(port) => {
+                    let t: Vec<SocketAddr> = svc
+                        .endpoints
+                        .iter()
+                        .filter(|e| e.ready)
+                        .map(|e| e.target(port))
+                        .collect();
+                    if t.is_empty() {
+                        Err(Refusal::NoEndpoints)
+                    } else {
+                        Ok(t)
+                    }
+                }
+            },
+        }
+    };
+    let targets = match targets {
+        Ok(t) => t,
+        Err(why) => {
+            tracing::info!(%peer, service = %key, port = header.port, reason = why.as_str(), "refusing stream");
+            refuse(&mut io, why);
+            shared.metrics.stream_done(&peer, "inbound", why.as_str());
+            return;
+        }
+    };
+    let Some(mut tcp) = connect(&targets, &shared).await else {
+        refuse(&mut io, Refusal::ConnectFailed);
+        shared
+            .metrics
+            .stream_done(&peer, "inbound", Refusal::ConnectFailed.as_str());
+        return;
+    };
+    let open = shared
+        .metrics
+        .streams_open
+        .get_or_create(&StreamLabels {
+            peer: peer.clone(),
+            direction: "inbound",
+        })
+        .clone();
+    open.inc();
+    let result = splice(&mut io, &mut tcp).await;
+    open.dec();
+    match result {
+        Ok(moved) => {
+            // Into the tunnel is what the endpoint answered.
+            shared.metrics.bytes(&peer, moved.b_to_a, moved.a_to_b);
+            shared.metrics.stream_done(&peer, "inbound", "ok");
+        }
+        Err(error) => {
+            tracing::debug!(%peer, %error, "inbound stream failed");
+            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+            shared.metrics.stream_done(&peer, "inbound", "error");
+        }
+    }
+}

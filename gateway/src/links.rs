@@ -1,0 +1,230 @@
+//! The dialing side of a link: keep one tunnel to the peer up (resolving
+//! its addresses again on every attempt, backing off with jitter between
+//! failures), watch its catalog over that tunnel, and forget its imports
+//! once it has been gone longer than the grace period.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use strait_proxy::identity::{ExpectedPeerVerifier, SpiffeId};
+use strait_proxy::tls;
+
+use crate::gateway::Shared;
+use crate::metrics::{PeerLabels, PeerResultLabels};
+use crate::peering::{self, CatalogChange};
+use crate::tunnel::io::PeerInfo;
+
+/// A link this gateway dials.
+#[derive(Clone, Debug)]
+pub struct DialedLink {
+    /// The peer's name.
+    pub name: String,
+    /// The identity it must present.
+    pub identity: SpiffeId,
+    /// `host:port` addresses.
+    pub addresses: Vec<String>,
+}
+
+/// Exponential backoff with jitter: each delay is drawn from
+/// `[d/2, d]` where `d` doubles from `min` up to `max`.
+#[derive(Debug)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    cur: Duration,
+}
+
+impl Backoff {
+    /// A backoff starting at `min`.
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Self { min, max, cur: min }
+    }
+
+    /// The next delay.
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.cur;
+        self.cur = (self.cur * 2).min(self.max);
+        let half = d / 2;
+        half + half.mul_f64(rand::rng().random::<f64>())
+    }
+
+    /// Back to `min` after a success.
+    pub fn reset(&mut self) {
+        self.cur = self.min;
+    }
+}
+
+/// How long one dial may take, at most.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often to sample the tunnel's round-trip time.
+const RTT_INTERVAL: Duration = Duration::from_secs(2);
+
+async fn dial(
+    link: &DialedLink,
+    shared: &Shared,
+    client_tls: &rustls::ClientConfig,
+) -> Result<quinn::Connection, String> {
+    let mut errors = Vec::new();
+    for addr in &link.addresses {
+        let resolved = match tokio::net::lookup_host(addr.as_str()).await {
+            Ok(r) => r.collect::<Vec<_>>(),
+            Err(e) => {
+                errors.push(format!("{addr}: resolve: {e}"));
+                continue;
+            }
+        };
+        for sa in resolved {
+            match tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                shared.endpoint.connect(sa, client_tls.clone()),
+            )
+            .await
+            {
+                Ok(Ok(conn)) => return Ok(conn),
+                Ok(Err(e)) => errors.push(format!("{sa}: {e}")),
+                Err(_) => errors.push(format!("{sa}: timed out")),
+            }
+        }
+    }
+    Err(if errors.is_empty() {
+        "no addresses".into()
+    } else {
+        errors.join("; ")
+    })
+}
+
+/// Runs a link until the task is aborted.
+pub async fn run(link: DialedLink, shared: Arc<Shared>) {
+    let client_tls = match tls::client_config(
+        ExpectedPeerVerifier::new(
+            shared.anchors.roots(),
+            link.identity.clone(),
+            shared.metrics.tls.sink("connect"),
+        ),
+        shared.certs.clone(),
+        &[tls::TUNNEL_ALPN],
+    ) {
+        Ok(c) => c,
+        Err(error) => {
+            tracing::error!(peer = %link.name, %error, "cannot build TLS config; link disabled");
+            return;
+        }
+    };
+    let up = shared
+        .metrics
+        .peer_up
+        .get_or_create(&PeerLabels {
+            peer: link.name.clone(),
+        })
+        .clone();
+    let mut backoff = Backoff::new(shared.reconnect_min, shared.reconnect_max);
+    let mut lost_since = Instant::now();
+    loop {
+        match dial(&link, &shared, &client_tls).await {
+            Ok(conn) => {
+                tracing::info!(peer = %link.name, remote = %conn.remote_address(), "tunnel up");
+                count(&shared, &link.name, "ok");
+                up.set(1);
+                backoff.reset();
+                shared.peers.connected(&link.name, conn.clone());
+                let error = serve(&link, &shared, conn.clone()).await;
+                conn.close(quinn::VarInt::from_u32(0), b"peering ended");
+                up.set(0);
+                tracing::warn!(peer = %link.name, %error, "tunnel down");
+                shared.peers.disconnected(&link.name, Some(error));
+                lost_since = Instant::now();
+            }
+            Err(error) => {
+                count(&shared, &link.name, "error");
+                tracing::debug!(peer = %link.name, %error, "dial failed");
+                shared.peers.disconnected(&link.name, Some(error));
+            }
+        }
+        if lost_since.elapsed() >= shared.grace_period {
+            shared.imports.forget(&link.name);
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+        if lost_since.elapsed() >= shared.grace_period {
+            shared.imports.forget(&link.name);
+        }
+    }
+}
+
+fn count(shared: &Shared, peer: &str, result: &'static str) {
+    shared
+        .metrics
+        .peer_connects
+        .get_or_create(&PeerResultLabels {
+            peer: peer.to_string(),
+            result,
+        })
+        .inc();
+}
+
+/// Watches the catalog and samples RTT until the tunnel or the watch
+/// fails; returns why.
+async fn serve(link: &DialedLink, shared: &Shared, conn: quinn::Connection) -> String {
+    let rtt = shared
+        .metrics
+        .peer_rtt
+        .get_or_create(&PeerLabels {
+            peer: link.name.clone(),
+        })
+        .clone();
+    let sample = async {
+        loop {
+            let r = conn.rtt();
+            rtt.observe(r.as_secs_f64());
+            shared.peers.rtt(&link.name, r);
+            tokio::time::sleep(RTT_INTERVAL).await;
+        }
+    };
+    let peer = PeerInfo {
+        name: link.name.clone(),
+        identity: link.identity.to_string(),
+    };
+    let imports = shared.imports.clone();
+    let name = link.name.clone();
+    let watch = peering::watch_peer(
+        conn.clone(),
+        peer,
+        &shared.cluster,
+        shared.certs.id().as_str(),
+        &shared.metrics,
+        move |change| match change {
+            CatalogChange::Snapshot(exports) => imports.snapshot(&name, exports),
+            CatalogChange::Delta(up, rm) => imports.delta(&name, up, rm),
+        },
+    );
+    tokio::select! {
+        r = watch => match r {
+            Ok(()) => "catalog stream ended".into(),
+            Err(e) => e.to_string(),
+        },
+        e = conn.closed() => e.to_string(),
+        _ = sample => String::from("rtt sampler stopped"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_caps() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(1000));
+        let delays: Vec<Duration> = (0..6).map(|_| b.next_delay()).collect();
+        let bounds = [100, 200, 400, 800, 1000, 1000];
+        for (d, max) in delays.iter().zip(bounds) {
+            let max = Duration::from_millis(max);
+            assert!(
+                *d >= max / 2 && *d <= max,
+                "{d:?} not in [{:?}, {max:?}]",
+                max / 2
+            );
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

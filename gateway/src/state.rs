@@ -1,0 +1,230 @@
+//! Shared runtime state: linked peers (their tunnels, for the egress path
+//! and the admin API) and the import registry (peers' catalogs merged into
+//! the import table, published on a watch channel).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+
+use crate::catalog::{Catalog, Export, ServiceKey};
+use crate::imports::{build_table, ImportTable, VipAllocator};
+use crate::metrics::{GatewayMetrics, PeerLabels};
+
+/// What the admin API shows of a peer.
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerStatus {
+    /// Link name (the peer's cluster name).
+    pub name: String,
+    /// The identity the peer must present.
+    pub identity: String,
+    /// Addresses dialed (empty: accept-only link).
+    pub addresses: Vec<String>,
+    /// Whether a tunnel we dialed is up.
+    pub connected: bool,
+    /// Since when (Unix seconds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connected_since: Option<u64>,
+    /// Last sampled round-trip time, milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rtt_ms: Option<f64>,
+    /// The last connection error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Services imported from this peer.
+    pub imports: usize,
+}
+
+#[derive(Debug)]
+struct Peer {
+    status: PeerStatus,
+    connection: Option<quinn::Connection>,
+}
+
+/// Linked peers and their live tunnels.
+#[derive(Debug, Default)]
+pub struct Peers {
+    peers: RwLock<BTreeMap<String, Peer>>,
+    next: AtomicUsize,
+}
+
+impl Peers {
+    /// Adds a link.
+    pub fn add(&self, name: &str, identity: &str, addresses: Vec<String>) {
+        let mut peers = self.peers.write().unwrap_or_else(|e| e.into_inner());
+        peers.insert(
+            name.to_string(),
+            Peer {
+                status: PeerStatus {
+                    name: name.to_string(),
+                    identity: identity.to_string(),
+                    addresses,
+                    connected: false,
+                    connected_since: None,
+                    rtt_ms: None,
+                    last_error: None,
+                    imports: 0,
+                },
+                connection: None,
+            },
+        );
+    }
+
+    fn update(&self, name: &str, f: impl FnOnce(&mut Peer)) {
+        let mut peers = self.peers.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = peers.get_mut(name) {
+            f(p);
+        }
+    }
+
+    /// Records a new tunnel to `name`.
+    pub fn connected(&self, name: &str, conn: quinn::Connection) {
+        self.update(name, |p| {
+            p.connection = Some(conn);
+            p.status.connected = true;
+            p.status.last_error = None;
+            p.status.connected_since = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_secs());
+        });
+    }
+
+    /// Records the loss of the tunnel to `name`, or a failed attempt.
+    pub fn disconnected(&self, name: &str, error: Option<String>) {
+        self.update(name, |p| {
+            p.connection = None;
+            p.status.connected = false;
+            p.status.connected_since = None;
+            p.status.rtt_ms = None;
+            if error.is_some() {
+                p.status.last_error = error;
+            }
+        });
+    }
+
+    /// Records a round-trip time sample.
+    pub fn rtt(&self, name: &str, rtt: Duration) {
+        self.update(name, |p| p.status.rtt_ms = Some(rtt.as_secs_f64() * 1000.0));
+    }
+
+    fn set_imports(&self, counts: &BTreeMap<String, usize>) {
+        let mut peers = self.peers.write().unwrap_or_else(|e| e.into_inner());
+        for (name, p) in peers.iter_mut() {
+            p.status.imports = counts.get(name).copied().unwrap_or(0);
+        }
+    }
+
+    /// Picks a live tunnel among `candidates`, round robin.
+    pub fn pick(&self, candidates: &[String]) -> Option<(String, quinn::Connection)> {
+        let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
+        let live: Vec<(&String, &quinn::Connection)> = candidates
+            .iter()
+            .filter_map(|c| {
+                let conn = peers.get(c)?.connection.as_ref()?;
+                conn.close_reason().is_none().then_some((c, conn))
+            })
+            .collect();
+        if live.is_empty() {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % live.len();
+        Some((live[i].0.clone(), live[i].1.clone()))
+    }
+
+    /// Every peer's status.
+    pub fn statuses(&self) -> Vec<PeerStatus> {
+        let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
+        peers.values().map(|p| p.status.clone()).collect()
+    }
+}
+
+/// The import registry: each peer's catalog, and the merged table.
+#[derive(Debug)]
+pub struct Imports {
+    inner: Mutex<(BTreeMap<String, Catalog>, VipAllocator)>,
+    tx: watch::Sender<Arc<ImportTable>>,
+    peers: Arc<Peers>,
+    metrics: GatewayMetrics,
+}
+
+impl Imports {
+    /// An empty registry.
+    pub fn new(vips: VipAllocator, peers: Arc<Peers>, metrics: GatewayMetrics) -> Self {
+        Self {
+            inner: Mutex::new((BTreeMap::new(), vips)),
+            tx: watch::channel(Arc::new(ImportTable::new())).0,
+            peers,
+            metrics,
+        }
+    }
+
+    /// The table now and as it changes.
+    pub fn watch(&self) -> watch::Receiver<Arc<ImportTable>> {
+        self.tx.subscribe()
+    }
+
+    /// The table now.
+    pub fn current(&self) -> Arc<ImportTable> {
+        self.tx.borrow().clone()
+    }
+
+    fn change(&self, f: impl FnOnce(&mut BTreeMap<String, Catalog>)) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let (catalogs, vips) = &mut *inner;
+        f(catalogs);
+        catalogs.retain(|_, c| !c.is_empty());
+        let table = build_table(catalogs, vips);
+        let counts: BTreeMap<String, usize> =
+            catalogs.iter().map(|(p, c)| (p.clone(), c.len())).collect();
+        for status in self.peers.statuses() {
+            let n = counts.get(&status.name).copied().unwrap_or(0);
+            self.metrics
+                .imports
+                .get_or_create(&PeerLabels { peer: status.name })
+                .set(n as i64);
+        }
+        self.peers.set_imports(&counts);
+        self.tx.send_if_modified(|cur| {
+            if **cur == table {
+                false
+            } else {
+                *cur = Arc::new(table);
+                true
+            }
+        });
+    }
+
+    /// Replaces a peer's catalog (a snapshot).
+    pub fn snapshot(&self, peer: &str, exports: Vec<Export>) {
+        self.change(|c| {
+            c.insert(
+                peer.to_string(),
+                exports.into_iter().map(|e| (e.key.clone(), e)).collect(),
+            );
+        });
+    }
+
+    /// Applies a delta to a peer's catalog.
+    pub fn delta(&self, peer: &str, upserted: Vec<Export>, removed: Vec<ServiceKey>) {
+        self.change(|c| {
+            let cat = c.entry(peer.to_string()).or_default();
+            for k in removed {
+                cat.remove(&k);
+            }
+            for e in upserted {
+                cat.insert(e.key.clone(), e);
+            }
+        });
+    }
+
+    /// Forgets everything imported from a peer.
+    pub fn forget(&self, peer: &str) {
+        self.change(|c| {
+            c.remove(peer);
+        });
+    }
+}
