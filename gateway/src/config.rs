@@ -142,6 +142,9 @@ pub struct ImportsConfig {
     /// DNS record TTL in seconds (default 5).
     #[serde(default = "default_ttl")]
     pub dns_ttl_seconds: u32,
+    /// Where virtual IPs come from (default `127.77.0.0/16`; a /8 to /24).
+    #[serde(default = "crate::imports::default_range")]
+    pub vip_range: ipnet::Ipv4Net,
 }
 
 fn default_grace() -> u64 {
@@ -157,6 +160,7 @@ impl Default for ImportsConfig {
             grace_period_seconds: default_grace(),
             state_file: None,
             dns_ttl_seconds: default_ttl(),
+            vip_range: crate::imports::default_range(),
         }
     }
 }
@@ -335,6 +339,10 @@ impl GatewayConfig {
                 "must be at least 60",
             ));
         }
+        let prefix = self.imports.vip_range.prefix_len();
+        if !(8..=24).contains(&prefix) {
+            return Err(invalid("imports.vipRange", "prefix must be /8 to /24"));
+        }
         if self.source.poll_interval_ms == 0 {
             return Err(invalid("source.pollIntervalMs", "must be positive"));
         }
@@ -450,6 +458,7 @@ source: { file: c.yaml }
                 "links[0].identity",
             ),
             ("tunnel: {keepAliveMs: 20000}", "tunnel.keepAliveMs"),
+            ("imports: {vipRange: 127.0.0.0/30}", "imports.vipRange"),
         ] {
             let text = format!("{BASE}{extra}\n");
             let err = GatewayConfig::parse(&text, Path::new("g.yaml")).expect_err(extra);

@@ -129,10 +129,16 @@ pub async fn resolve_a(dns: SocketAddr, name: &str) -> anyhow::Result<Ipv4Addr> 
 
 /// Sends `GET /` to `addr` with `Host: host` and returns the body.
 pub async fn http_get(addr: SocketAddr, host: &str) -> anyhow::Result<String> {
+    http_get_path(addr, host, "/").await
+}
+
+/// Sends `GET path` to `addr` with `Host: host` and returns the body of a
+/// 200 response.
+pub async fn http_get_path(addr: SocketAddr, host: &str, path: &str) -> anyhow::Result<String> {
     let mut s = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
         .await
         .map_err(|_| anyhow!("connect to {addr} timed out"))??;
-    let req = format!("GET / HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
+    let req = format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await?;
     let mut resp = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut resp))

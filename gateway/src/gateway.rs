@@ -235,7 +235,7 @@ impl Gateway {
                 })?;
 
         let imports = Arc::new(Imports::new(
-            VipAllocator::new(config.imports.state_file.clone()),
+            VipAllocator::new(config.imports.vip_range, config.imports.state_file.clone()),
             peers.clone(),
             metrics.clone(),
         ));

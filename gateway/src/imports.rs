@@ -91,8 +91,8 @@ pub fn tcp_ports(import: &Import) -> impl Iterator<Item = &Port> {
     import.ports.iter().filter(|p| p.protocol == Protocol::Tcp)
 }
 
-const VIP_NET: u32 = u32::from_be_bytes([127, 77, 0, 0]);
-const VIP_SIZE: u32 = 1 << 16;
+/// The default virtual IP range.
+pub const DEFAULT_VIP_RANGE: &str = "127.77.0.0/16";
 
 /// FNV-1a: stable across builds and platforms (unlike `DefaultHasher`).
 fn fnv1a(bytes: &[u8]) -> u32 {
@@ -104,37 +104,53 @@ fn fnv1a(bytes: &[u8]) -> u32 {
     h
 }
 
-/// The preferred host number for a key: never .0 or .255 in the last
-/// octet, and never 127.77.0.x (kept for the gateway's own use).
-fn preferred(key: &ServiceKey) -> u32 {
+/// The preferred host number for a key in a range of `size` addresses.
+fn preferred(key: &ServiceKey, size: u32) -> u32 {
     let h = fnv1a(format!("{}/{}", key.namespace, key.name).as_bytes());
-    h % VIP_SIZE
+    h % size
 }
 
-fn usable(host: u32) -> bool {
+/// Never .0 or .255 in the last octet, and never the range's first /24
+/// (kept for the gateway's own use) when the range is larger than a /24.
+fn usable(host: u32, size: u32) -> bool {
     let last = host & 0xff;
-    host >= 256 && last != 0 && last != 255
+    (size <= 256 || host >= 256) && last != 0 && last != 255
 }
 
 /// Assigns stable virtual IPs to imports.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct VipAllocator {
+    range: ipnet::Ipv4Net,
     assigned: BTreeMap<ServiceKey, Ipv4Addr>,
     state_file: Option<PathBuf>,
 }
 
+impl Default for VipAllocator {
+    fn default() -> Self {
+        Self::new(default_range(), None)
+    }
+}
+
+/// `127.77.0.0/16`.
+pub fn default_range() -> ipnet::Ipv4Net {
+    ipnet::Ipv4Net::new(Ipv4Addr::new(127, 77, 0, 0), 16).unwrap_or_default()
+}
+
 impl VipAllocator {
-    /// An allocator persisting to `state_file` (if any), loading what it
-    /// holds. A missing or unreadable file starts empty (hash-derived
-    /// addresses are stable anyway).
-    pub fn new(state_file: Option<PathBuf>) -> Self {
+    /// An allocator over `range` persisting to `state_file` (if any),
+    /// loading what it holds. A missing or unreadable file starts empty
+    /// (hash-derived addresses are stable anyway); saved addresses outside
+    /// the range are dropped.
+    pub fn new(range: ipnet::Ipv4Net, state_file: Option<PathBuf>) -> Self {
         let mut assigned = BTreeMap::new();
         if let Some(path) = &state_file {
             if let Ok(text) = std::fs::read_to_string(path) {
                 match serde_json::from_str::<Vec<(String, String, Ipv4Addr)>>(&text) {
                     Ok(rows) => {
                         for (ns, name, ip) in rows {
-                            assigned.insert(ServiceKey::new(ns, name), ip);
+                            if range.contains(&ip) {
+                                assigned.insert(ServiceKey::new(ns, name), ip);
+                            }
                         }
                     }
                     Err(error) => {
@@ -144,6 +160,7 @@ impl VipAllocator {
             }
         }
         Self {
+            range: range.trunc(),
             assigned,
             state_file,
         }
@@ -163,18 +180,20 @@ impl VipAllocator {
             if self.assigned.contains_key(key) {
                 continue;
             }
-            let start = preferred(key);
-            let found = (0..VIP_SIZE)
-                .map(|i| (start + i) % VIP_SIZE)
-                .filter(|h| usable(*h))
-                .map(|h| Ipv4Addr::from(VIP_NET + h))
+            let base = u32::from(self.range.network());
+            let size = 1u32 << (32 - u32::from(self.range.prefix_len())).min(31);
+            let start = preferred(key, size);
+            let found = (0..size)
+                .map(|i| (start + i) % size)
+                .filter(|h| usable(*h, size))
+                .map(|h| Ipv4Addr::from(base + h))
                 .find(|ip| !used.contains(ip));
             match found {
                 Some(ip) => {
                     used.insert(ip);
                     self.assigned.insert(key.clone(), ip);
                 }
-                None => tracing::error!(%key, "virtual IP range 127.77.0.0/16 exhausted"),
+                None => tracing::error!(%key, range = %self.range, "virtual IP range exhausted"),
             }
         }
         if self.assigned != before {

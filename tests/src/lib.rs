@@ -1,1 +1,253 @@
-//! placeholder
+//! Test support for Strait's end-to-end tests: several clusters on one
+//! machine, each a real gateway on loopback with its own certificates,
+//! config and cluster file, on ports the kernel picks.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use strait_gateway::config::{default_trust_domain, gateway_identity};
+use strait_gateway::demo::write_certs;
+use strait_gateway::tunnel::{TunnelConfig, TunnelEndpoint};
+use strait_gateway::{Gateway, GatewayConfig};
+use strait_proxy::identity::{
+    AllowedPeers, CertStore, ExpectedPeerVerifier, Issuer, LinkedPeersVerifier, SpiffeId,
+    TrustAnchors,
+};
+use strait_proxy::tls;
+
+pub use strait_gateway::demo::{
+    hello_cluster_yaml, http_get, http_get_path, resolve_a, spawn_hello_endpoint,
+};
+
+/// A folder of certificates (one root, one issuer per cluster) and configs.
+pub struct Testbed {
+    dir: tempfile::TempDir,
+    vips: ipnet::Ipv4Net,
+}
+
+/// A /16 of loopback of its own for each testbed, so that tests running at
+/// once (threads or processes) never fight over an import's VIP:port.
+fn unique_vip_range() -> ipnet::Ipv4Net {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed) + std::process::id() * 37;
+    let second = 80 + (n % 170) as u8;
+    ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(127, second, 0, 0), 16).expect("cidr")
+}
+
+impl Testbed {
+    /// A testbed whose root signs issuers for `clusters`.
+    pub fn new(clusters: &[&str]) -> Self {
+        tls::install_default_provider();
+        // STRAIT_TEST_LOG=debug shows the gateways' logs.
+        if let Ok(filter) = std::env::var("STRAIT_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_certs(dir.path(), clusters).expect("certificates");
+        Self {
+            dir,
+            vips: unique_vip_range(),
+        }
+    }
+
+    /// The folder.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes a cluster's source file.
+    pub fn write_cluster(&self, cluster: &str, yaml: &str) {
+        let path = self.cluster_file(cluster);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, yaml).expect("write cluster file");
+        std::fs::rename(&tmp, &path).expect("rename cluster file");
+    }
+
+    fn cluster_file(&self, cluster: &str) -> PathBuf {
+        self.path().join(format!("{cluster}-cluster.yaml"))
+    }
+
+    /// A gateway config with loopback listeners on kernel-picked ports
+    /// (unless `tunnel` is given), short timeouts, and `links` as
+    /// `(name, address to dial, identity override)`.
+    pub fn config(
+        &self,
+        cluster: &str,
+        tunnel: Option<SocketAddr>,
+        links: &[(&str, Option<SocketAddr>, Option<&str>)],
+    ) -> GatewayConfig {
+        if !self.cluster_file(cluster).exists() {
+            self.write_cluster(cluster, "services: []\n");
+        }
+        let tunnel = tunnel.unwrap_or_else(|| "127.0.0.1:0".parse().expect("addr"));
+        let vips = self.vips;
+        let mut y = format!(
+            "cluster: {cluster}
+identity:
+  trustAnchors: root.pem
+  issuerCert: {cluster}-issuer.pem
+  issuerKey: {cluster}-issuer.key
+listen:
+  tunnel: {tunnel}
+  admin: 127.0.0.1:0
+  dns: 127.0.0.1:0
+source:
+  file: {cluster}-cluster.yaml
+  pollIntervalMs: 50
+imports:
+  gracePeriodSeconds: 30
+  vipRange: {vips}
+tunnel:
+  idleTimeoutMs: 3000
+  keepAliveMs: 500
+  reconnectMinMs: 50
+  reconnectMaxMs: 400
+links:
+"
+        );
+        if links.is_empty() {
+            y.push_str("  []\n");
+        }
+        for (name, addr, identity) in links {
+            y.push_str(&format!("  - name: {name}\n"));
+            if let Some(a) = addr {
+                y.push_str(&format!("    addresses: [\"{a}\"]\n"));
+            }
+            if let Some(id) = identity {
+                y.push_str(&format!("    identity: \"{id}\"\n"));
+            }
+        }
+        let path = self.path().join(format!("{cluster}.yaml"));
+        std::fs::write(&path, y).expect("write config");
+        GatewayConfig::load(&path).expect("valid config")
+    }
+
+    /// Starts a gateway.
+    pub async fn start(&self, config: GatewayConfig) -> Gateway {
+        Gateway::start(config).await.expect("gateway starts")
+    }
+
+    /// A raw tunnel client acting as `cluster`'s gateway, expecting to reach
+    /// `peer`'s gateway: for sending hand-made stream headers.
+    pub fn raw_client(&self, cluster: &str, peer: &str) -> (TunnelEndpoint, rustls::ClientConfig) {
+        let dir = self.path();
+        let anchors = TrustAnchors::load(&dir.join("root.pem")).expect("anchors");
+        let issuer = Issuer::load(
+            &dir.join(format!("{cluster}-issuer.pem")),
+            &dir.join(format!("{cluster}-issuer.key")),
+        )
+        .expect("issuer");
+        let id = gateway_identity(&default_trust_domain(cluster)).expect("id");
+        let store = CertStore::new(&issuer.issue(&id, Duration::from_secs(3600)).expect("leaf"))
+            .expect("store");
+        let peer_id: SpiffeId = gateway_identity(&default_trust_domain(peer)).expect("id");
+        let sink: strait_proxy::identity::RefusalSink = Arc::new(|_| {});
+        let client = tls::client_config(
+            ExpectedPeerVerifier::new(anchors.roots(), peer_id, sink.clone()),
+            store.clone(),
+            &[tls::TUNNEL_ALPN],
+        )
+        .expect("client tls");
+        let server = tls::server_config(
+            LinkedPeersVerifier::new(anchors.roots(), AllowedPeers::default(), sink)
+                .expect("verifier"),
+            store,
+            &[tls::TUNNEL_ALPN],
+        )
+        .expect("server tls");
+        let ep = TunnelEndpoint::bind(
+            "127.0.0.1:0".parse().expect("addr"),
+            server,
+            &TunnelConfig::default(),
+        )
+        .expect("endpoint");
+        (ep, client)
+    }
+}
+
+/// Polls `check` every 25 ms until it returns `Some`, or panics with
+/// `what` after `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Fetches a gateway's `/metrics` text.
+pub async fn metrics(gw: &Gateway) -> String {
+    http_get_path(gw.admin_addr(), "admin", "/metrics")
+        .await
+        .expect("metrics")
+}
+
+/// The value of the sample line starting with `prefix` (a metric name
+/// with its labels), if present.
+pub fn sample(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix) && l[prefix.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Runs `dig` against a DNS server and returns `+short` output lines.
+pub fn dig(server: SocketAddr, name: &str, qtype: &str, tcp: bool) -> Vec<String> {
+    let mut cmd = std::process::Command::new("dig");
+    cmd.arg(format!("@{}", server.ip()))
+        .arg("-p")
+        .arg(server.port().to_string())
+        .arg(name)
+        .arg(qtype)
+        .arg("+short")
+        .arg("+time=2")
+        .arg("+tries=1");
+    if tcp {
+        cmd.arg("+tcp");
+    }
+    let out = cmd
+        .output()
+        .expect("dig must be installed: run scripts/test.sh, which installs it");
+    assert!(
+        out.status.success(),
+        "dig failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Runs `dig` and returns its whole output (for status and sections).
+pub fn dig_full(server: SocketAddr, name: &str, qtype: &str, tcp: bool) -> String {
+    let mut cmd = std::process::Command::new("dig");
+    cmd.arg(format!("@{}", server.ip()))
+        .arg("-p")
+        .arg(server.port().to_string())
+        .arg(name)
+        .arg(qtype)
+        .arg("+time=2")
+        .arg("+tries=1");
+    if tcp {
+        cmd.arg("+tcp");
+    }
+    let out = cmd
+        .output()
+        .expect("dig must be installed: run scripts/test.sh, which installs it");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

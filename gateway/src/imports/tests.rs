@@ -81,8 +81,8 @@ fn persisted_vips_survive_a_restart_exactly() {
     let keys: Vec<ServiceKey> = (0..500)
         .map(|i| ServiceKey::new("ns", format!("s{i}")))
         .collect();
-    let first = VipAllocator::new(Some(path.clone())).assign(keys.iter());
-    let again = VipAllocator::new(Some(path)).assign(keys.iter().rev());
+    let first = VipAllocator::new(default_range(), Some(path.clone())).assign(keys.iter());
+    let again = VipAllocator::new(default_range(), Some(path)).assign(keys.iter().rev());
     assert_eq!(first, again);
 }
 
@@ -106,4 +106,16 @@ fn table_follows_catalogs() {
     let hello = &t[&ServiceKey::new("demo", "hello")];
     assert_eq!(hello.dns_name(), "hello.demo.svc.clusterset.local");
     assert!(build_table(&BTreeMap::new(), &mut vips).is_empty());
+}
+
+#[test]
+fn a_small_custom_range_is_used_and_exhausted_cleanly() {
+    let range: ipnet::Ipv4Net = "127.90.1.0/24".parse().expect("cidr");
+    let mut a = VipAllocator::new(range, None);
+    let keys: Vec<ServiceKey> = (0..300)
+        .map(|i| ServiceKey::new("ns", format!("s{i}")))
+        .collect();
+    let got = a.assign(keys.iter());
+    assert_eq!(got.len(), 254, ".0 and .255 are never used");
+    assert!(got.values().all(|ip| range.contains(ip)));
 }
