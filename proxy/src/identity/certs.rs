@@ -95,7 +95,14 @@ fn ca_params(cn: &str, lifetime: Duration, path_len: Option<u8>) -> CertificateP
 /// Makes a new self-signed trust anchor (root CA) for a clusterset.
 pub fn generate_root(name: &str) -> Result<PemPair, CertError> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-    let mut params = ca_params(&format!("{name} trust anchor"), ROOT_LIFETIME, None);
+    // A unique subject per anchor, so that a chain from another anchor of
+    // the same name is reported as from an unknown issuer.
+    let tag: u32 = rand::random();
+    let mut params = ca_params(
+        &format!("{name} trust anchor {tag:08x}"),
+        ROOT_LIFETIME,
+        None,
+    );
     params.use_authority_key_identifier_extension = false;
     let cert = params.self_signed(&key)?;
     Ok(PemPair {

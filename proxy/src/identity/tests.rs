@@ -119,7 +119,14 @@ fn linked_peers_complete_mutual_tls() {
     let a = anchors(&root);
     let west = cluster(&root, "west.strait.local");
     let east = cluster(&root, "east.strait.local");
-    let (r, c, s) = connect(&west, &a, &east.id, &east, &a, &[west.id.clone()]);
+    let (r, c, s) = connect(
+        &west,
+        &a,
+        &east.id,
+        &east,
+        &a,
+        std::slice::from_ref(&west.id),
+    );
     r.expect("handshake");
     assert!(c.is_empty() && s.is_empty());
 }
@@ -136,7 +143,7 @@ fn another_root_is_refused_and_reported() {
         &east.id,
         &east,
         &anchors(&other),
-        &[west.id.clone()],
+        std::slice::from_ref(&west.id),
     );
     assert!(r.is_err());
     assert_eq!(c, vec![RefusalReason::UnknownIssuer]);
@@ -150,7 +157,14 @@ fn unexpected_server_identity_is_refused() {
     let east = cluster(&root, "east.strait.local");
     let wanted =
         SpiffeId::workload("north.strait.local", "strait-system", "strait-gateway").expect("id");
-    let (r, c, _) = connect(&west, &a, &wanted, &east, &a, &[west.id.clone()]);
+    let (r, c, _) = connect(
+        &west,
+        &a,
+        &wanted,
+        &east,
+        &a,
+        std::slice::from_ref(&west.id),
+    );
     assert!(r.is_err());
     assert_eq!(c, vec![RefusalReason::UnexpectedIdentity]);
 }

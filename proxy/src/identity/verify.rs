@@ -56,7 +56,11 @@ impl RefusalReason {
 
     fn from_rustls(e: &Error) -> Self {
         match e {
-            Error::InvalidCertificate(CertificateError::UnknownIssuer) => Self::UnknownIssuer,
+            // A chain that names a trust anchor but is not signed by it is as
+            // untrusted as one that names none.
+            Error::InvalidCertificate(
+                CertificateError::UnknownIssuer | CertificateError::BadSignature,
+            ) => Self::UnknownIssuer,
             Error::InvalidCertificate(
                 CertificateError::Expired
                 | CertificateError::ExpiredContext { .. }
@@ -115,7 +119,7 @@ fn chain_identity(
     let (_, issuer) =
         x509_parser::parse_x509_certificate(issuer).map_err(|_| RefusalReason::BadCertificate)?;
     let bound = format!("spiffe://{}", id.trust_domain());
-    if uri_sans(&issuer).iter().any(|u| *u == bound) {
+    if uri_sans(&issuer).contains(&bound) {
         Ok(id)
     } else {
         Err(RefusalReason::TrustDomainMismatch)

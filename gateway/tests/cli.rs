@@ -1,0 +1,150 @@
+//! The `strait` binary as a user runs it.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn strait() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_strait"))
+}
+
+#[test]
+fn demo_once_makes_the_round_trip_and_exits_zero() {
+    let started = Instant::now();
+    // Ports away from the defaults so a running demo does not interfere.
+    let out = strait()
+        .args([
+            "demo",
+            "--once",
+            "--west-dns",
+            "127.0.0.1:35353",
+            "--west-admin",
+            "127.0.0.1:34191",
+            "--west-tunnel",
+            "127.0.0.1:34143",
+            "--east-dns",
+            "127.0.0.1:45353",
+            "--east-admin",
+            "127.0.0.1:44191",
+            "--east-tunnel",
+            "127.0.0.1:44143",
+        ])
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("hello.demo.svc.clusterset.local -> 127.77."),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("hello-east-0=3, hello-east-1=3"),
+        "{stdout}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+#[test]
+fn demo_reports_a_clear_reason_when_a_port_is_taken() {
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let out = strait()
+        .args([
+            "demo",
+            "--once",
+            "--east-tunnel",
+            &format!("127.0.0.1:{port}"),
+            "--west-dns",
+            "127.0.0.1:0",
+            "--west-admin",
+            "127.0.0.1:0",
+            "--west-tunnel",
+            "127.0.0.1:0",
+            "--east-dns",
+            "127.0.0.1:0",
+            "--east-admin",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("starting east") && stderr.contains("Address already in use"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn certs_make_a_root_and_an_issuer_and_refuse_to_overwrite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("utf8");
+    let ok = strait()
+        .args(["certs", "root", "--out", d])
+        .output()
+        .expect("runs");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let ok = strait()
+        .args(["certs", "issuer", "--cluster", "east", "--out", d])
+        .current_dir(d)
+        .output()
+        .expect("runs");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("east.strait.local"));
+    let issuer = strait_proxy::identity::Issuer::load(
+        &dir.path().join("east-issuer.pem"),
+        &dir.path().join("east-issuer.key"),
+    )
+    .expect("loads");
+    assert_eq!(issuer.trust_domain(), "east.strait.local");
+    let again = strait()
+        .args(["certs", "root", "--out", d])
+        .output()
+        .expect("runs");
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("exists"));
+    let bad = strait()
+        .args(["certs", "issuer", "--cluster", "East!", "--out", d])
+        .current_dir(d)
+        .output()
+        .expect("runs");
+    assert!(!bad.status.success());
+}
+
+#[test]
+fn bad_config_and_flags_give_clear_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("g.yaml");
+    std::fs::write(&cfg, "cluster: west\nidentity: {trustAnchors: r, issuerCert: i, issuerKey: k}\nsource: {file: c}\nlinks: [{name: east, addresses: [nope]}]\n").expect("write");
+    let out = strait()
+        .args(["gateway", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("links[0].addresses[0]"), "{stderr}");
+    std::fs::write(&cfg, "cluster: [").expect("write");
+    let out = strait()
+        .args(["gateway", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("runs");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("parsing"));
+    let out = strait()
+        .args(["demo", "--west-dns", "not-an-address"])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(2));
+}
