@@ -161,7 +161,12 @@ async fn bad_streams_are_refused_cleanly_and_the_gateway_keeps_serving() {
     let text = String::from_utf8_lossy(&answer);
     assert!(text.ends_with("hello from east/hello-east-0\n"), "{text}");
 
-    let m = metrics(&east).await;
+    let key = "strait_tunnel_streams_total{peer=\"west\",direction=\"inbound\",result=\"ok\"}";
+    let m = eventually(WAIT, "stream counted", || async {
+        let m = metrics(&east).await;
+        (sample(&m, key) == Some(1.0)).then_some(m)
+    })
+    .await;
     let inbound = |result: &str| {
         sample(
             &m,

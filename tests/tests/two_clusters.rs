@@ -110,7 +110,14 @@ async fn connections_reach_both_endpoints_through_the_tunnel() {
             "{served:?}"
         );
     }
-    let west = metrics(&l.west).await;
+    // A stream is counted once both directions have closed, a moment after
+    // the client has its answer.
+    let ok = "strait_tunnel_streams_total{peer=\"east\",direction=\"outbound\",result=\"ok\"}";
+    let west = eventually(WAIT, "streams counted", || async {
+        let m = metrics(&l.west).await;
+        (sample(&m, ok) == Some(10.0)).then_some(m)
+    })
+    .await;
     assert_eq!(
         sample(&west, "strait_peer_up{peer=\"east\"}"),
         Some(1.0),
@@ -133,7 +140,13 @@ async fn connections_reach_both_endpoints_through_the_tunnel() {
             > 0.0
     );
     assert!(west.contains("strait_peer_rtt_seconds_count{peer=\"east\"}"));
-    let east = metrics(&l.east).await;
+    let inbound_ok =
+        "strait_tunnel_streams_total{peer=\"west\",direction=\"inbound\",result=\"ok\"}";
+    let east = eventually(WAIT, "streams counted", || async {
+        let m = metrics(&l.east).await;
+        (sample(&m, inbound_ok) == Some(10.0)).then_some(m)
+    })
+    .await;
     assert_eq!(sample(&east, "strait_exports"), Some(1.0));
     assert_eq!(
         sample(
