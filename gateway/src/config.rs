@@ -214,6 +214,14 @@ pub struct TunnelTuning {
     /// Longest reconnect delay, ms (default 10000).
     #[serde(default = "default_backoff_max")]
     pub reconnect_max_ms: u64,
+    /// Largest UDP payload path-MTU discovery may reach (default 8952;
+    /// 1200 to 65527).
+    #[serde(default = "default_max_udp_payload")]
+    pub max_udp_payload: u16,
+}
+
+fn default_max_udp_payload() -> u16 {
+    8952
 }
 
 fn default_idle() -> u64 {
@@ -236,6 +244,7 @@ impl Default for TunnelTuning {
             keep_alive_ms: default_keepalive(),
             reconnect_min_ms: default_backoff_min(),
             reconnect_max_ms: default_backoff_max(),
+            max_udp_payload: default_max_udp_payload(),
         }
     }
 }
@@ -359,6 +368,9 @@ impl GatewayConfig {
                 "must be positive and at most tunnel.reconnectMaxMs",
             ));
         }
+        if !(1200..=65527).contains(&t.max_udp_payload) {
+            return Err(invalid("tunnel.maxUdpPayload", "must be 1200 to 65527"));
+        }
         let mut names = std::collections::HashSet::new();
         for (i, link) in self.links.iter().enumerate() {
             let field = format!("links[{i}]");
@@ -416,6 +428,7 @@ impl GatewayConfig {
         crate::tunnel::TunnelConfig {
             idle_timeout: Duration::from_millis(self.tunnel.idle_timeout_ms),
             keep_alive: Duration::from_millis(self.tunnel.keep_alive_ms),
+            max_udp_payload: self.tunnel.max_udp_payload,
             ..Default::default()
         }
     }

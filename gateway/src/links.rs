@@ -176,7 +176,7 @@ async fn serve(link: &DialedLink, shared: &Shared, conn: quinn::Connection) -> S
         loop {
             let r = conn.rtt();
             rtt.observe(r.as_secs_f64());
-            shared.peers.rtt(&link.name, r);
+            shared.peers.sample(&link.name, r, conn.stats().path.current_mtu);
             tokio::time::sleep(RTT_INTERVAL).await;
         }
     };

@@ -31,6 +31,9 @@ pub struct PeerStatus {
     /// Last sampled round-trip time, milliseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rtt_ms: Option<f64>,
+    /// The path MTU the tunnel has discovered (UDP payload bytes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
     /// The last connection error.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
@@ -65,6 +68,7 @@ impl Peers {
                     connected: false,
                     connected_since: None,
                     rtt_ms: None,
+                    mtu: None,
                     last_error: None,
                     imports: 0,
                 },
@@ -100,15 +104,19 @@ impl Peers {
             p.status.connected = false;
             p.status.connected_since = None;
             p.status.rtt_ms = None;
+            p.status.mtu = None;
             if error.is_some() {
                 p.status.last_error = error;
             }
         });
     }
 
-    /// Records a round-trip time sample.
-    pub fn rtt(&self, name: &str, rtt: Duration) {
-        self.update(name, |p| p.status.rtt_ms = Some(rtt.as_secs_f64() * 1000.0));
+    /// Records a round-trip time and path MTU sample.
+    pub fn sample(&self, name: &str, rtt: Duration, mtu: u16) {
+        self.update(name, |p| {
+            p.status.rtt_ms = Some(rtt.as_secs_f64() * 1000.0);
+            p.status.mtu = Some(mtu);
+        });
     }
 
     fn set_imports(&self, counts: &BTreeMap<String, usize>) {

@@ -24,6 +24,9 @@ pub struct TunnelConfig {
     pub send_window: u64,
     /// UDP socket send and receive buffer request (default 8 MiB).
     pub udp_buffer: usize,
+    /// Largest UDP payload path-MTU discovery probes for (default 8952:
+    /// jumbo-frame networks; a 1500-byte path settles at 1452 by itself).
+    pub max_udp_payload: u16,
 }
 
 impl Default for TunnelConfig {
@@ -35,6 +38,7 @@ impl Default for TunnelConfig {
             connection_window: 64 << 20,
             send_window: 64 << 20,
             udp_buffer: 8 << 20,
+            max_udp_payload: 8952,
         }
     }
 }
@@ -84,6 +88,9 @@ impl TunnelConfig {
         t.send_window(self.send_window);
         t.max_concurrent_bidi_streams(VarInt::from_u32(8192));
         t.max_concurrent_uni_streams(VarInt::from_u32(0));
+        let mut mtu = quinn::MtuDiscoveryConfig::default();
+        mtu.upper_bound(self.max_udp_payload);
+        t.mtu_discovery_config(Some(mtu));
         Ok(Arc::new(t))
     }
 }

@@ -1,0 +1,110 @@
+//! A small load generator for Strait's benchmarks.
+//!
+//! `strait-loadgen echo ADDR` serves TCP echo on ADDR.
+//! `strait-loadgen rr ADDR --rate R --seconds S --size B --connections C`
+//! sends fixed-size requests at a fixed total rate over C connections,
+//! waits for each echo, and prints latency percentiles measured from each
+//! request's send (the rate is far below saturation, so queueing behind a
+//! late request is not hidden).
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> anyhow::Result<T> {
+    match args.iter().position(|a| a == name) {
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("{name} needs a value")),
+        None => Ok(default),
+    }
+}
+
+async fn echo(addr: SocketAddr) -> anyhow::Result<()> {
+    let l = TcpListener::bind(addr).await?;
+    loop {
+        let (mut s, _) = l.accept().await?;
+        let _ = s.set_nodelay(true);
+        tokio::spawn(async move {
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+    }
+}
+
+async fn rr(addr: SocketAddr, rate: u64, seconds: u64, size: usize, conns: u64) -> anyhow::Result<()> {
+    let per_conn = Duration::from_secs_f64(conns as f64 / rate as f64);
+    let total = rate * seconds / conns;
+    let start = Instant::now() + Duration::from_millis(100);
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        let mut s = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+        s.set_nodelay(true)?;
+        let offset = per_conn.mul_f64(c as f64 / conns as f64);
+        tasks.push(tokio::spawn(async move {
+            let req = vec![0x5a; size];
+            let mut resp = vec![0; size];
+            let mut lat = Vec::with_capacity(total as usize);
+            for i in 0..total {
+                let due = start + offset + per_conn * i as u32;
+                tokio::time::sleep_until(due.into()).await;
+                // Timed from the send, not the schedule: tokio's timer has
+                // millisecond granularity, which would swamp the figures.
+                let sent = Instant::now();
+                s.write_all(&req).await?;
+                s.read_exact(&mut resp).await?;
+                lat.push(sent.elapsed());
+            }
+            Ok::<_, std::io::Error>(lat)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    if all.is_empty() {
+        bail!("no samples");
+    }
+    all.sort();
+    let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)].as_secs_f64() * 1e6;
+    let elapsed = start.elapsed().as_secs_f64();
+    println!(
+        "{{\"requests\": {}, \"rate\": {:.0}, \"p50_us\": {:.1}, \"p90_us\": {:.1}, \"p99_us\": {:.1}, \"max_us\": {:.1}}}",
+        all.len(),
+        all.len() as f64 / elapsed,
+        pct(0.50),
+        pct(0.90),
+        pct(0.99),
+        all.last().map_or(0.0, |d| d.as_secs_f64() * 1e6)
+    );
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let addr: SocketAddr = args
+        .get(1)
+        .context("usage: strait-loadgen echo|rr ADDR [...]")?
+        .parse()
+        .context("ADDR must be ip:port")?;
+    match args.first().map(String::as_str) {
+        Some("echo") => echo(addr).await,
+        Some("rr") => {
+            rr(
+                addr,
+                arg(&args, "--rate", 1000)?,
+                arg(&args, "--seconds", 5)?,
+                arg(&args, "--size", 64)?,
+                arg(&args, "--connections", 4)?,
+            )
+            .await
+        }
+        _ => bail!("usage: strait-loadgen echo|rr ADDR [...]"),
+    }
+}
