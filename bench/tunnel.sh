@@ -60,12 +60,16 @@ identity: { trustAnchors: root.pem, issuerCert: $c-issuer.pem, issuerKey: $c-iss
 listen: { tunnel: "127.0.0.1:${t}143", admin: "127.0.0.1:${t}191", dns: "127.0.0.1:${t}353" }
 source: { file: $c-cluster.yaml }
 imports: { vipRange: 127.76.0.0/16 }
-tunnel: { maxUdpPayload: ${STRAIT_MAX_UDP_PAYLOAD:-8952} }
+tunnel: { maxUdpPayload: ${STRAIT_MAX_UDP_PAYLOAD:-6552} }
 links: $links
 YAML
 done
-STRAIT_LOG=warn "$BIN/strait" gateway --config east.yaml >east.log 2>&1 & PIDS+=($!)
-STRAIT_LOG=warn "$BIN/strait" gateway --config west.yaml >west.log 2>&1 & PIDS+=($!)
+# One worker thread per gateway, as stunnel carries one connection on one
+# thread: the machine's cores are shared by both ends, both relays and the
+# load generator.
+THREADS=${STRAIT_BENCH_THREADS:-1}
+STRAIT_LOG=warn "$BIN/strait" gateway --threads "$THREADS" --config east.yaml >east.log 2>&1 & PIDS+=($!)
+STRAIT_LOG=warn "$BIN/strait" gateway --threads "$THREADS" --config west.yaml >west.log 2>&1 & PIDS+=($!)
 
 # stunnel pair, mutual TLS 1.3 with pinned certificates.
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
@@ -107,6 +111,13 @@ for _ in $(seq 1 100); do
 done
 [ -n "$IPERF_VIP" ] && [ -n "$ECHO_VIP" ] || { echo "imports did not appear"; cat west.log east.log; exit 1; }
 sleep 0.5
+
+if [ -n "${STRAIT_BENCH_HOLD:-}" ]; then
+  # For profiling by hand: everything is up; Ctrl-C or kill to end.
+  echo "holding: iperf VIP $IPERF_VIP:5201, echo VIP $ECHO_VIP:7000, stunnel 127.0.0.1:38201/38300, direct 127.0.0.1:35201/35300"
+  sleep "$STRAIT_BENCH_HOLD"
+  exit 0
+fi
 
 gbps() { python3 -c 'import json,sys; print("%.2f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9))'; }
 bulk() { iperf3 -c "$1" -p "$2" -t "$SECS" -J | gbps; }

@@ -214,14 +214,14 @@ pub struct TunnelTuning {
     /// Longest reconnect delay, ms (default 10000).
     #[serde(default = "default_backoff_max")]
     pub reconnect_max_ms: u64,
-    /// Largest UDP payload path-MTU discovery may reach (default 8952;
-    /// 1200 to 65527).
+    /// Largest UDP payload path-MTU discovery may reach (default and
+    /// maximum 6552, see [`crate::tunnel::endpoint::MAX_UDP_PAYLOAD`]).
     #[serde(default = "default_max_udp_payload")]
     pub max_udp_payload: u16,
 }
 
 fn default_max_udp_payload() -> u16 {
-    8952
+    crate::tunnel::endpoint::MAX_UDP_PAYLOAD
 }
 
 fn default_idle() -> u64 {
@@ -368,8 +368,12 @@ impl GatewayConfig {
                 "must be positive and at most tunnel.reconnectMaxMs",
             ));
         }
-        if !(1200..=65527).contains(&t.max_udp_payload) {
-            return Err(invalid("tunnel.maxUdpPayload", "must be 1200 to 65527"));
+        let max = crate::tunnel::endpoint::MAX_UDP_PAYLOAD;
+        if !(1200..=max).contains(&t.max_udp_payload) {
+            return Err(invalid(
+                "tunnel.maxUdpPayload",
+                format!("must be 1200 to {max} (a GSO batch of 10 must fit in 64 KiB)"),
+            ));
         }
         let mut names = std::collections::HashSet::new();
         for (i, link) in self.links.iter().enumerate() {
@@ -472,6 +476,7 @@ source: { file: c.yaml }
             ),
             ("tunnel: {keepAliveMs: 20000}", "tunnel.keepAliveMs"),
             ("imports: {vipRange: 127.0.0.0/30}", "imports.vipRange"),
+            ("tunnel: {maxUdpPayload: 9000}", "tunnel.maxUdpPayload"),
         ] {
             let text = format!("{BASE}{extra}\n");
             let err = GatewayConfig::parse(&text, Path::new("g.yaml")).expect_err(extra);

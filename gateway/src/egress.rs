@@ -7,14 +7,13 @@ use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
-use strait_proxy::forward::splice;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::catalog::ServiceKey;
 use crate::gateway::Shared;
 use crate::imports::{tcp_ports, ImportTable};
 use crate::metrics::StreamLabels;
-use crate::tunnel::io::PeerInfo;
+use crate::tunnel::io::{splice_tcp, PeerInfo};
 use crate::tunnel::{frame, QuicIo, Refusal};
 
 /// How often bind failures are retried even if imports do not change.
@@ -167,11 +166,13 @@ async fn forward(mut tcp: TcpStream, key: ServiceKey, port: u16, shared: Arc<Sha
         })
         .clone();
     open.inc();
-    let result = splice(&mut tcp, &mut io).await;
+    let result = splice_tcp(&mut tcp, &mut io).await;
     open.dec();
     match result {
         Ok(moved) => {
-            shared.metrics.bytes(&peer, moved.a_to_b, moved.b_to_a);
+            shared
+                .metrics
+                .bytes(&peer, moved.into_tunnel, moved.out_of_tunnel);
             shared.metrics.stream_done(&peer, "outbound", "ok");
         }
         Err(error) => {

@@ -10,13 +10,12 @@ use std::time::Duration;
 
 use rustls::pki_types::CertificateDer;
 use strait_proto::tunnel::v1::{StreamHeader, StreamKind};
-use strait_proxy::forward::splice;
 use strait_proxy::identity::identity_of;
 
 use crate::catalog::{Protocol, ServiceKey};
 use crate::gateway::Shared;
 use crate::metrics::StreamLabels;
-use crate::tunnel::io::PeerInfo;
+use crate::tunnel::io::{splice_tcp, PeerInfo};
 use crate::tunnel::{frame, QuicIo, Refusal};
 
 /// How long a peer has to send a stream header.
@@ -186,12 +185,13 @@ async fn proxy(mut io: QuicIo, header: StreamHeader, shared: Arc<Shared>) {
         })
         .clone();
     open.inc();
-    let result = splice(&mut io, &mut tcp).await;
+    let result = splice_tcp(&mut tcp, &mut io).await;
     open.dec();
     match result {
         Ok(moved) => {
-            // Into the tunnel is what the endpoint answered.
-            shared.metrics.bytes(&peer, moved.b_to_a, moved.a_to_b);
+            shared
+                .metrics
+                .bytes(&peer, moved.into_tunnel, moved.out_of_tunnel);
             shared.metrics.stream_done(&peer, "inbound", "ok");
         }
         Err(error) => {

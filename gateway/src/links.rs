@@ -174,9 +174,9 @@ async fn serve(link: &DialedLink, shared: &Shared, conn: quinn::Connection) -> S
         .clone();
     let sample = async {
         loop {
-            let r = conn.rtt();
-            rtt.observe(r.as_secs_f64());
-            shared.peers.sample(&link.name, r, conn.stats().path.current_mtu);
+            let stats = conn.stats();
+            rtt.observe(stats.path.rtt.as_secs_f64());
+            shared.peers.sample(&link.name, &stats);
             tokio::time::sleep(RTT_INTERVAL).await;
         }
     };

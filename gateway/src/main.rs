@@ -29,6 +29,9 @@ enum Command {
         /// The gateway config (YAML).
         #[arg(long, short)]
         config: PathBuf,
+        /// Worker threads (default: one per CPU).
+        #[arg(long, env = "STRAIT_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+        threads: Option<u16>,
     },
     /// Run two linked clusters (west, east) on this machine.
     Demo {
@@ -283,7 +286,9 @@ fn main() -> ExitCode {
     strait_proxy::tls::install_default_provider();
     let result = match cli.command {
         Command::Certs { command } => certs(command),
-        Command::Gateway { config } => run_async(gateway(config)),
+        Command::Gateway { config, threads } => {
+            run_async(threads.map(usize::from), gateway(config))
+        }
         Command::Demo {
             once,
             requests,
@@ -303,7 +308,7 @@ fn main() -> ExitCode {
                 east_tunnel,
                 requests,
             };
-            run_async(async move {
+            run_async(None, async move {
                 if once {
                     tokio::time::timeout(Duration::from_secs(60), demo(opts, true))
                         .await
@@ -323,8 +328,15 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_async(f: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
-    tokio::runtime::Builder::new_multi_thread()
+fn run_async(
+    threads: Option<usize>,
+    f: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        runtime.worker_threads(n);
+    }
+    runtime
         .enable_all()
         .build()
         .context("starting the runtime")?

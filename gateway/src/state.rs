@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use tokio::sync::watch;
 
@@ -31,14 +31,32 @@ pub struct PeerStatus {
     /// Last sampled round-trip time, milliseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rtt_ms: Option<f64>,
-    /// The path MTU the tunnel has discovered (UDP payload bytes).
+    /// Path statistics of the tunnel, sampled with the RTT.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub mtu: Option<u16>,
+    pub path: Option<PathSample>,
     /// The last connection error.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     /// Services imported from this peer.
     pub imports: usize,
+}
+
+/// A sample of a tunnel's QUIC path statistics.
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PathSample {
+    /// Discovered path MTU (UDP payload bytes).
+    pub mtu: u16,
+    /// Congestion window, bytes.
+    pub cwnd: u64,
+    /// Packets sent.
+    pub sent_packets: u64,
+    /// Packets declared lost.
+    pub lost_packets: u64,
+    /// Congestion events.
+    pub congestion_events: u64,
+    /// Path-MTU black holes detected.
+    pub black_holes: u64,
 }
 
 #[derive(Debug)]
@@ -68,7 +86,7 @@ impl Peers {
                     connected: false,
                     connected_since: None,
                     rtt_ms: None,
-                    mtu: None,
+                    path: None,
                     last_error: None,
                     imports: 0,
                 },
@@ -104,18 +122,25 @@ impl Peers {
             p.status.connected = false;
             p.status.connected_since = None;
             p.status.rtt_ms = None;
-            p.status.mtu = None;
+            p.status.path = None;
             if error.is_some() {
                 p.status.last_error = error;
             }
         });
     }
 
-    /// Records a round-trip time and path MTU sample.
-    pub fn sample(&self, name: &str, rtt: Duration, mtu: u16) {
+    /// Records a sample of the tunnel's path.
+    pub fn sample(&self, name: &str, stats: &quinn::ConnectionStats) {
         self.update(name, |p| {
-            p.status.rtt_ms = Some(rtt.as_secs_f64() * 1000.0);
-            p.status.mtu = Some(mtu);
+            p.status.rtt_ms = Some(stats.path.rtt.as_secs_f64() * 1000.0);
+            p.status.path = Some(PathSample {
+                mtu: stats.path.current_mtu,
+                cwnd: stats.path.cwnd,
+                sent_packets: stats.path.sent_packets,
+                lost_packets: stats.path.lost_packets,
+                congestion_events: stats.path.congestion_events,
+                black_holes: stats.path.black_holes_detected,
+            });
         });
     }
 

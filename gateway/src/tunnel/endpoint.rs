@@ -9,6 +9,13 @@ use std::time::Duration;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, TransportConfig, VarInt};
 
+/// The largest UDP payload the tunnel uses. quinn sends up to 10
+/// datagrams in one GSO `sendmsg`, and the kernel refuses a send over
+/// 64 KiB (quinn then drops the whole batch as if it were an MTU probe), so
+/// datagrams stay at or below 65527 / 10 bytes. This still lets jumbo-frame
+/// networks (and loopback) carry 4.5 times the payload of a 1500-byte path.
+pub const MAX_UDP_PAYLOAD: u16 = 6552;
+
 /// Tunnel transport settings, with documented defaults.
 #[derive(Clone, Debug)]
 pub struct TunnelConfig {
@@ -24,8 +31,9 @@ pub struct TunnelConfig {
     pub send_window: u64,
     /// UDP socket send and receive buffer request (default 8 MiB).
     pub udp_buffer: usize,
-    /// Largest UDP payload path-MTU discovery probes for (default 8952:
-    /// jumbo-frame networks; a 1500-byte path settles at 1452 by itself).
+    /// Largest UDP payload path-MTU discovery probes for (default and
+    /// maximum [`MAX_UDP_PAYLOAD`]; a 1500-byte path settles at 1452 by
+    /// itself).
     pub max_udp_payload: u16,
 }
 
@@ -38,7 +46,7 @@ impl Default for TunnelConfig {
             connection_window: 64 << 20,
             send_window: 64 << 20,
             udp_buffer: 8 << 20,
-            max_udp_payload: 8952,
+            max_udp_payload: MAX_UDP_PAYLOAD,
         }
     }
 }
@@ -89,7 +97,7 @@ impl TunnelConfig {
         t.max_concurrent_bidi_streams(VarInt::from_u32(8192));
         t.max_concurrent_uni_streams(VarInt::from_u32(0));
         let mut mtu = quinn::MtuDiscoveryConfig::default();
-        mtu.upper_bound(self.max_udp_payload);
+        mtu.upper_bound(self.max_udp_payload.clamp(1200, MAX_UDP_PAYLOAD));
         t.mtu_discovery_config(Some(mtu));
         Ok(Arc::new(t))
     }
@@ -118,13 +126,12 @@ impl TunnelEndpoint {
             .map_err(|source| TunnelError::Bind { addr, source })?;
         let runtime = quinn::default_runtime()
             .ok_or_else(|| TunnelError::Config("no async runtime".into()))?;
-        let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            Some(server),
-            socket,
-            runtime,
-        )
-        .map_err(|source| TunnelError::Bind { addr, source })?;
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        endpoint_config
+            .max_udp_payload_size(config.max_udp_payload.clamp(1200, MAX_UDP_PAYLOAD))
+            .map_err(|e| TunnelError::Config(e.to_string()))?;
+        let endpoint = quinn::Endpoint::new(endpoint_config, Some(server), socket, runtime)
+            .map_err(|source| TunnelError::Bind { addr, source })?;
         Ok(Self {
             endpoint,
             transport,

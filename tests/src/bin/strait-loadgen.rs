@@ -37,13 +37,21 @@ async fn echo(addr: SocketAddr) -> anyhow::Result<()> {
     }
 }
 
-async fn rr(addr: SocketAddr, rate: u64, seconds: u64, size: usize, conns: u64) -> anyhow::Result<()> {
+async fn rr(
+    addr: SocketAddr,
+    rate: u64,
+    seconds: u64,
+    size: usize,
+    conns: u64,
+) -> anyhow::Result<()> {
     let per_conn = Duration::from_secs_f64(conns as f64 / rate as f64);
     let total = rate * seconds / conns;
     let start = Instant::now() + Duration::from_millis(100);
     let mut tasks = Vec::new();
     for c in 0..conns {
-        let mut s = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+        let mut s = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connect {addr}"))?;
         s.set_nodelay(true)?;
         let offset = per_conn.mul_f64(c as f64 / conns as f64);
         tasks.push(tokio::spawn(async move {
@@ -71,7 +79,8 @@ async fn rr(addr: SocketAddr, rate: u64, seconds: u64, size: usize, conns: u64) 
         bail!("no samples");
     }
     all.sort();
-    let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)].as_secs_f64() * 1e6;
+    let pct =
+        |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)].as_secs_f64() * 1e6;
     let elapsed = start.elapsed().as_secs_f64();
     println!(
         "{{\"requests\": {}, \"rate\": {:.0}, \"p50_us\": {:.1}, \"p90_us\": {:.1}, \"p99_us\": {:.1}, \"max_us\": {:.1}}}",
