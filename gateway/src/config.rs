@@ -215,7 +215,7 @@ pub struct TunnelTuning {
     #[serde(default = "default_backoff_max")]
     pub reconnect_max_ms: u64,
     /// Largest UDP payload path-MTU discovery may reach (default and
-    /// maximum 6552, see [`crate::tunnel::endpoint::MAX_UDP_PAYLOAD`]).
+    /// maximum 6500, see [`crate::tunnel::endpoint::MAX_UDP_PAYLOAD`]).
     #[serde(default = "default_max_udp_payload")]
     pub max_udp_payload: u16,
 }

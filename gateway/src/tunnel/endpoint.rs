@@ -10,11 +10,12 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, TransportConfig, VarInt};
 
 /// The largest UDP payload the tunnel uses. quinn sends up to 10
-/// datagrams in one GSO `sendmsg`, and the kernel refuses a send over
-/// 64 KiB (quinn then drops the whole batch as if it were an MTU probe), so
-/// datagrams stay at or below 65527 / 10 bytes. This still lets jumbo-frame
-/// networks (and loopback) carry 4.5 times the payload of a 1500-byte path.
-pub const MAX_UDP_PAYLOAD: u16 = 6552;
+/// datagrams in one GSO `sendmsg`, and the kernel refuses a send whose IPv4
+/// packet would exceed 65535 bytes (65507 of UDP payload); quinn then drops
+/// the whole batch as if it were an MTU probe. So datagrams stay below
+/// 6550 bytes, with a margin. This still lets jumbo-frame networks (and
+/// loopback) carry 4.5 times the payload of a 1500-byte path.
+pub const MAX_UDP_PAYLOAD: u16 = 6500;
 
 /// Tunnel transport settings, with documented defaults.
 #[derive(Clone, Debug)]
