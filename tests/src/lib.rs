@@ -26,6 +26,7 @@ pub use strait_gateway::demo::{
 pub struct Testbed {
     dir: tempfile::TempDir,
     vips: ipnet::Ipv4Net,
+    grace_seconds: std::sync::atomic::AtomicU64,
 }
 
 /// A /16 of loopback of its own for each testbed, so that tests running at
@@ -54,7 +55,14 @@ impl Testbed {
         Self {
             dir,
             vips: unique_vip_range(),
+            grace_seconds: std::sync::atomic::AtomicU64::new(30),
         }
+    }
+
+    /// Sets the grace period of configs made from now on.
+    pub fn set_grace_period(&self, seconds: u64) {
+        self.grace_seconds
+            .store(seconds, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The folder.
@@ -88,6 +96,9 @@ impl Testbed {
         }
         let tunnel = tunnel.unwrap_or_else(|| "127.0.0.1:0".parse().expect("addr"));
         let vips = self.vips;
+        let grace = self
+            .grace_seconds
+            .load(std::sync::atomic::Ordering::Relaxed);
         let mut y = format!(
             "cluster: {cluster}
 identity:
@@ -102,7 +113,7 @@ source:
   file: {cluster}-cluster.yaml
   pollIntervalMs: 50
 imports:
-  gracePeriodSeconds: 30
+  gracePeriodSeconds: {grace}
   vipRange: {vips}
 tunnel:
   idleTimeoutMs: 3000

@@ -256,3 +256,37 @@ async fn west_reconnects_after_east_restarts() {
     );
     drop(east);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_gone_longer_than_the_grace_period_loses_its_imports() {
+    let bed = Testbed::new(&["west", "east"]);
+    bed.set_grace_period(1);
+    let ep = spawn_hello_endpoint("east", "hello-east-0")
+        .await
+        .expect("endpoint");
+    bed.write_cluster(
+        "east",
+        &hello_cluster_yaml(&[("hello-east-0".into(), ep)], true),
+    );
+    let east = bed
+        .start(bed.config("east", None, &[("west", None, None)]))
+        .await;
+    let west = bed
+        .start(bed.config("west", None, &[("east", Some(east.tunnel_addr()), None)]))
+        .await;
+    let vip = vip_of(&west).await;
+    drop(east);
+    eventually(WAIT, "imports forgotten after the grace period", || async {
+        west.egress_synced().borrow().is_empty().then_some(())
+    })
+    .await;
+    let nx = dig_full(west.dns_addr(), HELLO, "A", false);
+    assert!(nx.contains("status: NXDOMAIN"), "{nx}");
+    assert!(tokio::net::TcpStream::connect((vip, 8080)).await.is_err());
+    let m = metrics(&west).await;
+    assert_eq!(
+        sample(&m, "strait_imports{peer=\"east\"}"),
+        Some(0.0),
+        "{m}"
+    );
+}
