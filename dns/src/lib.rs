@@ -17,11 +17,16 @@
 //! * `_<port>._<tcp|udp|sctp>.<svc>.<ns>.svc.clusterset.local`: SRV for each
 //!   named port, target `<svc>.<ns>.svc.clusterset.local.` (whose A/AAAA go
 //!   in the additional section);
+//! * headless services: `<svc>.<ns>.svc.clusterset.local` answers every
+//!   endpoint's address, each endpoint has
+//!   `<hostname>.<clusterid>.<svc>.<ns>.svc.clusterset.local`, and SRV
+//!   records target those names;
 //! * `dns-version.clusterset.local`: TXT `1.0.0`;
 //! * the apex: SOA and NS (`ns.dns.clusterset.local.`).
 //!
-//! `<clusterid>.<svc>.<ns>.svc.clusterset.local` is never served
-//! (NXDOMAIN).
+//! `<clusterid>.<svc>.<ns>.svc.clusterset.local` never has records: it is
+//! NXDOMAIN, or NODATA where a headless endpoint below it makes it an empty
+//! non-terminal (RFC 8020).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -34,6 +39,6 @@ pub use handle::ZoneHandle;
 pub use metrics::DnsMetrics;
 pub use server::{DnsError, DnsServer};
 pub use zone::{
-    Lookup, PortProtocol, ServiceKind, ServicePort, ServiceRecord, Zone, ZoneError, NEGATIVE_TTL,
-    SCHEMA_VERSION,
+    HeadlessEndpoint, Lookup, PortProtocol, ServiceKind, ServicePort, ServiceRecord, Zone,
+    ZoneError, NEGATIVE_TTL, SCHEMA_VERSION,
 };

@@ -78,9 +78,34 @@ pub struct ServicePort {
 pub enum ServiceKind {
     /// A service with cluster-set virtual IPs.
     ClusterSetIp,
-    /// A headless service. Per-endpoint records are not served yet: the
-    /// service name answers with `ips` like a `ClusterSetIp` service.
+    /// A headless service: the service name answers every endpoint's
+    /// addresses, each endpoint has `<hostname>.<clusterid>.<svc>.<ns>...`,
+    /// and SRV records point at those per-endpoint names.
     Headless,
+}
+
+/// One endpoint of a headless service, in one cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeadlessEndpoint {
+    /// The cluster the endpoint lives in (a lowercase DNS label).
+    pub cluster: String,
+    /// The endpoint's hostname (a lowercase DNS label); when absent, the
+    /// address with dots or colons replaced by dashes stands in, as in
+    /// CoreDNS.
+    pub hostname: Option<String>,
+    /// The endpoint's addresses.
+    pub ips: Vec<IpAddr>,
+}
+
+impl HeadlessEndpoint {
+    /// The label naming the endpoint within its cluster.
+    pub fn label(&self) -> String {
+        match (&self.hostname, self.ips.first()) {
+            (Some(h), _) => h.clone(),
+            (None, Some(ip)) => ip.to_string().replace(['.', ':'], "-"),
+            (None, None) => String::new(),
+        }
+    }
 }
 
 /// An imported service as the zone sees it.
@@ -96,6 +121,10 @@ pub struct ServiceRecord {
     pub ips: Vec<IpAddr>,
     /// Ports served as SRV records.
     pub ports: Vec<ServicePort>,
+    /// Headless services only: the endpoints, from every exporting cluster.
+    /// The service name answers all their addresses (and `ips` too, if
+    /// any). Ignored for `ClusterSetIp` services.
+    pub endpoints: Vec<HeadlessEndpoint>,
 }
 
 /// Reasons [`Zone::build`] rejects its input.
@@ -112,7 +141,8 @@ pub enum ZoneError {
     /// A namespace, service or port name is not a lowercase DNS label.
     #[error("invalid {field} {value:?} in service {namespace}/{name}: not a lowercase RFC 1123 DNS label")]
     InvalidLabel {
-        /// Which field was invalid (`namespace`, `name` or `port name`).
+        /// Which field was invalid (`namespace`, `name`, `port name`, `cluster`
+        /// or `hostname`).
         field: &'static str,
         /// The invalid value.
         value: String,
@@ -407,7 +437,25 @@ fn validate_service(service: &ServiceRecord) -> Result<(), ZoneError> {
             return Err(invalid("port name", &port.name));
         }
     }
+    if service.kind == ServiceKind::Headless {
+        for e in &service.endpoints {
+            if !is_dns_label(&e.cluster) {
+                return Err(invalid("cluster", &e.cluster));
+            }
+            if !is_dns_label(&e.label()) {
+                return Err(invalid("hostname", &e.label()));
+            }
+        }
+    }
     Ok(())
+}
+
+fn address_record(owner: &Name, ttl: u32, ip: &IpAddr) -> Record {
+    let rdata = match ip {
+        IpAddr::V4(v4) => RData::A(A::from(*v4)),
+        IpAddr::V6(v6) => RData::AAAA(AAAA::from(*v6)),
+    };
+    Record::from_rdata(owner.clone(), ttl, rdata)
 }
 
 fn add_service(
@@ -420,28 +468,44 @@ fn add_service(
     builder.touch(svc_name.clone());
 
     for ip in &service.ips {
-        let rdata = match ip {
-            IpAddr::V4(v4) => RData::A(A::from(*v4)),
-            IpAddr::V6(v6) => RData::AAAA(AAAA::from(*v6)),
-        };
-        builder.add(Record::from_rdata(svc_name.clone(), ttl, rdata));
+        builder.add(address_record(&svc_name, ttl, ip));
+    }
+
+    // SRV targets: the service name, or for a headless service each
+    // endpoint's `<hostname>.<clusterid>.<svc>...` name. The forbidden
+    // `<clusterid>.<svc>...` stays an empty non-terminal: it has no records.
+    let mut targets = Vec::new();
+    if service.kind == ServiceKind::Headless && !service.endpoints.is_empty() {
+        for e in &service.endpoints {
+            let host = prepend(&svc_name, &[&e.label(), &e.cluster])?;
+            for ip in &e.ips {
+                builder.add(address_record(&svc_name, ttl, ip));
+                builder.add(address_record(&host, ttl, ip));
+            }
+            targets.push(host);
+        }
+    } else {
+        targets.push(svc_name.clone());
     }
 
     for port in &service.ports {
-        let srv = RData::SRV(SRV::new(
-            SRV_PRIORITY,
-            SRV_WEIGHT,
-            port.port,
-            svc_name.clone(),
-        ));
-        // The service name itself lists every port, named or not (as CoreDNS does).
-        builder.add(Record::from_rdata(svc_name.clone(), ttl, srv.clone()));
-        if !port.name.is_empty() {
-            let owner = prepend(
-                &svc_name,
-                &[&format!("_{}", port.name), port.protocol.srv_label()],
-            )?;
-            builder.add(Record::from_rdata(owner, ttl, srv));
+        for target in &targets {
+            let srv = RData::SRV(SRV::new(
+                SRV_PRIORITY,
+                SRV_WEIGHT,
+                port.port,
+                target.clone(),
+            ));
+            // The service name itself lists every port, named or not (as
+            // CoreDNS does).
+            builder.add(Record::from_rdata(svc_name.clone(), ttl, srv.clone()));
+            if !port.name.is_empty() {
+                let owner = prepend(
+                    &svc_name,
+                    &[&format!("_{}", port.name), port.protocol.srv_label()],
+                )?;
+                builder.add(Record::from_rdata(owner, ttl, srv));
+            }
         }
     }
     Ok(())

@@ -144,6 +144,9 @@ pub fn dns_records(table: &ImportTable) -> Vec<ServiceRecord> {
                 ServiceType::Headless => ServiceKind::Headless,
             },
             ips: vec![i.vip.into()],
+            // Per-endpoint records need per-endpoint addresses across the
+            // tunnel, which imports do not carry yet.
+            endpoints: Vec::new(),
             ports: i
                 .ports
                 .iter()
@@ -374,12 +377,12 @@ impl Gateway {
     /// Stops politely: not ready, tunnels closed with a reason, DNS stopped.
     pub async fn shutdown(mut self) {
         self.ready.set(false);
+        for t in &self.tasks {
+            t.abort();
+        }
         self.shared.endpoint.close();
         if let Some(dns) = self.dns.take() {
             dns.shutdown().await;
-        }
-        for t in &self.tasks {
-            t.abort();
         }
     }
 }

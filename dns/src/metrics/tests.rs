@@ -86,6 +86,7 @@ fn zone_handle_reports_zone_gauges() {
         namespace: "ns".into(),
         name: "svc".into(),
         kind: crate::ServiceKind::ClusterSetIp,
+        endpoints: Vec::new(),
         ips: vec!["10.0.0.1".parse().expect("ip")],
         ports: vec![],
     }];

@@ -20,6 +20,7 @@ fn service(namespace: &str, name: &str, ips: Vec<IpAddr>) -> ServiceRecord {
         namespace: namespace.into(),
         name: name.into(),
         kind: ServiceKind::ClusterSetIp,
+        endpoints: Vec::new(),
         ips,
         ports: vec![ServicePort {
             name: "http".into(),

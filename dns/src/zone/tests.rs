@@ -26,6 +26,7 @@ fn services() -> Vec<ServiceRecord> {
             namespace: "default".into(),
             name: "web".into(),
             kind: ServiceKind::ClusterSetIp,
+            endpoints: Vec::new(),
             ips: vec![
                 IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
                 IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1)),
@@ -41,6 +42,7 @@ fn services() -> Vec<ServiceRecord> {
             namespace: "prod".into(),
             name: "db".into(),
             kind: ServiceKind::Headless,
+            endpoints: Vec::new(),
             ips: vec![
                 IpAddr::V4(Ipv4Addr::new(10, 1, 0, 1)),
                 IpAddr::V4(Ipv4Addr::new(10, 1, 0, 2)),
@@ -51,6 +53,7 @@ fn services() -> Vec<ServiceRecord> {
             namespace: "prod".into(),
             name: "empty".into(),
             kind: ServiceKind::ClusterSetIp,
+            endpoints: Vec::new(),
             ips: vec![],
             ports: vec![],
         },
@@ -388,6 +391,7 @@ fn duplicate_addresses_and_ports_are_deduplicated() {
         namespace: "ns".into(),
         name: "svc".into(),
         kind: ServiceKind::ClusterSetIp,
+        endpoints: Vec::new(),
         ips: vec![IpAddr::V4(Ipv4Addr::LOCALHOST); 3],
         ports: vec![port("http", 80, PortProtocol::Tcp); 2],
     }];
@@ -483,6 +487,7 @@ fn over_long_names_are_rejected() {
         namespace: label.clone(),
         name: label.clone(),
         kind: ServiceKind::ClusterSetIp,
+        endpoints: Vec::new(),
         ips: vec![],
         ports: vec![],
     }];
@@ -491,5 +496,126 @@ fn over_long_names_are_rejected() {
     assert!(matches!(
         Zone::build(&origin, &services, TTL),
         Err(ZoneError::Name { .. })
+    ));
+}
+
+fn headless() -> Zone {
+    let ep = |cluster: &str, hostname: Option<&str>, ip: [u8; 4]| HeadlessEndpoint {
+        cluster: cluster.into(),
+        hostname: hostname.map(str::to_string),
+        ips: vec![IpAddr::V4(Ipv4Addr::from(ip))],
+    };
+    let services = vec![ServiceRecord {
+        namespace: "data".into(),
+        name: "kafka".into(),
+        kind: ServiceKind::Headless,
+        ips: vec![],
+        ports: vec![port("broker", 9092, PortProtocol::Tcp)],
+        endpoints: vec![
+            ep("east", Some("kafka-0"), [10, 2, 0, 1]),
+            ep("east", Some("kafka-1"), [10, 2, 0, 2]),
+            ep("west", None, [10, 3, 0, 7]),
+        ],
+    }];
+    Zone::build_with_serial(ORIGIN, &services, TTL, SERIAL).expect("zone builds")
+}
+
+#[test]
+fn headless_service_name_answers_every_endpoint() {
+    let zone = headless();
+    let (answers, _) =
+        answer(zone.lookup(&name("kafka.data.svc.clusterset.local."), RecordType::A));
+    let mut ips = ipv4s(answers);
+    ips.sort();
+    assert_eq!(
+        ips,
+        vec![
+            Ipv4Addr::new(10, 2, 0, 1),
+            Ipv4Addr::new(10, 2, 0, 2),
+            Ipv4Addr::new(10, 3, 0, 7)
+        ]
+    );
+}
+
+#[test]
+fn headless_endpoints_have_hostname_dot_cluster_names() {
+    let zone = headless();
+    let (a, _) = answer(zone.lookup(
+        &name("kafka-1.east.kafka.data.svc.clusterset.local."),
+        RecordType::A,
+    ));
+    assert_eq!(ipv4s(a), vec![Ipv4Addr::new(10, 2, 0, 2)]);
+    // No hostname: the dashed address stands in.
+    let (a, _) = answer(zone.lookup(
+        &name("10-3-0-7.west.kafka.data.svc.clusterset.local."),
+        RecordType::A,
+    ));
+    assert_eq!(ipv4s(a), vec![Ipv4Addr::new(10, 3, 0, 7)]);
+    // An endpoint name in the wrong cluster does not exist.
+    assert_nxdomain(zone.lookup(
+        &name("kafka-1.west.kafka.data.svc.clusterset.local."),
+        RecordType::A,
+    ));
+}
+
+#[test]
+fn headless_cluster_label_alone_has_no_records() {
+    // `<clusterid>.<svc>.<ns>...` is forbidden: no records; it is an empty
+    // non-terminal (NODATA), since endpoint names exist below it.
+    let zone = headless();
+    assert_nodata(zone.lookup(
+        &name("east.kafka.data.svc.clusterset.local."),
+        RecordType::A,
+    ));
+    assert_nxdomain(zone.lookup(
+        &name("north.kafka.data.svc.clusterset.local."),
+        RecordType::A,
+    ));
+}
+
+#[test]
+fn headless_srv_targets_each_endpoint() {
+    let zone = headless();
+    let (answers, additionals) = answer(zone.lookup(
+        &name("_broker._tcp.kafka.data.svc.clusterset.local."),
+        RecordType::SRV,
+    ));
+    let mut targets: Vec<String> = srvs(answers).into_iter().map(|s| s.3).collect();
+    targets.sort();
+    assert_eq!(
+        targets,
+        vec![
+            "10-3-0-7.west.kafka.data.svc.clusterset.local.",
+            "kafka-0.east.kafka.data.svc.clusterset.local.",
+            "kafka-1.east.kafka.data.svc.clusterset.local.",
+        ]
+    );
+    assert_eq!(
+        ipv4s(additionals).len(),
+        3,
+        "targets' addresses in additional"
+    );
+}
+
+#[test]
+fn headless_endpoint_labels_are_validated() {
+    let services = vec![ServiceRecord {
+        namespace: "data".into(),
+        name: "kafka".into(),
+        kind: ServiceKind::Headless,
+        ips: vec![],
+        ports: vec![],
+        endpoints: vec![HeadlessEndpoint {
+            cluster: "East".into(),
+            hostname: None,
+            ips: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
+        }],
+    }];
+    assert!(matches!(
+        Zone::build_with_serial(ORIGIN, &services, TTL, SERIAL),
+        Err(ZoneError::InvalidLabel {
+            field: "cluster",
+            ..
+        })
     ));
 }
