@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod balance;
 pub mod forward;
 pub mod identity;
 pub mod metrics;

@@ -1,0 +1,264 @@
+//! Load balancing: power of two choices over peak-EWMA cost, with failing
+//! endpoints taken out and probed back.
+//!
+//! Sans-IO in the quinn spirit: the balancer never reads a clock or a
+//! socket. Callers pass `now` and report what they observed (a latency, a
+//! failure), so tests drive it with a virtual clock.
+//!
+//! Cost of an endpoint = its peak-EWMA latency × (requests in flight + 1).
+//! Peak EWMA (Finagle's, as in linkerd2-proxy) jumps up to a slower sample
+//! at once and decays towards faster ones with time constant `decay`, so a
+//! slow endpoint loses traffic immediately and earns it back gradually.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::time::{Duration, Instant};
+
+/// Balancer settings, with documented defaults.
+#[derive(Clone, Debug)]
+pub struct BalanceConfig {
+    /// EWMA time constant (default 10 s).
+    pub decay: Duration,
+    /// Latency assumed for an endpoint never measured (default 1 ms); a
+    /// low value lets new endpoints get traffic at once.
+    pub default_rtt: Duration,
+    /// Consecutive failures that take an endpoint out (default 3).
+    pub failures_to_eject: u32,
+    /// First time an endpoint stays out (default 1 s); doubles with each
+    /// ejection in a row, up to `max_ejection`.
+    pub base_ejection: Duration,
+    /// Longest time an endpoint stays out (default 30 s).
+    pub max_ejection: Duration,
+}
+
+impl Default for BalanceConfig {
+    fn default() -> Self {
+        Self {
+            decay: Duration::from_secs(10),
+            default_rtt: Duration::from_millis(1),
+            failures_to_eject: 3,
+            base_ejection: Duration::from_secs(1),
+            max_ejection: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Peak-EWMA latency estimate, in nanoseconds.
+#[derive(Clone, Copy, Debug)]
+struct PeakEwma {
+    cost_ns: f64,
+    stamp: Instant,
+}
+
+impl PeakEwma {
+    fn observe(&mut self, rtt: Duration, now: Instant, decay: Duration) {
+        let rtt = rtt.as_nanos() as f64;
+        if rtt > self.cost_ns {
+            self.cost_ns = rtt;
+        } else {
+            let elapsed = now.saturating_duration_since(self.stamp).as_nanos() as f64;
+            let w = (-elapsed / decay.as_nanos().max(1) as f64).exp();
+            self.cost_ns = self.cost_ns * w + rtt * (1.0 - w);
+        }
+        self.stamp = now;
+    }
+
+    /// The estimate decayed to `now` (towards zero, like linkerd2-proxy,
+    /// so an endpoint that is not picked becomes attractive again).
+    fn at(&self, now: Instant, decay: Duration) -> f64 {
+        let elapsed = now.saturating_duration_since(self.stamp).as_nanos() as f64;
+        self.cost_ns * (-elapsed / decay.as_nanos().max(1) as f64).exp()
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Endpoint {
+    ewma: PeakEwma,
+    pending: u32,
+    consecutive_failures: u32,
+    ejections_in_a_row: u32,
+    ejected_until: Option<Instant>,
+}
+
+/// A P2C peak-EWMA balancer over endpoints identified by `K`.
+#[derive(Debug)]
+pub struct Balancer<K> {
+    config: BalanceConfig,
+    endpoints: HashMap<K, Endpoint>,
+    order: Vec<K>,
+    rng: u64,
+}
+
+/// What [`Balancer::pick`] chose.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pick<K> {
+    /// The endpoint.
+    pub key: K,
+    /// Whether it was ejected and this is a probe to see if it is back.
+    pub probe: bool,
+}
+
+impl<K: Clone + Eq + Hash> Balancer<K> {
+    /// An empty balancer; `seed` makes choices reproducible in tests.
+    pub fn new(config: BalanceConfig, seed: u64) -> Self {
+        Self {
+            config,
+            endpoints: HashMap::new(),
+            order: Vec::new(),
+            rng: seed | 1,
+        }
+    }
+
+    /// Replaces the endpoint set, keeping what is known of endpoints that
+    /// stay.
+    pub fn update(&mut self, keys: impl IntoIterator<Item = K>, now: Instant) {
+        let mut next = HashMap::new();
+        let mut order = Vec::new();
+        let default_ns = self.config.default_rtt.as_nanos() as f64;
+        for k in keys {
+            if next.contains_key(&k) {
+                continue;
+            }
+            let e = self.endpoints.remove(&k).unwrap_or(Endpoint {
+                ewma: PeakEwma {
+                    cost_ns: default_ns,
+                    stamp: now,
+                },
+                pending: 0,
+                consecutive_failures: 0,
+                ejections_in_a_row: 0,
+                ejected_until: None,
+            });
+            order.push(k.clone());
+            next.insert(k, e);
+        }
+        self.endpoints = next;
+        self.order = order;
+    }
+
+    /// Number of endpoints.
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    /// Whether there are no endpoints.
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    fn next_random(&mut self) -> u64 {
+        // xorshift64*: plenty for choosing two of n.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn cost(&self, k: &K, now: Instant) -> f64 {
+        self.endpoints.get(k).map_or(f64::MAX, |e| {
+            e.ewma.at(now, self.config.decay).max(1.0) * f64::from(e.pending + 1)
+        })
+    }
+
+    /// Chooses an endpoint and counts a request in flight on it (end it
+    /// with [`Balancer::observe`] or [`Balancer::failed`]). Two endpoints
+    /// are drawn among those not ejected and the cheaper wins. When every
+    /// endpoint is ejected, the one whose ejection ends first is probed, so
+    /// a service never goes dark while its endpoints may have recovered.
+    pub fn pick(&mut self, now: Instant) -> Option<Pick<K>> {
+        let available: Vec<usize> = (0..self.order.len())
+            .filter(|i| {
+                self.endpoints
+                    .get(&self.order[*i])
+                    .is_some_and(|e| e.ejected_until.is_none_or(|t| t <= now))
+            })
+            .collect();
+        let (key, probe) = match available.len() {
+            0 => {
+                let k = self
+                    .order
+                    .iter()
+                    .min_by_key(|k| self.endpoints.get(*k).and_then(|e| e.ejected_until))?
+                    .clone();
+                (k, true)
+            }
+            1 => (self.order[available[0]].clone(), false),
+            n => {
+                let a = (self.next_random() % n as u64) as usize;
+                let mut b = (self.next_random() % (n as u64 - 1)) as usize;
+                if b >= a {
+                    b += 1;
+                }
+                let (ka, kb) = (&self.order[available[a]], &self.order[available[b]]);
+                let k = if self.cost(ka, now) <= self.cost(kb, now) {
+                    ka.clone()
+                } else {
+                    kb.clone()
+                };
+                (k, false)
+            }
+        };
+        let probe = probe
+            || self
+                .endpoints
+                .get(&key)
+                .is_some_and(|e| e.ejected_until.is_some());
+        if let Some(e) = self.endpoints.get_mut(&key) {
+            e.pending += 1;
+        }
+        Some(Pick { key, probe })
+    }
+
+    /// Reports a success that took `latency`; the endpoint is back in if
+    /// it was out.
+    pub fn observe(&mut self, key: &K, latency: Duration, now: Instant) {
+        let decay = self.config.decay;
+        if let Some(e) = self.endpoints.get_mut(key) {
+            e.pending = e.pending.saturating_sub(1);
+            e.ewma.observe(latency, now, decay);
+            e.consecutive_failures = 0;
+            e.ejections_in_a_row = 0;
+            e.ejected_until = None;
+        }
+    }
+
+    /// Reports a finished request without a latency sample (a long-lived
+    /// stream ended, say).
+    pub fn release(&mut self, key: &K) {
+        if let Some(e) = self.endpoints.get_mut(key) {
+            e.pending = e.pending.saturating_sub(1);
+        }
+    }
+
+    /// Reports a failure (refused connection, reset, timeout); enough in a
+    /// row take the endpoint out, for longer each time.
+    pub fn failed(&mut self, key: &K, now: Instant) {
+        let config = &self.config;
+        if let Some(e) = self.endpoints.get_mut(key) {
+            e.pending = e.pending.saturating_sub(1);
+            e.consecutive_failures += 1;
+            let was_out = e.ejected_until.is_some();
+            if e.consecutive_failures >= config.failures_to_eject || was_out {
+                let factor = 1u32 << e.ejections_in_a_row.min(16);
+                let out = config
+                    .base_ejection
+                    .saturating_mul(factor)
+                    .min(config.max_ejection);
+                e.ejected_until = Some(now + out);
+                e.ejections_in_a_row += 1;
+                e.consecutive_failures = 0;
+            }
+        }
+    }
+
+    /// Whether `key` is taken out at `now`.
+    pub fn is_ejected(&self, key: &K, now: Instant) -> bool {
+        self.endpoints
+            .get(key)
+            .and_then(|e| e.ejected_until)
+            .is_some_and(|t| t > now)
+    }
+}
+
+#[cfg(test)]
+mod tests;
