@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod balance;
+pub mod detect;
 pub mod forward;
 pub mod identity;
 pub mod metrics;
