@@ -15,3 +15,4 @@ pub mod forward;
 pub mod identity;
 pub mod metrics;
 pub mod tls;
+pub mod transport;

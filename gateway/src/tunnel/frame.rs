@@ -1,120 +1,13 @@
-//! The stream header codec: a two-byte big-endian length, then a prost
-//! `StreamHeader` of at most [`MAX_HEADER_BYTES`]. Pure functions plus one
-//! async reader; refusals travel as QUIC stream reset codes ([`Refusal`]).
+//! Tunnel stream headers: the codec is the shared transport header of
+//! [`strait_proxy::transport`]; this module adds the gateway's headers
+//! (a TCP stream to an exported service, the peering stream) and the
+//! refusal codes sent as QUIC stream resets ([`Refusal`]).
 
-use bytes::{BufMut, Bytes, BytesMut};
-use prost::Message;
 use strait_proto::tunnel::v1::{StreamHeader, StreamKind};
-use tokio::io::{AsyncRead, AsyncReadExt};
 
-use crate::catalog::{validate_label, ServiceKey};
+use crate::catalog::ServiceKey;
 
-/// The largest header a receiver accepts.
-pub const MAX_HEADER_BYTES: usize = 4096;
-/// The header version this gateway speaks.
-pub const VERSION: u32 = 1;
-
-/// Why a header was refused.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum FrameError {
-    /// The length prefix exceeds [`MAX_HEADER_BYTES`].
-    #[error("stream header of {0} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")]
-    TooLarge(usize),
-    /// A zero length prefix.
-    #[error("empty stream header")]
-    Empty,
-    /// The protobuf did not decode.
-    #[error("malformed stream header: {0}")]
-    Decode(#[from] prost::DecodeError),
-    /// A version this gateway does not speak.
-    #[error("unsupported stream header version {0}")]
-    Version(u32),
-    /// An unknown or unspecified stream kind.
-    #[error("unknown stream kind {0}")]
-    Kind(i32),
-    /// A TCP stream without a valid target.
-    #[error("invalid target: {0}")]
-    Target(String),
-    /// The stream ended before the header did.
-    #[error("stream ended inside the header")]
-    Truncated,
-    /// Reading failed.
-    #[error("reading stream header: {0}")]
-    Io(#[source] std::io::Error),
-}
-
-impl FrameError {
-    /// The bounded metric label for this error.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::TooLarge(_) => "header_too_large",
-            Self::Empty | Self::Decode(_) | Self::Kind(_) | Self::Target(_) => "bad_header",
-            Self::Version(_) => "bad_version",
-            Self::Truncated | Self::Io(_) => "header_read_error",
-        }
-    }
-}
-
-/// Encodes a header with its length prefix.
-pub fn encode(header: &StreamHeader) -> Result<Bytes, FrameError> {
-    let len = header.encoded_len();
-    if len > MAX_HEADER_BYTES {
-        return Err(FrameError::TooLarge(len));
-    }
-    let mut buf = BytesMut::with_capacity(2 + len);
-    buf.put_u16(len as u16);
-    header
-        .encode(&mut buf)
-        .map_err(|_| FrameError::TooLarge(len))?;
-    Ok(buf.freeze())
-}
-
-/// Decodes and validates a header body (without its length prefix).
-pub fn decode(body: &[u8]) -> Result<StreamHeader, FrameError> {
-    if body.is_empty() {
-        return Err(FrameError::Empty);
-    }
-    let header = StreamHeader::decode(body)?;
-    if header.version != VERSION {
-        return Err(FrameError::Version(header.version));
-    }
-    match StreamKind::try_from(header.kind) {
-        Ok(StreamKind::Tcp) => {
-            validate_label("namespace", &header.namespace)
-                .map_err(|e| FrameError::Target(e.to_string()))?;
-            validate_label("service", &header.service)
-                .map_err(|e| FrameError::Target(e.to_string()))?;
-            if header.port == 0 || header.port > u32::from(u16::MAX) {
-                return Err(FrameError::Target(format!("port {}", header.port)));
-            }
-        }
-        Ok(StreamKind::Peering) => {}
-        _ => return Err(FrameError::Kind(header.kind)),
-    }
-    Ok(header)
-}
-
-/// Reads one length-prefixed header from a stream.
-pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<StreamHeader, FrameError> {
-    let mut len = [0u8; 2];
-    r.read_exact(&mut len).await.map_err(eof)?;
-    let len = usize::from(u16::from_be_bytes(len));
-    if len > MAX_HEADER_BYTES {
-        return Err(FrameError::TooLarge(len));
-    }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await.map_err(eof)?;
-    decode(&body)
-}
-
-fn eof(e: std::io::Error) -> FrameError {
-    if e.kind() == std::io::ErrorKind::UnexpectedEof {
-        FrameError::Truncated
-    } else {
-        FrameError::Io(e)
-    }
-}
+pub use strait_proxy::transport::{decode, encode, read, FrameError, MAX_HEADER_BYTES, VERSION};
 
 /// A header for a TCP stream to `key:port`.
 pub fn tcp_header(key: &ServiceKey, port: u16, source_identity: &str) -> StreamHeader {
@@ -192,6 +85,7 @@ impl Refusal {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prost::Message;
 
     fn hello() -> StreamHeader {
         tcp_header(

@@ -1,0 +1,186 @@
+//! The transport header: the first frame on every gateway tunnel stream
+//! and on every proxy-to-proxy connection, saying what the stream carries
+//! and where it goes. A two-byte big-endian length, then a prost
+//! [`StreamHeader`] of at most [`MAX_HEADER_BYTES`]; the destination thus
+//! travels inside the encrypted channel, never in SNI.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use prost::Message;
+pub use strait_proto::tunnel::v1::{ProtocolHint, StreamHeader, StreamKind};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// The largest header a receiver accepts.
+pub const MAX_HEADER_BYTES: usize = 4096;
+/// The header version spoken here.
+pub const VERSION: u32 = 1;
+
+/// Why a header was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// The length prefix exceeds [`MAX_HEADER_BYTES`].
+    #[error("stream header of {0} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")]
+    TooLarge(usize),
+    /// A zero length prefix.
+    #[error("empty stream header")]
+    Empty,
+    /// The protobuf did not decode.
+    #[error("malformed stream header: {0}")]
+    Decode(#[from] prost::DecodeError),
+    /// A version this gateway does not speak.
+    #[error("unsupported stream header version {0}")]
+    Version(u32),
+    /// An unknown or unspecified stream kind.
+    #[error("unknown stream kind {0}")]
+    Kind(i32),
+    /// A TCP stream without a valid target.
+    #[error("invalid target: {0}")]
+    Target(String),
+    /// The stream ended before the header did.
+    #[error("stream ended inside the header")]
+    Truncated,
+    /// Reading failed.
+    #[error("reading stream header: {0}")]
+    Io(#[source] std::io::Error),
+}
+
+impl FrameError {
+    /// The bounded metric label for this error.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::TooLarge(_) => "header_too_large",
+            Self::Empty | Self::Decode(_) | Self::Kind(_) | Self::Target(_) => "bad_header",
+            Self::Version(_) => "bad_version",
+            Self::Truncated | Self::Io(_) => "header_read_error",
+        }
+    }
+}
+
+/// Encodes a header with its length prefix.
+pub fn encode(header: &StreamHeader) -> Result<Bytes, FrameError> {
+    let len = header.encoded_len();
+    if len > MAX_HEADER_BYTES {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut buf = BytesMut::with_capacity(2 + len);
+    buf.put_u16(len as u16);
+    header
+        .encode(&mut buf)
+        .map_err(|_| FrameError::TooLarge(len))?;
+    Ok(buf.freeze())
+}
+
+/// Decodes and validates a header body (without its length prefix).
+pub fn decode(body: &[u8]) -> Result<StreamHeader, FrameError> {
+    if body.is_empty() {
+        return Err(FrameError::Empty);
+    }
+    let header = StreamHeader::decode(body)?;
+    if header.version != VERSION {
+        return Err(FrameError::Version(header.version));
+    }
+    match StreamKind::try_from(header.kind) {
+        Ok(StreamKind::Tcp) => {
+            // Gateways name a service; proxies only a port on the peer.
+            for (what, v) in [
+                ("namespace", &header.namespace),
+                ("service", &header.service),
+            ] {
+                if !v.is_empty() && !is_label(v) {
+                    return Err(FrameError::Target(format!(
+                        "{what} {v:?} is not a DNS label"
+                    )));
+                }
+            }
+            if header.port == 0 || header.port > u32::from(u16::MAX) {
+                return Err(FrameError::Target(format!("port {}", header.port)));
+            }
+        }
+        Ok(StreamKind::Peering) => {}
+        _ => return Err(FrameError::Kind(header.kind)),
+    }
+    Ok(header)
+}
+
+/// Reads one length-prefixed header from a stream.
+pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<StreamHeader, FrameError> {
+    let mut len = [0u8; 2];
+    r.read_exact(&mut len).await.map_err(eof)?;
+    let len = usize::from(u16::from_be_bytes(len));
+    if len > MAX_HEADER_BYTES {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await.map_err(eof)?;
+    decode(&body)
+}
+
+fn eof(e: std::io::Error) -> FrameError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        FrameError::Truncated
+    } else {
+        FrameError::Io(e)
+    }
+}
+
+/// An RFC 1123 label: 1-63 of `a-z`, `0-9`, `-`, alphanumeric at both ends.
+fn is_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// A header for a proxy-to-proxy connection to `port` on the peer, carrying
+/// `protocol`.
+pub fn to_port(port: u16, protocol: ProtocolHint, source_identity: &str) -> StreamHeader {
+    StreamHeader {
+        version: VERSION,
+        kind: StreamKind::Tcp as i32,
+        port: u32::from(port),
+        protocol: protocol as i32,
+        source_identity: source_identity.to_string(),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn round_trip_and_limits() {
+        let h = to_port(8080, ProtocolHint::Http2, "spiffe://a/ns/b/sa/c");
+        let bytes = encode(&h).expect("encode");
+        assert_eq!(read(&mut &bytes[..]).await.expect("decode"), h);
+        let mut big = vec![0xff, 0xff];
+        big.extend(std::iter::repeat_n(0, 16));
+        assert!(matches!(
+            read(&mut &big[..]).await,
+            Err(FrameError::TooLarge(65535))
+        ));
+        assert!(matches!(
+            read(&mut &[0u8, 10, 1][..]).await,
+            Err(FrameError::Truncated)
+        ));
+        assert!(matches!(
+            read(&mut &[0u8, 0][..]).await,
+            Err(FrameError::Empty)
+        ));
+        let mut bad = to_port(1, ProtocolHint::Opaque, "");
+        bad.service = "Not A Label".into();
+        assert!(matches!(
+            decode(&bad.encode_to_vec()),
+            Err(FrameError::Target(_))
+        ));
+        let mut v2 = to_port(1, ProtocolHint::Opaque, "");
+        v2.version = 2;
+        assert!(matches!(
+            decode(&v2.encode_to_vec()),
+            Err(FrameError::Version(2))
+        ));
+    }
+}
