@@ -251,3 +251,78 @@ async fn rotation_swaps_the_leaf_before_expiry() {
     );
     assert!(store.not_after() > first);
 }
+
+/// Mints a leaf for `id` with `signer`'s key, bypassing `Issuer::issue`'s
+/// own trust-domain check (what a malicious cluster would do).
+fn forge(
+    signer: &PemPair,
+    id: &SpiffeId,
+) -> (
+    rustls::pki_types::CertificateDer<'static>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+) {
+    use rcgen::{CertificateParams, KeyPair, SanType};
+    use rustls_pki_types::pem::PemObject;
+    let signer_key = KeyPair::from_pem(&signer.key_pem).expect("key");
+    let signer_der =
+        rustls::pki_types::CertificateDer::from_pem_slice(signer.cert_pem.as_bytes()).expect("der");
+    let issuer = rcgen::Issuer::from_ca_cert_der(&signer_der, signer_key).expect("issuer");
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut p = CertificateParams::default();
+    p.subject_alt_names = vec![SanType::URI(id.as_str().try_into().expect("uri"))];
+    p.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let cert = p.signed_by(&key, &issuer).expect("signed");
+    (
+        cert.der().clone(),
+        rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+    )
+}
+
+#[test]
+fn a_reordered_chain_cannot_borrow_another_issuers_trust_domain() {
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::server::danger::ClientCertVerifier;
+    use rustls_pki_types::pem::PemObject;
+    let root = generate_root("test").expect("root");
+    let east_pem = generate_issuer(&root, "east.strait.local").expect("east");
+    let mallory_pem = generate_issuer(&root, "mallory.strait.local").expect("mallory");
+    let east_id =
+        SpiffeId::workload("east.strait.local", "strait-system", "strait-gateway").expect("id");
+    let (leaf, _) = forge(&mallory_pem, &east_id);
+    let east_der = rustls::pki_types::CertificateDer::from_pem_slice(east_pem.cert_pem.as_bytes())
+        .expect("der");
+    let mallory_der =
+        rustls::pki_types::CertificateDer::from_pem_slice(mallory_pem.cert_pem.as_bytes())
+            .expect("der");
+    let a = anchors(&root);
+    let now = rustls::pki_types::UnixTime::now();
+    for chain in [
+        vec![east_der.clone(), mallory_der.clone()],
+        vec![mallory_der.clone()],
+        vec![mallory_der, east_der],
+    ] {
+        let (sink, seen) = recorder();
+        let v = ExpectedPeerVerifier::new(a.roots(), east_id.clone(), sink);
+        let name = rustls::pki_types::ServerName::try_from("strait-gateway").expect("name");
+        assert!(
+            v.verify_server_cert(&leaf, &chain, &name, &[], now)
+                .is_err(),
+            "dialer accepted a forged east"
+        );
+        assert_eq!(
+            *seen.lock().expect("lock"),
+            vec![RefusalReason::TrustDomainMismatch]
+        );
+        let (sink, _) = recorder();
+        let allowed = AllowedPeers::default();
+        allowed.set([east_id.clone()]);
+        let v = LinkedPeersVerifier::new(a.roots(), allowed, sink).expect("verifier");
+        assert!(
+            v.verify_client_cert(&leaf, &chain, now).is_err(),
+            "listener accepted a forged east"
+        );
+    }
+}

@@ -106,18 +106,30 @@ fn leaf_id(der: &[u8]) -> Result<SpiffeId, RefusalReason> {
 }
 
 /// Checks the identity binding of a chain that already verified against
-/// the anchors: the leaf's SPIFFE ID, and that the issuing certificate
-/// (the first intermediate) names the same trust domain.
+/// the anchors: the leaf's SPIFFE ID, and that the certificate that
+/// actually signed the leaf names the same trust domain.
+///
+/// The peer chooses which intermediates it sends and in what order, and
+/// path building uses whichever signed the leaf; so exactly one
+/// intermediate is accepted, and the leaf's issuer name and signature are
+/// checked against it here, rather than trusting its position.
 fn chain_identity(
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
 ) -> Result<SpiffeId, RefusalReason> {
     let id = leaf_id(end_entity)?;
-    let issuer = intermediates
-        .first()
-        .ok_or(RefusalReason::TrustDomainMismatch)?;
+    let [issuer] = intermediates else {
+        return Err(RefusalReason::TrustDomainMismatch);
+    };
+    let (_, leaf) = x509_parser::parse_x509_certificate(end_entity)
+        .map_err(|_| RefusalReason::BadCertificate)?;
     let (_, issuer) =
         x509_parser::parse_x509_certificate(issuer).map_err(|_| RefusalReason::BadCertificate)?;
+    if leaf.issuer() != issuer.subject()
+        || leaf.verify_signature(Some(issuer.public_key())).is_err()
+    {
+        return Err(RefusalReason::TrustDomainMismatch);
+    }
     let bound = format!("spiffe://{}", id.trust_domain());
     if uri_sans(&issuer).contains(&bound) {
         Ok(id)
@@ -241,17 +253,29 @@ impl ServerCertVerifier for ExpectedPeerVerifier {
 /// The identities an accepting side lets in; shared with whatever keeps
 /// the list of links, and updated live.
 #[derive(Clone, Debug, Default)]
-pub struct AllowedPeers(Arc<ArcSwap<HashSet<SpiffeId>>>);
+pub struct AllowedPeers {
+    ids: Arc<ArcSwap<HashSet<SpiffeId>>>,
+    any: bool,
+}
 
 impl AllowedPeers {
+    /// Every identity that chains to the anchors with a bound trust domain
+    /// (a sidecar's inbound side: any meshed workload may call).
+    pub fn any() -> Self {
+        Self {
+            ids: Arc::default(),
+            any: true,
+        }
+    }
+
     /// Replaces the set.
     pub fn set(&self, ids: impl IntoIterator<Item = SpiffeId>) {
-        self.0.store(Arc::new(ids.into_iter().collect()));
+        self.ids.store(Arc::new(ids.into_iter().collect()));
     }
 
     /// Whether `id` is allowed.
     pub fn contains(&self, id: &SpiffeId) -> bool {
-        self.0.load().contains(id)
+        self.any || self.ids.load().contains(id)
     }
 }
 
