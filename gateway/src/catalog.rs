@@ -233,6 +233,9 @@ pub enum InvalidExport {
     /// No ports.
     #[error("service has no ports")]
     NoPorts,
+    /// More than [`MAX_PORTS`] ports.
+    #[error("{0} ports is more than the {MAX_PORTS} allowed")]
+    TooManyPorts(usize),
 }
 
 /// Checks an RFC 1123 label (Kubernetes names of namespaces and services).
@@ -254,11 +257,18 @@ pub fn validate_label(what: &'static str, value: &str) -> Result<(), InvalidExpo
     }
 }
 
-/// Checks a list of ports: at least one, numbers in range, no duplicate
-/// (number, protocol) or name.
+/// Most ports one service may have: each is a listener on every importing
+/// gateway, so a peer must not be able to ask for thousands.
+pub const MAX_PORTS: usize = 100;
+
+/// Checks a list of ports: one to [`MAX_PORTS`], numbers in range, no
+/// duplicate (number, protocol) or name.
 pub fn validate_ports(ports: &[Port]) -> Result<(), InvalidExport> {
     if ports.is_empty() {
         return Err(InvalidExport::NoPorts);
+    }
+    if ports.len() > MAX_PORTS {
+        return Err(InvalidExport::TooManyPorts(ports.len()));
     }
     let mut seen = std::collections::HashSet::new();
     let mut names = std::collections::HashSet::new();

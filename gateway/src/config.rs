@@ -342,15 +342,20 @@ impl GatewayConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_label("cluster", &self.cluster).map_err(|e| invalid("cluster", e.to_string()))?;
         gateway_identity(&self.trust_domain())?;
-        if self.identity.leaf_lifetime_seconds < 60 {
+        if !(60..=30 * 86_400).contains(&self.identity.leaf_lifetime_seconds) {
             return Err(invalid(
                 "identity.leafLifetimeSeconds",
-                "must be at least 60",
+                "must be 60 to 2592000 (30 days)",
             ));
         }
         let prefix = self.imports.vip_range.prefix_len();
         if !(8..=24).contains(&prefix) {
             return Err(invalid("imports.vipRange", "prefix must be /8 to /24"));
+        }
+        if !self.imports.vip_range.network().is_loopback() {
+            // Egress listeners bind these addresses: outside loopback they
+            // would expose imported services on a real network.
+            return Err(invalid("imports.vipRange", "must be inside 127.0.0.0/8"));
         }
         if self.source.poll_interval_ms == 0 {
             return Err(invalid("source.pollIntervalMs", "must be positive"));
@@ -375,7 +380,9 @@ impl GatewayConfig {
                 format!("must be 1200 to {max} (a GSO batch of 10 must fit in 64 KiB)"),
             ));
         }
+        let own = gateway_identity(&self.trust_domain())?;
         let mut names = std::collections::HashSet::new();
+        let mut identities = std::collections::HashSet::new();
         for (i, link) in self.links.iter().enumerate() {
             let field = format!("links[{i}]");
             validate_label("name", &link.name)
@@ -406,8 +413,21 @@ impl GatewayConfig {
                     ));
                 }
             }
-            self.link_identity(link)
+            let id = self
+                .link_identity(link)
                 .map_err(|e| invalid(format!("{field}.identity"), e.to_string()))?;
+            if id == own {
+                return Err(invalid(
+                    format!("{field}.identity"),
+                    "is this gateway's own identity",
+                ));
+            }
+            if !identities.insert(id) {
+                return Err(invalid(
+                    format!("{field}.identity"),
+                    "another link has the same identity",
+                ));
+            }
         }
         Ok(())
     }
@@ -477,11 +497,17 @@ source: { file: c.yaml }
             ("tunnel: {keepAliveMs: 20000}", "tunnel.keepAliveMs"),
             ("imports: {vipRange: 127.0.0.0/30}", "imports.vipRange"),
             ("tunnel: {maxUdpPayload: 9000}", "tunnel.maxUdpPayload"),
+            ("imports: {vipRange: 10.77.0.0/16}", "imports.vipRange"),
+                        ("links: [{name: east}, {name: north, identity: 'spiffe://east.strait.local/ns/strait-system/sa/strait-gateway'}]", "links[1].identity"),
+            ("links: [{name: east, identity: 'spiffe://west.strait.local/ns/strait-system/sa/strait-gateway'}]", "links[0].identity"),
         ] {
             let text = format!("{BASE}{extra}\n");
             let err = GatewayConfig::parse(&text, Path::new("g.yaml")).expect_err(extra);
             assert!(err.to_string().starts_with(field), "{extra}: {err}");
         }
+        let huge = BASE.replace("issuerKey: i.key }", "issuerKey: i.key, leafLifetimeSeconds: 99999999999 }");
+        let err = GatewayConfig::parse(&huge, Path::new("g.yaml")).expect_err("huge");
+        assert!(err.to_string().starts_with("identity.leafLifetimeSeconds"), "{err}");
         let err = GatewayConfig::parse("cluster: West\n", Path::new("g.yaml")).expect_err("bad");
         assert!(err.to_string().contains("parsing"), "{err}");
         let err = GatewayConfig::parse(&BASE.replace("west", "West"), Path::new("g.yaml"))

@@ -12,9 +12,8 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::catalog::ServiceKey;
 use crate::gateway::Shared;
 use crate::imports::{tcp_ports, ImportTable};
-use crate::metrics::StreamLabels;
-use crate::tunnel::io::{splice_tcp, PeerInfo};
-use crate::tunnel::{frame, QuicIo, Refusal};
+use crate::tunnel::io::{relay, reset_tcp, PeerInfo};
+use crate::tunnel::{frame, QuicIo};
 
 /// How often bind failures are retried even if imports do not change.
 const RETRY: Duration = Duration::from_secs(5);
@@ -50,7 +49,8 @@ pub async fn run(shared: Arc<Shared>) {
     let mut rx = shared.imports.watch();
     let mut listeners: HashMap<SocketAddr, Listener> = HashMap::new();
     loop {
-        let want = desired(&rx.borrow_and_update());
+        let table = rx.borrow_and_update().clone();
+        let want = desired(&table);
         listeners.retain(|addr, l| want.get(addr).is_some_and(|(k, _)| *k == l.key));
         for (addr, (key, port)) in want {
             if listeners.contains_key(&addr) {
@@ -69,7 +69,7 @@ pub async fn run(shared: Arc<Shared>) {
             }
         }
         shared.metrics.egress_listeners.set(listeners.len() as i64);
-        shared.egress_synced.send_replace(rx.borrow().clone());
+        shared.egress_synced.send_replace(table);
         tokio::select! {
             changed = rx.changed() => if changed.is_err() { return },
             () = tokio::time::sleep(RETRY) => {}
@@ -93,30 +93,16 @@ async fn accept(listener: TcpListener, key: ServiceKey, port: u16, shared: Arc<S
     }
 }
 
-fn reset(tcp: &TcpStream) {
-    let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
-}
-
-/// Why the peer refused a stream, if it did.
-fn refusal(error: &std::io::Error) -> Option<Refusal> {
-    let inner = error.get_ref()?;
-    let code = if let Some(quinn::ReadError::Reset(code)) = inner.downcast_ref::<quinn::ReadError>()
-    {
-        *code
-    } else if let Some(quinn::WriteError::Stopped(code)) = inner.downcast_ref::<quinn::WriteError>()
-    {
-        *code
-    } else {
-        return None;
-    };
-    Refusal::from_code(code.into_inner())
-}
+/// How long opening a stream (peer flow-control credit) may take.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 
 async fn forward(mut tcp: TcpStream, key: ServiceKey, port: u16, shared: Arc<Shared>) {
+    // Only peers exporting this port: services merged from several
+    // clusters may have ports that only some of them export.
     let candidates = match shared.imports.current().get(&key) {
-        Some(import) => import.peers.clone(),
+        Some(import) => import.peers_for(port),
         None => {
-            reset(&tcp);
+            reset_tcp(&tcp);
             return;
         }
     };
@@ -124,14 +110,14 @@ async fn forward(mut tcp: TcpStream, key: ServiceKey, port: u16, shared: Arc<Sha
         tracing::info!(service = %key, "no live tunnel to any exporting peer");
         let peer = candidates.first().cloned().unwrap_or_default();
         shared.metrics.stream_done(&peer, "outbound", "no_tunnel");
-        reset(&tcp);
+        reset_tcp(&tcp);
         return;
     };
     let header = match frame::encode(&frame::tcp_header(&key, port, shared.certs.id().as_str())) {
         Ok(h) => h,
         Err(error) => {
             tracing::warn!(%error, "cannot encode stream header");
-            reset(&tcp);
+            reset_tcp(&tcp);
             return;
         }
     };
@@ -140,12 +126,20 @@ async fn forward(mut tcp: TcpStream, key: ServiceKey, port: u16, shared: Arc<Sha
         send.write_all(&header).await?;
         Ok::<_, std::io::Error>((send, recv))
     };
-    let (send, recv) = match opened.await {
-        Ok(s) => s,
-        Err(error) => {
+    let (send, recv) = match tokio::time::timeout(OPEN_TIMEOUT, opened).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(error)) => {
             tracing::info!(%peer, %error, "cannot open tunnel stream");
             shared.metrics.stream_done(&peer, "outbound", "error");
-            reset(&tcp);
+            reset_tcp(&tcp);
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, "opening a tunnel stream timed out");
+            shared
+                .metrics
+                .stream_done(&peer, "outbound", "open_timeout");
+            reset_tcp(&tcp);
             return;
         }
     };
@@ -153,33 +147,9 @@ async fn forward(mut tcp: TcpStream, key: ServiceKey, port: u16, shared: Arc<Sha
         send,
         recv,
         peer: PeerInfo {
-            name: peer.clone(),
+            name: peer,
             identity: String::new(),
         },
     };
-    let open = shared
-        .metrics
-        .streams_open
-        .get_or_create(&StreamLabels {
-            peer: peer.clone(),
-            direction: "outbound",
-        })
-        .clone();
-    open.inc();
-    let result = splice_tcp(&mut tcp, &mut io).await;
-    open.dec();
-    match result {
-        Ok(moved) => {
-            shared
-                .metrics
-                .bytes(&peer, moved.into_tunnel, moved.out_of_tunnel);
-            shared.metrics.stream_done(&peer, "outbound", "ok");
-        }
-        Err(error) => {
-            let result = refusal(&error).map_or("error", Refusal::as_str);
-            tracing::info!(%peer, service = %key, %error, result, "outbound stream failed");
-            shared.metrics.stream_done(&peer, "outbound", result);
-            reset(&tcp);
-        }
-    }
+    relay(&mut tcp, &mut io, &shared.metrics, "outbound").await;
 }

@@ -93,6 +93,8 @@ pub struct Shared {
     pub links_by_identity: HashMap<SpiffeId, String>,
     /// Where accepted peering streams go.
     pub peering_tx: mpsc::Sender<QuicIo>,
+    /// The connection each peer dialed to us.
+    pub accepted: crate::state::Accepted,
     /// Round-robin cursor over endpoints.
     pub next_endpoint: AtomicUsize,
     /// The import table the egress listeners last caught up with.
@@ -105,11 +107,30 @@ pub struct Shared {
     pub grace_period: Duration,
 }
 
-/// A running gateway. Dropping it stops every task at once (as a crash
-/// would); [`Gateway::shutdown`] closes tunnels politely first.
+/// Tasks aborted when dropped: a gateway that fails half-way through
+/// starting leaves nothing running.
+#[derive(Debug, Default)]
+struct Tasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl Tasks {
+    fn push(&mut self, t: tokio::task::JoinHandle<()>) {
+        self.0.push(t);
+    }
+}
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// A running gateway. Dropping it stops it at once, tunnels closed without
+/// waiting; [`Gateway::shutdown`] drains politely first.
 pub struct Gateway {
     shared: Arc<Shared>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tasks: Tasks,
     dns: Option<DnsServer>,
     admin: AdminServer,
     tunnel_addr: SocketAddr,
@@ -186,7 +207,8 @@ impl Gateway {
         let certs = CertStore::new(&leaf)?;
         metrics.cert_expiry.set(unix_seconds(leaf.not_after));
         let expiry = metrics.cert_expiry.clone();
-        let mut tasks = vec![spawn_rotation(
+        let mut tasks = Tasks::default();
+        tasks.push(spawn_rotation(
             issuer,
             certs.clone(),
             lifetime,
@@ -194,7 +216,7 @@ impl Gateway {
             move |t| {
                 expiry.set(unix_seconds(t));
             },
-        )];
+        ));
 
         // Cluster source.
         let source = FileSource::start(
@@ -254,6 +276,7 @@ impl Gateway {
             metrics: metrics.clone(),
             links_by_identity,
             peering_tx,
+            accepted: Default::default(),
             next_endpoint: AtomicUsize::new(0),
             egress_synced: watch::channel(Arc::new(ImportTable::new())).0,
             reconnect_min: Duration::from_millis(config.tunnel.reconnect_min_ms),
@@ -377,10 +400,9 @@ impl Gateway {
     /// Stops politely: not ready, tunnels closed with a reason, DNS stopped.
     pub async fn shutdown(mut self) {
         self.ready.set(false);
-        for t in &self.tasks {
-            t.abort();
-        }
+        self.tasks = Tasks::default();
         self.shared.endpoint.close();
+        self.shared.endpoint.wait_idle(Duration::from_secs(2)).await;
         if let Some(dns) = self.dns.take() {
             dns.shutdown().await;
         }
@@ -389,8 +411,8 @@ impl Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
+        // Tasks abort with `self.tasks`; connections held by per-stream
+        // tasks close with the endpoint.
+        self.shared.endpoint.close();
     }
 }

@@ -25,11 +25,19 @@ pub struct Import {
     pub ports: Vec<Port>,
     /// The peers exporting it, sorted.
     pub peers: Vec<String>,
+    /// For each TCP port, the peers exporting that port, sorted.
+    #[serde(skip)]
+    pub port_peers: BTreeMap<u16, Vec<String>>,
     /// The local virtual IP.
     pub vip: Ipv4Addr,
 }
 
 impl Import {
+    /// The peers exporting TCP `port` (empty if none does).
+    pub fn peers_for(&self, port: u16) -> Vec<String> {
+        self.port_peers.get(&port).cloned().unwrap_or_default()
+    }
+
     /// The DNS name of the import in the clusterset zone.
     pub fn dns_name(&self) -> String {
         format!(
@@ -51,6 +59,8 @@ pub struct PlannedImport {
     pub ports: Vec<Port>,
     /// Exporting peers, sorted.
     pub peers: Vec<String>,
+    /// For each TCP port, the peers exporting it.
+    pub port_peers: BTreeMap<u16, Vec<String>>,
 }
 
 /// Merges peers' catalogs (peer name to catalog) into planned imports. A
@@ -67,8 +77,16 @@ pub fn plan(catalogs: &BTreeMap<String, Catalog>) -> BTreeMap<ServiceKey, Planne
                     service_type: export.service_type,
                     ports: Vec::new(),
                     peers: Vec::new(),
+                    port_peers: BTreeMap::new(),
                 });
             entry.peers.push(peer.clone());
+            for p in export.ports.iter().filter(|p| p.protocol == Protocol::Tcp) {
+                entry
+                    .port_peers
+                    .entry(p.port)
+                    .or_default()
+                    .push(peer.clone());
+            }
             for p in &export.ports {
                 if !entry
                     .ports
@@ -147,8 +165,14 @@ impl VipAllocator {
             if let Ok(text) = std::fs::read_to_string(path) {
                 match serde_json::from_str::<Vec<(String, String, Ipv4Addr)>>(&text) {
                     Ok(rows) => {
+                        let base = u32::from(range.network());
+                        let size = 1u32 << (32 - u32::from(range.prefix_len())).min(31);
+                        let mut taken = BTreeSet::new();
                         for (ns, name, ip) in rows {
-                            if range.contains(&ip) {
+                            // A hand-edited or corrupt file must not give two
+                            // services one address, or an unusable one.
+                            let host = u32::from(ip).wrapping_sub(base);
+                            if range.contains(&ip) && usable(host, size) && taken.insert(ip) {
                                 assigned.insert(ServiceKey::new(ns, name), ip);
                             }
                         }
@@ -237,6 +261,7 @@ pub fn build_table(catalogs: &BTreeMap<String, Catalog>, vips: &mut VipAllocator
                     service_type: p.service_type,
                     ports: p.ports,
                     peers: p.peers,
+                    port_peers: p.port_peers,
                     vip,
                 },
             ))

@@ -14,8 +14,7 @@ use strait_proxy::identity::identity_of;
 
 use crate::catalog::{Protocol, ServiceKey};
 use crate::gateway::Shared;
-use crate::metrics::StreamLabels;
-use crate::tunnel::io::{splice_tcp, PeerInfo};
+use crate::tunnel::io::{relay, reset, PeerInfo};
 use crate::tunnel::{frame, QuicIo, Refusal};
 
 /// How long a peer has to send a stream header.
@@ -60,6 +59,14 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
         return;
     };
     tracing::info!(peer = %peer.name, remote = %conn.remote_address(), "peer connected");
+    // A peer's newer connection replaces its older one (it reconnected).
+    if let Some(old) = shared.accepted.replace(&peer.name, conn.clone()) {
+        old.close(
+            quinn::VarInt::from_u32(2),
+            b"replaced by a newer connection",
+        );
+    }
+    let peering = Arc::new(std::sync::atomic::AtomicBool::new(false));
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
@@ -68,7 +75,7 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
                     recv,
                     peer: peer.clone(),
                 };
-                tokio::spawn(handle_stream(io, shared.clone()));
+                tokio::spawn(handle_stream(io, shared.clone(), peering.clone()));
             }
             Err(error) => {
                 tracing::info!(peer = %peer.name, %error, "peer disconnected");
@@ -79,12 +86,14 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
 }
 
 fn refuse(io: &mut QuicIo, why: Refusal) {
-    let code = quinn::VarInt::from_u32(why.code());
-    let _ = io.send.reset(code);
-    let _ = io.recv.stop(code);
+    reset(io, why);
 }
 
-async fn handle_stream(mut io: QuicIo, shared: Arc<Shared>) {
+async fn handle_stream(
+    mut io: QuicIo,
+    shared: Arc<Shared>,
+    peering: Arc<std::sync::atomic::AtomicBool>,
+) {
     let header = match tokio::time::timeout(HEADER_TIMEOUT, frame::read(&mut io.recv)).await {
         Ok(Ok(h)) => h,
         Ok(Err(error)) => {
@@ -105,6 +114,12 @@ async fn handle_stream(mut io: QuicIo, shared: Arc<Shared>) {
     };
     match StreamKind::try_from(header.kind) {
         Ok(StreamKind::Peering) => {
+            // One catalog watch per connection is all a peer needs.
+            if peering.swap(true, Ordering::AcqRel) {
+                refuse(&mut io, Refusal::Busy);
+                shared.metrics.stream_done(&io.peer.name, "inbound", "busy");
+                return;
+            }
             if shared.peering_tx.send(io).await.is_err() {
                 tracing::warn!("peering service gone");
             }
@@ -118,7 +133,7 @@ async fn handle_stream(mut io: QuicIo, shared: Arc<Shared>) {
 async fn connect(targets: &[SocketAddr], shared: &Shared) -> Option<tokio::net::TcpStream> {
     let start = shared.next_endpoint.fetch_add(1, Ordering::Relaxed);
     for i in 0..targets.len().min(CONNECT_ATTEMPTS) {
-        let target = targets[(start + i) % targets.len()];
+        let target = targets[start.wrapping_add(i) % targets.len()];
         match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(target)).await {
             Ok(Ok(s)) => {
                 let _ = s.set_nodelay(true);
@@ -176,28 +191,5 @@ async fn proxy(mut io: QuicIo, header: StreamHeader, shared: Arc<Shared>) {
             .stream_done(&peer, "inbound", Refusal::ConnectFailed.as_str());
         return;
     };
-    let open = shared
-        .metrics
-        .streams_open
-        .get_or_create(&StreamLabels {
-            peer: peer.clone(),
-            direction: "inbound",
-        })
-        .clone();
-    open.inc();
-    let result = splice_tcp(&mut tcp, &mut io).await;
-    open.dec();
-    match result {
-        Ok(moved) => {
-            shared
-                .metrics
-                .bytes(&peer, moved.into_tunnel, moved.out_of_tunnel);
-            shared.metrics.stream_done(&peer, "inbound", "ok");
-        }
-        Err(error) => {
-            tracing::debug!(%peer, %error, "inbound stream failed");
-            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
-            shared.metrics.stream_done(&peer, "inbound", "error");
-        }
-    }
+    relay(&mut tcp, &mut io, &shared.metrics, "inbound").await;
 }

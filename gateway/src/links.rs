@@ -128,12 +128,16 @@ pub async fn run(link: DialedLink, shared: Arc<Shared>) {
                 up.set(1);
                 backoff.reset();
                 shared.peers.connected(&link.name, conn.clone());
-                let error = serve(&link, &shared, conn.clone()).await;
-                conn.close(quinn::VarInt::from_u32(0), b"peering ended");
+                let (error, synced) = serve(&link, &shared, conn.clone()).await;
+                conn.close(quinn::VarInt::from_u32(0), b"tunnel down");
                 up.set(0);
                 tracing::warn!(peer = %link.name, %error, "tunnel down");
                 shared.peers.disconnected(&link.name, Some(error));
-                lost_since = Instant::now();
+                // The grace period runs from the last time the peer's
+                // catalog was current, not from every failed attempt.
+                if synced {
+                    lost_since = Instant::now();
+                }
             }
             Err(error) => {
                 count(&shared, &link.name, "error");
@@ -162,9 +166,10 @@ fn count(shared: &Shared, peer: &str, result: &'static str) {
         .inc();
 }
 
-/// Watches the catalog and samples RTT until the tunnel or the watch
-/// fails; returns why.
-async fn serve(link: &DialedLink, shared: &Shared, conn: quinn::Connection) -> String {
+/// Watches the catalog (again, with backoff, if the watch alone fails)
+/// and samples the path until the tunnel closes; returns why, and whether
+/// a catalog was received on this connection.
+async fn serve(link: &DialedLink, shared: &Shared, conn: quinn::Connection) -> (String, bool) {
     let rtt = shared
         .metrics
         .peer_rtt
@@ -180,31 +185,51 @@ async fn serve(link: &DialedLink, shared: &Shared, conn: quinn::Connection) -> S
             tokio::time::sleep(RTT_INTERVAL).await;
         }
     };
-    let peer = PeerInfo {
-        name: link.name.clone(),
-        identity: link.identity.to_string(),
+    let synced = std::sync::atomic::AtomicBool::new(false);
+    let watch = async {
+        let mut backoff = Backoff::new(shared.reconnect_min, shared.reconnect_max);
+        loop {
+            let peer = PeerInfo {
+                name: link.name.clone(),
+                identity: link.identity.to_string(),
+            };
+            let imports = shared.imports.clone();
+            let name = link.name.clone();
+            let synced = &synced;
+            let result = peering::watch_peer(
+                conn.clone(),
+                peer,
+                &shared.cluster,
+                shared.certs.id().as_str(),
+                &shared.metrics,
+                move |change| {
+                    synced.store(true, std::sync::atomic::Ordering::Relaxed);
+                    match change {
+                        CatalogChange::Snapshot(exports) => imports.snapshot(&name, exports),
+                        CatalogChange::Delta(up, rm) => imports.delta(&name, up, rm),
+                    }
+                },
+            )
+            .await;
+            let error = match result {
+                Ok(()) => "catalog stream ended".to_string(),
+                Err(e) => e.to_string(),
+            };
+            if conn.close_reason().is_some() {
+                return error;
+            }
+            // The tunnel is fine; only the watch failed (the peer's
+            // peering server restarting, say): watch again, keep traffic.
+            tracing::warn!(peer = %link.name, %error, "catalog watch failed; watching again");
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
     };
-    let imports = shared.imports.clone();
-    let name = link.name.clone();
-    let watch = peering::watch_peer(
-        conn.clone(),
-        peer,
-        &shared.cluster,
-        shared.certs.id().as_str(),
-        &shared.metrics,
-        move |change| match change {
-            CatalogChange::Snapshot(exports) => imports.snapshot(&name, exports),
-            CatalogChange::Delta(up, rm) => imports.delta(&name, up, rm),
-        },
-    );
-    tokio::select! {
-        r = watch => match r {
-            Ok(()) => "catalog stream ended".into(),
-            Err(e) => e.to_string(),
-        },
+    let why = tokio::select! {
+        e = watch => e,
         e = conn.closed() => e.to_string(),
-        _ = sample => String::from("rtt sampler stopped"),
-    }
+        _ = sample => String::from("path sampler stopped"),
+    };
+    (why, synced.load(std::sync::atomic::Ordering::Relaxed))
 }
 
 #[cfg(test)]

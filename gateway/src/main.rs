@@ -110,17 +110,32 @@ fn write_new(
     force: bool,
     private: bool,
 ) -> anyhow::Result<()> {
-    if path.exists() && !force {
-        bail!("{} exists (use --force to overwrite)", path.display());
+    use std::io::Write;
+    let mut open = std::fs::OpenOptions::new();
+    open.write(true);
+    if force {
+        open.create(true).truncate(true);
+    } else {
+        // Never follow or clobber what is there.
+        open.create_new(true);
     }
-    std::fs::write(path, contents).with_context(|| format!("writing {}", path.display()))?;
     #[cfg(unix)]
     if private {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        use std::os::unix::fs::OpenOptionsExt;
+        // The key is never readable by others, not even for a moment.
+        open.mode(0o600);
     }
     #[cfg(not(unix))]
     let _ = private;
+    let mut file = open.open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            anyhow::anyhow!("{} exists (use --force to overwrite)", path.display())
+        } else {
+            anyhow::anyhow!("writing {}: {e}", path.display())
+        }
+    })?;
+    file.write_all(contents.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
     println!("wrote {}", path.display());
     Ok(())
 }

@@ -39,7 +39,11 @@ impl CatalogService {
     pub async fn serve(self, streams: mpsc::Receiver<QuicIo>) {
         use futures::StreamExt;
         let incoming = ReceiverStream::new(streams).map(Ok::<_, std::io::Error>);
+        // One watch per tunnel connection is all a peer needs (ingress
+        // refuses a second peering stream); bound HTTP/2 streams too.
         let result = tonic::transport::Server::builder()
+            .max_concurrent_streams(4)
+            .concurrency_limit_per_connection(4)
             .add_service(PeeringServer::new(self))
             .serve_with_incoming(incoming)
             .await;

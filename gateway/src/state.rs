@@ -175,6 +175,9 @@ impl Peers {
     }
 }
 
+/// Most services one peer may export to us.
+pub const MAX_EXPORTS_PER_PEER: usize = 10_000;
+
 /// The import registry: each peer's catalog, and the merged table.
 #[derive(Debug)]
 pub struct Imports {
@@ -210,6 +213,22 @@ impl Imports {
         let (catalogs, vips) = &mut *inner;
         f(catalogs);
         catalogs.retain(|_, c| !c.is_empty());
+        // A peer may not flood us: beyond the cap, exports are refused
+        // (the last ones by name) and counted.
+        for (peer, catalog) in catalogs.iter_mut() {
+            let excess = catalog.len().saturating_sub(MAX_EXPORTS_PER_PEER);
+            if excess > 0 {
+                let drop: Vec<ServiceKey> = catalog.keys().rev().take(excess).cloned().collect();
+                for k in drop {
+                    catalog.remove(&k);
+                }
+                tracing::warn!(%peer, excess, "peer exports more than {MAX_EXPORTS_PER_PEER} services; refusing the rest");
+                self.metrics
+                    .invalid_exports
+                    .get_or_create(&PeerLabels { peer: peer.clone() })
+                    .inc_by(excess as u64);
+            }
+        }
         let table = build_table(catalogs, vips);
         let counts: BTreeMap<String, usize> =
             catalogs.iter().map(|(p, c)| (p.clone(), c.len())).collect();
@@ -259,5 +278,18 @@ impl Imports {
         self.change(|c| {
             c.remove(peer);
         });
+    }
+}
+
+/// The connection each peer dialed to us; a newer one replaces the older.
+#[derive(Debug, Default)]
+pub struct Accepted(Mutex<BTreeMap<String, quinn::Connection>>);
+
+impl Accepted {
+    /// Records `conn` as `peer`'s connection, returning the one it replaces.
+    pub fn replace(&self, peer: &str, conn: quinn::Connection) -> Option<quinn::Connection> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.retain(|_, c| c.close_reason().is_none());
+        m.insert(peer.to_string(), conn)
     }
 }

@@ -43,6 +43,9 @@ pub fn client_config(
         .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(identity);
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    // A resumed session skips certificate verification: with peers that
+    // can be unlinked at run time, every handshake verifies in full.
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(config)
 }
 
@@ -58,5 +61,7 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(identity);
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(config)
 }

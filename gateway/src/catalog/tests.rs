@@ -69,6 +69,19 @@ fn invalid_exports_from_peers_are_refused() {
         Export::try_from(&bad),
         Err(InvalidExport::DuplicatePort(_))
     ));
+    let mut bad = good.clone();
+    bad.ports = (1..=101)
+        .map(|p| pb::Port {
+            name: String::new(),
+            port: p,
+            protocol: "TCP".into(),
+            app_protocol: String::new(),
+        })
+        .collect();
+    assert_eq!(
+        Export::try_from(&bad),
+        Err(InvalidExport::TooManyPorts(101))
+    );
     let mut bad = good;
     bad.ports.clear();
     assert_eq!(Export::try_from(&bad), Err(InvalidExport::NoPorts));

@@ -119,3 +119,49 @@ fn a_small_custom_range_is_used_and_exhausted_cleanly() {
     assert_eq!(got.len(), 254, ".0 and .255 are never used");
     assert!(got.values().all(|ip| range.contains(ip)));
 }
+
+#[test]
+fn peers_are_known_per_port() {
+    let c = catalogs(&[
+        ("east", vec![export("demo", "hello", &[(8080, "http")])]),
+        (
+            "north",
+            vec![export("demo", "hello", &[(8080, "http"), (9090, "admin")])],
+        ),
+    ]);
+    let mut vips = VipAllocator::default();
+    let t = build_table(&c, &mut vips);
+    let hello = &t[&ServiceKey::new("demo", "hello")];
+    assert_eq!(hello.peers_for(8080), vec!["east", "north"]);
+    assert_eq!(hello.peers_for(9090), vec!["north"]);
+    assert!(hello.peers_for(1).is_empty());
+}
+
+#[test]
+fn a_corrupt_state_file_never_gives_two_services_one_address() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("vips.json");
+    std::fs::write(
+        &path,
+        r#"[["a","x","127.77.5.5"],["a","y","127.77.5.5"],["a","z","127.77.0.9"],["a","w","127.77.9.255"]]"#,
+    )
+    .expect("write");
+    let keys = [
+        ServiceKey::new("a", "x"),
+        ServiceKey::new("a", "y"),
+        ServiceKey::new("a", "z"),
+        ServiceKey::new("a", "w"),
+    ];
+    let got = VipAllocator::new(default_range(), Some(path)).assign(keys.iter());
+    let distinct: BTreeSet<_> = got.values().collect();
+    assert_eq!(distinct.len(), 4);
+    assert_eq!(
+        got[&keys[0]],
+        Ipv4Addr::new(127, 77, 5, 5),
+        "the first claim keeps it"
+    );
+    for ip in got.values() {
+        let o = ip.octets();
+        assert!(o[2] != 0 && o[3] != 0 && o[3] != 255, "{ip}");
+    }
+}

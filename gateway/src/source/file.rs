@@ -216,26 +216,43 @@ impl FileSource {
         let (tx, rx) = watch::channel(Arc::new(state));
         let task = tokio::spawn(async move {
             let mut last = text;
+            // A change is applied once two reads a tick apart agree, so a
+            // file caught mid-write (which may still parse, cut at a list
+            // item) is never applied.
+            let mut pending: Option<String> = None;
+            let mut unreadable = false;
             let mut ticker = tokio::time::interval(interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticker.tick().await;
+                if tx.is_closed() {
+                    break;
+                }
                 let text = match tokio::fs::read_to_string(&path).await {
-                    Ok(t) => t,
+                    Ok(t) => {
+                        unreadable = false;
+                        t
+                    }
                     Err(error) => {
-                        if last != "\0unreadable" {
+                        if !unreadable {
                             tracing::warn!(path = %path.display(), %error, "cluster file unreadable; keeping last state");
                             reloads
                                 .get_or_create(&ResultLabels { result: "error" })
                                 .inc();
-                            last = "\0unreadable".into();
+                            unreadable = true;
                         }
                         continue;
                     }
                 };
                 if text == last {
+                    pending = None;
                     continue;
                 }
+                if pending.as_deref() != Some(text.as_str()) {
+                    pending = Some(text);
+                    continue;
+                }
+                pending = None;
                 match parse(&text, &path) {
                     Ok(state) => {
                         tracing::info!(path = %path.display(), services = state.services.len(), "cluster file reloaded");
@@ -257,9 +274,6 @@ impl FileSource {
                     }
                 }
                 last = text;
-                if tx.is_closed() {
-                    break;
-                }
             }
         });
         Ok(Self { rx, task })

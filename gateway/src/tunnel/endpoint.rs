@@ -80,7 +80,7 @@ pub enum TunnelError {
 }
 
 impl TunnelConfig {
-    fn transport(&self) -> Result<Arc<TransportConfig>, TunnelError> {
+    fn transport(&self, accepts_streams: bool) -> Result<Arc<TransportConfig>, TunnelError> {
         if self.keep_alive >= self.idle_timeout {
             return Err(TunnelError::Config(
                 "keep_alive must be shorter than idle_timeout".into(),
@@ -95,7 +95,9 @@ impl TunnelConfig {
         t.stream_receive_window(VarInt::from_u32(self.stream_window));
         t.receive_window(VarInt::from_u32(self.connection_window));
         t.send_window(self.send_window);
-        t.max_concurrent_bidi_streams(VarInt::from_u32(8192));
+        // Only the accepting side serves streams; a dialed connection lets
+        // the peer open none (it could only pin our receive window).
+        t.max_concurrent_bidi_streams(VarInt::from_u32(if accepts_streams { 1024 } else { 0 }));
         t.max_concurrent_uni_streams(VarInt::from_u32(0));
         let mut mtu = quinn::MtuDiscoveryConfig::default();
         mtu.upper_bound(self.max_udp_payload.clamp(1200, MAX_UDP_PAYLOAD));
@@ -108,7 +110,7 @@ impl TunnelConfig {
 #[derive(Clone, Debug)]
 pub struct TunnelEndpoint {
     endpoint: quinn::Endpoint,
-    transport: Arc<TransportConfig>,
+    dial_transport: Arc<TransportConfig>,
 }
 
 impl TunnelEndpoint {
@@ -118,7 +120,8 @@ impl TunnelEndpoint {
         server_tls: rustls::ServerConfig,
         config: &TunnelConfig,
     ) -> Result<Self, TunnelError> {
-        let transport = config.transport()?;
+        let transport = config.transport(true)?;
+        let dial_transport = config.transport(false)?;
         let crypto =
             QuicServerConfig::try_from(server_tls).map_err(|e| TunnelError::Tls(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -135,7 +138,7 @@ impl TunnelEndpoint {
             .map_err(|source| TunnelError::Bind { addr, source })?;
         Ok(Self {
             endpoint,
-            transport,
+            dial_transport,
         })
     }
 
@@ -153,7 +156,7 @@ impl TunnelEndpoint {
         let crypto =
             QuicClientConfig::try_from(client_tls).map_err(|e| TunnelError::Tls(e.to_string()))?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-        client.transport_config(self.transport.clone());
+        client.transport_config(self.dial_transport.clone());
         // The server name is a constant: the destination travels inside the
         // tunnel, and the peer is authenticated by its SPIFFE ID.
         let conn = self
@@ -171,6 +174,11 @@ impl TunnelEndpoint {
     /// Closes every connection and stops accepting.
     pub fn close(&self) {
         self.endpoint.close(VarInt::from_u32(0), b"shutdown");
+    }
+
+    /// Waits until closed connections have told their peers, or `limit`.
+    pub async fn wait_idle(&self, limit: std::time::Duration) {
+        let _ = tokio::time::timeout(limit, self.endpoint.wait_idle()).await;
     }
 }
 

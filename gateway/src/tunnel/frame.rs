@@ -47,6 +47,12 @@ pub enum Refusal {
     NoEndpoints,
     /// No endpoint accepted the connection.
     ConnectFailed,
+    /// The connection broke midway (the other side's TCP connection was
+    /// reset or failed); without this the peer would see a clean end of
+    /// stream and take a truncated response for a whole one.
+    Aborted,
+    /// Too many streams of this kind on the connection (peering: one).
+    Busy,
 }
 
 impl Refusal {
@@ -57,6 +63,8 @@ impl Refusal {
             Self::NotExported => 0x11,
             Self::NoEndpoints => 0x12,
             Self::ConnectFailed => 0x13,
+            Self::Aborted => 0x14,
+            Self::Busy => 0x15,
         }
     }
 
@@ -67,6 +75,8 @@ impl Refusal {
             0x11 => Self::NotExported,
             0x12 => Self::NoEndpoints,
             0x13 => Self::ConnectFailed,
+            0x14 => Self::Aborted,
+            0x15 => Self::Busy,
             _ => return None,
         })
     }
@@ -78,6 +88,8 @@ impl Refusal {
             Self::NotExported => "not_exported",
             Self::NoEndpoints => "no_endpoints",
             Self::ConnectFailed => "connect_failed",
+            Self::Aborted => "aborted",
+            Self::Busy => "busy",
         }
     }
 }

@@ -133,3 +133,68 @@ pub async fn splice_tcp(
         out_of_tunnel,
     })
 }
+
+/// Resets both halves of a tunnel stream with `why`, so the peer sees a
+/// refusal or an abort, never a clean end of stream.
+pub fn reset(io: &mut QuicIo, why: super::Refusal) {
+    let code = quinn::VarInt::from_u32(why.code());
+    let _ = io.send.reset(code);
+    let _ = io.recv.stop(code);
+}
+
+/// Resets a TCP connection on close (linger 0), so its client sees an
+/// error rather than a clean end of stream.
+pub fn reset_tcp(tcp: &tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
+}
+
+/// Why the peer reset a tunnel stream, if it did.
+pub fn refusal_of(error: &std::io::Error) -> Option<super::Refusal> {
+    let inner = error.get_ref()?;
+    let code = if let Some(quinn::ReadError::Reset(code)) = inner.downcast_ref::<quinn::ReadError>()
+    {
+        *code
+    } else if let Some(quinn::WriteError::Stopped(code)) = inner.downcast_ref::<quinn::WriteError>()
+    {
+        *code
+    } else {
+        return None;
+    };
+    super::Refusal::from_code(code.into_inner())
+}
+
+/// Relays a TCP connection and a tunnel stream to the end with
+/// [`splice_tcp`], keeping the stream gauges and counters; on failure the
+/// stream is reset ([`Refusal::Aborted`](super::Refusal::Aborted)) and the
+/// TCP connection reset, so neither side mistakes a failure for an end.
+pub async fn relay(
+    tcp: &mut tokio::net::TcpStream,
+    io: &mut QuicIo,
+    metrics: &crate::metrics::GatewayMetrics,
+    direction: &'static str,
+) {
+    let peer = io.peer.name.clone();
+    let open = metrics
+        .streams_open
+        .get_or_create(&crate::metrics::StreamLabels {
+            peer: peer.clone(),
+            direction,
+        })
+        .clone();
+    open.inc();
+    let result = splice_tcp(tcp, io).await;
+    open.dec();
+    match result {
+        Ok(moved) => {
+            metrics.bytes(&peer, moved.into_tunnel, moved.out_of_tunnel);
+            metrics.stream_done(&peer, direction, "ok");
+        }
+        Err(error) => {
+            let result = refusal_of(&error).map_or("error", super::Refusal::as_str);
+            tracing::info!(%peer, direction, %error, result, "tunnel stream failed");
+            reset(io, super::Refusal::Aborted);
+            reset_tcp(tcp);
+            metrics.stream_done(&peer, direction, result);
+        }
+    }
+}
