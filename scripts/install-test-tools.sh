@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Installs the tools the tests call (dig). Fails loudly if it cannot:
-# tests are never skipped for want of a tool.
+# Installs the tools the tests call: dig, and ip, iptables-restore and
+# setpriv for the sidecar's transparent-mode test in network namespaces.
+# Fails loudly if it cannot: tests are never skipped for want of a tool.
 set -euo pipefail
 
 need=()
 command -v dig >/dev/null 2>&1 || need+=(dnsutils)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v iptables-restore >/dev/null 2>&1 || need+=(iptables)
+command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
@@ -17,4 +21,6 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-command -v dig >/dev/null || { echo "error: dig still missing" >&2; exit 1; }
+for tool in dig ip iptables-restore setpriv; do
+  command -v "$tool" >/dev/null || { echo "error: $tool still missing" >&2; exit 1; }
+done

@@ -11,8 +11,12 @@
 pub mod admin;
 pub mod balance;
 pub mod detect;
+pub mod discovery;
 pub mod forward;
+pub mod http;
 pub mod identity;
+pub mod mesh;
 pub mod metrics;
 pub mod tls;
+pub mod transparent;
 pub mod transport;

@@ -70,3 +70,205 @@ pub fn encode(registry: &Registry) -> String {
     let _ = prometheus_client::encoding::text::encode(&mut out, registry);
     out
 }
+
+/// Labels of a request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// The request's authority, bounded (see [`HttpMetrics::authority`]).
+    pub authority: String,
+    /// `true` when the connection to the peer proxy is (or was) mTLS.
+    pub tls: &'static str,
+}
+
+/// Labels of a finished response.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResponseLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// The request's authority, bounded.
+    pub authority: String,
+    /// `true` when mTLS.
+    pub tls: &'static str,
+    /// `2xx`... or `error` when the body failed midway.
+    pub status_class: &'static str,
+    /// `grpc-status` of gRPC responses (0-16, `invalid`), empty otherwise.
+    pub grpc_status: String,
+}
+
+/// Labels of the latency histogram.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LatencyLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// `2xx`...
+    pub status_class: &'static str,
+}
+
+/// Labels of proxy-level errors.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// A bounded reason: `http_parse`, `no_endpoints`, `connect`, `timeout`...
+    pub reason: &'static str,
+}
+
+/// At most this many authorities get their own label value; the rest are
+/// `other`, so a client cannot blow up the metric cardinality.
+pub const MAX_AUTHORITIES: usize = 100;
+
+/// Per-request metrics of the proxy.
+#[derive(Clone, Debug)]
+pub struct HttpMetrics {
+    /// Requests received.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Responses finished.
+    pub responses: Family<ResponseLabels, Counter>,
+    /// Time from request to response headers.
+    pub latency: Family<LatencyLabels, prometheus_client::metrics::histogram::Histogram>,
+    /// Errors the proxy answered itself or could not answer.
+    pub errors: Family<ErrorLabels, Counter>,
+    authorities: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+impl HttpMetrics {
+    /// Registers the families in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            requests: Family::default(),
+            responses: Family::default(),
+            latency: Family::new_with_constructor(|| {
+                prometheus_client::metrics::histogram::Histogram::new(
+                    prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18),
+                )
+            }),
+            errors: Family::default(),
+            authorities: Arc::default(),
+        };
+        registry.register(
+            "strait_proxy_requests",
+            "HTTP requests received, by direction, authority and tls",
+            m.requests.clone(),
+        );
+        registry.register(
+            "strait_proxy_responses",
+            "HTTP responses finished, by direction, authority, tls, status class and grpc status",
+            m.responses.clone(),
+        );
+        registry.register(
+            "strait_proxy_response_latency_seconds",
+            "Time from a request to its response headers",
+            m.latency.clone(),
+        );
+        registry.register(
+            "strait_proxy_errors",
+            "Requests and connections the proxy failed or answered itself, by reason",
+            m.errors.clone(),
+        );
+        m
+    }
+
+    /// The label value for `authority`: itself for the first
+    /// [`MAX_AUTHORITIES`] seen, `other` after.
+    pub fn authority(&self, authority: &str) -> String {
+        let mut seen = self.authorities.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(authority) {
+            return authority.to_string();
+        }
+        if seen.len() < MAX_AUTHORITIES {
+            seen.insert(authority.to_string());
+            return authority.to_string();
+        }
+        "other".to_string()
+    }
+
+    /// Counts an error.
+    pub fn error(&self, direction: &'static str, reason: &'static str) {
+        self.errors
+            .get_or_create(&ErrorLabels { direction, reason })
+            .inc();
+    }
+}
+
+/// Labels of TCP connection metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// `true` when mTLS.
+    pub tls: &'static str,
+}
+
+/// Labels of TCP bytes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpBytesLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// `true` when mTLS.
+    pub tls: &'static str,
+    /// `read` (from the accepted connection) or `write` (to it).
+    pub flow: &'static str,
+}
+
+/// Labels of closed TCP connections.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpCloseLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// `true` when mTLS.
+    pub tls: &'static str,
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
+/// Connection-level metrics of the proxy.
+#[derive(Clone, Debug)]
+pub struct TcpMetrics {
+    /// Connections accepted.
+    pub opens: Family<TcpLabels, Counter>,
+    /// Connections closed.
+    pub closes: Family<TcpCloseLabels, Counter>,
+    /// Bytes of opaque TCP forwarding.
+    pub bytes: Family<TcpBytesLabels, Counter>,
+    /// Connection lifetimes.
+    pub duration: Family<TcpLabels, prometheus_client::metrics::histogram::Histogram>,
+}
+
+impl TcpMetrics {
+    /// Registers the families in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            opens: Family::default(),
+            closes: Family::default(),
+            bytes: Family::default(),
+            duration: Family::new_with_constructor(|| {
+                prometheus_client::metrics::histogram::Histogram::new(
+                    prometheus_client::metrics::histogram::exponential_buckets(0.001, 4.0, 12),
+                )
+            }),
+        };
+        registry.register(
+            "strait_tcp_opens",
+            "TCP connections accepted",
+            m.opens.clone(),
+        );
+        registry.register(
+            "strait_tcp_closes",
+            "TCP connections closed",
+            m.closes.clone(),
+        );
+        registry.register(
+            "strait_tcp_bytes",
+            "Bytes of opaque TCP forwarding",
+            m.bytes.clone(),
+        );
+        registry.register(
+            "strait_tcp_connection_duration_seconds",
+            "TCP connection lifetimes",
+            m.duration.clone(),
+        );
+        m
+    }
+}

@@ -1,0 +1,264 @@
+//! HTTP forwarding pieces shared by the inbound and outbound proxies:
+//! body and error types, hop-by-hop header handling, the HTTP/1-over-HTTP/2
+//! marking between proxies, and per-request metrics (a body wrapper sees
+//! the end of every response, trailers and `grpc-status` included).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+
+use crate::metrics::{HttpMetrics, RequestLabels, ResponseLabels};
+
+/// The body type everywhere in the proxy.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Marks an HTTP/1 request carried over the HTTP/2 connection between two
+/// proxies, so the receiving proxy sends it on as HTTP/1.
+pub const ORIG_PROTO: HeaderName = HeaderName::from_static("strait-orig-proto");
+
+/// Headers that belong to one hop only (RFC 9110, 7.6.1) and must not be
+/// forwarded; HTTP/2 forbids them outright.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// Removes hop-by-hop headers, and any header named in `Connection`.
+/// `te: trailers` is kept (gRPC needs it).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    let keep_te = headers
+        .get(http::header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for h in HOP_BY_HOP {
+        headers.remove(*h);
+    }
+    if keep_te {
+        headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// An empty body.
+pub fn empty() -> Body {
+    Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// A short plain-text error response produced by the proxy itself.
+pub fn error_response(status: StatusCode, why: &str) -> Response<Body> {
+    let mut rsp = Response::new(
+        Full::new(Bytes::from(format!("{why}\n")))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *rsp.status_mut() = status;
+    rsp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain"),
+    );
+    rsp.headers_mut()
+        .insert("strait-proxy-error", HeaderValue::from_static("true"));
+    rsp
+}
+
+/// The request's authority: the URI's, else the `Host` header.
+pub fn authority_of<B>(req: &Request<B>) -> Option<String> {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .map(|a| a.to_ascii_lowercase())
+}
+
+/// Prepares a request received from an application for the HTTP/2
+/// connection to a peer proxy: absolute URI, hop-by-hop headers gone, and
+/// HTTP/1 requests marked so the peer can send them on as HTTP/1.
+pub fn to_mesh(mut req: Request<Body>, authority: &str) -> Result<Request<Body>, http::Error> {
+    if req.version() != Version::HTTP_2 {
+        let v = if req.version() == Version::HTTP_10 {
+            "HTTP/1.0"
+        } else {
+            "HTTP/1.1"
+        };
+        req.headers_mut()
+            .insert(ORIG_PROTO, HeaderValue::from_static(v));
+    }
+    strip_hop_by_hop(req.headers_mut());
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    *req.uri_mut() = http::Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(path)
+        .build()?;
+    *req.version_mut() = Version::HTTP_2;
+    Ok(req)
+}
+
+/// Undoes [`to_mesh`] on the receiving proxy: the version the application
+/// spoke, and no marking.
+pub fn from_mesh(mut req: Request<Body>) -> Request<Body> {
+    match req
+        .headers_mut()
+        .remove(ORIG_PROTO)
+        .as_ref()
+        .map(|v| v.as_bytes())
+    {
+        Some(b"HTTP/1.0") => *req.version_mut() = Version::HTTP_10,
+        Some(_) => *req.version_mut() = Version::HTTP_11,
+        None => {}
+    }
+    req
+}
+
+/// Records the response of one request when its body ends (or is dropped):
+/// status class, `grpc-status` (from headers for trailers-only responses,
+/// else from trailers) and latency to the response headers.
+pub struct Observed {
+    inner: Body,
+    metrics: HttpMetrics,
+    labels: ResponseLabels,
+    done: bool,
+}
+
+impl Observed {
+    /// Wraps `rsp`'s body. `started` is when the request arrived.
+    pub fn wrap(
+        rsp: Response<Body>,
+        metrics: HttpMetrics,
+        request: &RequestLabels,
+        started: Instant,
+    ) -> Response<Body> {
+        let status = rsp.status();
+        let grpc = grpc_status(rsp.headers());
+        metrics
+            .latency
+            .get_or_create(&crate::metrics::LatencyLabels {
+                direction: request.direction,
+                status_class: status_class(status),
+            })
+            .observe(started.elapsed().as_secs_f64());
+        let labels = ResponseLabels {
+            direction: request.direction,
+            authority: request.authority.clone(),
+            tls: request.tls,
+            status_class: status_class(status),
+            grpc_status: grpc.unwrap_or_default(),
+        };
+        let end_now = rsp.body().is_end_stream();
+        rsp.map(|inner| {
+            let mut o = Observed {
+                inner,
+                metrics,
+                labels,
+                done: false,
+            };
+            if end_now {
+                o.finish();
+            }
+            o.boxed()
+        })
+    }
+
+    fn finish(&mut self) {
+        if !self.done {
+            self.done = true;
+            self.metrics.responses.get_or_create(&self.labels).inc();
+        }
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl HttpBody for Observed {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    if let Some(code) = grpc_status(trailers) {
+                        self.labels.grpc_status = code;
+                    }
+                }
+            }
+            Poll::Ready(None) => self.finish(),
+            Poll::Ready(Some(Err(_))) => {
+                self.labels.status_class = "error";
+                self.finish();
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn grpc_status(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get("grpc-status")?.to_str().ok()?;
+    // Bounded: gRPC codes are 0-16; anything else is one label value.
+    match v.parse::<u8>() {
+        Ok(n) if n <= 16 => Some(n.to_string()),
+        _ => Some("invalid".to_string()),
+    }
+}
+
+/// `1xx` ... `5xx`.
+pub fn status_class(s: StatusCode) -> &'static str {
+    match s.as_u16() / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests;

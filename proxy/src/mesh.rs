@@ -1,0 +1,197 @@
+//! Proxy-to-proxy connections: mutual TLS 1.3 with SPIFFE identities, then
+//! a [`transport`](crate::transport) header naming the target port and
+//! protocol, then either one multiplexed HTTP/2 connection (every HTTP
+//! request to that peer and port, HTTP/1 ones included) or the bytes of one
+//! opaque TCP connection.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
+use rustls::RootCertStore;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::http::Body;
+use crate::identity::{CertStore, ExpectedPeerVerifier, RefusalSink, SpiffeId};
+use crate::transport::{self, ProtocolHint};
+
+/// ALPN of proxy-to-proxy connections.
+pub const MESH_ALPN: &[u8] = b"strait-proxy/1";
+
+/// Why a mesh request or connection failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MeshError {
+    /// TCP connect or TLS handshake failed or timed out.
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        /// The peer.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTP/2 connection failed.
+    #[error("http/2 to {addr}: {source}")]
+    Http {
+        /// The peer.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: hyper::Error,
+    },
+}
+
+type PoolKey = (SocketAddr, u16, SpiffeId);
+
+/// The client side of the mesh: dials peer proxies, pools their HTTP/2
+/// connections.
+pub struct MeshClient {
+    identity: Arc<CertStore>,
+    roots: Arc<RootCertStore>,
+    sink: RefusalSink,
+    connect_timeout: Duration,
+    configs: Mutex<HashMap<SpiffeId, Arc<rustls::ClientConfig>>>,
+    pool: Mutex<HashMap<PoolKey, SendRequest<Body>>>,
+}
+
+impl std::fmt::Debug for MeshClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshClient")
+            .field("identity", self.identity.id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MeshClient {
+    /// A client presenting `identity`, trusting `roots`, reporting refused
+    /// peer certificates to `sink`.
+    pub fn new(
+        identity: Arc<CertStore>,
+        roots: Arc<RootCertStore>,
+        sink: RefusalSink,
+        connect_timeout: Duration,
+    ) -> Self {
+        Self {
+            identity,
+            roots,
+            sink,
+            connect_timeout,
+            configs: Mutex::default(),
+            pool: Mutex::default(),
+        }
+    }
+
+    fn config(&self, peer: &SpiffeId) -> Result<Arc<rustls::ClientConfig>, std::io::Error> {
+        let mut configs = self.configs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = configs.get(peer) {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(
+            crate::tls::client_config(
+                ExpectedPeerVerifier::new(self.roots.clone(), peer.clone(), self.sink.clone()),
+                self.identity.clone(),
+                &[MESH_ALPN],
+            )
+            .map_err(std::io::Error::other)?,
+        );
+        configs.insert(peer.clone(), c.clone());
+        Ok(c)
+    }
+
+    /// Dials `addr` (a peer proxy's inbound port), completes mutual TLS with
+    /// `peer`, and sends the transport header for `port`/`protocol`.
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        peer: &SpiffeId,
+        port: u16,
+        protocol: ProtocolHint,
+    ) -> Result<TlsStream<TcpStream>, MeshError> {
+        let err = |source| MeshError::Connect { addr, source };
+        let config = self.config(peer).map_err(err)?;
+        let header = transport::encode(&transport::to_port(
+            port,
+            protocol,
+            self.identity.id().as_str(),
+        ))
+        .map_err(|e| err(std::io::Error::other(e)))?;
+        let dial = async {
+            let tcp = TcpStream::connect(addr).await?;
+            tcp.set_nodelay(true)?;
+            let name = ServerName::try_from("strait-proxy").map_err(std::io::Error::other)?;
+            let mut tls = TlsConnector::from(config).connect(name, tcp).await?;
+            tls.write_all(&header).await?;
+            tls.flush().await?;
+            Ok::<_, std::io::Error>(tls)
+        };
+        match tokio::time::timeout(self.connect_timeout, dial).await {
+            Ok(r) => r.map_err(err),
+            Err(_) => Err(err(std::io::ErrorKind::TimedOut.into())),
+        }
+    }
+
+    async fn sender(
+        &self,
+        addr: SocketAddr,
+        peer: &SpiffeId,
+        port: u16,
+    ) -> Result<SendRequest<Body>, MeshError> {
+        let key = (addr, port, peer.clone());
+        let pooled = {
+            let pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+            pool.get(&key).cloned()
+        };
+        if let Some(mut s) = pooled {
+            if s.ready().await.is_ok() {
+                return Ok(s);
+            }
+        }
+        let tls = self.connect(addr, peer, port, ProtocolHint::Http2).await?;
+        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(10))
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|source| MeshError::Http { addr, source })?;
+        tokio::spawn(async move {
+            if let Err(error) = conn.await {
+                tracing::debug!(%addr, %error, "mesh connection closed");
+            }
+        });
+        sender
+            .ready()
+            .await
+            .map_err(|source| MeshError::Http { addr, source })?;
+        self.pool
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, sender.clone());
+        Ok(sender)
+    }
+
+    /// Sends `req` (already prepared with [`crate::http::to_mesh`]) to the
+    /// peer proxy at `addr` for its local `port`.
+    pub async fn send(
+        &self,
+        addr: SocketAddr,
+        peer: &SpiffeId,
+        port: u16,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, MeshError> {
+        let mut sender = self.sender(addr, peer, port).await?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(|source| MeshError::Http { addr, source })
+    }
+}
