@@ -69,12 +69,15 @@ pub struct AdminServer {
 }
 
 impl AdminServer {
-    /// Binds `addr` and serves `router` until dropped.
+    /// Binds `addr` and serves `router` until dropped. Handlers may take
+    /// the client's address (`ConnectInfo<SocketAddr>`), e.g. to allow an
+    /// endpoint from loopback only.
     pub async fn bind(addr: SocketAddr, router: Router) -> std::io::Result<Self> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let task = tokio::spawn(async move {
-            if let Err(error) = axum::serve(listener, router).await {
+            let service = router.into_make_service_with_connect_info::<SocketAddr>();
+            if let Err(error) = axum::serve(listener, service).await {
                 tracing::warn!(%error, "admin server stopped");
             }
         });

@@ -190,3 +190,31 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for PrefixedIo<I> {
 
 #[cfg(test)]
 mod tests;
+
+/// Reads on until `prefix` holds the whole first TLS record (the
+/// ClientHello, at most 16 KiB), so its server name and ALPN can be read
+/// without consuming the connection. Gives back what it has on timeout or
+/// end of stream.
+pub async fn complete_tls_record<I: AsyncRead + Unpin>(
+    io: &mut I,
+    prefix: Bytes,
+    timeout: Duration,
+) -> std::io::Result<Bytes> {
+    let mut buf = BytesMut::from(&prefix[..]);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let want = match buf.get(3..5) {
+            Some(len) => 5 + usize::from(u16::from_be_bytes([len[0], len[1]])).min(16 * 1024 + 256),
+            None => 5,
+        };
+        if buf.len() >= want {
+            return Ok(buf.freeze());
+        }
+        buf.reserve(want - buf.len());
+        match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
+            Err(_) | Ok(Ok(0)) => return Ok(buf.freeze()),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+}

@@ -260,5 +260,72 @@ pub fn status_class(s: StatusCode) -> &'static str {
     }
 }
 
+/// Plaintext HTTP/2 connections by address, one multiplexed connection
+/// each: requests keep their own authority (`:authority`) whatever address
+/// they are sent to, which a URI-keyed client cannot do.
+#[derive(Debug, Default)]
+pub struct H2Pool {
+    conns: std::sync::Mutex<
+        std::collections::HashMap<
+            std::net::SocketAddr,
+            hyper::client::conn::http2::SendRequest<Body>,
+        >,
+    >,
+}
+
+impl H2Pool {
+    /// Sends `req` over the pooled connection to `addr`, dialing one
+    /// (within `connect_timeout`) if there is none or it closed.
+    pub async fn send(
+        &self,
+        addr: std::net::SocketAddr,
+        req: Request<Body>,
+        connect_timeout: std::time::Duration,
+    ) -> Result<Response<hyper::body::Incoming>, std::io::Error> {
+        let pooled = self
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&addr)
+            .cloned();
+        let ready = match pooled {
+            Some(mut s) => s.ready().await.is_ok().then_some(s),
+            None => None,
+        };
+        let mut sender = match ready {
+            Some(s) => s,
+            None => {
+                let dial = async {
+                    let tcp = tokio::net::TcpStream::connect(addr).await?;
+                    tcp.set_nodelay(true)?;
+                    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .handshake(hyper_util::rt::TokioIo::new(tcp))
+                    .await
+                    .map_err(std::io::Error::other)?;
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                    });
+                    sender.ready().await.map_err(std::io::Error::other)?;
+                    Ok::<_, std::io::Error>(sender)
+                };
+                let sender = tokio::time::timeout(connect_timeout, dial)
+                    .await
+                    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+                self.conns
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(addr, sender.clone());
+                sender
+            }
+        };
+        sender
+            .send_request(req)
+            .await
+            .map_err(std::io::Error::other)
+    }
+}
+
 #[cfg(test)]
 mod tests;

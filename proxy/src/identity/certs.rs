@@ -290,6 +290,36 @@ pub struct Leaf {
 }
 
 impl Leaf {
+    /// Parses a leaf issued elsewhere (by a control plane, or files on
+    /// disk): its PEM chain (leaf first) and PKCS#8 key. The identity and
+    /// validity are read from the leaf.
+    pub fn from_pem(chain_pem: &[u8], key_pem: &[u8]) -> Result<Self, CertError> {
+        let chain = CertificateDer::pem_slice_iter(chain_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| CertError::Malformed(e.to_string()))?;
+        let first = chain
+            .first()
+            .ok_or_else(|| CertError::NoCertificate("identity certificate".into()))?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem)
+            .map_err(|_| CertError::NoKey("identity key".into()))?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(first)
+            .map_err(|e| CertError::Malformed(e.to_string()))?;
+        let id = super::verify::uri_sans(&parsed)
+            .into_iter()
+            .find_map(|u| SpiffeId::parse(&u).ok())
+            .ok_or_else(|| CertError::Malformed("no SPIFFE ID in the certificate".into()))?;
+        let at = |t: x509_parser::time::ASN1Time| {
+            SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64)
+        };
+        Ok(Self {
+            id,
+            not_before: at(parsed.validity().not_before),
+            not_after: at(parsed.validity().not_after),
+            chain,
+            key,
+        })
+    }
+
     /// When to renew: two thirds into the leaf's life.
     pub fn renew_at(&self) -> SystemTime {
         let life = self

@@ -1,0 +1,283 @@
+//! `strait-proxy`: the sidecar. `run` serves; `init` installs the iptables
+//! rules of transparent mode (run as an init container, like linkerd-init).
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use prometheus_client::registry::Registry;
+use strait_proxy::discovery::{Chain, DnsResolver, Resolve, StaticResolver};
+use strait_proxy::identity::{spawn_rotation, CertStore, Issuer, Leaf, SpiffeId, TrustAnchors};
+use strait_proxy::sidecar::{Proxy, ProxyConfig};
+use strait_proxy::transparent::{apply, InitConfig};
+
+/// The Strait sidecar proxy.
+#[derive(Parser, Debug)]
+#[command(name = "strait-proxy", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the proxy.
+    Run(Box<RunArgs>),
+    /// Install the iptables rules that send the pod's TCP through the proxy.
+    Init(InitArgs),
+}
+
+fn ms(s: &str) -> Result<Duration, String> {
+    s.parse::<u64>().map_err(|e| e.to_string()).and_then(|n| {
+        if n == 0 {
+            Err("must be positive".into())
+        } else {
+            Ok(Duration::from_millis(n))
+        }
+    })
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Outbound listener.
+    #[arg(
+        long,
+        env = "STRAIT_PROXY_OUTBOUND_LISTEN",
+        default_value = "127.0.0.1:4140"
+    )]
+    outbound_listen: SocketAddr,
+    /// Inbound listener.
+    #[arg(
+        long,
+        env = "STRAIT_PROXY_INBOUND_LISTEN",
+        default_value = "0.0.0.0:4143"
+    )]
+    inbound_listen: SocketAddr,
+    /// Admin listener (/metrics, /ready, /live, /shutdown from loopback).
+    #[arg(
+        long,
+        env = "STRAIT_PROXY_ADMIN_LISTEN",
+        default_value = "0.0.0.0:4191"
+    )]
+    admin_listen: SocketAddr,
+    /// Use SO_ORIGINAL_DST (after `strait-proxy init`).
+    #[arg(long, env = "STRAIT_PROXY_TRANSPARENT")]
+    transparent: bool,
+    /// Where inbound connections go when not transparent.
+    #[arg(long, env = "STRAIT_PROXY_INBOUND_TARGET")]
+    inbound_target: Option<SocketAddr>,
+    /// Where undetected outbound connections go when not transparent.
+    #[arg(long, env = "STRAIT_PROXY_OUTBOUND_TARGET")]
+    outbound_target: Option<SocketAddr>,
+    /// The inbound port of peer proxies.
+    #[arg(long, env = "STRAIT_PROXY_PEER_INBOUND_PORT", default_value_t = 4143)]
+    peer_inbound_port: u16,
+    /// Ports never inspected (comma separated).
+    #[arg(long, env = "STRAIT_PROXY_OPAQUE_PORTS", value_delimiter = ',')]
+    opaque_ports: Vec<u16>,
+    /// Protocol detection timeout, ms.
+    #[arg(long, env = "STRAIT_PROXY_DETECT_TIMEOUT_MS", default_value = "1000", value_parser = ms)]
+    detect_timeout_ms: Duration,
+    /// Connect timeout, ms.
+    #[arg(long, env = "STRAIT_PROXY_CONNECT_TIMEOUT_MS", default_value = "1000", value_parser = ms)]
+    connect_timeout_ms: Duration,
+    /// Request timeout (to response headers), ms.
+    #[arg(long, env = "STRAIT_PROXY_REQUEST_TIMEOUT_MS", default_value = "10000", value_parser = ms)]
+    request_timeout_ms: Duration,
+    /// Refuse plaintext inbound connections.
+    #[arg(long, env = "STRAIT_PROXY_REQUIRE_MTLS")]
+    require_mtls: bool,
+    /// Drain deadline after SIGTERM, ms.
+    #[arg(long, env = "STRAIT_PROXY_SHUTDOWN_GRACE_MS", default_value = "30000", value_parser = ms)]
+    shutdown_grace_ms: Duration,
+    /// Static destinations (YAML); DNS is the fallback.
+    #[arg(long, env = "STRAIT_PROXY_DESTINATIONS")]
+    destinations: Option<PathBuf>,
+    /// Trust anchors (PEM bundle).
+    #[arg(long, env = "STRAIT_PROXY_TRUST_ANCHORS")]
+    trust_anchors: PathBuf,
+    /// This proxy's certificate chain (PEM, leaf first)...
+    #[arg(long, env = "STRAIT_PROXY_IDENTITY_CERT", requires = "identity_key")]
+    identity_cert: Option<PathBuf>,
+    /// ...and its key (PKCS#8 PEM).
+    #[arg(long, env = "STRAIT_PROXY_IDENTITY_KEY")]
+    identity_key: Option<PathBuf>,
+    /// Or: mint and rotate our own 24 h leaf for this SPIFFE ID...
+    #[arg(long, env = "STRAIT_PROXY_IDENTITY", conflicts_with = "identity_cert", requires_all = ["issuer_cert", "issuer_key"])]
+    identity: Option<String>,
+    /// ...from this issuer certificate...
+    #[arg(long, env = "STRAIT_PROXY_ISSUER_CERT")]
+    issuer_cert: Option<PathBuf>,
+    /// ...and key.
+    #[arg(long, env = "STRAIT_PROXY_ISSUER_KEY")]
+    issuer_key: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct InitArgs {
+    /// The UID the proxy runs as (its traffic is not redirected).
+    #[arg(long, env = "STRAIT_PROXY_UID")]
+    proxy_uid: u32,
+    /// The proxy's inbound port.
+    #[arg(long, default_value_t = 4143)]
+    inbound_port: u16,
+    /// The proxy's outbound port.
+    #[arg(long, default_value_t = 4140)]
+    outbound_port: u16,
+    /// The proxy's admin port (never redirected).
+    #[arg(long, default_value_t = 4191)]
+    admin_port: u16,
+    /// Inbound ports that bypass the proxy (comma separated).
+    #[arg(long, value_delimiter = ',')]
+    skip_inbound_ports: Vec<u16>,
+    /// Outbound ports that bypass the proxy (comma separated).
+    #[arg(long, value_delimiter = ',')]
+    skip_outbound_ports: Vec<u16>,
+    /// Install IPv6 rules too.
+    #[arg(long)]
+    ipv6: bool,
+}
+
+fn identity(
+    args: &RunArgs,
+) -> anyhow::Result<(Arc<CertStore>, Option<tokio::task::JoinHandle<()>>)> {
+    if let (Some(cert), Some(key)) = (&args.identity_cert, &args.identity_key) {
+        let read =
+            |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        let leaf = Leaf::from_pem(&read(cert)?, &read(key)?)?;
+        return Ok((CertStore::new(&leaf)?, None));
+    }
+    let (Some(id), Some(cert), Some(key)) = (&args.identity, &args.issuer_cert, &args.issuer_key)
+    else {
+        bail!("an identity is required: --identity-cert/--identity-key, or --identity with --issuer-cert/--issuer-key");
+    };
+    let id = SpiffeId::parse(id)?;
+    let issuer = Arc::new(Issuer::load(cert, key)?);
+    let lifetime = Duration::from_secs(24 * 3600);
+    let store = CertStore::new(&issuer.issue(&id, lifetime)?)?;
+    let task = spawn_rotation(
+        issuer,
+        store.clone(),
+        lifetime,
+        Duration::from_secs(30),
+        |_| {},
+    );
+    Ok((store, Some(task)))
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let config = ProxyConfig {
+        outbound: args.outbound_listen,
+        inbound: args.inbound_listen,
+        admin: args.admin_listen,
+        transparent: args.transparent,
+        inbound_target: args.inbound_target,
+        outbound_target: args.outbound_target,
+        peer_inbound_port: args.peer_inbound_port,
+        opaque_ports: args.opaque_ports.clone(),
+        detect_timeout: args.detect_timeout_ms,
+        connect_timeout: args.connect_timeout_ms,
+        request_timeout: args.request_timeout_ms,
+        require_mtls: args.require_mtls,
+        shutdown_grace: args.shutdown_grace_ms,
+    };
+    config.validate()?;
+    let anchors = TrustAnchors::load(&args.trust_anchors)?;
+    let (store, _rotation) = identity(&args)?;
+    let mut resolvers: Vec<Box<dyn Resolve>> = Vec::new();
+    if let Some(path) = &args.destinations {
+        resolvers.push(Box::new(StaticResolver::load(path)?));
+    }
+    resolvers.push(Box::new(DnsResolver));
+    let proxy = Proxy::start(
+        config,
+        store,
+        anchors,
+        Arc::new(Chain(resolvers)),
+        Registry::default(),
+    )
+    .await?;
+    println!(
+        "strait-proxy up: outbound {}, inbound {}, admin http://{}",
+        proxy.outbound_addr(),
+        proxy.inbound_addr(),
+        proxy.admin_addr()
+    );
+    tokio::select! {
+        () = terminated() => tracing::info!("SIGTERM: draining"),
+        () = proxy.drain_requested() => tracing::info!("/shutdown: draining"),
+    }
+    let cut = proxy.shutdown().await;
+    if cut > 0 {
+        tracing::warn!(connections = cut, "drain deadline passed; closing the rest");
+    }
+    Ok(())
+}
+
+async fn terminated() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STRAIT_LOG")
+                .unwrap_or_else(|_| "warn,strait_proxy=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    strait_proxy::tls::install_default_provider();
+    let result = match cli.command {
+        Command::Init(a) => {
+            let mut cfg = InitConfig::new(a.proxy_uid);
+            cfg.inbound_port = a.inbound_port;
+            cfg.outbound_port = a.outbound_port;
+            cfg.admin_port = a.admin_port;
+            cfg.skip_inbound_ports = a.skip_inbound_ports;
+            cfg.skip_outbound_ports = a.skip_outbound_ports;
+            cfg.ipv6 = a.ipv6;
+            apply(&cfg)
+                .map(|applied| println!("{applied}"))
+                .map_err(anyhow::Error::from)
+        }
+        Command::Run(a) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the runtime")
+            .and_then(|rt| rt.block_on(run(*a))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

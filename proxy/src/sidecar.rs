@@ -1,0 +1,406 @@
+//! The sidecar proxy: an outbound listener for the application's
+//! connections out, an inbound listener for connections to it, and the
+//! admin server; [`Proxy::start`] wires them from a [`ProxyConfig`].
+//!
+//! Every accepted connection goes through protocol detection. HTTP is
+//! served with hyper and forwarded request by request (balanced, timed,
+//! measured); anything else is forwarded byte for byte. Between two
+//! proxies the connection is mutual TLS with a transport header, and HTTP
+//! rides one multiplexed HTTP/2 connection per peer and port.
+
+mod inbound;
+mod outbound;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::admin::{AdminServer, Readiness};
+use crate::discovery::Resolve;
+use crate::identity::{CertStore, TrustAnchors};
+use crate::metrics::{HttpMetrics, TcpMetrics, TlsMetrics};
+
+/// Everything the sidecar needs; validated by [`ProxyConfig::validate`].
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// Outbound listener (default `127.0.0.1:4140`).
+    pub outbound: SocketAddr,
+    /// Inbound listener (default `0.0.0.0:4143`).
+    pub inbound: SocketAddr,
+    /// Admin listener (default `0.0.0.0:4191`).
+    pub admin: SocketAddr,
+    /// Read the original destination with `SO_ORIGINAL_DST` (iptables
+    /// redirect, see `strait-proxy init`).
+    pub transparent: bool,
+    /// Where inbound connections go when not transparent (the application).
+    pub inbound_target: Option<SocketAddr>,
+    /// Where outbound connections go when not transparent and nothing
+    /// else names a destination (opaque TCP; HTTP routes by authority).
+    pub outbound_target: Option<SocketAddr>,
+    /// The port peer proxies listen on for mesh connections (default 4143).
+    pub peer_inbound_port: u16,
+    /// Ports whose traffic is never inspected (default: none).
+    pub opaque_ports: Vec<u16>,
+    /// How long protocol detection waits for the first bytes (default 1 s).
+    pub detect_timeout: Duration,
+    /// Connect timeout (default 1 s).
+    pub connect_timeout: Duration,
+    /// Per-request timeout, to the response headers (default 10 s).
+    pub request_timeout: Duration,
+    /// Refuse plaintext inbound connections (default: allowed from
+    /// unmeshed clients).
+    pub require_mtls: bool,
+    /// How long in-flight work may take after SIGTERM (default 30 s).
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            outbound: ([127, 0, 0, 1], 4140).into(),
+            inbound: ([0, 0, 0, 0], 4143).into(),
+            admin: ([0, 0, 0, 0], 4191).into(),
+            transparent: false,
+            inbound_target: None,
+            outbound_target: None,
+            peer_inbound_port: 4143,
+            opaque_ports: Vec::new(),
+            detect_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(10),
+            require_mtls: false,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// An invalid configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ConfigError {
+    /// The setting.
+    pub field: &'static str,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl ProxyConfig {
+    /// Checks the settings against each other.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field, message: &str| {
+            Err(ConfigError {
+                field,
+                message: message.to_string(),
+            })
+        };
+        if !self.transparent && self.inbound_target.is_none() {
+            return bad(
+                "inbound-target",
+                "required unless --transparent (where else would inbound traffic go?)",
+            );
+        }
+        if self.peer_inbound_port == 0 {
+            return bad("peer-inbound-port", "must not be 0");
+        }
+        let ports = [self.outbound.port(), self.inbound.port(), self.admin.port()];
+        if ports.iter().all(|p| *p != 0)
+            && (ports[0] == ports[1] || ports[0] == ports[2] || ports[1] == ports[2])
+        {
+            return bad(
+                "listeners",
+                "outbound, inbound and admin need distinct ports",
+            );
+        }
+        for (field, d) in [
+            ("detect-timeout", self.detect_timeout),
+            ("connect-timeout", self.connect_timeout),
+            ("request-timeout", self.request_timeout),
+        ] {
+            if d.is_zero() {
+                return bad(field, "must be positive");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// Invalid settings.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A listener could not bind.
+    #[error("binding {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TLS settings failed.
+    #[error("tls: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// What both directions share.
+pub(crate) struct Shared {
+    pub(crate) config: ProxyConfig,
+    pub(crate) identity: Arc<CertStore>,
+    pub(crate) anchors: TrustAnchors,
+    pub(crate) resolver: Arc<dyn Resolve>,
+    pub(crate) http: HttpMetrics,
+    pub(crate) tcp: TcpMetrics,
+    pub(crate) tls: TlsMetrics,
+    pub(crate) active: AtomicUsize,
+    pub(crate) draining: watch::Receiver<bool>,
+}
+
+/// Counts a connection in flight while alive.
+pub(crate) struct Active<'a>(&'a AtomicUsize);
+
+impl<'a> Active<'a> {
+    pub(crate) fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::AcqRel);
+        Self(n)
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A running sidecar proxy.
+pub struct Proxy {
+    shared: Arc<Shared>,
+    outbound_addr: SocketAddr,
+    inbound_addr: SocketAddr,
+    admin: AdminServer,
+    ready: Readiness,
+    drain: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("outbound", &self.outbound_addr)
+            .field("inbound", &self.inbound_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+impl Proxy {
+    /// Starts the listeners. `registry` gets the proxy's metrics and is
+    /// served on the admin listener.
+    pub async fn start(
+        config: ProxyConfig,
+        identity: Arc<CertStore>,
+        anchors: TrustAnchors,
+        resolver: Arc<dyn Resolve>,
+        mut registry: Registry,
+    ) -> Result<Self, StartError> {
+        crate::tls::install_default_provider();
+        config.validate()?;
+        let http = HttpMetrics::register(&mut registry);
+        let tcp = TcpMetrics::register(&mut registry);
+        let tls = TlsMetrics::register(&mut registry);
+        let (drain, draining) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            config: config.clone(),
+            identity,
+            anchors,
+            resolver,
+            http,
+            tcp,
+            tls,
+            active: AtomicUsize::new(0),
+            draining,
+        });
+        let outbound = bind(config.outbound).await?;
+        let inbound = bind(config.inbound).await?;
+        let outbound_addr = outbound.local_addr().map_err(|source| StartError::Bind {
+            addr: config.outbound,
+            source,
+        })?;
+        let inbound_addr = inbound.local_addr().map_err(|source| StartError::Bind {
+            addr: config.inbound,
+            source,
+        })?;
+        let out = outbound::Outbound::new(shared.clone())?;
+        let inn = inbound::Inbound::new(shared.clone())?;
+        let tasks = vec![
+            tokio::spawn(accept(outbound, shared.clone(), move |tcp, s| {
+                let out = out.clone();
+                async move { out.serve(tcp, s).await }
+            })),
+            tokio::spawn(accept(inbound, shared.clone(), move |tcp, s| {
+                let inn = inn.clone();
+                async move { inn.serve(tcp, s).await }
+            })),
+        ];
+        let ready = Readiness::default();
+        let shutdown = drain.clone();
+        let router = crate::admin::router(Arc::new(registry), ready.clone()).route(
+            "/shutdown",
+            axum::routing::post(
+                move |axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>| {
+                    let shutdown = shutdown.clone();
+                    async move {
+                        if !peer.ip().is_loopback() {
+                            return (axum::http::StatusCode::FORBIDDEN, "loopback only\n");
+                        }
+                        let _ = shutdown.send(true);
+                        (axum::http::StatusCode::OK, "shutting down\n")
+                    }
+                },
+            ),
+        );
+        let admin = AdminServer::bind(config.admin, router)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.admin,
+                source,
+            })?;
+        ready.set(true);
+        tracing::info!(%outbound_addr, %inbound_addr, admin = %admin.local_addr(), identity = %shared.identity.id(), "proxy started");
+        Ok(Self {
+            shared,
+            outbound_addr,
+            inbound_addr,
+            admin,
+            ready,
+            drain,
+            tasks,
+        })
+    }
+
+    /// The outbound listener's address.
+    pub fn outbound_addr(&self) -> SocketAddr {
+        self.outbound_addr
+    }
+
+    /// The inbound listener's address.
+    pub fn inbound_addr(&self) -> SocketAddr {
+        self.inbound_addr
+    }
+
+    /// The admin listener's address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr()
+    }
+
+    /// Resolves when a drain was asked for (SIGTERM handling is the
+    /// binary's; `/shutdown` on the admin port asks too).
+    pub async fn drain_requested(&self) {
+        let mut rx = self.drain.subscribe();
+        let _ = rx.wait_for(|d| *d).await;
+    }
+
+    /// Drains: not ready, listeners closed, in-flight connections given
+    /// until `shutdown_grace` to finish. Returns how many were cut off.
+    pub async fn shutdown(self) -> usize {
+        self.ready.set(false);
+        let _ = self.drain.send(true);
+        for t in &self.tasks {
+            t.abort();
+        }
+        let deadline = tokio::time::Instant::now() + self.shared.config.shutdown_grace;
+        while self.shared.active.load(Ordering::Acquire) > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.shared.active.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+async fn accept<F, Fut>(listener: TcpListener, shared: Arc<Shared>, serve: F)
+where
+    F: Fn(TcpStream, Arc<Shared>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((tcp, _)) => {
+                let _ = tcp.set_nodelay(true);
+                tokio::spawn(serve(tcp, shared.clone()));
+            }
+            Err(error) => {
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// The destination of an accepted connection: `SO_ORIGINAL_DST` when
+/// transparent, else `fallback`.
+pub(crate) fn original_dst(
+    tcp: &TcpStream,
+    transparent: bool,
+    fallback: Option<SocketAddr>,
+) -> Option<SocketAddr> {
+    if transparent {
+        crate::transparent::original_dst(tcp).ok()
+    } else {
+        fallback
+    }
+}
+
+/// Resolves once a drain is asked for.
+pub(crate) async fn drained(rx: &mut watch::Receiver<bool>) {
+    let drained = rx.wait_for(|d| *d).await.is_ok();
+    if !drained {
+        // The sender is gone: the proxy is being dropped; never resolve.
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Largest request head (request line and headers) accepted: over it,
+/// HTTP/1 clients get 431 and HTTP/2 clients a stream error.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// The HTTP server both directions use: HTTP/1 and HTTP/2 (detected by
+/// hyper from the replayed first bytes), bounded header sizes.
+pub(crate) fn http_server() -> hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>
+{
+    let mut b = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    b.http1().max_buf_size(MAX_HEADER_BYTES);
+    b.http2().max_header_list_size(MAX_HEADER_BYTES as u32);
+    b
+}
+
+/// A bounded metric reason for a failed HTTP connection.
+pub(crate) fn http_error_reason(error: &(dyn std::error::Error + 'static)) -> &'static str {
+    match error.downcast_ref::<hyper::Error>() {
+        Some(e) if e.is_parse_too_large() => "http_headers_too_large",
+        Some(e) if e.is_parse() => "http_parse",
+        Some(e) if e.is_timeout() => "http_timeout",
+        Some(_) => "http_connection",
+        None => "http_connection",
+    }
+}

@@ -1,0 +1,337 @@
+//! The inbound side: connections to the application. Mesh connections
+//! (a TLS ClientHello for the mesh name and ALPN) are terminated with
+//! mutual TLS, their transport header read, and served as HTTP/2 or
+//! forwarded as TCP to the application on loopback. Plaintext connections
+//! from unmeshed clients are detected and forwarded the same way, unless
+//! policy requires mTLS. Any other TLS passes through untouched.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio_rustls::LazyConfigAcceptor;
+
+use super::{Active, Shared, StartError};
+use crate::detect::{detect, Detected, PrefixedIo};
+use crate::http::{authority_of, error_response, from_mesh, strip_hop_by_hop, Body, Observed};
+use crate::identity::{identity_of, AllowedPeers, LinkedPeersVerifier};
+use crate::mesh::MESH_ALPN;
+use crate::metrics::{RequestLabels, TcpCloseLabels, TcpLabels};
+use crate::transport::{self, ProtocolHint};
+
+const DIRECTION: &str = "inbound";
+/// The TLS server name proxies dial each other with.
+pub const MESH_SNI: &str = "strait-proxy";
+
+/// The inbound proxy; cheap to clone.
+#[derive(Clone)]
+pub(super) struct Inbound(Arc<Inner>);
+
+struct Inner {
+    shared: Arc<Shared>,
+    tls: Arc<rustls::ServerConfig>,
+    http1: Client<HttpConnector, Body>,
+    http2: crate::http::H2Pool,
+}
+
+impl Inbound {
+    pub(super) fn new(shared: Arc<Shared>) -> Result<Self, StartError> {
+        let verifier = LinkedPeersVerifier::new(
+            shared.anchors.roots(),
+            AllowedPeers::any(),
+            shared.tls.sink("accept"),
+        )?;
+        let tls = Arc::new(crate::tls::server_config(
+            verifier,
+            shared.identity.clone(),
+            &[MESH_ALPN],
+        )?);
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(shared.config.connect_timeout));
+        let http1 = Client::builder(TokioExecutor::new()).build(connector);
+        let http2 = crate::http::H2Pool::default();
+        Ok(Self(Arc::new(Inner {
+            shared,
+            tls,
+            http1,
+            http2,
+        })))
+    }
+
+    /// Serves one accepted connection.
+    pub(super) async fn serve(&self, mut tcp: TcpStream, shared: Arc<Shared>) {
+        let _active = Active::new(&shared.active);
+        let started = Instant::now();
+        let orig = super::original_dst(
+            &tcp,
+            shared.config.transparent,
+            shared.config.inbound_target,
+        );
+        let (proto, prefix) = match detect(&mut tcp, shared.config.detect_timeout).await {
+            Ok(d) => d,
+            Err(error) => {
+                tracing::debug!(%error, "inbound detection failed");
+                return;
+            }
+        };
+        let prefix = if proto == Detected::Tls {
+            match crate::detect::complete_tls_record(&mut tcp, prefix, shared.config.detect_timeout)
+                .await
+            {
+                Ok(p) => p,
+                Err(_) => return,
+            }
+        } else {
+            prefix
+        };
+        let mesh = proto == Detected::Tls && is_mesh_hello(&prefix);
+        let tls = if mesh { "true" } else { "false" };
+        let labels = TcpLabels {
+            direction: DIRECTION,
+            tls,
+        };
+        shared.tcp.opens.get_or_create(&labels).inc();
+        let io = PrefixedIo::new(prefix, tcp);
+        let ok = if mesh {
+            self.serve_mesh(io).await
+        } else if shared.config.require_mtls {
+            tracing::info!("refusing a plaintext inbound connection (mTLS required)");
+            shared.http.error(DIRECTION, "mtls_required");
+            false
+        } else {
+            match (proto, orig) {
+                (Detected::Http1 | Detected::Http2, Some(orig)) => {
+                    self.serve_http(io, orig.port(), "false").await
+                }
+                (_, Some(orig)) => self.forward_tcp(io, orig.port(), "false").await,
+                (_, None) => false,
+            }
+        };
+        shared
+            .tcp
+            .closes
+            .get_or_create(&TcpCloseLabels {
+                direction: DIRECTION,
+                tls,
+                result: if ok { "ok" } else { "error" },
+            })
+            .inc();
+        shared
+            .tcp
+            .duration
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    async fn serve_mesh(&self, io: PrefixedIo<TcpStream>) -> bool {
+        let shared = &self.0.shared;
+        let handshake = async {
+            let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
+            let tls = start.into_stream(self.0.tls.clone()).await?;
+            Ok::<_, std::io::Error>(tls)
+        };
+        let mut tls = match tokio::time::timeout(shared.config.detect_timeout * 5, handshake).await
+        {
+            Ok(Ok(t)) => t,
+            Ok(Err(error)) => {
+                tracing::info!(%error, "inbound mesh handshake failed");
+                shared.http.error(DIRECTION, "tls_handshake");
+                return false;
+            }
+            Err(_) => {
+                shared.http.error(DIRECTION, "tls_handshake_timeout");
+                return false;
+            }
+        };
+        let client = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(identity_of)
+            .map(|id| id.to_string())
+            .unwrap_or_default();
+        let header =
+            match tokio::time::timeout(shared.config.detect_timeout * 5, transport::read(&mut tls))
+                .await
+            {
+                Ok(Ok(h)) => h,
+                Ok(Err(error)) => {
+                    tracing::info!(%client, %error, "bad transport header");
+                    shared.http.error(DIRECTION, error.reason());
+                    return false;
+                }
+                Err(_) => {
+                    shared.http.error(DIRECTION, "header_timeout");
+                    return false;
+                }
+            };
+        let Ok(port) = u16::try_from(header.port) else {
+            return false;
+        };
+        match ProtocolHint::try_from(header.protocol) {
+            Ok(ProtocolHint::Http2) => self.serve_http(tls, port, "true").await,
+            _ => self.forward_tcp(tls, port, "true").await,
+        }
+    }
+
+    async fn serve_http<I>(&self, io: I, port: u16, tls: &'static str) -> bool
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let this = self.clone();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let this = this.clone();
+            async move { Ok::<_, std::convert::Infallible>(this.handle(req, port, tls).await) }
+        });
+        let mut draining = self.0.shared.draining.clone();
+        let builder = super::http_server();
+        let conn = builder.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => match r {
+                Ok(()) => true,
+                Err(error) => {
+                    tracing::debug!(%error, "inbound HTTP connection failed");
+                    self.0.shared.http.error(DIRECTION, super::http_error_reason(&*error));
+                    false
+                }
+            },
+            () = super::drained(&mut draining) => {
+                conn.as_mut().graceful_shutdown();
+                conn.await.is_ok()
+            }
+        }
+    }
+
+    async fn handle(&self, req: Request<Incoming>, port: u16, tls: &'static str) -> Response<Body> {
+        let started = Instant::now();
+        let shared = &self.0.shared;
+        let authority = authority_of(&req).unwrap_or_else(|| format!("localhost:{port}"));
+        let labels = RequestLabels {
+            direction: DIRECTION,
+            authority: shared.http.authority(&authority),
+            tls,
+        };
+        shared.http.requests.get_or_create(&labels).inc();
+        let mut req = from_mesh(req.map(|b| b.boxed()));
+        strip_hop_by_hop(req.headers_mut());
+        // The application is on loopback: the pod's own address would loop
+        // back through the iptables redirect.
+        let target: SocketAddr = ([127, 0, 0, 1], port).into();
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        let timeout = shared.config.request_timeout;
+        let sent = if req.version() == Version::HTTP_2 {
+            // HTTP/2 keeps its authority; the connection goes to the app.
+            let Ok(uri) = format!("http://{authority}{path}").parse() else {
+                return error_response(StatusCode::BAD_REQUEST, "bad request target");
+            };
+            *req.uri_mut() = uri;
+            req.headers_mut().remove(http::header::HOST);
+            let f = self
+                .0
+                .http2
+                .send(target, req, shared.config.connect_timeout);
+            tokio::time::timeout(timeout, f)
+                .await
+                .map(|r| r.map_err(|e| e.to_string()))
+        } else {
+            let Ok(uri) = format!("http://{target}{path}").parse() else {
+                return error_response(StatusCode::BAD_REQUEST, "bad request target");
+            };
+            *req.uri_mut() = uri;
+            if !req.headers().contains_key(http::header::HOST) {
+                if let Ok(v) = http::HeaderValue::from_str(&authority) {
+                    req.headers_mut().insert(http::header::HOST, v);
+                }
+            }
+            tokio::time::timeout(timeout, self.0.http1.request(req))
+                .await
+                .map(|r| r.map_err(|e| e.to_string()))
+        };
+        let rsp = match sent {
+            Ok(Ok(rsp)) => {
+                let mut rsp = rsp.map(|b| b.boxed());
+                strip_hop_by_hop(rsp.headers_mut());
+                rsp
+            }
+            Ok(Err(error)) => {
+                tracing::info!(%target, %error, "application request failed");
+                shared.http.error(DIRECTION, "upstream");
+                error_response(StatusCode::BAD_GATEWAY, "application unavailable")
+            }
+            Err(_) => {
+                shared.http.error(DIRECTION, "timeout");
+                error_response(StatusCode::GATEWAY_TIMEOUT, "application timed out")
+            }
+        };
+        Observed::wrap(rsp, shared.http.clone(), &labels, started)
+    }
+
+    async fn forward_tcp<I>(&self, mut io: I, port: u16, tls: &'static str) -> bool
+    where
+        I: AsyncRead + AsyncWrite + Unpin,
+    {
+        let shared = &self.0.shared;
+        let target: SocketAddr = ([127, 0, 0, 1], port).into();
+        let mut app = match TcpStream::connect(target).await {
+            Ok(a) => a,
+            Err(error) => {
+                tracing::info!(%target, %error, "application refused the connection");
+                shared.http.error(DIRECTION, "connect");
+                return false;
+            }
+        };
+        match crate::forward::splice(&mut io, &mut app).await {
+            Ok(t) => {
+                for (flow, n) in [("read", t.a_to_b), ("write", t.b_to_a)] {
+                    shared
+                        .tcp
+                        .bytes
+                        .get_or_create(&crate::metrics::TcpBytesLabels {
+                            direction: DIRECTION,
+                            tls,
+                            flow,
+                        })
+                        .inc_by(n);
+                }
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+/// Whether a ClientHello (fully in `prefix`) is for the mesh: our server
+/// name and ALPN. Anything else is the application's own TLS.
+fn is_mesh_hello(prefix: &[u8]) -> bool {
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut rd = prefix;
+    while !rd.is_empty() {
+        if acceptor.read_tls(&mut rd).is_err() {
+            return false;
+        }
+    }
+    match acceptor.accept() {
+        Ok(Some(accepted)) => {
+            let hello = accepted.client_hello();
+            hello.server_name() == Some(MESH_SNI)
+                && hello
+                    .alpn()
+                    .is_some_and(|mut protos| protos.any(|p| p == MESH_ALPN))
+        }
+        _ => false,
+    }
+}

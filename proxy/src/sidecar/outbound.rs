@@ -1,0 +1,367 @@
+//! The outbound side: the application's connections out. HTTP requests
+//! are resolved by authority, balanced over the destination's endpoints
+//! (P2C peak-EWMA), and sent over mTLS HTTP/2 to meshed endpoints' proxies
+//! or directly to unmeshed ones; other traffic goes byte for byte to its
+//! original destination.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+
+use super::{Active, Shared, StartError};
+use crate::balance::{BalanceConfig, Balancer};
+use crate::detect::{detect, Detected, PrefixedIo};
+use crate::discovery::Endpoint;
+use crate::http::{authority_of, error_response, strip_hop_by_hop, to_mesh, Body, Observed};
+use crate::mesh::MeshClient;
+use crate::metrics::{RequestLabels, TcpCloseLabels, TcpLabels};
+use crate::transport::ProtocolHint;
+
+const DIRECTION: &str = "outbound";
+
+/// The outbound proxy; cheap to clone.
+#[derive(Clone)]
+pub(super) struct Outbound(Arc<Inner>);
+
+struct Inner {
+    shared: Arc<Shared>,
+    mesh: MeshClient,
+    http1: Client<HttpConnector, Body>,
+    http2: crate::http::H2Pool,
+    balancers: Mutex<HashMap<String, Balancer<SocketAddr>>>,
+}
+
+impl Outbound {
+    pub(super) fn new(shared: Arc<Shared>) -> Result<Self, StartError> {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(shared.config.connect_timeout));
+        let http1 = Client::builder(TokioExecutor::new()).build(connector);
+        let http2 = crate::http::H2Pool::default();
+        let mesh = MeshClient::new(
+            shared.identity.clone(),
+            shared.anchors.roots(),
+            shared.tls.sink("connect"),
+            shared.config.connect_timeout,
+        );
+        Ok(Self(Arc::new(Inner {
+            shared,
+            mesh,
+            http1,
+            http2,
+            balancers: Mutex::default(),
+        })))
+    }
+
+    /// Serves one accepted connection.
+    pub(super) async fn serve(&self, tcp: TcpStream, shared: Arc<Shared>) {
+        let _active = Active::new(&shared.active);
+        let started = Instant::now();
+        let orig = super::original_dst(
+            &tcp,
+            shared.config.transparent,
+            shared.config.outbound_target,
+        );
+        let labels = TcpLabels {
+            direction: DIRECTION,
+            tls: "false",
+        };
+        shared.tcp.opens.get_or_create(&labels).inc();
+        let opaque = orig.is_some_and(|o| shared.config.opaque_ports.contains(&o.port()));
+        let mut tcp = tcp;
+        let (proto, prefix) = if opaque {
+            (Detected::Opaque, bytes::Bytes::new())
+        } else {
+            match detect(&mut tcp, shared.config.detect_timeout).await {
+                Ok(d) => d,
+                Err(error) => {
+                    tracing::debug!(%error, "outbound detection failed");
+                    self.closed(&labels, started, "error");
+                    return;
+                }
+            }
+        };
+        let io = PrefixedIo::new(prefix, tcp);
+        let result = match proto {
+            Detected::Http1 | Detected::Http2 => self.serve_http(io, orig).await,
+            Detected::Tls | Detected::Opaque => self.forward_tcp(io, orig).await,
+        };
+        self.closed(&labels, started, if result { "ok" } else { "error" });
+    }
+
+    fn closed(&self, labels: &TcpLabels, started: Instant, result: &'static str) {
+        let tcp = &self.0.shared.tcp;
+        tcp.closes
+            .get_or_create(&TcpCloseLabels {
+                direction: labels.direction,
+                tls: labels.tls,
+                result,
+            })
+            .inc();
+        tcp.duration
+            .get_or_create(labels)
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    async fn serve_http(&self, io: PrefixedIo<TcpStream>, orig: Option<SocketAddr>) -> bool {
+        let this = self.clone();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let this = this.clone();
+            async move { Ok::<_, std::convert::Infallible>(this.handle(req, orig).await) }
+        });
+        let mut draining = self.0.shared.draining.clone();
+        let builder = super::http_server();
+        let conn = builder.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => match r {
+                Ok(()) => true,
+                Err(error) => {
+                    tracing::debug!(%error, "outbound HTTP connection failed");
+                    self.0.shared.http.error(DIRECTION, super::http_error_reason(&*error));
+                    false
+                }
+            },
+            () = super::drained(&mut draining) => {
+                conn.as_mut().graceful_shutdown();
+                conn.await.is_ok()
+            }
+        }
+    }
+
+    async fn handle(&self, req: Request<Incoming>, orig: Option<SocketAddr>) -> Response<Body> {
+        let started = Instant::now();
+        let shared = &self.0.shared;
+        let Some(authority) = authority_of(&req).or_else(|| orig.map(|o| o.to_string())) else {
+            shared.http.error(DIRECTION, "no_authority");
+            return error_response(StatusCode::BAD_REQUEST, "request has no authority");
+        };
+        let authority = with_port(&authority, orig.filter(|_| shared.config.transparent));
+        let labels = RequestLabels {
+            direction: DIRECTION,
+            authority: shared.http.authority(&authority),
+            tls: "false",
+        };
+        let req = req.map(|b| b.boxed());
+        let rsp = match self.route(req, &authority, orig, started).await {
+            Ok((rsp, tls)) => {
+                let labels = RequestLabels { tls, ..labels };
+                shared.http.requests.get_or_create(&labels).inc();
+                return Observed::wrap(rsp, shared.http.clone(), &labels, started);
+            }
+            Err(rsp) => rsp,
+        };
+        shared.http.requests.get_or_create(&labels).inc();
+        Observed::wrap(rsp, shared.http.clone(), &labels, started)
+    }
+
+    fn pick(&self, authority: &str, endpoints: &[Endpoint]) -> Option<Endpoint> {
+        let now = Instant::now();
+        let mut balancers = self.0.balancers.lock().unwrap_or_else(|e| e.into_inner());
+        let b = balancers
+            .entry(authority.to_string())
+            .or_insert_with(|| Balancer::new(BalanceConfig::default(), rand::random()));
+        b.update(endpoints.iter().map(|e| e.addr), now);
+        let pick = b.pick(now)?;
+        endpoints.iter().find(|e| e.addr == pick.key).cloned()
+    }
+
+    fn report(&self, authority: &str, addr: SocketAddr, ok: Option<std::time::Duration>) {
+        let now = Instant::now();
+        let mut balancers = self.0.balancers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = balancers.get_mut(authority) {
+            match ok {
+                Some(latency) => b.observe(&addr, latency, now),
+                None => b.failed(&addr, now),
+            }
+        }
+    }
+
+    /// Sends the request to an endpoint; `Err` is the proxy's own answer.
+    async fn route(
+        &self,
+        mut req: Request<Body>,
+        authority: &str,
+        orig: Option<SocketAddr>,
+        started: Instant,
+    ) -> Result<(Response<Body>, &'static str), Response<Body>> {
+        let shared = &self.0.shared;
+        let endpoints = match shared.resolver.resolve(authority).await {
+            Some(d) if !d.endpoints.is_empty() => d.endpoints,
+            _ => match orig {
+                // Nothing knows the name: the original destination, as is.
+                Some(o) => vec![Endpoint {
+                    addr: o,
+                    identity: None,
+                    weight: 1,
+                }],
+                None => {
+                    shared.http.error(DIRECTION, "no_endpoints");
+                    return Err(error_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!("no endpoints for {authority}"),
+                    ));
+                }
+            },
+        };
+        let Some(endpoint) = self.pick(authority, &endpoints) else {
+            shared.http.error(DIRECTION, "no_endpoints");
+            return Err(error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no endpoints",
+            ));
+        };
+        let timeout = shared.config.request_timeout;
+        let (sent, tls) = match &endpoint.identity {
+            Some(id) => {
+                let req = to_mesh(req, authority).map_err(|_| {
+                    error_response(StatusCode::BAD_REQUEST, "cannot form the request URI")
+                })?;
+                let peer = SocketAddr::new(endpoint.addr.ip(), shared.config.peer_inbound_port);
+                let f = self.0.mesh.send(peer, id, endpoint.addr.port(), req);
+                let r = tokio::time::timeout(timeout, f).await;
+                (r.map(|r| r.map_err(|e| e.to_string())), "true")
+            }
+            None => {
+                strip_hop_by_hop(req.headers_mut());
+                let path = req
+                    .uri()
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str())
+                    .to_string();
+                let r = if req.version() == Version::HTTP_2 {
+                    match format!("http://{authority}{path}").parse() {
+                        Ok(u) => *req.uri_mut() = u,
+                        Err(_) => {
+                            return Err(error_response(
+                                StatusCode::BAD_REQUEST,
+                                "bad request target",
+                            ))
+                        }
+                    }
+                    let f = self
+                        .0
+                        .http2
+                        .send(endpoint.addr, req, shared.config.connect_timeout);
+                    tokio::time::timeout(timeout, f)
+                        .await
+                        .map(|r| r.map_err(|e| e.to_string()))
+                } else {
+                    match format!("http://{}{}", endpoint.addr, path).parse() {
+                        Ok(u) => *req.uri_mut() = u,
+                        Err(_) => {
+                            return Err(error_response(
+                                StatusCode::BAD_REQUEST,
+                                "bad request target",
+                            ))
+                        }
+                    }
+                    tokio::time::timeout(timeout, self.0.http1.request(req))
+                        .await
+                        .map(|r| r.map_err(|e| e.to_string()))
+                };
+                (r, "false")
+            }
+        };
+        match sent {
+            Ok(Ok(rsp)) => {
+                self.report(authority, endpoint.addr, Some(started.elapsed()));
+                let mut rsp = rsp.map(|b| b.boxed());
+                strip_hop_by_hop(rsp.headers_mut());
+                Ok((rsp, tls))
+            }
+            Ok(Err(error)) => {
+                tracing::info!(%authority, endpoint = %endpoint.addr, %error, "request failed");
+                self.report(authority, endpoint.addr, None);
+                shared.http.error(DIRECTION, "upstream");
+                Err(error_response(StatusCode::BAD_GATEWAY, "upstream failed"))
+            }
+            Err(_) => {
+                self.report(authority, endpoint.addr, None);
+                shared.http.error(DIRECTION, "timeout");
+                Err(error_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream timed out",
+                ))
+            }
+        }
+    }
+
+    /// Forwards an undetected connection to its original destination (mTLS
+    /// to its proxy when discovery says it is meshed).
+    async fn forward_tcp(&self, mut io: PrefixedIo<TcpStream>, orig: Option<SocketAddr>) -> bool {
+        let shared = &self.0.shared;
+        let Some(orig) = orig else {
+            shared.http.error(DIRECTION, "no_destination");
+            return false;
+        };
+        let meshed = shared
+            .resolver
+            .resolve(&orig.to_string())
+            .await
+            .and_then(|d| d.endpoints.into_iter().find(|e| e.addr == orig))
+            .and_then(|e| e.identity);
+        let moved = match meshed {
+            Some(id) => {
+                let peer = SocketAddr::new(orig.ip(), shared.config.peer_inbound_port);
+                match self
+                    .0
+                    .mesh
+                    .connect(peer, &id, orig.port(), ProtocolHint::Opaque)
+                    .await
+                {
+                    Ok(mut tls) => crate::forward::splice(&mut io, &mut tls).await,
+                    Err(error) => Err(std::io::Error::other(error)),
+                }
+            }
+            None => match TcpStream::connect(orig).await {
+                Ok(mut up) => crate::forward::splice(&mut io, &mut up).await,
+                Err(e) => Err(e),
+            },
+        };
+        match moved {
+            Ok(t) => {
+                for (flow, n) in [("read", t.a_to_b), ("write", t.b_to_a)] {
+                    shared
+                        .tcp
+                        .bytes
+                        .get_or_create(&crate::metrics::TcpBytesLabels {
+                            direction: DIRECTION,
+                            tls: "false",
+                            flow,
+                        })
+                        .inc_by(n);
+                }
+                true
+            }
+            Err(error) => {
+                tracing::debug!(%orig, %error, "outbound TCP forwarding failed");
+                false
+            }
+        }
+    }
+}
+
+/// An authority with an explicit port: the original destination's, else
+/// 80 (HTTP/1 `Host` headers often omit it).
+fn with_port(authority: &str, orig: Option<SocketAddr>) -> String {
+    let has_port = authority
+        .parse::<http::uri::Authority>()
+        .ok()
+        .and_then(|a| a.port_u16())
+        .is_some();
+    if has_port {
+        authority.to_string()
+    } else {
+        format!("{authority}:{}", orig.map_or(80, |o| o.port()))
+    }
+}

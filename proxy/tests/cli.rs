@@ -1,0 +1,145 @@
+//! The `strait-proxy` binary as an operator runs it.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use strait_proxy::identity::{generate_issuer, generate_root};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_strait-proxy"))
+}
+
+fn get(addr: &str, path: &str, method: &str) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nhost: a\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+#[test]
+fn bad_flags_and_missing_identity_are_clear_errors() {
+    let out = bin()
+        .args(["run", "--detect-timeout-ms", "0", "--trust-anchors", "x"])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must be positive"));
+    let dir = tempfile::tempdir().expect("tmp");
+    let root = generate_root("t").expect("root");
+    std::fs::write(dir.path().join("root.pem"), &root.cert_pem).expect("write");
+    let out = bin()
+        .args(["run", "--inbound-target", "127.0.0.1:1", "--trust-anchors"])
+        .arg(dir.path().join("root.pem"))
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("an identity is required"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = bin()
+        .args([
+            "run",
+            "--trust-anchors",
+            "/nonexistent",
+            "--identity",
+            "spiffe://t/ns/a/sa/b",
+        ])
+        .output()
+        .expect("runs");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "identity needs the issuer flags"
+    );
+}
+
+#[test]
+fn serves_then_drains_on_shutdown_and_on_sigterm() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let root = generate_root("t").expect("root");
+    let issuer = generate_issuer(&root, "t.strait.local").expect("issuer");
+    for (f, c) in [
+        ("root.pem", &root.cert_pem),
+        ("i.pem", &issuer.cert_pem),
+        ("i.key", &issuer.key_pem),
+    ] {
+        std::fs::write(dir.path().join(f), c).expect("write");
+    }
+    for how in ["shutdown", "sigterm"] {
+        let mut child = bin()
+            .args([
+                "run",
+                "--outbound-listen",
+                "127.0.0.1:0",
+                "--inbound-listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--inbound-target",
+                "127.0.0.1:9",
+                "--identity",
+                "spiffe://t.strait.local/ns/demo/sa/web",
+                "--shutdown-grace-ms",
+                "2000",
+            ])
+            .arg("--trust-anchors")
+            .arg(dir.path().join("root.pem"))
+            .arg("--issuer-cert")
+            .arg(dir.path().join("i.pem"))
+            .arg("--issuer-key")
+            .arg(dir.path().join("i.key"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("line");
+        let admin = line
+            .rsplit("http://")
+            .next()
+            .expect("admin")
+            .trim()
+            .to_string();
+        assert!(
+            get(&admin, "/ready", "GET").starts_with("HTTP/1.1 200"),
+            "{line}"
+        );
+        assert!(get(&admin, "/live", "GET").starts_with("HTTP/1.1 200"));
+        assert!(
+            get(&admin, "/metrics", "GET").contains("# EOF"),
+            "OpenMetrics text"
+        );
+        let started = Instant::now();
+        if how == "shutdown" {
+            assert!(get(&admin, "/shutdown", "POST").starts_with("HTTP/1.1 200"));
+        } else {
+            let ok = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .expect("kill");
+            assert!(ok.success());
+        }
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                break s;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{how}: did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "{how}: {status}");
+    }
+}

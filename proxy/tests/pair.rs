@@ -1,0 +1,371 @@
+//! A client proxy and a server proxy with mutual TLS between them, for
+//! HTTP/1.1, HTTP/2, gRPC (unary and streaming, trailers and error status)
+//! and raw TCP; plus bad input and the wrong identity.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, Version};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prometheus_client::registry::Registry;
+use strait_proxy::discovery::{Destination, Endpoint, StaticResolver};
+use strait_proxy::identity::{
+    generate_issuer, generate_root, CertStore, Issuer, SpiffeId, TrustAnchors,
+};
+use strait_proxy::sidecar::{Proxy, ProxyConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const TD: &str = "test.strait.local";
+
+fn identity(issuer: &Issuer, sa: &str) -> Arc<CertStore> {
+    let id = SpiffeId::workload(TD, "demo", sa).expect("id");
+    CertStore::new(&issuer.issue(&id, Duration::from_secs(3600)).expect("leaf")).expect("store")
+}
+
+/// The application behind the server proxy: HTTP/1 and HTTP/2; `/grpc/*`
+/// answers like gRPC (trailers), `/slow` waits, everything else echoes
+/// the version and path.
+async fn app() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let path = req.uri().path().to_string();
+                    let version = format!("{:?}", req.version());
+                    let host = req
+                        .headers()
+                        .get("host")
+                        .and_then(|h| h.to_str().ok())
+                        .unwrap_or(req.uri().authority().map_or("", |a| a.as_str()))
+                        .to_string();
+                    let body = req
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
+                    if path.starts_with("/grpc/") {
+                        let code = if path.ends_with("fail") { "7" } else { "0" };
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", code.parse().expect("value"));
+                        let frames = vec![
+                            Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"\0\0\0\0\x02hi"))),
+                            Ok(Frame::data(Bytes::from_static(b"\0\0\0\0\x02yo"))),
+                            Ok(Frame::trailers(trailers)),
+                        ];
+                        let rsp = Response::builder()
+                            .header("content-type", "application/grpc")
+                            .body(StreamBody::new(futures::stream::iter(frames)).boxed())
+                            .expect("response");
+                        return Ok::<_, Infallible>(rsp);
+                    }
+                    let text = format!("{version} {path} host={host} body={}", body.len());
+                    Ok(Response::new(
+                        Full::new(Bytes::from(text))
+                            .map_err(|never| match never {})
+                            .boxed(),
+                    ))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+async fn echo() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+struct Pair {
+    client: Proxy,
+    server: Proxy,
+    app: SocketAddr,
+    client_registry: Registry,
+}
+
+fn loopback() -> SocketAddr {
+    "127.0.0.1:0".parse().expect("addr")
+}
+
+async fn pair(server_id_expected: Option<SpiffeId>) -> Pair {
+    strait_proxy::tls::install_default_provider();
+    if let Ok(filter) = std::env::var("STRAIT_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+    let root = generate_root("test").expect("root");
+    let pem = generate_issuer(&root, TD).expect("issuer");
+    let issuer = Issuer::from_pem(pem.cert_pem.as_bytes(), pem.key_pem.as_bytes()).expect("issuer");
+    let anchors = TrustAnchors::from_pem(root.cert_pem.as_bytes(), "root").expect("anchors");
+    let app = app().await;
+    let echo = echo().await;
+    let server_identity = identity(&issuer, "web");
+    let server = Proxy::start(
+        ProxyConfig {
+            outbound: loopback(),
+            inbound: loopback(),
+            admin: loopback(),
+            inbound_target: Some(app),
+            ..Default::default()
+        },
+        server_identity.clone(),
+        anchors.clone(),
+        Arc::new(StaticResolver::default()),
+        Registry::default(),
+    )
+    .await
+    .expect("server proxy");
+    let expected = server_id_expected.unwrap_or_else(|| server_identity.id().clone());
+    let mut table = HashMap::new();
+    table.insert(
+        "web.demo:80".to_string(),
+        Destination {
+            endpoints: vec![Endpoint {
+                addr: app,
+                identity: Some(expected.clone()),
+                weight: 1,
+            }],
+        },
+    );
+    table.insert(
+        echo.to_string(),
+        Destination {
+            endpoints: vec![Endpoint {
+                addr: echo,
+                identity: Some(expected),
+                weight: 1,
+            }],
+        },
+    );
+    table.insert(
+        "plain.demo:80".to_string(),
+        Destination {
+            endpoints: vec![Endpoint {
+                addr: app,
+                identity: None,
+                weight: 1,
+            }],
+        },
+    );
+    let client_registry = Registry::default();
+    let client = Proxy::start(
+        ProxyConfig {
+            outbound: loopback(),
+            inbound: loopback(),
+            admin: loopback(),
+            inbound_target: Some(app),
+            outbound_target: Some(echo),
+            peer_inbound_port: server.inbound_addr().port(),
+            ..Default::default()
+        },
+        identity(&issuer, "client"),
+        anchors,
+        Arc::new(StaticResolver::new(table)),
+        Registry::default(),
+    )
+    .await
+    .expect("client proxy");
+    Pair {
+        client,
+        server,
+        app,
+        client_registry,
+    }
+}
+
+async fn raw_http1(addr: SocketAddr, request: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn metrics(proxy: &Proxy) -> String {
+    let rsp = raw_http1(
+        proxy.admin_addr(),
+        "GET /metrics HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    rsp.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_through_the_mesh() {
+    let p = pair(None).await;
+    let rsp = raw_http1(
+        p.client.outbound_addr(),
+        "POST /hello HTTP/1.1\r\nhost: web.demo\r\ncontent-length: 5\r\nconnection: close\r\n\r\nabcde",
+    )
+    .await;
+    assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
+    assert!(
+        rsp.ends_with("HTTP/1.1 /hello host=web.demo body=5"),
+        "{rsp}"
+    );
+    let c = metrics(&p.client).await;
+    assert!(c.contains(r#"strait_proxy_requests_total{direction="outbound",authority="web.demo:80",tls="true"} 1"#), "{c}");
+    let s = metrics(&p.server).await;
+    assert!(s.contains(r#"strait_proxy_responses_total{direction="inbound",authority="web.demo:80",tls="true",status_class="2xx",grpc_status=""} 1"#), "{s}");
+    let _ = (&p.app, &p.client_registry);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_and_grpc_through_the_mesh() {
+    let p = pair(None).await;
+    let tcp = TcpStream::connect(p.client.outbound_addr())
+        .await
+        .expect("connect");
+    let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(
+        TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2");
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .uri("http://web.demo:80/two")
+        .version(Version::HTTP_2)
+        .body(Full::new(Bytes::new()))
+        .expect("req");
+    let rsp = send.send_request(req).await.expect("response");
+    let body = rsp.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(&body[..], b"HTTP/2.0 /two host=web.demo:80 body=0");
+    for (path, status) in [("/grpc/ok", "0"), ("/grpc/fail", "7")] {
+        let req = Request::builder()
+            .method("POST")
+            .uri(format!("http://web.demo:80{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+            .expect("req");
+        let rsp = send.send_request(req).await.expect("response");
+        let collected = rsp.into_body().collect().await.expect("body");
+        let trailers = collected.trailers().cloned().expect("trailers kept");
+        assert_eq!(trailers["grpc-status"], status);
+        assert_eq!(collected.to_bytes().len(), 14, "both messages");
+    }
+    let c = metrics(&p.client).await;
+    assert!(c.contains(r#"grpc_status="7"} 1"#), "{c}");
+    assert!(c.contains(r#"grpc_status="0"} 1"#), "{c}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_tcp_through_the_mesh() {
+    let p = pair(None).await;
+    let mut s = TcpStream::connect(p.client.outbound_addr())
+        .await
+        .expect("connect");
+    // A server-speaks-first style pause, then binary bytes.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let payload: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+    s.write_all(&payload).await.expect("write");
+    s.shutdown().await.expect("half-close");
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await.expect("read");
+    assert_eq!(back, payload, "byte for byte through mTLS");
+    let srv = metrics(&p.server).await;
+    assert!(
+        srv.contains(
+            r#"strait_tcp_bytes_total{direction="inbound",tls="true",flow="read"} 100000"#
+        ),
+        "{srv}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmeshed_destinations_get_plain_http() {
+    let p = pair(None).await;
+    let rsp = raw_http1(
+        p.client.outbound_addr(),
+        "GET /p HTTP/1.1\r\nhost: plain.demo\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(rsp.ends_with("HTTP/1.1 /p host=plain.demo body=0"), "{rsp}");
+    let c = metrics(&p.client).await;
+    assert!(
+        c.contains(r#"authority="plain.demo:80",tls="false"} 1"#),
+        "{c}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_with_the_wrong_identity_is_refused_and_counted() {
+    let wrong = SpiffeId::workload(TD, "demo", "impostor").expect("id");
+    let p = pair(Some(wrong)).await;
+    let rsp = raw_http1(
+        p.client.outbound_addr(),
+        "GET / HTTP/1.1\r\nhost: web.demo\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(rsp.starts_with("HTTP/1.1 502"), "{rsp}");
+    let c = metrics(&p.client).await;
+    assert!(
+        c.contains(
+            r#"strait_tls_handshake_failures_total{side="connect",reason="unexpected_identity"}"#
+        ),
+        "{c}"
+    );
+    // Still serving.
+    let rsp = raw_http1(
+        p.client.outbound_addr(),
+        "GET /p HTTP/1.1\r\nhost: plain.demo\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_requests() {
+    let p = pair(None).await;
+    let bad = raw_http1(
+        p.client.outbound_addr(),
+        "GET / HTTP/1.1\r\nhost: web.demo\r\nbad header line\r\n\r\n",
+    )
+    .await;
+    assert!(bad.starts_with("HTTP/1.1 400"), "{bad:?}");
+    let big = format!(
+        "GET / HTTP/1.1\r\nhost: web.demo\r\nx-big: {}\r\n\r\n",
+        "a".repeat(200_000)
+    );
+    let rsp = raw_http1(p.client.outbound_addr(), &big).await;
+    assert!(rsp.starts_with("HTTP/1.1 431"), "{rsp:?}");
+    let ok = raw_http1(
+        p.client.outbound_addr(),
+        "GET /x HTTP/1.1\r\nhost: web.demo\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(ok.starts_with("HTTP/1.1 200"), "still serving: {ok}");
+}
