@@ -17,6 +17,7 @@ pub mod http;
 pub mod identity;
 pub mod mesh;
 pub mod metrics;
+pub mod retry;
 pub mod sidecar;
 pub mod tls;
 pub mod transparent;

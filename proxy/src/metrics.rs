@@ -115,6 +115,15 @@ pub struct ErrorLabels {
     pub reason: &'static str,
 }
 
+/// Labels of retries.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// `retried` or `budget_exhausted`.
+    pub result: &'static str,
+}
+
 /// At most this many authorities get their own label value; the rest are
 /// `other`, so a client cannot blow up the metric cardinality.
 pub const MAX_AUTHORITIES: usize = 100;
@@ -130,6 +139,8 @@ pub struct HttpMetrics {
     pub latency: Family<LatencyLabels, prometheus_client::metrics::histogram::Histogram>,
     /// Errors the proxy answered itself or could not answer.
     pub errors: Family<ErrorLabels, Counter>,
+    /// Retries made, or refused by the budget.
+    pub retries: Family<RetryLabels, Counter>,
     authorities: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
@@ -145,6 +156,7 @@ impl HttpMetrics {
                 )
             }),
             errors: Family::default(),
+            retries: Family::default(),
             authorities: Arc::default(),
         };
         registry.register(
@@ -161,6 +173,11 @@ impl HttpMetrics {
             "strait_proxy_response_latency_seconds",
             "Time from a request to its response headers",
             m.latency.clone(),
+        );
+        registry.register(
+            "strait_proxy_retries",
+            "Retries of idempotent requests, by result (retried, budget_exhausted)",
+            m.retries.clone(),
         );
         registry.register(
             "strait_proxy_errors",

@@ -404,3 +404,61 @@ pub(crate) fn http_error_reason(error: &(dyn std::error::Error + 'static)) -> &'
         None => "http_connection",
     }
 }
+
+/// Serves one HTTP connection (HTTP/1 or HTTP/2) with `handle`, until it
+/// ends or a drain asks it to finish its requests and close. Returns
+/// whether it ended cleanly; failures are counted by reason.
+pub(crate) async fn serve_http<I, F, Fut>(
+    io: I,
+    shared: &Shared,
+    direction: &'static str,
+    handle: F,
+) -> bool
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Send + Sync + Clone + 'static,
+    Fut: std::future::Future<Output = http::Response<crate::http::Body>> + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let handle = handle.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(req).await) }
+    });
+    let mut draining = shared.draining.clone();
+    let builder = http_server();
+    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => match r {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::debug!(direction, %error, "HTTP connection failed");
+                shared.http.error(direction, http_error_reason(&*error));
+                false
+            }
+        },
+        () = drained(&mut draining) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await.is_ok()
+        }
+    }
+}
+
+/// Counts bytes of opaque forwarding.
+pub(crate) fn count_tcp_bytes(
+    shared: &Shared,
+    direction: &'static str,
+    tls: &'static str,
+    moved: crate::forward::Transferred,
+) {
+    for (flow, n) in [("read", moved.a_to_b), ("write", moved.b_to_a)] {
+        shared
+            .tcp
+            .bytes
+            .get_or_create(&crate::metrics::TcpBytesLabels {
+                direction,
+                tls,
+                flow,
+            })
+            .inc_by(n);
+    }
+}

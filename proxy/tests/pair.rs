@@ -24,6 +24,13 @@ use tokio::net::{TcpListener, TcpStream};
 
 const TD: &str = "test.strait.local";
 
+static HITS: std::sync::LazyLock<std::sync::Mutex<HashMap<String, u32>>> =
+    std::sync::LazyLock::new(Default::default);
+
+fn hits(tag: &str) -> u32 {
+    HITS.lock().expect("lock").get(tag).copied().unwrap_or(0)
+}
+
 fn identity(issuer: &Issuer, sa: &str) -> Arc<CertStore> {
     let id = SpiffeId::workload(TD, "demo", sa).expect("id");
     CertStore::new(&issuer.issue(&id, Duration::from_secs(3600)).expect("leaf")).expect("store")
@@ -43,6 +50,19 @@ async fn app() -> SocketAddr {
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
                     let path = req.uri().path().to_string();
+                    if let Some(tag) = path.strip_prefix("/once/") {
+                        // Fails (closes the connection) the first time a
+                        // tag is seen; counts every hit.
+                        let first = {
+                            let mut hits = HITS.lock().expect("lock");
+                            let n = hits.entry(tag.to_string()).or_insert(0);
+                            *n += 1;
+                            *n == 1
+                        };
+                        if first {
+                            return Err("first hit fails".to_string());
+                        }
+                    }
                     let version = format!("{:?}", req.version());
                     let host = req
                         .headers()
@@ -69,7 +89,7 @@ async fn app() -> SocketAddr {
                             .header("content-type", "application/grpc")
                             .body(StreamBody::new(futures::stream::iter(frames)).boxed())
                             .expect("response");
-                        return Ok::<_, Infallible>(rsp);
+                        return Ok::<_, String>(rsp);
                     }
                     let text = format!("{version} {path} host={host} body={}", body.len());
                     Ok(Response::new(
@@ -368,4 +388,32 @@ async fn malformed_and_oversized_requests() {
     )
     .await;
     assert!(ok.starts_with("HTTP/1.1 200"), "still serving: {ok}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_is_retried_when_its_endpoint_fails_and_a_post_is_not() {
+    let p = pair(None).await;
+    for host in ["web.demo", "plain.demo"] {
+        let get = format!("get-{host}");
+        let rsp = raw_http1(
+            p.client.outbound_addr(),
+            &format!("GET /once/{get} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n"),
+        )
+        .await;
+        assert!(rsp.starts_with("HTTP/1.1 200"), "{host}: {rsp}");
+        assert_eq!(hits(&get), 2, "{host}: retried once");
+        let post = format!("post-{host}");
+        let rsp = raw_http1(
+            p.client.outbound_addr(),
+            &format!("POST /once/{post} HTTP/1.1\r\nhost: {host}\r\ncontent-length: 2\r\nconnection: close\r\n\r\nhi"),
+        )
+        .await;
+        assert!(rsp.starts_with("HTTP/1.1 502"), "{host}: {rsp}");
+        assert_eq!(hits(&post), 1, "{host}: a POST is never retried");
+    }
+    let c = metrics(&p.client).await;
+    assert!(
+        c.contains(r#"strait_proxy_retries_total{direction="outbound",result="retried"} 2"#),
+        "{c}"
+    );
 }

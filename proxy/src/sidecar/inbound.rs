@@ -14,7 +14,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::LazyConfigAcceptor;
@@ -188,28 +188,12 @@ impl Inbound {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let this = self.clone();
-        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let shared = self.0.shared.clone();
+        super::serve_http(io, &shared, DIRECTION, move |req| {
             let this = this.clone();
-            async move { Ok::<_, std::convert::Infallible>(this.handle(req, port, tls).await) }
-        });
-        let mut draining = self.0.shared.draining.clone();
-        let builder = super::http_server();
-        let conn = builder.serve_connection(TokioIo::new(io), service);
-        tokio::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => match r {
-                Ok(()) => true,
-                Err(error) => {
-                    tracing::debug!(%error, "inbound HTTP connection failed");
-                    self.0.shared.http.error(DIRECTION, super::http_error_reason(&*error));
-                    false
-                }
-            },
-            () = super::drained(&mut draining) => {
-                conn.as_mut().graceful_shutdown();
-                conn.await.is_ok()
-            }
-        }
+            async move { this.handle(req, port, tls).await }
+        })
+        .await
     }
 
     async fn handle(&self, req: Request<Incoming>, port: u16, tls: &'static str) -> Response<Body> {
@@ -296,17 +280,7 @@ impl Inbound {
         };
         match crate::forward::splice(&mut io, &mut app).await {
             Ok(t) => {
-                for (flow, n) in [("read", t.a_to_b), ("write", t.b_to_a)] {
-                    shared
-                        .tcp
-                        .bytes
-                        .get_or_create(&crate::metrics::TcpBytesLabels {
-                            direction: DIRECTION,
-                            tls,
-                            flow,
-                        })
-                        .inc_by(n);
-                }
+                super::count_tcp_bytes(shared, DIRECTION, tls, t);
                 true
             }
             Err(_) => false,

@@ -14,7 +14,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpStream;
 
 use super::{Active, Shared, StartError};
@@ -24,9 +24,90 @@ use crate::discovery::Endpoint;
 use crate::http::{authority_of, error_response, strip_hop_by_hop, to_mesh, Body, Observed};
 use crate::mesh::MeshClient;
 use crate::metrics::{RequestLabels, TcpCloseLabels, TcpLabels};
+use crate::retry::{is_idempotent, Budget, BudgetConfig, MAX_BUFFERED_BODY};
 use crate::transport::ProtocolHint;
 
 const DIRECTION: &str = "outbound";
+/// Attempts per request at most (the first and two retries).
+const MAX_ATTEMPTS: u32 = 3;
+
+/// Whether a response is the peer proxy saying it could not reach its
+/// application (as opposed to the application's own answer).
+fn peer_proxy_failed(rsp: &Response<Body>) -> bool {
+    rsp.headers().contains_key("strait-proxy-error")
+        && matches!(
+            rsp.status(),
+            StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
+        )
+}
+
+/// A request that can be sent again when it is idempotent and its body
+/// was small enough to buffer; otherwise it is sent once.
+enum Replay {
+    Once(Option<Request<Body>>),
+    Buffered {
+        method: http::Method,
+        uri: http::Uri,
+        version: Version,
+        headers: http::HeaderMap,
+        body: bytes::Bytes,
+    },
+}
+
+impl Replay {
+    async fn new(req: Request<Body>) -> Result<Self, Response<Body>> {
+        use hyper::body::Body as _;
+        let small = req
+            .body()
+            .size_hint()
+            .upper()
+            .is_some_and(|n| n <= MAX_BUFFERED_BODY as u64);
+        if !is_idempotent(req.method()) || !small {
+            return Ok(Self::Once(Some(req)));
+        }
+        let (parts, body) = req.into_parts();
+        let body = http_body_util::Limited::new(body, MAX_BUFFERED_BODY)
+            .collect()
+            .await
+            .map_err(|_| error_response(StatusCode::BAD_REQUEST, "request body failed"))?
+            .to_bytes();
+        Ok(Self::Buffered {
+            method: parts.method,
+            uri: parts.uri,
+            version: parts.version,
+            headers: parts.headers,
+            body,
+        })
+    }
+
+    fn can_replay(&self) -> bool {
+        matches!(self, Self::Buffered { .. })
+    }
+
+    fn next(&mut self) -> Option<Request<Body>> {
+        match self {
+            Self::Once(r) => r.take(),
+            Self::Buffered {
+                method,
+                uri,
+                version,
+                headers,
+                body,
+            } => {
+                let mut req = Request::new(
+                    http_body_util::Full::new(body.clone())
+                        .map_err(|never| match never {})
+                        .boxed(),
+                );
+                *req.method_mut() = method.clone();
+                *req.uri_mut() = uri.clone();
+                *req.version_mut() = *version;
+                *req.headers_mut() = headers.clone();
+                Some(req)
+            }
+        }
+    }
+}
 
 /// The outbound proxy; cheap to clone.
 #[derive(Clone)]
@@ -38,6 +119,7 @@ struct Inner {
     http1: Client<HttpConnector, Body>,
     http2: crate::http::H2Pool,
     balancers: Mutex<HashMap<String, Balancer<SocketAddr>>>,
+    budgets: Mutex<HashMap<String, Budget>>,
 }
 
 impl Outbound {
@@ -59,6 +141,7 @@ impl Outbound {
             http1,
             http2,
             balancers: Mutex::default(),
+            budgets: Mutex::default(),
         })))
     }
 
@@ -114,28 +197,12 @@ impl Outbound {
 
     async fn serve_http(&self, io: PrefixedIo<TcpStream>, orig: Option<SocketAddr>) -> bool {
         let this = self.clone();
-        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let shared = self.0.shared.clone();
+        super::serve_http(io, &shared, DIRECTION, move |req| {
             let this = this.clone();
-            async move { Ok::<_, std::convert::Infallible>(this.handle(req, orig).await) }
-        });
-        let mut draining = self.0.shared.draining.clone();
-        let builder = super::http_server();
-        let conn = builder.serve_connection(TokioIo::new(io), service);
-        tokio::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => match r {
-                Ok(()) => true,
-                Err(error) => {
-                    tracing::debug!(%error, "outbound HTTP connection failed");
-                    self.0.shared.http.error(DIRECTION, super::http_error_reason(&*error));
-                    false
-                }
-            },
-            () = super::drained(&mut draining) => {
-                conn.as_mut().graceful_shutdown();
-                conn.await.is_ok()
-            }
-        }
+            async move { this.handle(req, orig).await }
+        })
+        .await
     }
 
     async fn handle(&self, req: Request<Incoming>, orig: Option<SocketAddr>) -> Response<Body> {
@@ -164,15 +231,35 @@ impl Outbound {
         Observed::wrap(rsp, shared.http.clone(), &labels, started)
     }
 
-    fn pick(&self, authority: &str, endpoints: &[Endpoint]) -> Option<Endpoint> {
+    /// Picks an endpoint, avoiding those already `tried` for this request
+    /// when others exist.
+    fn pick(
+        &self,
+        authority: &str,
+        endpoints: &[Endpoint],
+        tried: &[SocketAddr],
+    ) -> Option<Endpoint> {
         let now = Instant::now();
         let mut balancers = self.0.balancers.lock().unwrap_or_else(|e| e.into_inner());
         let b = balancers
             .entry(authority.to_string())
             .or_insert_with(|| Balancer::new(BalanceConfig::default(), rand::random()));
         b.update(endpoints.iter().map(|e| e.addr), now);
-        let pick = b.pick(now)?;
-        endpoints.iter().find(|e| e.addr == pick.key).cloned()
+        let fresh: Vec<SocketAddr> = endpoints
+            .iter()
+            .map(|e| e.addr)
+            .filter(|a| !tried.contains(a))
+            .collect();
+        let mut key = b.pick(now)?.key;
+        // P2C may draw a tried endpoint again; a few more draws find another.
+        for _ in 0..4 {
+            if fresh.is_empty() || fresh.contains(&key) {
+                break;
+            }
+            b.release(&key);
+            key = b.pick(now)?.key;
+        }
+        endpoints.iter().find(|e| e.addr == key).cloned()
     }
 
     fn report(&self, authority: &str, addr: SocketAddr, ok: Option<std::time::Duration>) {
@@ -186,10 +273,12 @@ impl Outbound {
         }
     }
 
-    /// Sends the request to an endpoint; `Err` is the proxy's own answer.
+    /// Sends the request to an endpoint, retrying idempotent requests with
+    /// small bodies on another endpoint when an attempt fails (within the
+    /// retry budget); `Err` is the proxy's own answer.
     async fn route(
         &self,
-        mut req: Request<Body>,
+        req: Request<Body>,
         authority: &str,
         orig: Option<SocketAddr>,
         started: Instant,
@@ -213,13 +302,74 @@ impl Outbound {
                 }
             },
         };
-        let Some(endpoint) = self.pick(authority, &endpoints) else {
-            shared.http.error(DIRECTION, "no_endpoints");
-            return Err(error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no endpoints",
-            ));
-        };
+        self.budget(authority, |b| b.deposit(Instant::now()));
+        let mut replay = Replay::new(req).await?;
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        for attempt in 1..=MAX_ATTEMPTS {
+            let Some(req) = replay.next() else {
+                break;
+            };
+            let Some(endpoint) = self.pick(authority, &endpoints, &tried) else {
+                shared.http.error(DIRECTION, "no_endpoints");
+                return Err(error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no endpoints",
+                ));
+            };
+            let result = self.attempt(req, authority, &endpoint).await;
+            let failed = match &result {
+                Ok((rsp, _)) => peer_proxy_failed(rsp),
+                Err(_) => true,
+            };
+            if !failed {
+                self.report(authority, endpoint.addr, Some(started.elapsed()));
+                return result;
+            }
+            self.report(authority, endpoint.addr, None);
+            let retry = replay.can_replay()
+                && attempt < MAX_ATTEMPTS
+                && self.budget(authority, |b| b.withdraw(Instant::now()));
+            if !retry {
+                if replay.can_replay() && attempt < MAX_ATTEMPTS {
+                    self.retried("budget_exhausted");
+                }
+                return result;
+            }
+            self.retried("retried");
+            tracing::debug!(%authority, endpoint = %endpoint.addr, attempt, "retrying");
+            tried.push(endpoint.addr);
+        }
+        Err(error_response(StatusCode::BAD_GATEWAY, "upstream failed"))
+    }
+
+    fn budget<T>(&self, authority: &str, f: impl FnOnce(&mut Budget) -> T) -> T {
+        let mut budgets = self.0.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        let b = budgets
+            .entry(authority.to_string())
+            .or_insert_with(|| Budget::new(BudgetConfig::default()));
+        f(b)
+    }
+
+    fn retried(&self, result: &'static str) {
+        self.0
+            .shared
+            .http
+            .retries
+            .get_or_create(&crate::metrics::RetryLabels {
+                direction: DIRECTION,
+                result,
+            })
+            .inc();
+    }
+
+    /// One attempt at one endpoint.
+    async fn attempt(
+        &self,
+        mut req: Request<Body>,
+        authority: &str,
+        endpoint: &Endpoint,
+    ) -> Result<(Response<Body>, &'static str), Response<Body>> {
+        let shared = &self.0.shared;
         let timeout = shared.config.request_timeout;
         let (sent, tls) = match &endpoint.identity {
             Some(id) => {
@@ -238,16 +388,20 @@ impl Outbound {
                     .path_and_query()
                     .map_or("/", |p| p.as_str())
                     .to_string();
-                let r = if req.version() == Version::HTTP_2 {
-                    match format!("http://{authority}{path}").parse() {
-                        Ok(u) => *req.uri_mut() = u,
-                        Err(_) => {
-                            return Err(error_response(
-                                StatusCode::BAD_REQUEST,
-                                "bad request target",
-                            ))
-                        }
-                    }
+                let h2 = req.version() == Version::HTTP_2;
+                let target = if h2 {
+                    format!("http://{authority}{path}")
+                } else {
+                    format!("http://{}{}", endpoint.addr, path)
+                };
+                let Ok(uri) = target.parse() else {
+                    return Err(error_response(
+                        StatusCode::BAD_REQUEST,
+                        "bad request target",
+                    ));
+                };
+                *req.uri_mut() = uri;
+                let r = if h2 {
                     let f = self
                         .0
                         .http2
@@ -256,15 +410,6 @@ impl Outbound {
                         .await
                         .map(|r| r.map_err(|e| e.to_string()))
                 } else {
-                    match format!("http://{}{}", endpoint.addr, path).parse() {
-                        Ok(u) => *req.uri_mut() = u,
-                        Err(_) => {
-                            return Err(error_response(
-                                StatusCode::BAD_REQUEST,
-                                "bad request target",
-                            ))
-                        }
-                    }
                     tokio::time::timeout(timeout, self.0.http1.request(req))
                         .await
                         .map(|r| r.map_err(|e| e.to_string()))
@@ -274,19 +419,16 @@ impl Outbound {
         };
         match sent {
             Ok(Ok(rsp)) => {
-                self.report(authority, endpoint.addr, Some(started.elapsed()));
                 let mut rsp = rsp.map(|b| b.boxed());
                 strip_hop_by_hop(rsp.headers_mut());
                 Ok((rsp, tls))
             }
             Ok(Err(error)) => {
                 tracing::info!(%authority, endpoint = %endpoint.addr, %error, "request failed");
-                self.report(authority, endpoint.addr, None);
                 shared.http.error(DIRECTION, "upstream");
                 Err(error_response(StatusCode::BAD_GATEWAY, "upstream failed"))
             }
             Err(_) => {
-                self.report(authority, endpoint.addr, None);
                 shared.http.error(DIRECTION, "timeout");
                 Err(error_response(
                     StatusCode::GATEWAY_TIMEOUT,
@@ -330,17 +472,7 @@ impl Outbound {
         };
         match moved {
             Ok(t) => {
-                for (flow, n) in [("read", t.a_to_b), ("write", t.b_to_a)] {
-                    shared
-                        .tcp
-                        .bytes
-                        .get_or_create(&crate::metrics::TcpBytesLabels {
-                            direction: DIRECTION,
-                            tls: "false",
-                            flow,
-                        })
-                        .inc_by(n);
-                }
+                super::count_tcp_bytes(shared, DIRECTION, "false", t);
                 true
             }
             Err(error) => {
