@@ -222,6 +222,20 @@ impl<K: Clone + Eq + Hash> Balancer<K> {
         }
     }
 
+    /// Reports a latency sample for a request still in flight (a
+    /// connection that was established and stays open): the endpoint's
+    /// estimate moves and it is back in if it was out; call
+    /// [`Balancer::release`] when it ends.
+    pub fn sample(&mut self, key: &K, latency: Duration, now: Instant) {
+        let decay = self.config.decay;
+        if let Some(e) = self.endpoints.get_mut(key) {
+            e.ewma.observe(latency, now, decay);
+            e.consecutive_failures = 0;
+            e.ejections_in_a_row = 0;
+            e.ejected_until = None;
+        }
+    }
+
     /// Reports a finished request without a latency sample (a long-lived
     /// stream ended, say).
     pub fn release(&mut self, key: &K) {
