@@ -249,6 +249,64 @@ fn grpc_status(headers: &HeaderMap) -> Option<String> {
     }
 }
 
+/// Whether `req` asks to switch protocols (WebSocket and the like).
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(http::header::UPGRADE)
+        && req
+            .headers()
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+/// Sends an upgrade request over `stream` (a fresh connection to the
+/// upstream: plain, or a mesh connection carrying opaque bytes) as
+/// HTTP/1.1; when the upstream switches protocols, the two upgraded
+/// connections are spliced byte for byte. Returns the upstream's response
+/// for the client (a 101 completes the client's upgrade).
+pub async fn upgrade_via<S>(
+    mut req: Request<hyper::body::Incoming>,
+    stream: S,
+) -> Result<Response<Body>, std::io::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let client_side = hyper::upgrade::on(&mut req);
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(std::io::Error::other)?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    let (parts, body) = req.into_parts();
+    let mut fwd = Request::from_parts(parts, body.boxed());
+    if let Some(pq) = fwd.uri().path_and_query().cloned() {
+        *fwd.uri_mut() = http::Uri::from(pq);
+    }
+    let mut rsp = sender
+        .send_request(fwd)
+        .await
+        .map_err(std::io::Error::other)?;
+    if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let server_side = hyper::upgrade::on(&mut rsp);
+        tokio::spawn(async move {
+            let (Ok(client), Ok(server)) = (client_side.await, server_side.await) else {
+                return;
+            };
+            let mut client = hyper_util::rt::TokioIo::new(client);
+            let mut server = hyper_util::rt::TokioIo::new(server);
+            let _ = crate::forward::splice(&mut client, &mut server).await;
+        });
+    }
+    Ok(rsp.map(|b| b.boxed()))
+}
+
 /// `1xx` ... `5xx`.
 pub fn status_class(s: StatusCode) -> &'static str {
     match s.as_u16() / 100 {

@@ -425,7 +425,7 @@ where
     });
     let mut draining = shared.draining.clone();
     let builder = http_server();
-    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), service);
+    let conn = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(io), service);
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => match r {

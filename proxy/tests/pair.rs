@@ -48,8 +48,33 @@ async fn app() -> SocketAddr {
                 continue;
             };
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                let svc = hyper::service::service_fn(|mut req: Request<Incoming>| async move {
                     let path = req.uri().path().to_string();
+                    if path == "/ws" && req.headers().contains_key("upgrade") {
+                        let upgrade = hyper::upgrade::on(&mut req);
+                        tokio::spawn(async move {
+                            if let Ok(up) = upgrade.await {
+                                let mut io = TokioIo::new(up);
+                                let mut buf = [0u8; 64];
+                                while let Ok(n) = io.read(&mut buf).await {
+                                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        });
+                        let rsp = Response::builder()
+                            .status(101)
+                            .header("connection", "upgrade")
+                            .header("upgrade", "echo")
+                            .body(
+                                Full::new(Bytes::new())
+                                    .map_err(|never| match never {})
+                                    .boxed(),
+                            )
+                            .expect("101");
+                        return Ok::<_, String>(rsp);
+                    }
                     if let Some(tag) = path.strip_prefix("/once/") {
                         // Fails (closes the connection) the first time a
                         // tag is seen; counts every hit.
@@ -99,7 +124,7 @@ async fn app() -> SocketAddr {
                     ))
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tcp), svc)
+                    .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
                     .await;
             });
         }
@@ -416,4 +441,39 @@ async fn a_get_is_retried_when_its_endpoint_fails_and_a_post_is_not() {
         c.contains(r#"strait_proxy_retries_total{direction="outbound",result="retried"} 2"#),
         "{c}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_pass_through_meshed_and_plain() {
+    let p = pair(None).await;
+    for host in ["web.demo", "plain.demo"] {
+        let mut s = TcpStream::connect(p.client.outbound_addr())
+            .await
+            .expect("connect");
+        s.write_all(
+            format!(
+                "GET /ws HTTP/1.1\r\nhost: {host}\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("write");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).await.expect("head");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_string();
+        assert!(head.starts_with("HTTP/1.1 101"), "{host}: {head}");
+        s.write_all(b"ping over the upgraded connection")
+            .await
+            .expect("write");
+        let mut back = vec![0u8; 33];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+            .await
+            .expect("in time")
+            .expect("echo");
+        assert_eq!(&back, b"ping over the upgraded connection", "{host}");
+    }
 }

@@ -206,6 +206,19 @@ impl Inbound {
             tls,
         };
         shared.http.requests.get_or_create(&labels).inc();
+        if crate::http::is_upgrade(&req) {
+            let target: SocketAddr = ([127, 0, 0, 1], port).into();
+            let rsp = match TcpStream::connect(target).await {
+                Ok(tcp) => crate::http::upgrade_via(req, tcp).await,
+                Err(e) => Err(e),
+            }
+            .unwrap_or_else(|error| {
+                tracing::info!(%target, %error, "upgrade to the application failed");
+                shared.http.error(DIRECTION, "upstream");
+                error_response(StatusCode::BAD_GATEWAY, "application unavailable")
+            });
+            return Observed::wrap(rsp, shared.http.clone(), &labels, started);
+        }
         let mut req = from_mesh(req.map(|b| b.boxed()));
         strip_hop_by_hop(req.headers_mut());
         // The application is on loopback: the pod's own address would loop

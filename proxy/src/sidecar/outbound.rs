@@ -218,6 +218,11 @@ impl Outbound {
             authority: shared.http.authority(&authority),
             tls: "false",
         };
+        if crate::http::is_upgrade(&req) {
+            shared.http.requests.get_or_create(&labels).inc();
+            let rsp = self.upgrade(req, &authority, orig).await;
+            return Observed::wrap(rsp, shared.http.clone(), &labels, started);
+        }
         let req = req.map(|b| b.boxed());
         let rsp = match self.route(req, &authority, orig, started).await {
             Ok((rsp, tls)) => {
@@ -229,6 +234,64 @@ impl Outbound {
         };
         shared.http.requests.get_or_create(&labels).inc();
         Observed::wrap(rsp, shared.http.clone(), &labels, started)
+    }
+
+    /// An upgrade (WebSocket...): a fresh connection to one endpoint (an
+    /// opaque mesh connection when meshed), the request sent as HTTP/1.1,
+    /// and on 101 the two sides spliced.
+    async fn upgrade(
+        &self,
+        req: Request<Incoming>,
+        authority: &str,
+        orig: Option<SocketAddr>,
+    ) -> Response<Body> {
+        let shared = &self.0.shared;
+        let endpoints = match shared.resolver.resolve(authority).await {
+            Some(d) if !d.endpoints.is_empty() => d.endpoints,
+            _ => orig
+                .map(|o| {
+                    vec![Endpoint {
+                        addr: o,
+                        identity: None,
+                        weight: 1,
+                    }]
+                })
+                .unwrap_or_default(),
+        };
+        let Some(endpoint) = self.pick(authority, &endpoints, &[]) else {
+            shared.http.error(DIRECTION, "no_endpoints");
+            return error_response(StatusCode::SERVICE_UNAVAILABLE, "no endpoints");
+        };
+        let result = match &endpoint.identity {
+            Some(id) => {
+                let peer = SocketAddr::new(endpoint.addr.ip(), shared.config.peer_inbound_port);
+                match self
+                    .0
+                    .mesh
+                    .connect(peer, id, endpoint.addr.port(), ProtocolHint::Opaque)
+                    .await
+                {
+                    Ok(tls) => crate::http::upgrade_via(req, tls).await,
+                    Err(e) => Err(std::io::Error::other(e)),
+                }
+            }
+            None => match TcpStream::connect(endpoint.addr).await {
+                Ok(tcp) => crate::http::upgrade_via(req, tcp).await,
+                Err(e) => Err(e),
+            },
+        };
+        match result {
+            Ok(rsp) => {
+                self.report(authority, endpoint.addr, Some(std::time::Duration::ZERO));
+                rsp
+            }
+            Err(error) => {
+                tracing::info!(%authority, %error, "upgrade failed");
+                self.report(authority, endpoint.addr, None);
+                shared.http.error(DIRECTION, "upstream");
+                error_response(StatusCode::BAD_GATEWAY, "upstream failed")
+            }
+        }
     }
 
     /// Picks an endpoint, avoiding those already `tried` for this request
