@@ -95,6 +95,9 @@ struct RunArgs {
     /// Drain deadline after SIGTERM, ms.
     #[arg(long, env = "STRAIT_PROXY_SHUTDOWN_GRACE_MS", default_value = "30000", value_parser = ms)]
     shutdown_grace_ms: Duration,
+    /// Worker threads (default: one per CPU).
+    #[arg(long, env = "STRAIT_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: Option<u16>,
     /// Static destinations (YAML); DNS is the fallback.
     #[arg(long, env = "STRAIT_PROXY_DESTINATIONS")]
     destinations: Option<PathBuf>,
@@ -267,11 +270,16 @@ fn main() -> ExitCode {
                 .map(|applied| println!("{applied}"))
                 .map_err(anyhow::Error::from)
         }
-        Command::Run(a) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .context("starting the runtime")
-            .and_then(|rt| rt.block_on(run(*a))),
+        Command::Run(a) => {
+            let mut rt = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = a.threads {
+                rt.worker_threads(usize::from(n));
+            }
+            rt.enable_all()
+                .build()
+                .context("starting the runtime")
+                .and_then(|rt| rt.block_on(run(*a)))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

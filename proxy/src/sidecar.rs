@@ -161,6 +161,8 @@ pub(crate) struct Shared {
     pub(crate) tls: TlsMetrics,
     pub(crate) active: AtomicUsize,
     pub(crate) draining: watch::Receiver<bool>,
+    /// This proxy's own listener addresses (to refuse loops).
+    pub(crate) listeners: std::sync::Mutex<Vec<SocketAddr>>,
 }
 
 /// Counts a connection in flight while alive.
@@ -231,6 +233,7 @@ impl Proxy {
             tls,
             active: AtomicUsize::new(0),
             draining,
+            listeners: std::sync::Mutex::default(),
         });
         let outbound = bind(config.outbound).await?;
         let inbound = bind(config.inbound).await?;
@@ -242,6 +245,9 @@ impl Proxy {
             addr: config.inbound,
             source,
         })?;
+        if let Ok(mut l) = shared.listeners.lock() {
+            l.extend([outbound_addr, inbound_addr]);
+        }
         let out = outbound::Outbound::new(shared.clone())?;
         let inn = inbound::Inbound::new(shared.clone())?;
         let tasks = vec![

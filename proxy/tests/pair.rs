@@ -235,7 +235,10 @@ async fn pair(server_id_expected: Option<SpiffeId>) -> Pair {
         },
         identity(&issuer, "client"),
         anchors,
-        Arc::new(StaticResolver::new(table)),
+        Arc::new(strait_proxy::discovery::Chain(vec![
+            Box::new(StaticResolver::new(table)),
+            Box::new(strait_proxy::discovery::DnsResolver),
+        ])),
         Registry::default(),
     )
     .await
@@ -476,4 +479,16 @@ async fn upgrades_pass_through_meshed_and_plain() {
             .expect("echo");
         assert_eq!(&back, b"ping over the upgraded connection", "{host}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_to_the_proxy_itself_is_refused_not_looped() {
+    let p = pair(None).await;
+    let own = p.client.outbound_addr();
+    let rsp = raw_http1(
+        own,
+        &format!("GET / HTTP/1.1\r\nhost: {own}\r\nconnection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(rsp.starts_with("HTTP/1.1 508"), "{rsp}");
 }

@@ -365,6 +365,30 @@ impl Outbound {
                 }
             },
         };
+        // Never send traffic back into this proxy (a name that resolves to
+        // our own listener would loop until every socket is gone).
+        let own = shared
+            .listeners
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or_default();
+        let endpoints: Vec<Endpoint> = endpoints
+            .into_iter()
+            .filter(|e| {
+                !own.iter().any(|l| {
+                    l.port() == e.addr.port()
+                        && (l.ip() == e.addr.ip()
+                            || (l.ip().is_unspecified() && e.addr.ip().is_loopback()))
+                })
+            })
+            .collect();
+        if endpoints.is_empty() {
+            shared.http.error(DIRECTION, "loop");
+            return Err(error_response(
+                StatusCode::LOOP_DETECTED,
+                &format!("{authority} resolves to this proxy"),
+            ));
+        }
         self.budget(authority, |b| b.deposit(Instant::now()));
         let mut replay = Replay::new(req).await?;
         let mut tried: Vec<SocketAddr> = Vec::new();

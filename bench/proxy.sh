@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# Sidecar proxy benchmark: a client strait-proxy and a server strait-proxy
+# with mutual TLS between them, against a direct connection and against a
+# HAProxy pair (HTTP/2 over TLS 1.3 with client certificates between), in
+# one run, with ratios:
+#   - requests/s at 50 connections, HTTP/1.1 (wrk) and HTTP/2 (h2load);
+#   - p50/p99 latency at a fixed 1000 requests/s (strait-loadgen http),
+#     and the latency each pair adds;
+#   - the client proxy's RSS idle and holding 10,000 idle connections.
+#
+#   bench/proxy.sh [SECONDS]        default 10 s per throughput run
+#
+# Installs wrk, nghttp2-client (h2load), haproxy and openssl if missing.
+# Loopback only; everything stops when the script exits. One worker thread
+# per proxy (STRAIT_BENCH_THREADS), HAProxy with nbthread 1, on 2 cores
+# shared with the load generator and the backend.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS=${1:-10}
+THREADS=${STRAIT_BENCH_THREADS:-1}
+
+need=()
+command -v wrk >/dev/null || need+=(wrk)
+command -v h2load >/dev/null || need+=(nghttp2-client)
+command -v haproxy >/dev/null || need+=(haproxy)
+command -v openssl >/dev/null || need+=(openssl)
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+cargo build --release -q -p strait-proxy --bin strait-proxy -p strait-gateway --bin strait -p strait-tests --bin strait-loadgen
+BIN=$PWD/target/release
+WORK=$(mktemp -d /tmp/strait-proxy-bench.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+cd "$WORK"
+
+BACKEND=127.0.0.1:45080
+"$BIN/strait-loadgen" http-server $BACKEND & PIDS+=($!)
+
+# Strait pair.
+"$BIN/strait" certs root >/dev/null
+"$BIN/strait" certs issuer --cluster bench >/dev/null
+cat > destinations.yaml <<YAML
+destinations:
+  - authority: "bench:80"
+    endpoints:
+      - { addr: "$BACKEND", identity: "spiffe://bench.strait.local/ns/bench/sa/server" }
+YAML
+common=(--trust-anchors root.pem --issuer-cert bench-issuer.pem --issuer-key bench-issuer.key)
+STRAIT_LOG=warn STRAIT_THREADS=$THREADS "$BIN/strait-proxy" run "${common[@]}" \
+  --identity spiffe://bench.strait.local/ns/bench/sa/server \
+  --outbound-listen 127.0.0.1:46140 --inbound-listen 127.0.0.1:46143 --admin-listen 127.0.0.1:46191 \
+  --inbound-target $BACKEND >server.log 2>&1 & PIDS+=($!)
+STRAIT_LOG=warn STRAIT_THREADS=$THREADS "$BIN/strait-proxy" run "${common[@]}" \
+  --identity spiffe://bench.strait.local/ns/bench/sa/client \
+  --outbound-listen 127.0.0.1:47140 --inbound-listen 127.0.0.1:47143 --admin-listen 127.0.0.1:47191 \
+  --inbound-target 127.0.0.1:9 \
+  --peer-inbound-port 46143 --destinations destinations.yaml >client.log 2>&1 & PIDS+=($!)
+CLIENT_PID=$!
+
+# HAProxy pair: h2 over TLS 1.3 with client certificates between.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
+  -subj /CN=bench -keyout tls.key -out tls.crt 2>/dev/null
+cat tls.crt tls.key > tls.pem
+cat > haproxy.cfg <<CFG
+global
+  nbthread 1
+  maxconn 8000
+  ssl-default-bind-options ssl-min-ver TLSv1.3
+  ssl-default-server-options ssl-min-ver TLSv1.3
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  http-reuse always
+frontend client_side
+  bind 127.0.0.1:48140 proto h2
+  bind 127.0.0.1:48141
+  default_backend to_server_side
+backend to_server_side
+  server peer 127.0.0.1:48143 ssl crt $WORK/tls.pem ca-file $WORK/tls.crt verify required alpn h2
+frontend server_side
+  bind 127.0.0.1:48143 ssl crt $WORK/tls.pem ca-file $WORK/tls.crt verify required alpn h2
+  default_backend app
+backend app
+  server app $BACKEND
+CFG
+haproxy -f haproxy.cfg -db >haproxy.log 2>&1 & PIDS+=($!)
+
+# Wait until all three paths answer.
+for _ in $(seq 1 100); do
+  ok=0
+  curl -sf -H "Host: bench" http://$BACKEND/ >/dev/null && ok=$((ok+1))
+  curl -sf -H "Host: bench" http://127.0.0.1:47140/ >/dev/null && ok=$((ok+1))
+  curl -sf -H "Host: bench" http://127.0.0.1:48141/ >/dev/null && ok=$((ok+1))
+  [ $ok = 3 ] && break
+  sleep 0.1
+done
+[ $ok = 3 ] || { echo "not all paths answer"; cat client.log server.log haproxy.log; exit 1; }
+
+rss_kib() { awk '/VmRSS/ {print $2}' /proc/$1/status; }
+IDLE_RSS=$(rss_kib $CLIENT_PID)
+
+wrk_rps() { wrk -t1 -c50 -d"${SECS}s" -H "Host: bench" "http://$1/" | awk '/Requests\/sec/ {print $2}'; }
+h2_rps() { h2load -c50 -m10 -t1 -D "$SECS" -H ":authority: bench" "http://$1/" 2>/dev/null | awk '/^finished in/ {gsub(",",""); print $4}'; }
+lat() { "$BIN/strait-loadgen" http "$1" --rate 1000 --seconds 5 --connections 8 --host bench; }
+field() { python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
+
+echo "== HTTP/1.1, 50 connections, ${SECS}s (wrk) =="
+D=$(wrk_rps $BACKEND); S=$(wrk_rps 127.0.0.1:47140); H=$(wrk_rps 127.0.0.1:48141)
+printf "%-14s %10s req/s\n" direct "$D" "strait pair" "$S" "haproxy pair" "$H"
+python3 -c "print('strait/haproxy = %.2f   strait/direct = %.2f' % ($S/$H, $S/$D))"
+
+echo "== HTTP/2, 50 connections x 10 streams, ${SECS}s (h2load) =="
+D2=$(h2_rps $BACKEND); S2=$(h2_rps 127.0.0.1:47140); H2=$(h2_rps 127.0.0.1:48140)
+printf "%-14s %10s req/s\n" direct "$D2" "strait pair" "$S2" "haproxy pair" "$H2"
+python3 -c "print('strait/haproxy = %.2f   strait/direct = %.2f' % ($S2/$H2, $S2/$D2))"
+
+echo "== latency at 1000 req/s, HTTP/1.1 keep-alive, 8 connections, 5s =="
+LD=$(lat $BACKEND); LS=$(lat 127.0.0.1:47140); LH=$(lat 127.0.0.1:48141)
+show() { printf "%-14s p50 %8s us   p99 %8s us\n" "$1" "$(echo "$2" | field p50_us)" "$(echo "$2" | field p99_us)"; }
+show direct "$LD"; show "strait pair" "$LS"; show "haproxy pair" "$LH"
+python3 - "$LD" "$LS" "$LH" <<'PY'
+import json, sys
+d, s, h = (json.loads(a) for a in sys.argv[1:])
+print("added p50: strait %.0f us, haproxy %.0f us;  added p99: strait %.0f us, haproxy %.0f us" % (
+    s["p50_us"] - d["p50_us"], h["p50_us"] - d["p50_us"], s["p99_us"] - d["p99_us"], h["p99_us"] - d["p99_us"]))
+PY
+
+echo "== client proxy memory =="
+"$BIN/strait-loadgen" idle 127.0.0.1:47140 --connections 10000 --seconds 30 >idle.log 2>&1 & IDLER=$!
+for _ in $(seq 1 250); do grep -q idle_connections idle.log && break; sleep 0.1; done
+grep -q idle_connections idle.log || { echo "idle connections not established:"; cat idle.log; }
+HELD_RSS=$(rss_kib $CLIENT_PID)
+kill $IDLER 2>/dev/null || true
+printf "RSS idle: %.1f MiB; with 10000 idle connections: %.1f MiB\n" "$(echo "$IDLE_RSS/1024" | bc -l)" "$(echo "$HELD_RSS/1024" | bc -l)"
