@@ -57,7 +57,7 @@ for c in west east; do
   cat > $c.yaml <<YAML
 cluster: $c
 identity: { trustAnchors: root.pem, issuerCert: $c-issuer.pem, issuerKey: $c-issuer.key }
-listen: { tunnel: "127.0.0.1:${t}143", admin: "127.0.0.1:${t}191", dns: "127.0.0.1:${t}353" }
+listen: { tunnel: "127.0.0.1:${t}143", admin: "127.0.0.1:${t}191", dns: "127.0.0.1:${t}353", destination: "127.0.0.1:${t}086" }
 source: { file: $c-cluster.yaml }
 imports: { vipRange: 127.76.0.0/16 }
 tunnel: { maxUdpPayload: ${STRAIT_MAX_UDP_PAYLOAD:-6500} }

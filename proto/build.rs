@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/strait/tunnel/v1/tunnel.proto",
         "proto/strait/peer/v1/peer.proto",
+        "proto/strait/destination/v1/destination.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

@@ -8,6 +8,7 @@ use std::fmt;
 use std::net::IpAddr;
 
 use strait_proto::peer::v1 as pb;
+use strait_proxy::identity::SpiffeId;
 
 /// A service's namespace and name.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -117,6 +118,9 @@ pub struct Endpoint {
     pub target_ports: BTreeMap<String, u16>,
     /// Whether the endpoint takes traffic.
     pub ready: bool,
+    /// The SPIFFE ID of the endpoint's proxy, when it is meshed (served to
+    /// sidecars by [`crate::destination`], so they speak mTLS to it).
+    pub identity: Option<SpiffeId>,
 }
 
 impl Endpoint {

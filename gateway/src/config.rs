@@ -11,6 +11,7 @@
 //!   tunnel: 0.0.0.0:4143
 //!   admin: 0.0.0.0:4191
 //!   dns: 0.0.0.0:5353
+//!   destination: 0.0.0.0:8086
 //! source:
 //!   file: west-cluster.yaml
 //! links:
@@ -92,6 +93,10 @@ pub struct ListenConfig {
     /// DNS (UDP and TCP); default `0.0.0.0:5353`.
     #[serde(default = "default_dns")]
     pub dns: SocketAddr,
+    /// Destination discovery for sidecar proxies (plain gRPC over TCP,
+    /// see [`crate::destination`]); default `0.0.0.0:8086`.
+    #[serde(default = "default_destination")]
+    pub destination: SocketAddr,
 }
 
 fn default_tunnel() -> SocketAddr {
@@ -103,6 +108,9 @@ fn default_admin() -> SocketAddr {
 fn default_dns() -> SocketAddr {
     ([0, 0, 0, 0], 5353).into()
 }
+fn default_destination() -> SocketAddr {
+    ([0, 0, 0, 0], 8086).into()
+}
 
 impl Default for ListenConfig {
     fn default() -> Self {
@@ -110,6 +118,7 @@ impl Default for ListenConfig {
             tunnel: default_tunnel(),
             admin: default_admin(),
             dns: default_dns(),
+            destination: default_destination(),
         }
     }
 }
@@ -474,6 +483,7 @@ source: { file: c.yaml }
         assert_eq!(c.listen.tunnel.port(), 4143);
         assert_eq!(c.listen.admin.port(), 4191);
         assert_eq!(c.listen.dns.port(), 5353);
+        assert_eq!(c.listen.destination.port(), 8086);
         assert_eq!(c.trust_domain(), "west.strait.local");
     }
 
@@ -505,9 +515,15 @@ source: { file: c.yaml }
             let err = GatewayConfig::parse(&text, Path::new("g.yaml")).expect_err(extra);
             assert!(err.to_string().starts_with(field), "{extra}: {err}");
         }
-        let huge = BASE.replace("issuerKey: i.key }", "issuerKey: i.key, leafLifetimeSeconds: 99999999999 }");
+        let huge = BASE.replace(
+            "issuerKey: i.key }",
+            "issuerKey: i.key, leafLifetimeSeconds: 99999999999 }",
+        );
         let err = GatewayConfig::parse(&huge, Path::new("g.yaml")).expect_err("huge");
-        assert!(err.to_string().starts_with("identity.leafLifetimeSeconds"), "{err}");
+        assert!(
+            err.to_string().starts_with("identity.leafLifetimeSeconds"),
+            "{err}"
+        );
         let err = GatewayConfig::parse("cluster: West\n", Path::new("g.yaml")).expect_err("bad");
         assert!(err.to_string().contains("parsing"), "{err}");
         let err = GatewayConfig::parse(&BASE.replace("west", "West"), Path::new("g.yaml"))

@@ -32,12 +32,16 @@ pub struct DemoOptions {
     pub west_admin: SocketAddr,
     /// West's tunnel (default 127.0.0.1:14143).
     pub west_tunnel: SocketAddr,
+    /// West's destination discovery (default 127.0.0.1:18086).
+    pub west_destination: SocketAddr,
     /// East's DNS (default 127.0.0.1:25353).
     pub east_dns: SocketAddr,
     /// East's admin (default 127.0.0.1:24191).
     pub east_admin: SocketAddr,
     /// East's tunnel (default 127.0.0.1:24143).
     pub east_tunnel: SocketAddr,
+    /// East's destination discovery (default 127.0.0.1:28086).
+    pub east_destination: SocketAddr,
     /// Requests to send (default 6).
     pub requests: usize,
 }
@@ -48,9 +52,11 @@ impl Default for DemoOptions {
             west_dns: ([127, 0, 0, 1], 15353).into(),
             west_admin: ([127, 0, 0, 1], 14191).into(),
             west_tunnel: ([127, 0, 0, 1], 14143).into(),
+            west_destination: ([127, 0, 0, 1], 18086).into(),
             east_dns: ([127, 0, 0, 1], 25353).into(),
             east_admin: ([127, 0, 0, 1], 24191).into(),
             east_tunnel: ([127, 0, 0, 1], 24143).into(),
+            east_destination: ([127, 0, 0, 1], 28086).into(),
             requests: 6,
         }
     }
@@ -154,16 +160,33 @@ pub async fn http_get_path(addr: SocketAddr, host: &str, path: &str) -> anyhow::
     Ok(body.trim_end().to_string())
 }
 
+/// A gateway's listen addresses in the demo.
+#[derive(Clone, Copy, Debug)]
+pub struct DemoListen {
+    /// QUIC tunnel.
+    pub tunnel: SocketAddr,
+    /// Admin HTTP.
+    pub admin: SocketAddr,
+    /// DNS.
+    pub dns: SocketAddr,
+    /// Destination discovery (gRPC).
+    pub destination: SocketAddr,
+}
+
 /// A gateway config for one demo cluster (YAML, relative file names).
 pub fn gateway_yaml(
     cluster: &str,
-    tunnel: SocketAddr,
-    admin: SocketAddr,
-    dns: SocketAddr,
+    listen: DemoListen,
     links: &[(&str, Option<SocketAddr>)],
 ) -> String {
+    let DemoListen {
+        tunnel,
+        admin,
+        dns,
+        destination,
+    } = listen;
     let mut y = format!(
-        "cluster: {cluster}\nidentity:\n  trustAnchors: root.pem\n  issuerCert: {cluster}-issuer.pem\n  issuerKey: {cluster}-issuer.key\nlisten:\n  tunnel: {tunnel}\n  admin: {admin}\n  dns: {dns}\nsource:\n  file: {cluster}-cluster.yaml\n  pollIntervalMs: 200\nimports:\n  stateFile: {cluster}-vips.json\nlinks:\n"
+        "cluster: {cluster}\nidentity:\n  trustAnchors: root.pem\n  issuerCert: {cluster}-issuer.pem\n  issuerKey: {cluster}-issuer.key\nlisten:\n  tunnel: {tunnel}\n  admin: {admin}\n  dns: {dns}\n  destination: {destination}\nsource:\n  file: {cluster}-cluster.yaml\n  pollIntervalMs: 200\nimports:\n  stateFile: {cluster}-vips.json\nlinks:\n"
     );
     if links.is_empty() {
         y.push_str("  []\n");
@@ -237,9 +260,12 @@ impl Demo {
             dir.join("east.yaml"),
             gateway_yaml(
                 "east",
-                opts.east_tunnel,
-                opts.east_admin,
-                opts.east_dns,
+                DemoListen {
+                    tunnel: opts.east_tunnel,
+                    admin: opts.east_admin,
+                    dns: opts.east_dns,
+                    destination: opts.east_destination,
+                },
                 &[("west", None)],
             ),
         )?;
@@ -247,9 +273,12 @@ impl Demo {
             dir.join("west.yaml"),
             gateway_yaml(
                 "west",
-                opts.west_tunnel,
-                opts.west_admin,
-                opts.west_dns,
+                DemoListen {
+                    tunnel: opts.west_tunnel,
+                    admin: opts.west_admin,
+                    dns: opts.west_dns,
+                    destination: opts.west_destination,
+                },
                 &[("east", Some(opts.east_tunnel))],
             ),
         )?;

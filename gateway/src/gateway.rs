@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -59,6 +58,15 @@ pub enum StartError {
     /// The DNS zone could not be built.
     #[error("dns zone: {0}")]
     Zone(#[from] strait_dns::ZoneError),
+    /// The destination discovery listener could not bind.
+    #[error("destination server on {addr}: {source}")]
+    Destination {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The admin server could not bind.
     #[error("admin server on {addr}: {source}")]
     Admin {
@@ -95,8 +103,8 @@ pub struct Shared {
     pub peering_tx: mpsc::Sender<QuicIo>,
     /// The connection each peer dialed to us.
     pub accepted: crate::state::Accepted,
-    /// Round-robin cursor over endpoints.
-    pub next_endpoint: AtomicUsize,
+    /// Endpoint balancers per exported service and port.
+    pub balancers: crate::state::Balancers,
     /// The import table the egress listeners last caught up with.
     pub egress_synced: watch::Sender<Arc<ImportTable>>,
     /// First reconnect delay.
@@ -133,6 +141,7 @@ pub struct Gateway {
     tasks: Tasks,
     dns: Option<DnsServer>,
     admin: AdminServer,
+    destination: crate::destination::DestinationServer,
     tunnel_addr: SocketAddr,
     ready: Readiness,
     _source: FileSource,
@@ -277,7 +286,7 @@ impl Gateway {
             links_by_identity,
             peering_tx,
             accepted: Default::default(),
-            next_endpoint: AtomicUsize::new(0),
+            balancers: Default::default(),
             egress_synced: watch::channel(Arc::new(ImportTable::new())).0,
             reconnect_min: Duration::from_millis(config.tunnel.reconnect_min_ms),
             reconnect_max: Duration::from_millis(config.tunnel.reconnect_max_ms),
@@ -326,6 +335,16 @@ impl Gateway {
             tasks.push(tokio::spawn(links::run(link, shared.clone())));
         }
 
+        let destination = crate::destination::DestinationServer::bind(
+            config.listen.destination,
+            shared.local.clone(),
+        )
+        .await
+        .map_err(|source| StartError::Destination {
+            addr: config.listen.destination,
+            source,
+        })?;
+
         let ready = Readiness::default();
         let router = strait_proxy::admin::router(Arc::new(registry), ready.clone())
             .merge(admin::api(shared.clone()));
@@ -349,6 +368,7 @@ impl Gateway {
             tasks,
             dns: Some(dns),
             admin,
+            destination,
             tunnel_addr,
             ready,
             _source: source,
@@ -370,6 +390,11 @@ impl Gateway {
     /// The admin HTTP address.
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin.local_addr()
+    }
+
+    /// The destination discovery (gRPC) address, for sidecar proxies.
+    pub fn destination_addr(&self) -> SocketAddr {
+        self.destination.local_addr()
     }
 
     /// This gateway's identity.

@@ -128,20 +128,30 @@ async fn handle_stream(
     }
 }
 
-/// Picks up to [`CONNECT_ATTEMPTS`] endpoints round robin and connects to
-/// the first that answers.
-async fn connect(targets: &[SocketAddr], shared: &Shared) -> Option<tokio::net::TcpStream> {
-    let start = shared.next_endpoint.fetch_add(1, Ordering::Relaxed);
-    for i in 0..targets.len().min(CONNECT_ATTEMPTS) {
-        let target = targets[start.wrapping_add(i) % targets.len()];
+/// Connects to one of `targets`: chosen by the shared P2C peak-EWMA
+/// balancer (cost: connect latency and open connections), trying another
+/// on failure, up to [`CONNECT_ATTEMPTS`]. Returns the connection and the
+/// endpoint to release when it closes.
+async fn connect(
+    key: &(ServiceKey, u16),
+    targets: &[SocketAddr],
+    shared: &Shared,
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    let mut tried = Vec::new();
+    for _ in 0..targets.len().min(CONNECT_ATTEMPTS) {
+        let target = shared.balancers.pick(key, targets, &tried)?;
+        let started = std::time::Instant::now();
         match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(target)).await {
             Ok(Ok(s)) => {
                 let _ = s.set_nodelay(true);
-                return Some(s);
+                shared.balancers.connected(key, target, started.elapsed());
+                return Some((s, target));
             }
             Ok(Err(error)) => tracing::info!(%target, %error, "endpoint connect failed"),
             Err(_) => tracing::info!(%target, "endpoint connect timed out"),
         }
+        shared.balancers.failed(key, target);
+        tried.push(target);
     }
     None
 }
@@ -184,7 +194,8 @@ async fn proxy(mut io: QuicIo, header: StreamHeader, shared: Arc<Shared>) {
             return;
         }
     };
-    let Some(mut tcp) = connect(&targets, &shared).await else {
+    let balance_key = (key.clone(), header.port as u16);
+    let Some((mut tcp, endpoint)) = connect(&balance_key, &targets, &shared).await else {
         refuse(&mut io, Refusal::ConnectFailed);
         shared
             .metrics
@@ -192,4 +203,5 @@ async fn proxy(mut io: QuicIo, header: StreamHeader, shared: Arc<Shared>) {
         return;
     };
     relay(&mut tcp, &mut io, &shared.metrics, "inbound").await;
+    shared.balancers.release(&balance_key, endpoint);
 }

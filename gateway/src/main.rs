@@ -50,6 +50,9 @@ enum Command {
         /// West's tunnel address.
         #[arg(long, default_value = "127.0.0.1:14143")]
         west_tunnel: SocketAddr,
+        /// West's destination discovery (gRPC) address.
+        #[arg(long, default_value = "127.0.0.1:18086")]
+        west_destination: SocketAddr,
         /// East's DNS address.
         #[arg(long, default_value = "127.0.0.1:25353")]
         east_dns: SocketAddr,
@@ -59,6 +62,9 @@ enum Command {
         /// East's tunnel address.
         #[arg(long, default_value = "127.0.0.1:24143")]
         east_tunnel: SocketAddr,
+        /// East's destination discovery (gRPC) address.
+        #[arg(long, default_value = "127.0.0.1:28086")]
+        east_destination: SocketAddr,
     },
     /// Make certificates.
     Certs {
@@ -310,17 +316,21 @@ fn main() -> ExitCode {
             west_dns,
             west_admin,
             west_tunnel,
+            west_destination,
             east_dns,
             east_admin,
             east_tunnel,
+            east_destination,
         } => {
             let opts = DemoOptions {
                 west_dns,
                 west_admin,
                 west_tunnel,
+                west_destination,
                 east_dns,
                 east_admin,
                 east_tunnel,
+                east_destination,
                 requests,
             };
             run_async(None, async move {

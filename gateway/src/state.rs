@@ -293,3 +293,80 @@ impl Accepted {
         m.insert(peer.to_string(), conn)
     }
 }
+
+/// One balancer per exported (service, port): the data plane's P2C
+/// peak-EWMA balancer, shared with the sidecar proxy.
+#[derive(Debug, Default)]
+pub struct Balancers(
+    Mutex<
+        std::collections::HashMap<
+            (ServiceKey, u16),
+            strait_proxy::balance::Balancer<std::net::SocketAddr>,
+        >,
+    >,
+);
+
+impl Balancers {
+    fn with<T>(
+        &self,
+        key: &(ServiceKey, u16),
+        f: impl FnOnce(&mut strait_proxy::balance::Balancer<std::net::SocketAddr>) -> T,
+    ) -> T {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let b = m.entry(key.clone()).or_insert_with(|| {
+            strait_proxy::balance::Balancer::new(
+                strait_proxy::balance::BalanceConfig {
+                    // Unmeasured endpoints look fast, so each gets tried.
+                    default_rtt: std::time::Duration::ZERO,
+                    ..Default::default()
+                },
+                rand::random(),
+            )
+        });
+        f(b)
+    }
+
+    /// Picks one of `targets` (the current endpoint set), avoiding `tried`.
+    pub fn pick(
+        &self,
+        key: &(ServiceKey, u16),
+        targets: &[std::net::SocketAddr],
+        tried: &[std::net::SocketAddr],
+    ) -> Option<std::net::SocketAddr> {
+        let now = std::time::Instant::now();
+        self.with(key, |b| {
+            b.update(targets.iter().copied(), now);
+            let mut pick = b.pick(now)?.key;
+            for _ in 0..4 {
+                if !tried.contains(&pick) || tried.len() >= targets.len() {
+                    break;
+                }
+                b.release(&pick);
+                pick = b.pick(now)?.key;
+            }
+            Some(pick)
+        })
+    }
+
+    /// The connection to `target` is up after `latency`.
+    pub fn connected(
+        &self,
+        key: &(ServiceKey, u16),
+        target: std::net::SocketAddr,
+        latency: std::time::Duration,
+    ) {
+        self.with(key, |b| {
+            b.sample(&target, latency, std::time::Instant::now())
+        });
+    }
+
+    /// Connecting to `target` failed.
+    pub fn failed(&self, key: &(ServiceKey, u16), target: std::net::SocketAddr) {
+        self.with(key, |b| b.failed(&target, std::time::Instant::now()));
+    }
+
+    /// The connection to `target` ended.
+    pub fn release(&self, key: &(ServiceKey, u16), target: std::net::SocketAddr) {
+        self.with(key, |b| b.release(&target));
+    }
+}

@@ -1,7 +1,9 @@
 //! Strait's wire types, generated at build time from `proto/` with protox
 //! (no `protoc` needed): the tunnel [`tunnel::v1::StreamHeader`] that opens
-//! every QUIC stream between gateways, and the [`peer::v1`] `Peering`
-//! service through which gateways exchange export catalogs.
+//! every QUIC stream between gateways, the [`peer::v1`] `Peering`
+//! service through which gateways exchange export catalogs, and the
+//! [`destination::v1`] `Destination` service through which sidecar proxies
+//! learn endpoints from their cluster's gateway.
 #![forbid(unsafe_code)]
 #![allow(missing_docs)]
 
@@ -18,5 +20,14 @@ pub mod peer {
     /// Version 1 of the peering API.
     pub mod v1 {
         tonic::include_proto!("strait.peer.v1");
+    }
+}
+
+/// Discovery types and the `Destination` gRPC service (sidecar proxies ask
+/// their cluster's gateway where an authority's endpoints are).
+pub mod destination {
+    /// Version 1 of the destination API.
+    pub mod v1 {
+        tonic::include_proto!("strait.destination.v1");
     }
 }

@@ -1,8 +1,9 @@
 //! Discovery: where an authority's endpoints are, and which are meshed
 //! (have an identity, so the proxy speaks mTLS to their proxy).
 //!
-//! A [`Resolve`] answers an authority with a [`Destination`]. Two backends
-//! here: a static table (from a YAML file; tests and hosts outside
+//! A [`Resolve`] answers an authority with a [`Destination`]. Three backends
+//! here: the control plane ([`GrpcResolver`], the gateway's `Destination`
+//! service), a static table (from a YAML file; tests and hosts outside
 //! Kubernetes) and DNS, the fallback when nothing else knows the name.
 
 use std::collections::HashMap;
@@ -13,6 +14,9 @@ use futures::future::BoxFuture;
 use serde::Deserialize;
 
 use crate::identity::SpiffeId;
+
+mod grpc;
+pub use grpc::{ControlPlaneAddrError, GrpcResolver, MAX_WATCHES};
 
 /// One endpoint of a destination.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use prometheus_client::registry::Registry;
-use strait_proxy::discovery::{Chain, DnsResolver, Resolve, StaticResolver};
+use strait_proxy::discovery::{Chain, DnsResolver, GrpcResolver, Resolve, StaticResolver};
 use strait_proxy::identity::{spawn_rotation, CertStore, Issuer, Leaf, SpiffeId, TrustAnchors};
 use strait_proxy::sidecar::{Proxy, ProxyConfig};
 use strait_proxy::transparent::{apply, InitConfig};
@@ -98,6 +98,10 @@ struct RunArgs {
     /// Worker threads (default: one per CPU).
     #[arg(long, env = "STRAIT_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: Option<u16>,
+    /// The cluster gateway's destination service (host:port or
+    /// http://host:port), e.g. strait-gateway.strait-system.svc:8086.
+    #[arg(long, env = "STRAIT_PROXY_DESTINATION_ADDR")]
+    destination_addr: Option<String>,
     /// Static destinations (YAML); DNS is the fallback.
     #[arg(long, env = "STRAIT_PROXY_DESTINATIONS")]
     destinations: Option<PathBuf>,
@@ -192,7 +196,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     config.validate()?;
     let anchors = TrustAnchors::load(&args.trust_anchors)?;
     let (store, _rotation) = identity(&args)?;
+    // Discovery first, then the static file, then DNS (and, for a name
+    // nothing knows, the original destination).
     let mut resolvers: Vec<Box<dyn Resolve>> = Vec::new();
+    if let Some(addr) = &args.destination_addr {
+        resolvers.push(Box::new(GrpcResolver::parse(addr)?));
+    }
     if let Some(path) = &args.destinations {
         resolvers.push(Box::new(StaticResolver::load(path)?));
     }

@@ -259,6 +259,20 @@ async fn raw_http1(addr: SocketAddr, request: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The metrics text once it contains `needle` (counters of a finished
+/// response or connection land a moment after the client is done), or as
+/// it is after 3 s.
+async fn metrics_containing(proxy: &Proxy, needle: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let m = metrics(proxy).await;
+        if m.contains(needle) || std::time::Instant::now() > deadline {
+            return m;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn metrics(proxy: &Proxy) -> String {
     let rsp = raw_http1(
         proxy.admin_addr(),
@@ -283,9 +297,13 @@ async fn http1_through_the_mesh() {
         rsp.ends_with("HTTP/1.1 /hello host=web.demo body=5"),
         "{rsp}"
     );
-    let c = metrics(&p.client).await;
+    let c = metrics_containing(
+        &p.client,
+        r#"strait_proxy_requests_total{direction="outbound",authority="web.demo:80",tls="true"} 1"#,
+    )
+    .await;
     assert!(c.contains(r#"strait_proxy_requests_total{direction="outbound",authority="web.demo:80",tls="true"} 1"#), "{c}");
-    let s = metrics(&p.server).await;
+    let s = metrics_containing(&p.server, r#"strait_proxy_responses_total{direction="inbound",authority="web.demo:80",tls="true",status_class="2xx",grpc_status=""} 1"#).await;
     assert!(s.contains(r#"strait_proxy_responses_total{direction="inbound",authority="web.demo:80",tls="true",status_class="2xx",grpc_status=""} 1"#), "{s}");
     let _ = (&p.app, &p.client_registry);
 }
@@ -325,7 +343,7 @@ async fn http2_and_grpc_through_the_mesh() {
         assert_eq!(trailers["grpc-status"], status);
         assert_eq!(collected.to_bytes().len(), 14, "both messages");
     }
-    let c = metrics(&p.client).await;
+    let c = metrics_containing(&p.client, r#"grpc_status="7"} 1"#).await;
     assert!(c.contains(r#"grpc_status="7"} 1"#), "{c}");
     assert!(c.contains(r#"grpc_status="0"} 1"#), "{c}");
 }
@@ -362,7 +380,7 @@ async fn unmeshed_destinations_get_plain_http() {
     )
     .await;
     assert!(rsp.ends_with("HTTP/1.1 /p host=plain.demo body=0"), "{rsp}");
-    let c = metrics(&p.client).await;
+    let c = metrics_containing(&p.client, r#"authority="plain.demo:80",tls="false"} 1"#).await;
     assert!(
         c.contains(r#"authority="plain.demo:80",tls="false"} 1"#),
         "{c}"
@@ -439,7 +457,11 @@ async fn a_get_is_retried_when_its_endpoint_fails_and_a_post_is_not() {
         assert!(rsp.starts_with("HTTP/1.1 502"), "{host}: {rsp}");
         assert_eq!(hits(&post), 1, "{host}: a POST is never retried");
     }
-    let c = metrics(&p.client).await;
+    let c = metrics_containing(
+        &p.client,
+        r#"strait_proxy_retries_total{direction="outbound",result="retried"} 2"#,
+    )
+    .await;
     assert!(
         c.contains(r#"strait_proxy_retries_total{direction="outbound",result="retried"} 2"#),
         "{c}"

@@ -109,6 +109,7 @@ listen:
   tunnel: {tunnel}
   admin: 127.0.0.1:0
   dns: 127.0.0.1:0
+  destination: 127.0.0.1:0
 source:
   file: {cluster}-cluster.yaml
   pollIntervalMs: 50

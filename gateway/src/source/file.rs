@@ -14,6 +14,9 @@
 //!       - { name: http, port: 8080, protocol: TCP, appProtocol: http }
 //!     endpoints:
 //!       - { name: hello-0, ip: 127.0.0.1, ports: { http: 18080 } }
+//!       # optional: the SPIFFE ID of the endpoint's proxy, when meshed
+//!       - { name: hello-1, ip: 127.0.0.2, identity: "spiffe://west.strait.local/ns/demo/sa/hello" }
+//!       # `ready: false` keeps an endpoint out of traffic (default true)
 //! ```
 
 use std::collections::BTreeMap;
@@ -25,6 +28,7 @@ use std::time::Duration;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use serde::Deserialize;
+use strait_proxy::identity::SpiffeId;
 use tokio::sync::watch;
 
 use super::ClusterSource;
@@ -109,6 +113,8 @@ struct EndpointDoc {
     ports: BTreeMap<String, u16>,
     #[serde(default = "yes")]
     ready: bool,
+    #[serde(default)]
+    identity: Option<String>,
 }
 
 fn yes() -> bool {
@@ -156,11 +162,19 @@ pub fn parse(text: &str, path: &Path) -> Result<ClusterState, FileSourceError> {
             if e.ports.values().any(|p| *p == 0) {
                 return Err(invalid(format!("endpoint {} maps a port to 0", e.name)));
             }
+            let identity = match &e.identity {
+                Some(id) => Some(
+                    SpiffeId::parse(id)
+                        .map_err(|err| invalid(format!("endpoint {} identity: {err}", e.name)))?,
+                ),
+                None => None,
+            };
             endpoints.push(Endpoint {
                 name: e.name.clone(),
                 ip: e.ip,
                 target_ports: e.ports.clone(),
                 ready: e.ready,
+                identity,
             });
         }
         let key = ServiceKey::new(&s.namespace, &s.name);
@@ -305,7 +319,7 @@ services:
       - { name: http, port: 8080, appProtocol: http }
     endpoints:
       - { name: hello-0, ip: 127.0.0.1, ports: { http: 18080 } }
-      - { name: hello-1, ip: 127.0.0.2 }
+      - { name: hello-1, ip: 127.0.0.2, identity: "spiffe://west.strait.local/ns/demo/sa/hello" }
   - namespace: demo
     name: private
     ports: [{ port: 9000 }]
@@ -318,6 +332,11 @@ services:
         assert!(hello.exported);
         assert_eq!(hello.endpoints[0].target(&hello.ports[0]).port(), 18080);
         assert_eq!(hello.endpoints[1].target(&hello.ports[0]).port(), 8080);
+        assert_eq!(hello.endpoints[0].identity, None);
+        assert_eq!(
+            hello.endpoints[1].identity.as_ref().map(SpiffeId::as_str),
+            Some("spiffe://west.strait.local/ns/demo/sa/hello")
+        );
         assert_eq!(
             s.catalog().len(),
             1,
@@ -335,6 +354,8 @@ services:
             ("services: [{namespace: demo, name: x, bogus: 1, ports: [{port: 1}]}]", "bogus"),
             ("services: [{namespace: demo, name: x, ports: [{port: 1}], endpoints: [{name: e, ip: nope}]}]", "parsing"),
             ("services: [{namespace: demo, name: x, ports: [{name: a, port: 1}], endpoints: [{name: e, ip: 1.2.3.4, ports: {b: 2}}]}]", "unknown port"),
+            ("services: [{namespace: demo, name: x, ports: [{port: 1}], endpoints: [{name: e, ip: 1.2.3.4, identity: \"http://x\"}]}]", "endpoint e identity"),
+            ("services: [{namespace: demo, name: x, ports: [{port: 1}], endpoints: [{name: e, ip: 1.2.3.4, identty: \"spiffe://a/b\"}]}]", "identty"),
             (": : :", "parsing"),
         ] {
             let err = parse(doc, Path::new("x.yaml")).expect_err(doc).to_string();

@@ -1,0 +1,139 @@
+//! A sidecar's discovery, end to end: a gateway serves its cluster file's
+//! endpoints on `strait.destination.v1.Destination`, a proxy's
+//! `GrpcResolver` follows them as the file changes, and falls back to DNS
+//! when the control plane knows nothing or is gone.
+
+use std::time::{Duration, Instant};
+
+use strait_gateway::Gateway;
+use strait_proxy::discovery::{Chain, Destination, DnsResolver, GrpcResolver, Resolve};
+use strait_tests::*;
+
+const WAIT: Duration = Duration::from_secs(5);
+const ID: &str = "spiffe://west.strait.local/ns/demo/sa/hello";
+const HELLO: &str = "hello.demo.svc.cluster.local:8080";
+
+fn cluster(with_first: bool) -> String {
+    let first = if with_first {
+        "      - { name: hello-0, ip: 127.0.0.1, ports: { http: 18080 } }\n"
+    } else {
+        ""
+    };
+    format!(
+        "services:
+  - namespace: demo
+    name: hello
+    ports:
+      - {{ name: http, port: 8080, appProtocol: http }}
+    endpoints:
+{first}      - {{ name: hello-1, ip: 127.0.0.2, ports: {{ http: 18081 }}, identity: \"{ID}\" }}
+"
+    )
+}
+
+/// (address, identity) of each endpoint.
+fn seen(d: &Option<Destination>) -> Vec<(String, Option<String>)> {
+    d.iter()
+        .flat_map(|d| &d.endpoints)
+        .map(|e| {
+            (
+                e.addr.to_string(),
+                e.identity.as_ref().map(|i| i.as_str().to_string()),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_follow_the_gateways_endpoints() {
+    let bed = Testbed::new(&["west"]);
+    bed.write_cluster("west", &cluster(true));
+    let gw = bed.start(bed.config("west", None, &[])).await;
+    let grpc = GrpcResolver::for_addr(gw.destination_addr());
+
+    let both = vec![
+        ("127.0.0.1:18080".to_string(), None),
+        ("127.0.0.2:18081".to_string(), Some(ID.to_string())),
+    ];
+    assert_eq!(seen(&grpc.resolve(HELLO).await), both);
+    assert_eq!(seen(&grpc.resolve("hello.demo:8080").await), both);
+    assert_eq!(
+        seen(&grpc.resolve("127.0.0.2:18081").await),
+        vec![("127.0.0.2:18081".to_string(), Some(ID.to_string()))],
+        "an endpoint's own address tells its identity"
+    );
+
+    // The file loses an endpoint: the open stream brings the change.
+    bed.write_cluster("west", &cluster(false));
+    eventually(WAIT, "hello-0 gone", || async {
+        (seen(&grpc.resolve(HELLO).await).len() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        seen(&grpc.resolve(HELLO).await),
+        vec![("127.0.0.2:18081".to_string(), Some(ID.to_string()))]
+    );
+
+    // What the gateway does not know falls through to DNS.
+    assert!(grpc
+        .resolve("nope.demo.svc.cluster.local:8080")
+        .await
+        .is_none());
+    assert!(
+        grpc.resolve("hello.demo:9999").await.is_none(),
+        "not a service port"
+    );
+    assert!(grpc.resolve("api.example.com:443").await.is_none());
+    let chain = Chain(vec![Box::new(grpc.clone()), Box::new(DnsResolver)]);
+    assert_eq!(
+        seen(&chain.resolve("127.0.0.1:9").await),
+        vec![("127.0.0.1:9".to_string(), None)],
+        "DNS answers what the control plane does not know"
+    );
+    assert_eq!(seen(&chain.resolve(HELLO).await).len(), 1);
+
+    // The gateway goes away: its streams end and the proxy falls back.
+    let addr = gw.destination_addr();
+    drop(gw);
+    eventually(WAIT, "fallback after the gateway stopped", || async {
+        grpc.resolve(HELLO).await.is_none().then_some(())
+    })
+    .await;
+
+    // It comes back on the same address: the proxy follows it again.
+    let mut config = bed.config("west", None, &[]);
+    config.listen.destination = addr;
+    let _gw = eventually(WAIT, "gateway restarted", || async {
+        Gateway::start(config.clone()).await.ok()
+    })
+    .await;
+    eventually(WAIT, "discovery after the gateway came back", || async {
+        (seen(&grpc.resolve(HELLO).await).len() == 1).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_dead_control_plane_answers_none_within_a_second() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let grpc = GrpcResolver::for_addr(dead);
+    for _ in 0..3 {
+        let started = Instant::now();
+        assert!(grpc.resolve(HELLO).await.is_none());
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    let chain = Chain(vec![Box::new(grpc), Box::new(DnsResolver)]);
+    let started = Instant::now();
+    assert_eq!(
+        seen(&chain.resolve("127.0.0.1:9").await),
+        vec![("127.0.0.1:9".to_string(), None)]
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
+}
