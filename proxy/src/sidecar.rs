@@ -386,6 +386,11 @@ pub(crate) async fn drained(rx: &mut watch::Receiver<bool>) {
     }
 }
 
+/// Idle pooled HTTP/1 connections kept per upstream.
+pub(crate) const MAX_IDLE_PER_HOST: usize = 32;
+/// How long a pooled HTTP/1 connection may stay idle.
+pub(crate) const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Largest request head (request line and headers) accepted: over it,
 /// HTTP/1 clients get 431 and HTTP/2 clients a stream error.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;

@@ -19,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::LazyConfigAcceptor;
 
-use super::{Active, Shared, StartError};
+use super::{Active, Shared, StartError, MAX_IDLE_PER_HOST, POOL_IDLE_TIMEOUT};
 use crate::detect::{detect, Detected, PrefixedIo};
 use crate::http::{authority_of, error_response, from_mesh, strip_hop_by_hop, Body, Observed};
 use crate::identity::{identity_of, AllowedPeers, LinkedPeersVerifier};
@@ -57,7 +57,12 @@ impl Inbound {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(shared.config.connect_timeout));
-        let http1 = Client::builder(TokioExecutor::new()).build(connector);
+        let http1 = Client::builder(TokioExecutor::new())
+            // Bounded idle upstream connections: a burst of client
+            // connections must not leave thousands pooled.
+            .pool_max_idle_per_host(MAX_IDLE_PER_HOST)
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .build(connector);
         let http2 = crate::http::H2Pool::default();
         Ok(Self(Arc::new(Inner {
             shared,

@@ -17,7 +17,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpStream;
 
-use super::{Active, Shared, StartError};
+use super::{Active, Shared, StartError, MAX_IDLE_PER_HOST, POOL_IDLE_TIMEOUT};
 use crate::balance::{BalanceConfig, Balancer};
 use crate::detect::{detect, Detected, PrefixedIo};
 use crate::discovery::Endpoint;
@@ -127,7 +127,12 @@ impl Outbound {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(shared.config.connect_timeout));
-        let http1 = Client::builder(TokioExecutor::new()).build(connector);
+        let http1 = Client::builder(TokioExecutor::new())
+            // Bounded idle upstream connections: a burst of client
+            // connections must not leave thousands pooled.
+            .pool_max_idle_per_host(MAX_IDLE_PER_HOST)
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .build(connector);
         let http2 = crate::http::H2Pool::default();
         let mesh = MeshClient::new(
             shared.identity.clone(),
