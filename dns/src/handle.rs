@@ -3,18 +3,20 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, Guard};
 use tracing::{debug, info};
 
-use crate::{DnsMetrics, Zone};
+use crate::{DnsMetrics, Responder, Zone};
 
 /// Shared handle to the served [`Zone`]. Cloning is cheap and every clone
 /// sees the same zone.
 ///
 /// Readers ([`ZoneHandle::current`], the DNS server) never lock;
-/// [`ZoneHandle::publish`] swaps the whole snapshot atomically.
+/// [`ZoneHandle::publish`] swaps the whole snapshot atomically. The handle
+/// holds each snapshot as a [`Responder`], whose answers are encoded when
+/// it is published, not when it is first asked.
 ///
 /// A handle reports `strait_dns_zone_records` and
 /// `strait_dns_zone_last_update_timestamp_seconds` to the first
@@ -27,7 +29,7 @@ pub struct ZoneHandle {
 }
 
 struct Inner {
-    zone: ArcSwap<Zone>,
+    responder: ArcSwap<Responder>,
     /// Unix time of the last publication, in nanoseconds.
     published_at_nanos: AtomicU64,
     metrics: OnceLock<DnsMetrics>,
@@ -38,7 +40,7 @@ impl ZoneHandle {
     pub fn new(zone: Zone) -> Self {
         Self {
             inner: Arc::new(Inner {
-                zone: ArcSwap::from_pointee(zone),
+                responder: ArcSwap::from_pointee(Responder::new(zone)),
                 published_at_nanos: AtomicU64::new(now_nanos()),
                 metrics: OnceLock::new(),
             }),
@@ -55,21 +57,38 @@ impl ZoneHandle {
 
     /// Atomically replaces the served zone; queries already in flight finish
     /// with the snapshot they started with.
+    ///
+    /// The new zone's answers are encoded here, before the swap (see
+    /// [`Responder::new`]).
     pub fn publish(&self, zone: Zone) {
         let serial = zone.serial();
         let records = zone.record_count();
-        self.inner.zone.store(Arc::new(zone));
+        let start = Instant::now();
+        let responder = Responder::new(zone);
+        let precomputed = start.elapsed();
+        self.inner.responder.store(Arc::new(responder));
         let now = now_nanos();
         self.inner.published_at_nanos.store(now, Ordering::Release);
         if let Some(metrics) = self.inner.metrics.get() {
             metrics.record_zone(records, from_nanos(now));
         }
-        info!(serial, records, "published DNS zone");
+        info!(serial, records, ?precomputed, "published DNS zone");
     }
 
     /// The zone currently served.
     pub fn current(&self) -> Arc<Zone> {
-        self.inner.zone.load_full()
+        self.inner.responder.load().zone().clone()
+    }
+
+    /// The snapshot currently served, ready to answer queries.
+    pub fn responder(&self) -> Arc<Responder> {
+        self.inner.responder.load_full()
+    }
+
+    /// The snapshot currently served, without touching its reference count
+    /// (for the server's per-query path; do not hold it across an `.await`).
+    pub(crate) fn load(&self) -> Guard<Arc<Responder>> {
+        self.inner.responder.load()
     }
 
     /// Attaches `metrics` unless some metrics are already attached, and

@@ -7,7 +7,10 @@
 //! * [`ZoneHandle`] holds the current snapshot in an [`arc_swap::ArcSwap`]:
 //!   readers never lock and [`ZoneHandle::publish`] swaps the whole zone
 //!   atomically.
-//! * [`DnsServer`] serves the handle over UDP and TCP with hickory-server.
+//! * [`Responder`] answers wire-format queries from one snapshot, without
+//!   I/O: plain queries from answers encoded in advance, everything else
+//!   through hickory-server's request decoding and response building.
+//! * [`DnsServer`] serves the handle over UDP and TCP with the responder.
 //! * [`DnsMetrics`] are the Prometheus metrics of all of the above.
 //!
 //! Served names, for origin `clusterset.local`:
@@ -32,11 +35,13 @@
 
 mod handle;
 mod metrics;
+mod respond;
 mod server;
 mod zone;
 
 pub use handle::ZoneHandle;
 pub use metrics::DnsMetrics;
+pub use respond::{Responder, Transport};
 pub use server::{DnsError, DnsServer};
 pub use zone::{
     HeadlessEndpoint, Lookup, PortProtocol, ServiceKind, ServicePort, ServiceRecord, Zone,

@@ -7,9 +7,11 @@
 //! | `strait_dns_zone_records` | gauge | none |
 //! | `strait_dns_zone_last_update_timestamp_seconds` | gauge | none |
 //!
-//! Queries that hickory-server rejects before they reach the handler (an
-//! undecodable body gets a FORMERR from hickory itself; messages shorter
-//! than a header and responses are dropped) are not counted.
+//! Every query answered is counted, a FORMERR for an undecodable message
+//! included (with type `other`); messages dropped without an answer
+//! (shorter than a header, or responses) and answers that could not be sent
+//! are not. The duration runs from the query read off the socket to the
+//! response written to it.
 
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -1,31 +1,41 @@
-//! [`DnsServer`]: binds UDP and TCP and serves the zone with hickory-server.
+//! [`DnsServer`]: binds UDP and TCP and answers every query with
+//! [`Responder::respond_into`](crate::Responder), in tokio tasks.
+//!
+//! The transport loops are written here rather than taken from
+//! hickory-server's `Server`: that one decodes each message before handing
+//! it over and only sends what its own response builder encodes, so the
+//! precomputed answers of the fast path could not be sent from it, and its
+//! task per UDP datagram plus response channel cost as much CPU as the
+//! answering itself (see `crate::respond`). hickory-server still decodes
+//! and answers every query the fast path does not take.
 
 use std::fmt;
 use std::io;
-use std::net::SocketAddr;
-use std::time::Duration;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use hickory_server::Server;
-use tokio::net::{TcpListener, UdpSocket};
-use tracing::{debug, info, warn};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::task::JoinSet;
+use tokio::time::timeout;
+use tracing::{debug, info, trace, warn};
 
-use crate::{DnsMetrics, ZoneHandle};
+use crate::{DnsMetrics, Transport, ZoneHandle};
 
-mod handler;
 #[cfg(test)]
 mod tests;
-
-use handler::ZoneRequestHandler;
 
 /// How many times [`DnsServer::bind`] tries to find a port free for both UDP
 /// and TCP when asked for port 0.
 const BIND_ATTEMPTS: usize = 8;
 
-/// A TCP connection that sends no query for this long is closed.
+/// A TCP connection that sends no query for this long is closed; so is one
+/// that takes this long to send a query it has started.
 const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Responses queued per TCP connection.
-const TCP_RESPONSE_BUFFER: usize = 32;
+/// Largest DNS message over UDP (and the receive buffer size).
+const MAX_DATAGRAM: usize = 65_535;
 
 /// Errors starting the DNS server.
 #[derive(Debug, thiserror::Error)]
@@ -58,18 +68,23 @@ pub enum DnsError {
 /// running in tokio tasks on one UDP socket and one TCP listener sharing an
 /// address.
 ///
-/// Dropping the server aborts its tasks; [`DnsServer::shutdown`] stops it
-/// gracefully.
+/// UDP datagrams are answered by as many tasks as the runtime has worker
+/// threads, all reading the one socket; each TCP connection gets a task
+/// answering its queries in order.
+///
+/// Dropping the server aborts its tasks; [`DnsServer::shutdown`] does the
+/// same and waits until they are gone and the sockets closed.
 pub struct DnsServer {
     local_addr: SocketAddr,
-    server: Server<ZoneRequestHandler>,
+    tasks: JoinSet<()>,
 }
 
 impl fmt::Debug for DnsServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DnsServer")
             .field("local_addr", &self.local_addr)
-            .finish_non_exhaustive()
+            .field("tasks", &self.tasks.len())
+            .finish()
     }
 }
 
@@ -93,11 +108,18 @@ impl DnsServer {
         })?;
 
         zone.attach_metrics(&metrics);
-        let mut server = Server::new(ZoneRequestHandler::new(zone, metrics));
-        server.register_socket(udp);
-        server.register_listener(tcp, TCP_IDLE_TIMEOUT, TCP_RESPONSE_BUFFER);
-        info!(%local_addr, "DNS server listening on UDP and TCP");
-        Ok(DnsServer { local_addr, server })
+        let udp = Arc::new(udp);
+        let workers = tokio::runtime::Handle::current()
+            .metrics()
+            .num_workers()
+            .max(1);
+        let mut tasks = JoinSet::new();
+        for _ in 0..workers {
+            tasks.spawn(serve_udp(udp.clone(), zone.clone(), metrics.clone()));
+        }
+        tasks.spawn(serve_tcp(tcp, zone, metrics));
+        info!(%local_addr, udp_tasks = workers, "DNS server listening on UDP and TCP");
+        Ok(DnsServer { local_addr, tasks })
     }
 
     /// The address both the UDP socket and the TCP listener are bound to.
@@ -105,14 +127,11 @@ impl DnsServer {
         self.local_addr
     }
 
-    /// Stops accepting queries and waits for the server tasks to finish.
+    /// Stops answering, closes the sockets and TCP connections, and waits
+    /// for the server tasks to be gone.
     pub async fn shutdown(mut self) {
-        match self.server.shutdown_gracefully().await {
-            Ok(()) => info!(local_addr = %self.local_addr, "DNS server stopped"),
-            Err(error) => {
-                warn!(local_addr = %self.local_addr, %error, "DNS server stopped with an error")
-            }
-        }
+        self.tasks.shutdown().await;
+        info!(local_addr = %self.local_addr, "DNS server stopped");
     }
 }
 
@@ -160,4 +179,148 @@ async fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsErro
         attempts: BIND_ATTEMPTS,
         source: last_error.unwrap_or_else(|| io::ErrorKind::AddrInUse.into()),
     })
+}
+
+/// Answers datagrams on `socket` until the task is aborted.
+async fn serve_udp(socket: Arc<UdpSocket>, zone: ZoneHandle, metrics: DnsMetrics) {
+    let mut query = vec![0; MAX_DATAGRAM];
+    let mut response = Vec::with_capacity(MAX_DATAGRAM);
+    loop {
+        let (len, client) = match socket.recv_from(&mut query).await {
+            Ok(received) => received,
+            // As hickory-server: these mean the socket is gone.
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::NotConnected | io::ErrorKind::ConnectionAborted
+                ) =>
+            {
+                warn!(%error, "DNS UDP socket failed; no longer answering on it");
+                return;
+            }
+            // Others include ICMP errors for earlier responses
+            // (ECONNREFUSED): nothing to do with the next datagram.
+            Err(error) => {
+                debug!(%error, "error receiving a DNS datagram");
+                continue;
+            }
+        };
+        if !answerable(client) {
+            debug!(%client, "not answering a datagram from this address");
+            continue;
+        }
+        let start = Instant::now();
+        // The snapshot guard is dropped before the send's `.await`.
+        let outcome = zone.load().respond_into(
+            query.get(..len).unwrap_or_default(),
+            Transport::Udp,
+            &mut response,
+        );
+        let Some(outcome) = outcome else {
+            trace!(%client, len, "datagram dropped without an answer");
+            continue;
+        };
+        if let Err(error) = socket.send_to(&response, client).await {
+            debug!(%client, %error, "cannot send a DNS response");
+            continue;
+        }
+        metrics.record_query(outcome.qtype, outcome.rcode, start.elapsed());
+    }
+}
+
+/// Accepts TCP connections until the task is aborted; aborting it aborts
+/// the connections too.
+async fn serve_tcp(listener: TcpListener, zone: ZoneHandle, metrics: DnsMetrics) {
+    let mut connections = JoinSet::new();
+    loop {
+        let accepted = listener.accept().await;
+        // Reap finished connections.
+        while connections.try_join_next().is_some() {}
+        let (stream, client) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of file descriptors and the like: give it a moment.
+                warn!(%error, "cannot accept a DNS connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if !answerable(client) {
+            continue;
+        }
+        connections.spawn(serve_connection(
+            stream,
+            client,
+            zone.clone(),
+            metrics.clone(),
+        ));
+    }
+}
+
+/// Answers the queries of one TCP connection (RFC 7766: two-octet length,
+/// then the message), in order, until the client closes it, breaks the
+/// framing or stays idle for [`TCP_IDLE_TIMEOUT`].
+async fn serve_connection(
+    stream: TcpStream,
+    client: SocketAddr,
+    zone: ZoneHandle,
+    metrics: DnsMetrics,
+) {
+    let (reader, mut writer) = stream.into_split();
+    let mut reader = BufReader::new(reader);
+    let mut query = Vec::new();
+    let mut response = Vec::new();
+    let mut frame = Vec::new();
+    loop {
+        let read = timeout(TCP_IDLE_TIMEOUT, async {
+            let len = reader.read_u16().await?;
+            query.resize(usize::from(len), 0);
+            reader.read_exact(&mut query).await
+        })
+        .await;
+        match read {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                trace!(%client, %error, "DNS connection closed");
+                return;
+            }
+            Err(_) => {
+                debug!(%client, "idle DNS connection closed");
+                return;
+            }
+        }
+
+        let start = Instant::now();
+        let outcome = zone
+            .load()
+            .respond_into(&query, Transport::Tcp, &mut response);
+        let Some(outcome) = outcome else {
+            trace!(%client, "message dropped without an answer");
+            continue;
+        };
+        // Transport::Tcp keeps responses within 65535 octets.
+        let Ok(len) = u16::try_from(response.len()) else {
+            warn!(%client, len = response.len(), "DNS response too long for TCP");
+            return;
+        };
+        // One write: a separate two-octet write could wait for Nagle.
+        frame.clear();
+        frame.extend_from_slice(&len.to_be_bytes());
+        frame.extend_from_slice(&response);
+        if let Err(error) = writer.write_all(&frame).await {
+            debug!(%client, %error, "cannot send a DNS response");
+            return;
+        }
+        metrics.record_query(outcome.qtype, outcome.rcode, start.elapsed());
+    }
+}
+
+/// Whether a response can go to `client` (as hickory-server checks): not
+/// port 0, not an unspecified or broadcast address.
+fn answerable(client: SocketAddr) -> bool {
+    client.port() != 0
+        && match client.ip() {
+            IpAddr::V4(ip) => !ip.is_unspecified() && !ip.is_broadcast(),
+            IpAddr::V6(ip) => !ip.is_unspecified(),
+        }
 }

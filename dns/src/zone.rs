@@ -18,6 +18,7 @@ use hickory_proto::ProtoError;
 
 #[cfg(test)]
 mod tests;
+mod zonefile;
 
 /// Negative-caching TTL (the SOA `minimum`), in seconds.
 pub const NEGATIVE_TTL: u32 = 5;

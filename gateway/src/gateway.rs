@@ -302,11 +302,20 @@ impl Gateway {
         tasks.push(tokio::spawn(async move {
             loop {
                 let records = dns_records(&table_rx.borrow_and_update());
-                match Zone::build(CLUSTERSET_ZONE, &records, ttl) {
-                    Ok(z) => zone.publish(z),
-                    Err(error) => {
-                        tracing::error!(%error, "cannot build DNS zone; keeping the last one")
+                // Building and publishing a large zone takes a fraction of
+                // a second of CPU: off the async workers.
+                let zone = zone.clone();
+                let built = tokio::task::spawn_blocking(move || {
+                    match Zone::build(CLUSTERSET_ZONE, &records, ttl) {
+                        Ok(z) => zone.publish(z),
+                        Err(error) => {
+                            tracing::error!(%error, "cannot build DNS zone; keeping the last one")
+                        }
                     }
+                })
+                .await;
+                if built.is_err() {
+                    tracing::error!("DNS zone build panicked; keeping the last one");
                 }
                 if table_rx.changed().await.is_err() {
                     return;
