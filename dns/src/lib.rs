@@ -36,6 +36,7 @@
 mod handle;
 mod metrics;
 mod respond;
+pub mod sample;
 mod server;
 mod zone;
 

@@ -8,17 +8,14 @@
 //! generic path send the same bytes; the server sends exactly what
 //! `respond` computes, and still answers a valid query afterwards.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use hickory_proto::op::{Edns, Message, Query};
 use hickory_proto::rr::rdata::opt::{EdnsCode, EdnsOption};
 use hickory_proto::rr::{Name, RecordType};
 use prometheus_client::registry::Registry;
-use strait_dns::{
-    DnsMetrics, DnsServer, HeadlessEndpoint, PortProtocol, Responder, ServiceKind, ServicePort,
-    ServiceRecord, Transport, Zone, ZoneHandle,
-};
+use strait_dns::{DnsMetrics, DnsServer, Responder, Transport, Zone, ZoneHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::time::timeout;
@@ -55,48 +52,7 @@ impl Rng {
 }
 
 fn zone() -> Zone {
-    let http = ServicePort {
-        name: "http".into(),
-        port: 80,
-        protocol: PortProtocol::Tcp,
-    };
-    let services = vec![
-        ServiceRecord {
-            namespace: "default".into(),
-            name: "web".into(),
-            kind: ServiceKind::ClusterSetIp,
-            ips: vec![
-                IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
-                IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1)),
-            ],
-            ports: vec![http.clone()],
-            endpoints: vec![],
-        },
-        ServiceRecord {
-            namespace: "default".into(),
-            name: "big".into(),
-            kind: ServiceKind::ClusterSetIp,
-            ips: (0..100u8)
-                .map(|i| IpAddr::V4(Ipv4Addr::new(10, 2, 0, i)))
-                .collect(),
-            ports: vec![http.clone()],
-            endpoints: vec![],
-        },
-        ServiceRecord {
-            namespace: "prod".into(),
-            name: "db".into(),
-            kind: ServiceKind::Headless,
-            ips: vec![],
-            ports: vec![http],
-            endpoints: (0..20u8)
-                .map(|i| HeadlessEndpoint {
-                    cluster: "east".into(),
-                    hostname: None,
-                    ips: vec![IpAddr::V4(Ipv4Addr::new(10, 1, 0, i))],
-                })
-                .collect(),
-        },
-    ];
+    let services = strait_dns::sample::every_kind_of_answer();
     Zone::build_with_serial("clusterset.local", &services, 30, 1).expect("zone builds")
 }
 

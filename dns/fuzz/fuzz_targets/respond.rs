@@ -9,63 +9,18 @@
 
 #![no_main]
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::OnceLock;
 
 use hickory_proto::op::Message;
 use libfuzzer_sys::fuzz_target;
-use strait_dns::{
-    HeadlessEndpoint, PortProtocol, Responder, ServiceKind, ServicePort, ServiceRecord, Transport,
-    Zone,
-};
+use strait_dns::{Responder, Transport, Zone};
 
 /// A zone with every kind of answer: A and AAAA, SRV with additionals,
 /// headless endpoints, an answer too big for UDP, empty non-terminals.
 fn responder() -> &'static Responder {
     static RESPONDER: OnceLock<Responder> = OnceLock::new();
     RESPONDER.get_or_init(|| {
-        let http = ServicePort {
-            name: "http".into(),
-            port: 80,
-            protocol: PortProtocol::Tcp,
-        };
-        let services = vec![
-            ServiceRecord {
-                namespace: "default".into(),
-                name: "web".into(),
-                kind: ServiceKind::ClusterSetIp,
-                ips: vec![
-                    IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
-                    IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1)),
-                ],
-                ports: vec![http.clone()],
-                endpoints: vec![],
-            },
-            ServiceRecord {
-                namespace: "default".into(),
-                name: "big".into(),
-                kind: ServiceKind::ClusterSetIp,
-                ips: (0..100u8)
-                    .map(|i| IpAddr::V4(Ipv4Addr::new(10, 2, 0, i)))
-                    .collect(),
-                ports: vec![http.clone()],
-                endpoints: vec![],
-            },
-            ServiceRecord {
-                namespace: "prod".into(),
-                name: "db".into(),
-                kind: ServiceKind::Headless,
-                ips: vec![],
-                ports: vec![http],
-                endpoints: (0..20u8)
-                    .map(|i| HeadlessEndpoint {
-                        cluster: "east".into(),
-                        hostname: None,
-                        ips: vec![IpAddr::V4(Ipv4Addr::new(10, 1, 0, i))],
-                    })
-                    .collect(),
-            },
-        ];
+        let services = strait_dns::sample::every_kind_of_answer();
         let zone = Zone::build_with_serial("clusterset.local", &services, 30, 1)
             .expect("the fuzzing zone builds");
         Responder::new(zone)
