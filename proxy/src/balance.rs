@@ -112,6 +112,11 @@ impl<K: Clone + Eq + Hash> Balancer<K> {
     /// Replaces the endpoint set, keeping what is known of endpoints that
     /// stay.
     pub fn update(&mut self, keys: impl IntoIterator<Item = K>, now: Instant) {
+        let keys: Vec<K> = keys.into_iter().collect();
+        if keys == self.order {
+            // The common case, once per request: nothing changed.
+            return;
+        }
         let mut next = HashMap::new();
         let mut order = Vec::new();
         let default_ns = self.config.default_rtt.as_nanos() as f64;

@@ -24,6 +24,9 @@ use crate::http::Body;
 use crate::identity::{CertStore, ExpectedPeerVerifier, RefusalSink, SpiffeId};
 use crate::transport::{self, ProtocolHint};
 
+/// Write buffer between an HTTP/2 connection and its TLS stream.
+pub const WRITE_BUFFER: usize = 16 * 1024;
+
 /// ALPN of proxy-to-proxy connections.
 pub const MESH_ALPN: &[u8] = b"strait-proxy/1";
 
@@ -160,7 +163,12 @@ impl MeshClient {
         let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(10))
-            .handshake(TokioIo::new(tls))
+            // Frames are written into a buffer and flushed together: one
+            // TLS record and one send for a batch, not one per frame.
+            .handshake(TokioIo::new(tokio::io::BufWriter::with_capacity(
+                WRITE_BUFFER,
+                tls,
+            )))
             .await
             .map_err(|source| MeshError::Http { addr, source })?;
         tokio::spawn(async move {

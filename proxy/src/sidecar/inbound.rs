@@ -183,7 +183,10 @@ impl Inbound {
             return false;
         };
         match ProtocolHint::try_from(header.protocol) {
-            Ok(ProtocolHint::Http2) => self.serve_http(tls, port, "true").await,
+            Ok(ProtocolHint::Http2) => {
+                let buffered = tokio::io::BufWriter::with_capacity(crate::mesh::WRITE_BUFFER, tls);
+                self.serve_http(buffered, port, "true").await
+            }
             _ => self.forward_tcp(tls, port, "true").await,
         }
     }
