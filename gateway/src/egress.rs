@@ -69,6 +69,14 @@ pub async fn run(shared: Arc<Shared>) {
             }
         }
         shared.metrics.egress_listeners.set(listeners.len() as i64);
+        // Announce the table once DNS answers it too (bounded: DNS is
+        // built off the async workers and normally lands within ms).
+        let mut dns = shared.dns_synced.subscribe();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            dns.wait_for(|t| Arc::ptr_eq(t, &table) || **t == *table),
+        )
+        .await;
         shared.egress_synced.send_replace(table);
         tokio::select! {
             changed = rx.changed() => if changed.is_err() { return },

@@ -105,8 +105,11 @@ pub struct Shared {
     pub accepted: crate::state::Accepted,
     /// Endpoint balancers per exported service and port.
     pub balancers: crate::state::Balancers,
-    /// The import table the egress listeners last caught up with.
+    /// The import table both the egress listeners and DNS last caught up
+    /// with (set by the egress task once DNS has it too).
     pub egress_synced: watch::Sender<Arc<ImportTable>>,
+    /// The import table DNS last published.
+    pub dns_synced: Arc<watch::Sender<Arc<ImportTable>>>,
     /// First reconnect delay.
     pub reconnect_min: Duration,
     /// Longest reconnect delay.
@@ -288,6 +291,7 @@ impl Gateway {
             accepted: Default::default(),
             balancers: Default::default(),
             egress_synced: watch::channel(Arc::new(ImportTable::new())).0,
+            dns_synced: Arc::new(watch::channel(Arc::new(ImportTable::new())).0),
             reconnect_min: Duration::from_millis(config.tunnel.reconnect_min_ms),
             reconnect_max: Duration::from_millis(config.tunnel.reconnect_max_ms),
             grace_period: Duration::from_secs(config.imports.grace_period_seconds),
@@ -299,9 +303,11 @@ impl Gateway {
             ZoneHandle::with_metrics(Zone::build(CLUSTERSET_ZONE, &[], ttl)?, dns_metrics.clone());
         let dns = DnsServer::bind(config.listen.dns, zone.clone(), dns_metrics).await?;
         let mut table_rx = imports.watch();
+        let dns_synced = shared.dns_synced.clone();
         tasks.push(tokio::spawn(async move {
             loop {
-                let records = dns_records(&table_rx.borrow_and_update());
+                let table = table_rx.borrow_and_update().clone();
+                let records = dns_records(&table);
                 // Building and publishing a large zone takes a fraction of
                 // a second of CPU: off the async workers.
                 let zone = zone.clone();
@@ -317,6 +323,7 @@ impl Gateway {
                 if built.is_err() {
                     tracing::error!("DNS zone build panicked; keeping the last one");
                 }
+                dns_synced.send_replace(table);
                 if table_rx.changed().await.is_err() {
                     return;
                 }
@@ -416,7 +423,8 @@ impl Gateway {
         self.shared.imports.watch()
     }
 
-    /// The import table the egress listeners have caught up with.
+    /// The import table the egress listeners and DNS have both caught up
+    /// with: an import in it is reachable by name and address.
     pub fn egress_synced(&self) -> watch::Receiver<Arc<ImportTable>> {
         self.shared.egress_synced.subscribe()
     }
