@@ -252,6 +252,11 @@ async fn names_are_case_insensitive_and_the_question_case_is_kept() {
         "question echoed as asked: {out}"
     );
     assert!(out.contains("127.77.1.2"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("HeLLo.DeMo.sVc.ClusterSet.LOCAL.") && l.contains("127.77.1.2")),
+        "the answer's owner echoes the case: {out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

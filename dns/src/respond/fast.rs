@@ -1,6 +1,6 @@
 //! The fast path: every answer the zone can give, encoded once per
-//! snapshot, and sent by copying it and patching in the query's ID, flags
-//! and question.
+//! snapshot, and sent by copying it and patching in the query's ID and
+//! flags (lowercase questions only: see [`FastAnswers::answer`]).
 //!
 //! [`FastAnswers::build`] asks the generic path (hickory-server) every
 //! question the zone has a positive answer to: each name for each type it
@@ -150,6 +150,18 @@ impl FastAnswers {
     ) -> Option<Outcome> {
         let mut key = [0u8; MAX_NAME_LEN];
         let parsed = parse(query, &mut key)?;
+        // A question with capitals is answered by the generic path, which
+        // echoes its case in the answers' owner names; compression then
+        // differs from the precomputed (lowercase) answers. Stub resolvers
+        // ask in lowercase; resolvers randomising case (0x20) take the
+        // slower path.
+        if query
+            .get(HEADER_LEN..parsed.name_end)?
+            .iter()
+            .any(u8::is_ascii_uppercase)
+        {
+            return None;
+        }
         let key = key.get(..parsed.name_end - HEADER_LEN)?;
         let limit = match (transport, parsed.edns_payload) {
             (Transport::Tcp, _) => usize::from(u16::MAX),
@@ -173,9 +185,8 @@ impl FastAnswers {
                         return None;
                     }
                     out.extend_from_slice(wire);
-                    // The question's case, as asked.
-                    out.get_mut(HEADER_LEN..parsed.name_end)?
-                        .copy_from_slice(query.get(HEADER_LEN..parsed.name_end)?);
+                    // Only lowercase questions get here (see below), so the
+                    // template's question is already the one asked.
                     ResponseCode::NoError
                 }
                 None => self.negative(query, &parsed, ResponseCode::NoError, out)?,

@@ -12,7 +12,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::slice;
 
 use hickory_proto::op::{Edns, Header, HeaderCounts, Metadata, OpCode, Query, ResponseCode};
-use hickory_proto::rr::{DNSClass, Record, RecordType};
+use hickory_proto::rr::{DNSClass, LowerName, Name, Record, RecordType};
 use hickory_proto::serialize::binary::{
     BinDecodable, BinDecoder, BinEncodable, BinEncoder, NameEncoding,
 };
@@ -161,6 +161,32 @@ fn answer(
         serial = zone.serial(),
         "answering from zone"
     );
+
+    // Answers at the question's name echo its case as asked (0x20 resolvers
+    // check it): their owner becomes the question's own name, which the
+    // encoder then writes as a pointer to the question.
+    let asked = Name::read(&mut BinDecoder::new(questions.as_bytes())).ok();
+    let echoed: Vec<Record>;
+    let answers: &[Record] = match &asked {
+        Some(asked)
+            if answers
+                .iter()
+                .any(|r| LowerName::from(&r.name) == *query.name()) =>
+        {
+            echoed = answers
+                .iter()
+                .map(|r| {
+                    let mut r = r.clone();
+                    if LowerName::from(&r.name) == *query.name() {
+                        r.name = asked.clone();
+                    }
+                    r
+                })
+                .collect();
+            &echoed
+        }
+        _ => answers,
+    };
 
     let mut metadata = Metadata::response_from_request(&request.metadata);
     metadata.authoritative = true;

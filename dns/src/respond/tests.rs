@@ -194,7 +194,7 @@ fn plain_queries_take_the_fast_path() {
     let r = responder();
     let cases = [
         ("web.default.svc.clusterset.local.", RecordType::A),
-        ("WEB.default.svc.clusterset.local.", RecordType::AAAA),
+        ("web.default.svc.clusterset.local.", RecordType::AAAA),
         (
             "_http._tcp.web.default.svc.clusterset.local.",
             RecordType::SRV,
@@ -224,6 +224,8 @@ fn everything_else_takes_the_generic_path() {
     let r = responder();
     let web = "web.default.svc.clusterset.local.";
     let mut cases = vec![
+        // Capitals: the generic path echoes them in the answers.
+        wire(&query("WEB.default.svc.clusterset.local.", RecordType::A)),
         wire(&query(web, RecordType::ANY)),
         wire(&query("clusterset.local.", RecordType::AXFR)),
         wire(&query("example.com.", RecordType::A)),
@@ -355,4 +357,29 @@ fn compressed_questions_are_echoed_uncompressed() {
     assert_eq!(m.queries.len(), 2);
     assert_eq!(m.queries[1].name(), m.queries[0].name());
     assert_eq!(m.queries[1].query_type(), RecordType::AAAA);
+}
+
+#[test]
+fn answers_echo_the_question_case() {
+    let r = responder();
+    for (name, qtype) in [
+        ("WeB.DeFault.svc.ClusterSet.LOCAL.", RecordType::A),
+        (
+            "_HTTP._tcp.web.DEFAULT.svc.clusterset.local.",
+            RecordType::SRV,
+        ),
+    ] {
+        let q = query(name, qtype);
+        let answer = r.respond(&wire(&q), Transport::Udp).expect(name);
+        let m = Message::from_vec(&answer).expect("answer decodes");
+        assert!(m.queries[0].name().eq_case(q.queries[0].name()), "{name}");
+        assert!(!m.answers.is_empty(), "{name}");
+        for a in &m.answers {
+            assert!(
+                a.name.eq_case(q.queries[0].name()),
+                "{name}: owner {}",
+                a.name
+            );
+        }
+    }
 }
