@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs the tools the tests call: dig, and ip, iptables-restore and
-# setpriv for the sidecar's transparent-mode test in network namespaces.
+# Installs the tools the tests call: dig, and ip, iptables-restore, setpriv
+# and curl for the sidecar's transparent-mode tests in network namespaces.
 # Fails loudly if it cannot: tests are never skipped for want of a tool.
 set -euo pipefail
 
@@ -9,6 +9,7 @@ command -v dig >/dev/null 2>&1 || need+=(dnsutils)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v iptables-restore >/dev/null 2>&1 || need+=(iptables)
 command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
+command -v curl >/dev/null 2>&1 || need+=(curl)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
@@ -21,6 +22,6 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-for tool in dig ip iptables-restore setpriv; do
+for tool in dig ip iptables-restore setpriv curl; do
   command -v "$tool" >/dev/null || { echo "error: $tool still missing" >&2; exit 1; }
 done
