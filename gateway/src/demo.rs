@@ -85,6 +85,8 @@ pub async fn spawn_hello_endpoint(cluster: &str, name: &str) -> anyhow::Result<S
     tokio::spawn(async move {
         loop {
             let Ok((mut s, _)) = listener.accept().await else {
+                // Out of descriptors and the like: do not spin.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             };
             let body = body.clone();
