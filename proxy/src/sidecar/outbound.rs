@@ -180,8 +180,11 @@ impl Outbound {
         };
         let io = PrefixedIo::new(prefix, tcp);
         let result = match proto {
-            Detected::Http1 | Detected::Http2 => self.serve_http(io, orig).await,
-            Detected::Tls | Detected::Opaque => self.forward_tcp(io, orig).await,
+            // Boxed: a connection's task then holds only the branch it
+            // takes, not the largest of both (it is alive as long as the
+            // connection, often idle).
+            Detected::Http1 | Detected::Http2 => Box::pin(self.serve_http(io, orig)).await,
+            Detected::Tls | Detected::Opaque => Box::pin(self.forward_tcp(io, orig)).await,
         };
         self.closed(&labels, started, if result { "ok" } else { "error" });
     }
