@@ -188,26 +188,6 @@ fn certs(cmd: CertsCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
-}
-
 async fn demo(opts: DemoOptions, once: bool) -> anyhow::Result<()> {
     let started = Instant::now();
     let demo = Demo::start(&opts).await?;
@@ -255,7 +235,7 @@ async fn demo(opts: DemoOptions, once: bool) -> anyhow::Result<()> {
     println!("  curl http://{}/metrics", opts.west_admin);
     println!("  curl http://{}/api/imports", opts.west_admin);
     println!("Ctrl-C to stop.");
-    shutdown_signal().await;
+    strait_proxy::admin::terminated().await;
     println!("stopping");
     demo.west.shutdown().await;
     demo.east.shutdown().await;
@@ -272,7 +252,7 @@ async fn gateway(config: PathBuf) -> anyhow::Result<()> {
         gw.dns_addr(),
         gw.admin_addr()
     );
-    shutdown_signal().await;
+    strait_proxy::admin::terminated().await;
     tracing::info!("shutting down");
     tokio::time::timeout(Duration::from_secs(10), gw.shutdown())
         .await

@@ -95,3 +95,20 @@ impl Drop for AdminServer {
         self.task.abort();
     }
 }
+
+/// Resolves on SIGTERM (how Kubernetes stops a pod) or Ctrl-C: what every
+/// Strait binary waits for before draining.
+pub async fn terminated() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -221,7 +221,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         proxy.admin_addr()
     );
     tokio::select! {
-        () = terminated() => tracing::info!("SIGTERM: draining"),
+        () = strait_proxy::admin::terminated() => tracing::info!("SIGTERM: draining"),
         () = proxy.drain_requested() => tracing::info!("/shutdown: draining"),
     }
     let cut = proxy.shutdown().await;
@@ -229,21 +229,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::warn!(connections = cut, "drain deadline passed; closing the rest");
     }
     Ok(())
-}
-
-async fn terminated() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 fn main() -> ExitCode {
