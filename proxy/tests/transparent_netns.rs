@@ -19,9 +19,12 @@
 //! them the veth pair, are deleted when a test ends, pass or fail.
 
 use std::io::{BufRead, BufReader, Read};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+
+#[path = "support/netns.rs"]
+mod netns;
+use netns::{run_output, runnable_by_others, Netns};
 
 #[path = "../examples/transparent_echo.rs"]
 #[allow(dead_code)]
@@ -62,143 +65,43 @@ const PROXY_UID: &str = "2102";
 /// The uid the application's clients run as (`nobody`).
 const APP_UID: &str = "65534";
 
-/// Fails (never skips) when the test cannot run, saying how to fix it.
 fn preflight() {
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    let uid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .unwrap_or("?");
-    assert_eq!(
-        uid, "0",
-        "transparent_netns needs root (it creates network namespaces with `ip netns`); run it as root"
+    netns::preflight(
+        "transparent_netns",
+        &[
+            "ip",
+            "iptables-save",
+            "iptables-restore",
+            "ip6tables-save",
+            "ip6tables-restore",
+            "setpriv",
+        ],
     );
-    for tool in [
-        "ip",
-        "iptables-save",
-        "iptables-restore",
-        "ip6tables-save",
-        "ip6tables-restore",
-        "setpriv",
-    ] {
-        assert!(
-            on_path(tool),
-            "transparent_netns: `{tool}` is missing: run scripts/install-test-tools.sh"
-        );
-    }
 }
 
-fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
-        .unwrap_or(false)
-}
-
-/// This test binary, where `nobody` and uid 2102 may run it: in place if
-/// they can reach it, else copied into `dir` (the target directory may sit
-/// under a private home).
+/// This test binary, where `nobody` and uid 2102 may run it.
 fn helper_binary(dir: &Path) -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let others_may_run =
-        |path: &Path| std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o001 != 0);
-    if exe.ancestors().all(others_may_run) {
-        return exe;
-    }
-    let copy = dir.join("transparent_netns");
-    std::fs::copy(&exe, &copy).expect("copy the test binary");
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
-    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod bin");
-    copy
-}
-
-/// Runs a command to completion and returns its stdout; panics with its
-/// stderr if it fails.
-fn run(cmd: &mut Command) -> String {
-    run_for_output(cmd).0
+    runnable_by_others(&std::env::current_exe().expect("current_exe"), dir)
 }
 
 /// Runs a `transparent_echo` role to completion and returns what it
 /// reported (on stderr).
 fn run_echo(cmd: &mut Command) -> String {
-    run_for_output(cmd).1
+    run_output(cmd).1
 }
 
-fn run_for_output(cmd: &mut Command) -> (String, String) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}): {stdout}{stderr}",
-        out.status
-    );
-    (stdout, stderr)
-}
-
-/// A network namespace of ours, deleted on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn add(role: &str, n: u8) -> Netns {
-        let name = format!("strait-{role}-{}-{n}", std::process::id());
-        run(Command::new("ip").args(["netns", "add", &name]));
-        Netns { name }
-    }
-
-    /// `ip netns exec <ns> [setpriv --reuid=<uid> ...] <this binary>`
-    /// playing the `transparent_echo` role `args`.
-    fn command(&self, uid: Option<&str>, program: &Path, args: &[&str]) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name]);
-        if let Some(uid) = uid {
-            cmd.arg("setpriv")
-                .arg(format!("--reuid={uid}"))
-                .arg(format!("--regid={uid}"))
-                .arg("--clear-groups");
-        }
-        cmd.arg(program)
-            .args([
-                "--exact",
-                "transparent_echo_helper",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(HELPER_ENV, args.join("\n"));
-        cmd
-    }
-
-    /// `ip -n <ns> <args>`.
-    fn ip(&self, args: &[&str]) {
-        run(Command::new("ip").args(["-n", &self.name]).args(args));
-    }
-
-    /// The `nat` table as `<tool> -t nat` prints it, minus the timestamp
-    /// comments.
-    fn nat_table(&self, save_tool: &str) -> String {
-        let out =
-            run(Command::new("ip").args(["netns", "exec", &self.name, save_tool, "-t", "nat"]));
-        out.lines()
-            .filter(|l| !l.starts_with('#'))
-            .map(|l| format!("{l}\n"))
-            .collect()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        match Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status()
-        {
-            Ok(status) if status.success() => {}
-            other => eprintln!("could not delete netns {}: {other:?}", self.name),
-        }
-    }
+/// `ip netns exec <ns> [setpriv ...] <this binary>` playing the
+/// `transparent_echo` role `args`.
+fn command(ns: &Netns, uid: Option<&str>, program: &Path, args: &[&str]) -> Command {
+    let mut cmd = ns.exec(uid, program);
+    cmd.args([
+        "--exact",
+        "transparent_echo_helper",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(HELPER_ENV, args.join("\n"));
+    cmd
 }
 
 /// A background process, killed on drop.
@@ -264,14 +167,13 @@ impl Topology {
     fn init(&self, extra: &[&str]) -> String {
         let mut args = vec!["init", "--proxy-uid", PROXY_UID];
         args.extend_from_slice(extra);
-        run_echo(&mut self.pod.command(None, &self.bin, &args))
+        run_echo(&mut command(&self.pod, None, &self.bin, &args))
     }
 
     /// Starts a listening role in `ns` and waits for its `ready`.
     fn start(&mut self, in_pod: bool, uid: Option<&str>, args: &[&str]) {
         let ns = if in_pod { &self.pod } else { &self.peer };
-        let mut child = ns
-            .command(uid, &self.bin, args)
+        let mut child = command(ns, uid, &self.bin, args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -305,12 +207,17 @@ impl Topology {
 
     /// What a client in the pod, running as `uid`, receives from `addr`.
     fn connect_in_pod(&self, uid: Option<&str>, addr: &str) -> String {
-        run_echo(&mut self.pod.command(uid, &self.bin, &["connect", addr]))
+        run_echo(&mut command(&self.pod, uid, &self.bin, &["connect", addr]))
     }
 
     /// What a client in the peer namespace receives from `addr`.
     fn connect_in_peer(&self, addr: &str) -> String {
-        run_echo(&mut self.peer.command(None, &self.bin, &["connect", addr]))
+        run_echo(&mut command(
+            &self.peer,
+            None,
+            &self.bin,
+            &["connect", addr],
+        ))
     }
 }
 
@@ -466,7 +373,8 @@ fn applying_again_leaves_exactly_the_last_configs_rules() {
     // A changed config replaces the old rules instead of adding to them:
     // the pod ends up exactly as a fresh namespace given only that config.
     topo.init(&["--skip-outbound", "5432", "--ipv6"]);
-    run_echo(&mut topo.peer.command(
+    run_echo(&mut command(
+        &topo.peer,
         None,
         &topo.bin,
         &[

@@ -38,6 +38,10 @@ use std::time::{Duration, Instant};
 
 use strait_proxy::identity::{generate_issuer, generate_root};
 
+#[path = "support/netns.rs"]
+mod netns;
+use netns::{run_bytes, run_output, runnable_by_others, Netns};
+
 /// Set (to the role's arguments, one per line) when this binary is run as a
 /// helper rather than as the test suite.
 const HELPER_ENV: &str = "STRAIT_NETNS_HELPER_ARGS";
@@ -190,113 +194,35 @@ fn send(addr: &str, message: &[u8]) -> std::io::Result<()> {
     err.flush()
 }
 
-/// Fails (never skips) when the test cannot run, saying how to fix it.
 fn preflight() {
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    let uid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .unwrap_or("?");
-    assert_eq!(
-        uid, "0",
-        "transparent_proxy_netns needs root (it creates network namespaces with `ip netns`); run it as root"
+    netns::preflight(
+        "transparent_proxy_netns",
+        &[
+            "ip",
+            "iptables-save",
+            "iptables-restore",
+            "setpriv",
+            "curl",
+            "sh",
+        ],
     );
-    for tool in [
-        "ip",
-        "iptables-save",
-        "iptables-restore",
-        "setpriv",
-        "curl",
-        "sh",
-    ] {
-        assert!(
-            on_path(tool),
-            "transparent_proxy_netns: `{tool}` is missing: run scripts/install-test-tools.sh"
-        );
-    }
-}
-
-fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
-        .unwrap_or(false)
-}
-
-/// `exe`, where `nobody` and uid 2102 may run it: in place if they can
-/// reach it, else copied into `dir` (the target directory may sit under a
-/// private home).
-fn runnable_by_others(exe: &Path, dir: &Path) -> PathBuf {
-    let others_may_run =
-        |path: &Path| std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o001 != 0);
-    if exe.ancestors().all(others_may_run) {
-        return exe.to_path_buf();
-    }
-    let copy = dir.join(exe.file_name().expect("a file name"));
-    std::fs::copy(exe, &copy).unwrap_or_else(|e| panic!("copy {}: {e}", exe.display()));
-    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod bin");
-    copy
 }
 
 /// Runs a command to completion; panics with its output if it fails.
 /// Returns (stdout, stderr).
 fn run(cmd: &mut Command) -> (String, String) {
-    let (stdout, stderr) = run_bytes(cmd);
-    (
-        String::from_utf8_lossy(&stdout).into_owned(),
-        String::from_utf8_lossy(&stderr).into_owned(),
-    )
+    run_output(cmd)
 }
 
-/// [`run`], the output as it came.
-fn run_bytes(cmd: &mut Command) -> (Vec<u8>, Vec<u8>) {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.stdout, out.stderr)
+/// `curl` inside a namespace.
+trait Curl {
+    /// The status and the body as `uid`, or curl's complaint.
+    fn try_curl(&self, uid: Option<&str>, url: &str) -> Result<(u16, String), String>;
+    /// [`Curl::try_curl`], panicking on failure.
+    fn curl(&self, uid: Option<&str>, url: &str) -> (u16, String);
 }
 
-/// A network namespace of ours, deleted on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn add(role: &str, n: u8) -> Netns {
-        let name = format!("strait-{role}-{}-{n}", std::process::id());
-        run(Command::new("ip").args(["netns", "add", &name]));
-        Netns { name }
-    }
-
-    /// `ip netns exec <ns> [setpriv --reuid=<uid> ...] <program>`. Both
-    /// `ip netns exec` and `setpriv` exec, so the child's pid is the
-    /// program's.
-    fn exec(&self, uid: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name]);
-        if let Some(uid) = uid {
-            cmd.arg("setpriv")
-                .arg(format!("--reuid={uid}"))
-                .arg(format!("--regid={uid}"))
-                .arg("--clear-groups");
-        }
-        cmd.arg(program);
-        cmd
-    }
-
-    /// `ip -n <ns> <args>`.
-    fn ip(&self, args: &[&str]) {
-        run(Command::new("ip").args(["-n", &self.name]).args(args));
-    }
-
+impl Curl for Netns {
     /// `curl` in this namespace as `uid`: the status and the body, or
     /// curl's complaint.
     fn try_curl(&self, uid: Option<&str>, url: &str) -> Result<(u16, String), String> {
@@ -326,18 +252,6 @@ impl Netns {
 
     fn curl(&self, uid: Option<&str>, url: &str) -> (u16, String) {
         self.try_curl(uid, url).unwrap_or_else(|e| panic!("{e}"))
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        match Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status()
-        {
-            Ok(status) if status.success() => {}
-            other => eprintln!("could not delete netns {}: {other:?}", self.name),
-        }
     }
 }
 
