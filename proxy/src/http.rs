@@ -111,6 +111,13 @@ pub fn to_mesh(mut req: Request<Body>, authority: &str) -> Result<Request<Body>,
             .insert(ORIG_PROTO, HeaderValue::from_static(v));
     }
     strip_hop_by_hop(req.headers_mut());
+    retarget(&mut req, authority)?;
+    *req.version_mut() = Version::HTTP_2;
+    Ok(req)
+}
+
+/// Makes the request's URI absolute, `http://<authority><path and query>`.
+pub fn retarget<B>(req: &mut Request<B>, authority: &str) -> Result<(), http::Error> {
     let path = req
         .uri()
         .path_and_query()
@@ -121,8 +128,7 @@ pub fn to_mesh(mut req: Request<Body>, authority: &str) -> Result<Request<Body>,
         .authority(authority)
         .path_and_query(path)
         .build()?;
-    *req.version_mut() = Version::HTTP_2;
-    Ok(req)
+    Ok(())
 }
 
 /// Undoes [`to_mesh`] on the receiving proxy: the version the application

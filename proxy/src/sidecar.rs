@@ -473,3 +473,87 @@ pub(crate) fn count_tcp_bytes(
             .inc_by(n);
     }
 }
+
+/// Why a plaintext upstream request failed.
+#[derive(Debug)]
+pub(crate) enum UpstreamError {
+    /// The request target could not be formed.
+    BadTarget,
+    /// The upstream failed (connect, reset, protocol error).
+    Failed(String),
+    /// No response headers within the request timeout.
+    Timeout,
+}
+
+/// Plaintext HTTP to an upstream address, keeping the request's authority:
+/// HTTP/1.1 over a bounded pool (the `Host` header carries the authority),
+/// HTTP/2 over one multiplexed connection per address (`:authority`).
+pub(crate) struct PlainClient {
+    http1: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        crate::http::Body,
+    >,
+    http2: crate::http::H2Pool,
+    connect_timeout: Duration,
+}
+
+impl PlainClient {
+    pub(crate) fn new(config: &ProxyConfig) -> Self {
+        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        let http1 =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                // Bounded idle upstream connections: a burst of client
+                // connections must not leave thousands pooled.
+                .pool_max_idle_per_host(MAX_IDLE_PER_HOST)
+                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+                .build(connector);
+        Self {
+            http1,
+            http2: crate::http::H2Pool::default(),
+            connect_timeout: config.connect_timeout,
+        }
+    }
+
+    /// Sends `req` (for `authority`) to `target`, hop-by-hop headers
+    /// stripped both ways, within `timeout` to the response headers.
+    pub(crate) async fn send(
+        &self,
+        mut req: http::Request<crate::http::Body>,
+        authority: &str,
+        target: SocketAddr,
+        timeout: Duration,
+    ) -> Result<http::Response<crate::http::Body>, UpstreamError> {
+        use http_body_util::BodyExt;
+        crate::http::strip_hop_by_hop(req.headers_mut());
+        let sent = if req.version() == http::Version::HTTP_2 {
+            crate::http::retarget(&mut req, authority).map_err(|_| UpstreamError::BadTarget)?;
+            req.headers_mut().remove(http::header::HOST);
+            let f = self.http2.send(target, req, self.connect_timeout);
+            tokio::time::timeout(timeout, f)
+                .await
+                .map(|r| r.map_err(|e| e.to_string()))
+        } else {
+            crate::http::retarget(&mut req, &target.to_string())
+                .map_err(|_| UpstreamError::BadTarget)?;
+            if !req.headers().contains_key(http::header::HOST) {
+                if let Ok(v) = http::HeaderValue::from_str(authority) {
+                    req.headers_mut().insert(http::header::HOST, v);
+                }
+            }
+            tokio::time::timeout(timeout, self.http1.request(req))
+                .await
+                .map(|r| r.map_err(|e| e.to_string()))
+        };
+        match sent {
+            Ok(Ok(rsp)) => {
+                let mut rsp = rsp.map(|b| b.boxed());
+                crate::http::strip_hop_by_hop(rsp.headers_mut());
+                Ok(rsp)
+            }
+            Ok(Err(e)) => Err(UpstreamError::Failed(e)),
+            Err(_) => Err(UpstreamError::Timeout),
+        }
+    }
+}

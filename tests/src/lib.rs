@@ -217,23 +217,34 @@ pub fn sample(text: &str, prefix: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// Runs `dig` against a DNS server and returns `+short` output lines.
-pub fn dig(server: SocketAddr, name: &str, qtype: &str, tcp: bool) -> Vec<String> {
+/// Runs `dig @server -p port name qtype` (over TCP if `tcp`) with `extra`
+/// flags.
+fn run_dig(
+    server: SocketAddr,
+    name: &str,
+    qtype: &str,
+    tcp: bool,
+    extra: &[&str],
+) -> std::process::Output {
     let mut cmd = std::process::Command::new("dig");
     cmd.arg(format!("@{}", server.ip()))
         .arg("-p")
         .arg(server.port().to_string())
         .arg(name)
         .arg(qtype)
-        .arg("+short")
+        .args(extra)
         .arg("+time=2")
         .arg("+tries=1");
     if tcp {
         cmd.arg("+tcp");
     }
-    let out = cmd
-        .output()
-        .expect("dig must be installed: run scripts/test.sh, which installs it");
+    cmd.output()
+        .expect("dig must be installed: run scripts/test.sh, which installs it")
+}
+
+/// Runs `dig` against a DNS server and returns `+short` output lines.
+pub fn dig(server: SocketAddr, name: &str, qtype: &str, tcp: bool) -> Vec<String> {
+    let out = run_dig(server, name, qtype, tcp, &["+short"]);
     assert!(
         out.status.success(),
         "dig failed: {}",
@@ -247,19 +258,5 @@ pub fn dig(server: SocketAddr, name: &str, qtype: &str, tcp: bool) -> Vec<String
 
 /// Runs `dig` and returns its whole output (for status and sections).
 pub fn dig_full(server: SocketAddr, name: &str, qtype: &str, tcp: bool) -> String {
-    let mut cmd = std::process::Command::new("dig");
-    cmd.arg(format!("@{}", server.ip()))
-        .arg("-p")
-        .arg(server.port().to_string())
-        .arg(name)
-        .arg(qtype)
-        .arg("+time=2")
-        .arg("+tries=1");
-    if tcp {
-        cmd.arg("+tcp");
-    }
-    let out = cmd
-        .output()
-        .expect("dig must be installed: run scripts/test.sh, which installs it");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    String::from_utf8_lossy(&run_dig(server, name, qtype, tcp, &[]).stdout).into_owned()
 }

@@ -9,19 +9,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::{Request, Response, StatusCode, Version};
+use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::LazyConfigAcceptor;
 
-use super::{Active, Shared, StartError, MAX_IDLE_PER_HOST, POOL_IDLE_TIMEOUT};
+use super::{Active, PlainClient, Shared, StartError, UpstreamError};
 use crate::detect::{detect, Detected, PrefixedIo};
-use crate::http::{authority_of, error_response, from_mesh, strip_hop_by_hop, Body, Observed};
+use crate::http::{authority_of, error_response, from_mesh, Body, Observed};
 use crate::identity::{identity_of, AllowedPeers, LinkedPeersVerifier};
 use crate::mesh::MESH_ALPN;
 use crate::metrics::{RequestLabels, TcpCloseLabels, TcpLabels};
@@ -38,8 +35,7 @@ pub(super) struct Inbound(Arc<Inner>);
 struct Inner {
     shared: Arc<Shared>,
     tls: Arc<rustls::ServerConfig>,
-    http1: Client<HttpConnector, Body>,
-    http2: crate::http::H2Pool,
+    plain: PlainClient,
 }
 
 impl Inbound {
@@ -54,22 +50,8 @@ impl Inbound {
             shared.identity.clone(),
             &[MESH_ALPN],
         )?);
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(shared.config.connect_timeout));
-        let http1 = Client::builder(TokioExecutor::new())
-            // Bounded idle upstream connections: a burst of client
-            // connections must not leave thousands pooled.
-            .pool_max_idle_per_host(MAX_IDLE_PER_HOST)
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .build(connector);
-        let http2 = crate::http::H2Pool::default();
-        Ok(Self(Arc::new(Inner {
-            shared,
-            tls,
-            http1,
-            http2,
-        })))
+        let plain = PlainClient::new(&shared.config);
+        Ok(Self(Arc::new(Inner { shared, tls, plain })))
     }
 
     /// Serves one accepted connection.
@@ -227,57 +209,26 @@ impl Inbound {
             });
             return Observed::wrap(rsp, shared.http.clone(), &labels, started);
         }
-        let mut req = from_mesh(req.map(|b| b.boxed()));
-        strip_hop_by_hop(req.headers_mut());
+        let req = from_mesh(req.map(|b| b.boxed()));
         // The application is on loopback: the pod's own address would loop
         // back through the iptables redirect.
         let target: SocketAddr = ([127, 0, 0, 1], port).into();
-        let path = req
-            .uri()
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string();
-        let timeout = shared.config.request_timeout;
-        let sent = if req.version() == Version::HTTP_2 {
-            // HTTP/2 keeps its authority; the connection goes to the app.
-            let Ok(uri) = format!("http://{authority}{path}").parse() else {
-                return error_response(StatusCode::BAD_REQUEST, "bad request target");
-            };
-            *req.uri_mut() = uri;
-            req.headers_mut().remove(http::header::HOST);
-            let f = self
-                .0
-                .http2
-                .send(target, req, shared.config.connect_timeout);
-            tokio::time::timeout(timeout, f)
-                .await
-                .map(|r| r.map_err(|e| e.to_string()))
-        } else {
-            let Ok(uri) = format!("http://{target}{path}").parse() else {
-                return error_response(StatusCode::BAD_REQUEST, "bad request target");
-            };
-            *req.uri_mut() = uri;
-            if !req.headers().contains_key(http::header::HOST) {
-                if let Ok(v) = http::HeaderValue::from_str(&authority) {
-                    req.headers_mut().insert(http::header::HOST, v);
-                }
+        let rsp = match self
+            .0
+            .plain
+            .send(req, &authority, target, shared.config.request_timeout)
+            .await
+        {
+            Ok(rsp) => rsp,
+            Err(UpstreamError::BadTarget) => {
+                error_response(StatusCode::BAD_REQUEST, "bad request target")
             }
-            tokio::time::timeout(timeout, self.0.http1.request(req))
-                .await
-                .map(|r| r.map_err(|e| e.to_string()))
-        };
-        let rsp = match sent {
-            Ok(Ok(rsp)) => {
-                let mut rsp = rsp.map(|b| b.boxed());
-                strip_hop_by_hop(rsp.headers_mut());
-                rsp
-            }
-            Ok(Err(error)) => {
+            Err(UpstreamError::Failed(error)) => {
                 tracing::info!(%target, %error, "application request failed");
                 shared.http.error(DIRECTION, "upstream");
                 error_response(StatusCode::BAD_GATEWAY, "application unavailable")
             }
-            Err(_) => {
+            Err(UpstreamError::Timeout) => {
                 shared.http.error(DIRECTION, "timeout");
                 error_response(StatusCode::GATEWAY_TIMEOUT, "application timed out")
             }

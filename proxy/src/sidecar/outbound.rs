@@ -12,12 +12,9 @@ use std::time::Instant;
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpStream;
 
-use super::{Active, Shared, StartError, MAX_IDLE_PER_HOST, POOL_IDLE_TIMEOUT};
+use super::{Active, PlainClient, Shared, StartError, UpstreamError};
 use crate::balance::{BalanceConfig, Balancer};
 use crate::detect::{detect, Detected, PrefixedIo};
 use crate::discovery::Endpoint;
@@ -116,24 +113,14 @@ pub(super) struct Outbound(Arc<Inner>);
 struct Inner {
     shared: Arc<Shared>,
     mesh: MeshClient,
-    http1: Client<HttpConnector, Body>,
-    http2: crate::http::H2Pool,
+    plain: PlainClient,
     balancers: Mutex<HashMap<String, Balancer<SocketAddr>>>,
     budgets: Mutex<HashMap<String, Budget>>,
 }
 
 impl Outbound {
     pub(super) fn new(shared: Arc<Shared>) -> Result<Self, StartError> {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(shared.config.connect_timeout));
-        let http1 = Client::builder(TokioExecutor::new())
-            // Bounded idle upstream connections: a burst of client
-            // connections must not leave thousands pooled.
-            .pool_max_idle_per_host(MAX_IDLE_PER_HOST)
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .build(connector);
-        let http2 = crate::http::H2Pool::default();
+        let plain = PlainClient::new(&shared.config);
         let mesh = MeshClient::new(
             shared.identity.clone(),
             shared.anchors.roots(),
@@ -143,8 +130,7 @@ impl Outbound {
         Ok(Self(Arc::new(Inner {
             shared,
             mesh,
-            http1,
-            http2,
+            plain,
             balancers: Mutex::default(),
             budgets: Mutex::default(),
         })))
@@ -460,7 +446,7 @@ impl Outbound {
     /// One attempt at one endpoint.
     async fn attempt(
         &self,
-        mut req: Request<Body>,
+        req: Request<Body>,
         authority: &str,
         endpoint: &Endpoint,
     ) -> Result<(Response<Body>, &'static str), Response<Body>> {
@@ -473,57 +459,37 @@ impl Outbound {
                 })?;
                 let peer = SocketAddr::new(endpoint.addr.ip(), shared.config.peer_inbound_port);
                 let f = self.0.mesh.send(peer, id, endpoint.addr.port(), req);
-                let r = tokio::time::timeout(timeout, f).await;
-                (r.map(|r| r.map_err(|e| e.to_string())), "true")
+                let sent = match tokio::time::timeout(timeout, f).await {
+                    Ok(Ok(rsp)) => {
+                        let mut rsp = rsp.map(|b| b.boxed());
+                        strip_hop_by_hop(rsp.headers_mut());
+                        Ok(rsp)
+                    }
+                    Ok(Err(e)) => Err(UpstreamError::Failed(e.to_string())),
+                    Err(_) => Err(UpstreamError::Timeout),
+                };
+                (sent, "true")
             }
-            None => {
-                strip_hop_by_hop(req.headers_mut());
-                let path = req
-                    .uri()
-                    .path_and_query()
-                    .map_or("/", |p| p.as_str())
-                    .to_string();
-                let h2 = req.version() == Version::HTTP_2;
-                let target = if h2 {
-                    format!("http://{authority}{path}")
-                } else {
-                    format!("http://{}{}", endpoint.addr, path)
-                };
-                let Ok(uri) = target.parse() else {
-                    return Err(error_response(
-                        StatusCode::BAD_REQUEST,
-                        "bad request target",
-                    ));
-                };
-                *req.uri_mut() = uri;
-                let r = if h2 {
-                    let f = self
-                        .0
-                        .http2
-                        .send(endpoint.addr, req, shared.config.connect_timeout);
-                    tokio::time::timeout(timeout, f)
-                        .await
-                        .map(|r| r.map_err(|e| e.to_string()))
-                } else {
-                    tokio::time::timeout(timeout, self.0.http1.request(req))
-                        .await
-                        .map(|r| r.map_err(|e| e.to_string()))
-                };
-                (r, "false")
-            }
+            None => (
+                self.0
+                    .plain
+                    .send(req, authority, endpoint.addr, timeout)
+                    .await,
+                "false",
+            ),
         };
         match sent {
-            Ok(Ok(rsp)) => {
-                let mut rsp = rsp.map(|b| b.boxed());
-                strip_hop_by_hop(rsp.headers_mut());
-                Ok((rsp, tls))
-            }
-            Ok(Err(error)) => {
+            Ok(rsp) => Ok((rsp, tls)),
+            Err(UpstreamError::BadTarget) => Err(error_response(
+                StatusCode::BAD_REQUEST,
+                "bad request target",
+            )),
+            Err(UpstreamError::Failed(error)) => {
                 tracing::info!(%authority, endpoint = %endpoint.addr, %error, "request failed");
                 shared.http.error(DIRECTION, "upstream");
                 Err(error_response(StatusCode::BAD_GATEWAY, "upstream failed"))
             }
-            Err(_) => {
+            Err(UpstreamError::Timeout) => {
                 shared.http.error(DIRECTION, "timeout");
                 Err(error_response(
                     StatusCode::GATEWAY_TIMEOUT,
