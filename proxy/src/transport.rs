@@ -167,8 +167,17 @@ mod tests {
             Err(FrameError::Truncated)
         ));
         assert!(matches!(
+            read(&mut &[0u8][..]).await,
+            Err(FrameError::Truncated)
+        ));
+        assert!(matches!(
             read(&mut &[0u8, 0][..]).await,
             Err(FrameError::Empty)
+        ));
+        let garbage = [0u8, 4, 0xff, 0xff, 0xff, 0xff];
+        assert!(matches!(
+            read(&mut &garbage[..]).await,
+            Err(FrameError::Decode(_))
         ));
         let mut bad = to_port(1, ProtocolHint::Opaque, "");
         bad.service = "Not A Label".into();
