@@ -261,34 +261,20 @@ async fn gateway(config: PathBuf) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match strait_proxy::cli::parse() {
         Ok(c) => c,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+        Err(code) => return code,
     };
     // The demo prints its own story; a gateway logs what it does.
     let default_filter = match cli.command {
         Command::Demo { .. } => "warn",
         _ => "warn,strait_gateway=info,strait_proxy=info",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("STRAIT_LOG")
-                .unwrap_or_else(|_| default_filter.into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    strait_proxy::tls::install_default_provider();
+    strait_proxy::cli::init(default_filter);
     let result = match cli.command {
         Command::Certs { command } => certs(command),
         Command::Gateway { config, threads } => {
-            run_async(threads.map(usize::from), gateway(config))
+            strait_proxy::cli::run_async(threads.map(usize::from), gateway(config))
         }
         Command::Demo {
             once,
@@ -313,7 +299,7 @@ fn main() -> ExitCode {
                 east_destination,
                 requests,
             };
-            run_async(None, async move {
+            strait_proxy::cli::run_async(None, async move {
                 if once {
                     tokio::time::timeout(Duration::from_secs(60), demo(opts, true))
                         .await
@@ -324,26 +310,5 @@ fn main() -> ExitCode {
             })
         }
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn run_async(
-    threads: Option<usize>,
-    f: impl std::future::Future<Output = anyhow::Result<()>>,
-) -> anyhow::Result<()> {
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = threads {
-        runtime.worker_threads(n);
-    }
-    runtime
-        .enable_all()
-        .build()
-        .context("starting the runtime")?
-        .block_on(f)
+    strait_proxy::cli::exit(result)
 }

@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod balance;
+pub mod cli;
 pub mod detect;
 pub mod discovery;
 pub mod forward;

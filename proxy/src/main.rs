@@ -232,26 +232,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match strait_proxy::cli::parse() {
         Ok(c) => c,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+        Err(code) => return code,
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("STRAIT_LOG")
-                .unwrap_or_else(|_| "warn,strait_proxy=info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    strait_proxy::tls::install_default_provider();
-    let result = match cli.command {
+    strait_proxy::cli::init("warn,strait_proxy=info");
+    strait_proxy::cli::exit(match cli.command {
         Command::Init(a) => {
             let mut cfg = InitConfig::new(a.proxy_uid);
             cfg.inbound_port = a.inbound_port;
@@ -264,22 +250,6 @@ fn main() -> ExitCode {
                 .map(|applied| println!("{applied}"))
                 .map_err(anyhow::Error::from)
         }
-        Command::Run(a) => {
-            let mut rt = tokio::runtime::Builder::new_multi_thread();
-            if let Some(n) = a.threads {
-                rt.worker_threads(usize::from(n));
-            }
-            rt.enable_all()
-                .build()
-                .context("starting the runtime")
-                .and_then(|rt| rt.block_on(run(*a)))
-        }
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+        Command::Run(a) => strait_proxy::cli::run_async(a.threads.map(usize::from), run(*a)),
+    })
 }
