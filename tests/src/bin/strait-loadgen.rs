@@ -43,12 +43,24 @@ async fn echo(addr: SocketAddr) -> anyhow::Result<()> {
     }
 }
 
-async fn rr(
+/// One request/response on a load-generator connection.
+#[derive(Clone)]
+enum Exchange {
+    /// `size` bytes out, the same `size` bytes back (TCP echo).
+    Echo(usize),
+    /// A keep-alive `GET /` for `host`, its response read whole.
+    Http(String),
+}
+
+/// Requests at a fixed total `rate` for `seconds` over `conns` connections
+/// (each its share, staggered), each timed from its send; prints the
+/// latency percentiles.
+async fn fixed_rate(
     addr: SocketAddr,
     rate: u64,
     seconds: u64,
-    size: usize,
     conns: u64,
+    exchange: Exchange,
 ) -> anyhow::Result<()> {
     let per_conn = Duration::from_secs_f64(conns as f64 / rate as f64);
     let total = rate * seconds / conns;
@@ -60,9 +72,15 @@ async fn rr(
             .with_context(|| format!("connect {addr}"))?;
         s.set_nodelay(true)?;
         let offset = per_conn.mul_f64(c as f64 / conns as f64);
+        let exchange = exchange.clone();
         tasks.push(tokio::spawn(async move {
-            let req = vec![0x5a; size];
-            let mut resp = vec![0; size];
+            let (req, mut resp) = match &exchange {
+                Exchange::Echo(size) => (vec![0x5a; *size], vec![0; *size]),
+                Exchange::Http(host) => (
+                    format!("GET / HTTP/1.1\r\nhost: {host}\r\n\r\n").into_bytes(),
+                    Vec::new(),
+                ),
+            };
             let mut lat = Vec::with_capacity(total as usize);
             for i in 0..total {
                 let due = start + offset + per_conn * i as u32;
@@ -71,10 +89,15 @@ async fn rr(
                 // millisecond granularity, which would swamp the figures.
                 let sent = Instant::now();
                 s.write_all(&req).await?;
-                s.read_exact(&mut resp).await?;
+                match exchange {
+                    Exchange::Echo(_) => {
+                        s.read_exact(&mut resp).await?;
+                    }
+                    Exchange::Http(_) => read_response(&mut s, &mut resp).await?,
+                }
                 lat.push(sent.elapsed());
             }
-            Ok::<_, std::io::Error>(lat)
+            Ok::<_, anyhow::Error>(lat)
         }));
     }
     let mut all = Vec::new();
@@ -135,45 +158,6 @@ async fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<(
     }
 }
 
-async fn http(
-    addr: SocketAddr,
-    rate: u64,
-    seconds: u64,
-    conns: u64,
-    host: String,
-) -> anyhow::Result<()> {
-    let per_conn = Duration::from_secs_f64(conns as f64 / rate as f64);
-    let total = rate * seconds / conns;
-    let start = Instant::now() + Duration::from_millis(100);
-    let mut tasks = Vec::new();
-    for c in 0..conns {
-        let mut s = TcpStream::connect(addr)
-            .await
-            .with_context(|| format!("connect {addr}"))?;
-        s.set_nodelay(true)?;
-        let offset = per_conn.mul_f64(c as f64 / conns as f64);
-        let req = format!("GET / HTTP/1.1\r\nhost: {host}\r\n\r\n").into_bytes();
-        tasks.push(tokio::spawn(async move {
-            let mut buf = Vec::new();
-            let mut lat = Vec::with_capacity(total as usize);
-            for i in 0..total {
-                let due = start + offset + per_conn * i as u32;
-                tokio::time::sleep_until(due.into()).await;
-                let sent = Instant::now();
-                s.write_all(&req).await?;
-                read_response(&mut s, &mut buf).await?;
-                lat.push(sent.elapsed());
-            }
-            Ok::<_, anyhow::Error>(lat)
-        }));
-    }
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await??);
-    }
-    report(all, start)
-}
-
 async fn idle(addr: SocketAddr, conns: u64, seconds: u64, host: String) -> anyhow::Result<()> {
     // Idle keep-alive connections, as clients leave them: one request
     // each, then nothing.
@@ -223,23 +207,23 @@ async fn main() -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("echo") => echo(addr).await,
         Some("rr") => {
-            rr(
+            fixed_rate(
                 addr,
                 arg(&args, "--rate", 1000)?,
                 arg(&args, "--seconds", 5)?,
-                arg(&args, "--size", 64)?,
                 arg(&args, "--connections", 4)?,
+                Exchange::Echo(arg(&args, "--size", 64)?),
             )
             .await
         }
         Some("http-server") => http_server(addr).await,
         Some("http") => {
-            http(
+            fixed_rate(
                 addr,
                 arg(&args, "--rate", 1000)?,
                 arg(&args, "--seconds", 5)?,
                 arg(&args, "--connections", 4)?,
-                arg(&args, "--host", "bench".to_string())?,
+                Exchange::Http(arg(&args, "--host", "bench".to_string())?),
             )
             .await
         }
