@@ -5,8 +5,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::{HeadlessEndpoint, PortProtocol, ServiceKind, ServicePort, ServiceRecord};
 
-/// Services giving A and AAAA answers, SRV answers with additional records,
-/// headless endpoint names, an answer too big for a 512-octet UDP message
+/// Services giving A and AAAA answers, SRV answers with additional records
+/// (an unnamed UDP port among them), headless endpoint names (with and
+/// without hostnames), an answer too big for a 512-octet UDP message
 /// (`big.default`), and empty non-terminals.
 pub fn every_kind_of_answer() -> Vec<ServiceRecord> {
     let http = ServicePort {
@@ -23,7 +24,14 @@ pub fn every_kind_of_answer() -> Vec<ServiceRecord> {
                 IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
                 IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1)),
             ],
-            ports: vec![http.clone()],
+            ports: vec![
+                http.clone(),
+                ServicePort {
+                    name: String::new(),
+                    port: 8080,
+                    protocol: PortProtocol::Udp,
+                },
+            ],
             endpoints: vec![],
         },
         ServiceRecord {
@@ -45,7 +53,7 @@ pub fn every_kind_of_answer() -> Vec<ServiceRecord> {
             endpoints: (0..20u8)
                 .map(|i| HeadlessEndpoint {
                     cluster: "east".into(),
-                    hostname: None,
+                    hostname: (i == 0).then(|| "db-0".to_string()),
                     ips: vec![IpAddr::V4(Ipv4Addr::new(10, 1, 0, i))],
                 })
                 .collect(),

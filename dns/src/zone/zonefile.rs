@@ -138,53 +138,15 @@ fn quote(out: &mut String, bytes: &[u8]) {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeSet;
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-
     use hickory_proto::rr::rdata::TXT;
     use hickory_proto::serialize::txt::Parser;
+    use std::collections::BTreeSet;
 
     use super::*;
-    use crate::{HeadlessEndpoint, PortProtocol, ServiceKind, ServicePort, ServiceRecord};
+    use crate::ServiceRecord;
 
     fn services() -> Vec<ServiceRecord> {
-        let http = ServicePort {
-            name: "http".into(),
-            port: 80,
-            protocol: PortProtocol::Tcp,
-        };
-        vec![
-            ServiceRecord {
-                namespace: "default".into(),
-                name: "web".into(),
-                kind: ServiceKind::ClusterSetIp,
-                ips: vec![
-                    IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
-                    IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1)),
-                ],
-                ports: vec![
-                    http.clone(),
-                    ServicePort {
-                        name: String::new(),
-                        port: 8080,
-                        protocol: PortProtocol::Udp,
-                    },
-                ],
-                endpoints: vec![],
-            },
-            ServiceRecord {
-                namespace: "prod".into(),
-                name: "db".into(),
-                kind: ServiceKind::Headless,
-                ips: vec![],
-                ports: vec![http],
-                endpoints: vec![HeadlessEndpoint {
-                    cluster: "east".into(),
-                    hostname: Some("db-0".into()),
-                    ips: vec![IpAddr::V4(Ipv4Addr::new(10, 1, 0, 1))],
-                }],
-            },
-        ]
+        crate::sample::every_kind_of_answer()
     }
 
     /// Every record of `zone` as comparable text (hickory's presentation,
