@@ -162,7 +162,7 @@ pub(crate) struct Shared {
     pub(crate) active: AtomicUsize,
     pub(crate) draining: watch::Receiver<bool>,
     /// This proxy's own listener addresses (to refuse loops).
-    pub(crate) listeners: std::sync::Mutex<Vec<SocketAddr>>,
+    pub(crate) listeners: std::sync::OnceLock<[SocketAddr; 2]>,
 }
 
 /// Counts a connection in flight while alive.
@@ -233,7 +233,7 @@ impl Proxy {
             tls,
             active: AtomicUsize::new(0),
             draining,
-            listeners: std::sync::Mutex::default(),
+            listeners: std::sync::OnceLock::new(),
         });
         let outbound = bind(config.outbound).await?;
         let inbound = bind(config.inbound).await?;
@@ -245,9 +245,7 @@ impl Proxy {
             addr: config.inbound,
             source,
         })?;
-        if let Ok(mut l) = shared.listeners.lock() {
-            l.extend([outbound_addr, inbound_addr]);
-        }
+        let _ = shared.listeners.set([outbound_addr, inbound_addr]);
         let out = outbound::Outbound::new(shared.clone())?;
         let inn = inbound::Inbound::new(shared.clone())?;
         let tasks = vec![

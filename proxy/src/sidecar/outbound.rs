@@ -361,11 +361,7 @@ impl Outbound {
         };
         // Never send traffic back into this proxy (a name that resolves to
         // our own listener would loop until every socket is gone).
-        let own = shared
-            .listeners
-            .lock()
-            .map(|l| l.clone())
-            .unwrap_or_default();
+        let own: &[SocketAddr] = shared.listeners.get().map_or(&[], |l| l);
         let endpoints: Vec<Endpoint> = endpoints
             .into_iter()
             .filter(|e| {
