@@ -1,0 +1,60 @@
+//! What every Strait binary does at its edge, the same way: parse flags
+//! (exit 2 on a usage error), log to stderr with `STRAIT_LOG` overriding a
+//! default filter, start the runtime, and turn the outcome into an exit
+//! code (1 with the error chain on failure).
+
+use std::process::ExitCode;
+
+/// Parses the command line, or prints clap's message and gives the exit
+/// code (2 for errors, 0 for `--help` and `--version`).
+pub fn parse<C: clap::Parser>() -> Result<C, ExitCode> {
+    C::try_parse().map_err(|e| {
+        let _ = e.print();
+        if e.use_stderr() {
+            ExitCode::from(2)
+        } else {
+            ExitCode::SUCCESS
+        }
+    })
+}
+
+/// Logs to stderr with `default_filter`, unless `STRAIT_LOG` says
+/// otherwise; installs Strait's crypto provider.
+pub fn init(default_filter: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STRAIT_LOG")
+                .unwrap_or_else(|_| default_filter.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    crate::tls::install_default_provider();
+}
+
+/// Runs `f` on a multi-threaded runtime with `threads` workers (default:
+/// one per CPU).
+pub fn run_async(
+    threads: Option<usize>,
+    f: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        runtime.worker_threads(n);
+    }
+    let runtime = runtime
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("starting the runtime: {e}"))?;
+    runtime.block_on(f)
+}
+
+/// The exit code of an outcome; errors are printed with their causes.
+pub fn exit(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
