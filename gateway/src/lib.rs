@@ -18,6 +18,7 @@ pub mod egress;
 pub mod gateway;
 pub mod imports;
 pub mod ingress;
+pub mod k8s;
 pub mod links;
 pub mod metrics;
 pub mod peering;

@@ -71,6 +71,9 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Print the custom resource definitions (Link, ServiceExport,
+    /// ServiceImport) as YAML, for `kubectl apply -f -` or the chart.
+    Crds,
 }
 
 #[derive(Subcommand, Debug)]
@@ -273,6 +276,9 @@ fn main() -> ExitCode {
     strait_proxy::cli::init(default_filter);
     let result = match cli.command {
         Command::Certs { command } => certs(command),
+        Command::Crds => strait_gateway::k8s::crd::crds_yaml()
+            .map(|y| print!("{y}"))
+            .context("rendering the CRDs"),
         Command::Gateway { config, threads } => {
             strait_proxy::cli::run_async(threads.map(usize::from), gateway(config))
         }
