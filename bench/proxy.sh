@@ -29,7 +29,7 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-cargo build --release -q -p strait-proxy --bin strait-proxy -p strait-gateway --bin strait -p strait-tests --bin strait-loadgen
+cargo build --release -q -p strait-proxy --bin strait-proxy -p strait-cli --bin strait -p strait-tests --bin strait-loadgen
 BIN=$PWD/target/release
 WORK=$(mktemp -d /tmp/strait-proxy-bench.XXXXXX)
 PIDS=()

@@ -22,7 +22,7 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-cargo build --release -q -p strait-gateway --bin strait -p strait-tests --bin strait-loadgen
+cargo build --release -q -p strait-cli --bin strait -p strait-tests --bin strait-loadgen
 BIN=$PWD/target/release
 WORK=$(mktemp -d /tmp/strait-bench.XXXXXX)
 PIDS=()
