@@ -123,15 +123,157 @@ impl Default for ListenConfig {
     }
 }
 
-/// Where the cluster's services come from.
+/// Where the cluster's services come from: exactly one of `file` and
+/// `kubernetes`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SourceConfig {
     /// A cluster YAML file (see [`crate::source::file`]).
-    pub file: PathBuf,
+    #[serde(default)]
+    pub file: Option<PathBuf>,
     /// How often to check the file for changes, ms (default 500).
     #[serde(default = "default_poll")]
     pub poll_interval_ms: u64,
+    /// The Kubernetes API (in-cluster credentials, or the kubeconfig).
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesConfig>,
+}
+
+/// Running in Kubernetes: what to watch and how to mirror imports.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct KubernetesConfig {
+    /// The gateway's namespace: Links, the Lease, gateway pods (default
+    /// `$POD_NAMESPACE`, else `strait-system`).
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// A Service labelled `<exportLabel>=true` is exported (as is any
+    /// Service with a ServiceExport); default `strait.io/export`.
+    #[serde(default = "default_export_label")]
+    pub export_label: String,
+    /// Label selector of the gateway pods, whose addresses back the mirror
+    /// Services (default `app.kubernetes.io/name=strait-gateway`).
+    #[serde(default = "default_gateway_selector")]
+    pub gateway_selector: String,
+    /// First egress port allocated per (import, port) (default 20000).
+    #[serde(default = "default_egress_min")]
+    pub egress_port_min: u16,
+    /// Last egress port (default 20999).
+    #[serde(default = "default_egress_max")]
+    pub egress_port_max: u16,
+    /// The address egress ports listen on (default `0.0.0.0`).
+    #[serde(default = "default_egress_address")]
+    pub egress_address: std::net::IpAddr,
+    /// The Lease electing the replica that writes (default
+    /// `strait-mirror-writer`).
+    #[serde(default = "default_lease_name")]
+    pub lease_name: String,
+    /// How long the Lease lasts unrenewed, seconds (default 15).
+    #[serde(default = "default_lease_duration")]
+    pub lease_duration_seconds: u64,
+    /// How often the Lease is renewed or checked, seconds (default 5).
+    #[serde(default = "default_lease_renew")]
+    pub lease_renew_seconds: u64,
+    /// This replica's name in the Lease (default `$POD_NAME`, else the
+    /// host name).
+    #[serde(default)]
+    pub replica: Option<String>,
+}
+
+fn default_export_label() -> String {
+    "strait.io/export".into()
+}
+fn default_gateway_selector() -> String {
+    "app.kubernetes.io/name=strait-gateway".into()
+}
+fn default_egress_min() -> u16 {
+    20_000
+}
+fn default_egress_max() -> u16 {
+    20_999
+}
+fn default_egress_address() -> std::net::IpAddr {
+    std::net::Ipv4Addr::UNSPECIFIED.into()
+}
+fn default_lease_name() -> String {
+    "strait-mirror-writer".into()
+}
+fn default_lease_duration() -> u64 {
+    15
+}
+fn default_lease_renew() -> u64 {
+    5
+}
+
+impl KubernetesConfig {
+    /// The gateway's namespace.
+    pub fn namespace(&self) -> String {
+        self.namespace
+            .clone()
+            .or_else(|| {
+                std::env::var("POD_NAMESPACE")
+                    .ok()
+                    .filter(|s| !s.is_empty())
+            })
+            .unwrap_or_else(|| GATEWAY_NAMESPACE.to_string())
+    }
+
+    /// This replica's name.
+    pub fn replica(&self) -> String {
+        self.replica
+            .clone()
+            .or_else(|| std::env::var("POD_NAME").ok().filter(|s| !s.is_empty()))
+            .or_else(|| std::env::var("HOSTNAME").ok().filter(|s| !s.is_empty()))
+            .unwrap_or_else(|| format!("strait-{}", std::process::id()))
+    }
+
+    fn validate(&self, listen: &ListenConfig) -> Result<(), ConfigError> {
+        let field = |f: &str| format!("source.kubernetes.{f}");
+        if let Some(ns) = &self.namespace {
+            validate_label("namespace", ns)
+                .map_err(|e| invalid(field("namespace"), e.to_string()))?;
+        }
+        if self.export_label.is_empty() || self.export_label.len() > 316 {
+            return Err(invalid(field("exportLabel"), "must be a label key"));
+        }
+        if self.gateway_selector.trim().is_empty() {
+            return Err(invalid(
+                field("gatewaySelector"),
+                "must select the gateway pods",
+            ));
+        }
+        if self.egress_port_min == 0 || self.egress_port_min > self.egress_port_max {
+            return Err(invalid(
+                field("egressPortMin"),
+                "must be positive and at most egressPortMax",
+            ));
+        }
+        let range = self.egress_port_min..=self.egress_port_max;
+        for (name, addr) in [
+            ("tunnel", listen.tunnel),
+            ("admin", listen.admin),
+            ("dns", listen.dns),
+            ("destination", listen.destination),
+        ] {
+            if range.contains(&addr.port()) {
+                return Err(invalid(
+                    field("egressPortMin"),
+                    format!("the egress range overlaps listen.{name} ({})", addr.port()),
+                ));
+            }
+        }
+        validate_label("leaseName", &self.lease_name)
+            .map_err(|e| invalid(field("leaseName"), e.to_string()))?;
+        if self.lease_renew_seconds == 0
+            || self.lease_renew_seconds * 2 > self.lease_duration_seconds
+        {
+            return Err(invalid(
+                field("leaseRenewSeconds"),
+                "must be positive and at most half of leaseDurationSeconds",
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn default_poll() -> u64 {
@@ -341,7 +483,9 @@ impl GatewayConfig {
         fix(&mut self.identity.trust_anchors);
         fix(&mut self.identity.issuer_cert);
         fix(&mut self.identity.issuer_key);
-        fix(&mut self.source.file);
+        if let Some(p) = &mut self.source.file {
+            fix(p);
+        }
         if let Some(p) = &mut self.imports.state_file {
             fix(p);
         }
@@ -365,6 +509,30 @@ impl GatewayConfig {
             // Egress listeners bind these addresses: outside loopback they
             // would expose imported services on a real network.
             return Err(invalid("imports.vipRange", "must be inside 127.0.0.0/8"));
+        }
+        match (&self.source.file, &self.source.kubernetes) {
+            (Some(_), None) => {}
+            (None, Some(k)) => {
+                k.validate(&self.listen)?;
+                if !self.links.is_empty() {
+                    return Err(invalid(
+                        "links",
+                        "in Kubernetes, links are Link objects (`strait link`), not config",
+                    ));
+                }
+            }
+            _ => {
+                return Err(invalid(
+                    "source",
+                    "set exactly one of `file` and `kubernetes`",
+                ))
+            }
+        }
+        if self.cluster == crate::k8s::labels::CLUSTERSET {
+            return Err(invalid(
+                "cluster",
+                "`clusterset` is reserved (the clusterset Services are `<svc>-clusterset`)",
+            ));
         }
         if self.source.poll_interval_ms == 0 {
             return Err(invalid("source.pollIntervalMs", "must be positive"));
@@ -485,6 +653,50 @@ source: { file: c.yaml }
         assert_eq!(c.listen.dns.port(), 5353);
         assert_eq!(c.listen.destination.port(), 8086);
         assert_eq!(c.trust_domain(), "west.strait.local");
+    }
+
+    const KUBE: &str = r#"
+cluster: west
+identity: { trustAnchors: root.pem, issuerCert: i.pem, issuerKey: i.key }
+"#;
+
+    #[test]
+    fn kubernetes_mode_is_validated() {
+        let ok = format!("{KUBE}source: {{kubernetes: {{namespace: strait-system}}}}\n");
+        let c = GatewayConfig::parse(&ok, Path::new("g.yaml")).expect("valid");
+        let k = c.source.kubernetes.expect("kubernetes");
+        assert_eq!((k.egress_port_min, k.egress_port_max), (20_000, 20_999));
+        assert_eq!(k.namespace(), "strait-system");
+        for (source, field) in [
+            (
+                "{kubernetes: {egressPortMin: 5000, egressPortMax: 4000}}",
+                "source.kubernetes.egressPortMin",
+            ),
+            (
+                "{kubernetes: {egressPortMin: 4000, egressPortMax: 5000}}",
+                "source.kubernetes.egressPortMin",
+            ),
+            (
+                "{kubernetes: {leaseRenewSeconds: 10}}",
+                "source.kubernetes.leaseRenewSeconds",
+            ),
+            (
+                "{kubernetes: {namespace: Bad}}",
+                "source.kubernetes.namespace",
+            ),
+            ("{kubernetes: {}, file: x.yaml}", "source"),
+            ("{}", "source"),
+        ] {
+            let text = format!("{KUBE}source: {source}\n");
+            let err = GatewayConfig::parse(&text, Path::new("g.yaml")).expect_err(source);
+            assert!(err.to_string().starts_with(field), "{source}: {err}");
+        }
+        let reserved = ok.replace("cluster: west", "cluster: clusterset");
+        let err = GatewayConfig::parse(&reserved, Path::new("g.yaml")).expect_err("reserved");
+        assert!(err.to_string().starts_with("cluster"), "{err}");
+        let links = format!("{KUBE}source: {{kubernetes: {{}}}}\nlinks: [{{name: east}}]\n");
+        let err = GatewayConfig::parse(&links, Path::new("g.yaml")).expect_err("links");
+        assert!(err.to_string().starts_with("links"), "{err}");
     }
 
     #[test]

@@ -1,12 +1,18 @@
-//! Egress listeners: one TCP listener on `VIP:port` for every imported
-//! port, following the import table as it changes. Each accepted
-//! connection becomes one tunnel stream to an exporting peer.
+//! Egress listeners: one TCP listener for every imported port, following
+//! the [`Realized`] import table as it changes. Each accepted connection
+//! becomes one tunnel stream to an exporting peer (or to the one pinned
+//! peer, for a `<svc>-<cluster>` mirror in Kubernetes).
+//!
+//! Outside Kubernetes a listener is `VIP:port` ([`vip_listeners`]); in
+//! Kubernetes it is the egress port allocated for that (Service, port) on
+//! every gateway pod (see [`crate::k8s::mirror`]).
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
+use strait_dns::ServiceRecord;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::catalog::ServiceKey;
@@ -18,8 +24,30 @@ use crate::tunnel::{frame, QuicIo};
 /// How often bind failures are retried even if imports do not change.
 const RETRY: Duration = Duration::from_secs(5);
 
+/// What one egress listener carries.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct EgressTarget {
+    /// The imported service.
+    pub key: ServiceKey,
+    /// The service port.
+    pub port: u16,
+    /// Only this peer (a cluster-pinned mirror), or any exporting peer.
+    pub pin: Option<String>,
+}
+
+/// An import table made real: where its listeners are and what DNS says.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Realized {
+    /// The imports.
+    pub table: Arc<ImportTable>,
+    /// Listener address to what it carries.
+    pub listeners: HashMap<SocketAddr, EgressTarget>,
+    /// The DNS records of the clusterset zone.
+    pub records: Vec<ServiceRecord>,
+}
+
 struct Listener {
-    key: ServiceKey,
+    target: EgressTarget,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -29,41 +57,52 @@ impl Drop for Listener {
     }
 }
 
-/// The listeners the table asks for.
-pub fn desired(table: &ImportTable) -> HashMap<SocketAddr, (ServiceKey, u16)> {
+/// The listeners of an import table outside Kubernetes: `VIP:port` for
+/// every TCP port (pure).
+pub fn vip_listeners(table: &ImportTable) -> HashMap<SocketAddr, EgressTarget> {
     table
         .values()
         .flat_map(|import| {
             tcp_ports(import).map(move |p| {
                 (
                     SocketAddr::V4(SocketAddrV4::new(import.vip, p.port)),
-                    (import.key.clone(), p.port),
+                    EgressTarget {
+                        key: import.key.clone(),
+                        port: p.port,
+                        pin: None,
+                    },
                 )
             })
         })
         .collect()
 }
 
-/// Keeps the listeners in line with the import table until aborted.
+/// Keeps the listeners in line with the realized table until aborted.
 pub async fn run(shared: Arc<Shared>) {
-    let mut rx = shared.imports.watch();
+    let mut rx = shared.realized.subscribe();
     let mut listeners: HashMap<SocketAddr, Listener> = HashMap::new();
     loop {
-        let table = rx.borrow_and_update().clone();
-        let want = desired(&table);
-        listeners.retain(|addr, l| want.get(addr).is_some_and(|(k, _)| *k == l.key));
-        for (addr, (key, port)) in want {
-            if listeners.contains_key(&addr) {
+        let realized = rx.borrow_and_update().clone();
+        let want = &realized.listeners;
+        listeners.retain(|addr, l| want.get(addr) == Some(&l.target));
+        for (addr, target) in want {
+            if listeners.contains_key(addr) {
                 continue;
             }
             match TcpListener::bind(addr).await {
                 Ok(listener) => {
-                    tracing::info!(%addr, service = %key, "egress listener up");
-                    let task = tokio::spawn(accept(listener, key.clone(), port, shared.clone()));
-                    listeners.insert(addr, Listener { key, task });
+                    tracing::info!(%addr, service = %target.key, pin = ?target.pin, "egress listener up");
+                    let task = tokio::spawn(accept(listener, target.clone(), shared.clone()));
+                    listeners.insert(
+                        *addr,
+                        Listener {
+                            target: target.clone(),
+                            task,
+                        },
+                    );
                 }
                 Err(error) => {
-                    tracing::warn!(%addr, service = %key, %error, "cannot bind egress listener; will retry");
+                    tracing::warn!(%addr, service = %target.key, %error, "cannot bind egress listener; will retry");
                     shared.metrics.egress_bind_errors.inc();
                 }
             }
@@ -74,10 +113,10 @@ pub async fn run(shared: Arc<Shared>) {
         let mut dns = shared.dns_synced.subscribe();
         let _ = tokio::time::timeout(
             Duration::from_secs(5),
-            dns.wait_for(|t| Arc::ptr_eq(t, &table) || **t == *table),
+            dns.wait_for(|r| Arc::ptr_eq(r, &realized) || **r == *realized),
         )
         .await;
-        shared.egress_synced.send_replace(table);
+        shared.egress_synced.send_replace(realized.table.clone());
         tokio::select! {
             changed = rx.changed() => if changed.is_err() { return },
             () = tokio::time::sleep(RETRY) => {}
@@ -85,12 +124,13 @@ pub async fn run(shared: Arc<Shared>) {
     }
 }
 
-async fn accept(listener: TcpListener, key: ServiceKey, port: u16, shared: Arc<Shared>) {
+async fn accept(listener: TcpListener, target: EgressTarget, shared: Arc<Shared>) {
+    let target = Arc::new(target);
     loop {
         match listener.accept().await {
             Ok((tcp, _)) => {
                 let _ = tcp.set_nodelay(true);
-                tokio::spawn(forward(tcp, key.clone(), port, shared.clone()));
+                tokio::spawn(forward(tcp, target.clone(), shared.clone()));
             }
             Err(error) => {
                 // Out of file descriptors and the like: back off briefly.
@@ -104,11 +144,18 @@ async fn accept(listener: TcpListener, key: ServiceKey, port: u16, shared: Arc<S
 /// How long opening a stream (peer flow-control credit) may take.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 
-async fn forward(mut tcp: TcpStream, key: ServiceKey, port: u16, shared: Arc<Shared>) {
+async fn forward(mut tcp: TcpStream, target: Arc<EgressTarget>, shared: Arc<Shared>) {
+    let (key, port) = (&target.key, target.port);
     // Only peers exporting this port: services merged from several
     // clusters may have ports that only some of them export.
-    let candidates = match shared.imports.current().get(&key) {
-        Some(import) => import.peers_for(port),
+    let candidates = match shared.imports.current().get(key) {
+        Some(import) => {
+            let mut peers = import.peers_for(port);
+            if let Some(pin) = &target.pin {
+                peers.retain(|p| p == pin);
+            }
+            peers
+        }
         None => {
             reset_tcp(&tcp);
             return;
@@ -121,7 +168,7 @@ async fn forward(mut tcp: TcpStream, key: ServiceKey, port: u16, shared: Arc<Sha
         reset_tcp(&tcp);
         return;
     };
-    let header = match frame::encode(&frame::tcp_header(&key, port, shared.certs.id().as_str())) {
+    let header = match frame::encode(&frame::tcp_header(key, port, shared.certs.id().as_str())) {
         Ok(h) => h,
         Err(error) => {
             tracing::warn!(%error, "cannot encode stream header");

@@ -3,8 +3,9 @@
 //! links, egress listeners, DNS, admin) sharing one [`Shared`] context.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::registry::Registry;
@@ -20,8 +21,11 @@ use tokio::sync::{mpsc, watch};
 
 use crate::catalog::{ClusterState, Protocol, ServiceType};
 use crate::config::GatewayConfig;
+use crate::egress::{vip_listeners, EgressTarget, Realized};
+use crate::imports::Import;
 use crate::imports::{ImportTable, VipAllocator};
-use crate::links::{self, DialedLink};
+use crate::k8s::source::{Caches, KubeSource, KubeSourceSettings, TaskSet};
+use crate::links::{self, LinkEntry};
 use crate::metrics::GatewayMetrics;
 use crate::peering::CatalogService;
 use crate::source::file::FileSource;
@@ -49,6 +53,9 @@ pub enum StartError {
     /// The cluster source failed its first load.
     #[error("cluster source: {0}")]
     Source(#[from] crate::source::file::FileSourceError),
+    /// The Kubernetes API could not be reached or read.
+    #[error("kubernetes: {0}")]
+    Kube(String),
     /// The tunnel endpoint could not start.
     #[error("tunnel: {0}")]
     Tunnel(#[from] crate::tunnel::endpoint::TunnelError),
@@ -98,7 +105,11 @@ pub struct Shared {
     /// Metrics.
     pub metrics: GatewayMetrics,
     /// Link name by the identity its peer presents.
-    pub links_by_identity: HashMap<SpiffeId, String>,
+    pub links_by_identity: RwLock<HashMap<SpiffeId, String>>,
+    /// The identities the tunnel listener admits (the linked peers').
+    pub allowed: AllowedPeers,
+    /// The import table made real (listeners and DNS records).
+    pub realized: watch::Sender<Arc<Realized>>,
     /// Where accepted peering streams go.
     pub peering_tx: mpsc::Sender<QuicIo>,
     /// The connection each peer dialed to us.
@@ -108,8 +119,8 @@ pub struct Shared {
     /// The import table both the egress listeners and DNS last caught up
     /// with (set by the egress task once DNS has it too).
     pub egress_synced: watch::Sender<Arc<ImportTable>>,
-    /// The import table DNS last published.
-    pub dns_synced: Arc<watch::Sender<Arc<ImportTable>>>,
+    /// The realized table DNS last published.
+    pub dns_synced: Arc<watch::Sender<Arc<Realized>>>,
     /// First reconnect delay.
     pub reconnect_min: Duration,
     /// Longest reconnect delay.
@@ -147,7 +158,14 @@ pub struct Gateway {
     destination: crate::destination::DestinationServer,
     tunnel_addr: SocketAddr,
     ready: Readiness,
-    _source: FileSource,
+    _source: Source,
+}
+
+/// The running cluster source (kept alive with the gateway).
+#[allow(dead_code)]
+enum Source {
+    File(FileSource, watch::Sender<Arc<Vec<LinkEntry>>>),
+    Kube(KubeSource, TaskSet),
 }
 
 impl std::fmt::Debug for Gateway {
@@ -165,18 +183,23 @@ fn unix_seconds(t: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
-/// The DNS records for an import table (pure).
-pub fn dns_records(table: &ImportTable) -> Vec<ServiceRecord> {
+/// The DNS records for an import table, each import answered with the
+/// address `ip` gives it; an import without one is left out (pure).
+pub fn dns_records(
+    table: &ImportTable,
+    ip: impl Fn(&Import) -> Option<IpAddr>,
+) -> Vec<ServiceRecord> {
     table
         .values()
-        .map(|i| ServiceRecord {
+        .filter_map(|i| Some((i, ip(i)?)))
+        .map(|(i, ip)| ServiceRecord {
             namespace: i.key.namespace.clone(),
             name: i.key.name.clone(),
             kind: match i.service_type {
                 ServiceType::ClusterSetIp => ServiceKind::ClusterSetIp,
                 ServiceType::Headless => ServiceKind::Headless,
             },
-            ips: vec![i.vip.into()],
+            ips: vec![ip],
             // Per-endpoint records need per-endpoint addresses across the
             // tunnel, which imports do not carry yet.
             endpoints: Vec::new(),
@@ -199,8 +222,26 @@ pub fn dns_records(table: &ImportTable) -> Vec<ServiceRecord> {
 }
 
 impl Gateway {
-    /// Starts a gateway.
+    /// Starts a gateway; in Kubernetes mode with in-cluster credentials
+    /// (or the local kubeconfig).
     pub async fn start(config: GatewayConfig) -> Result<Self, StartError> {
+        let client = match &config.source.kubernetes {
+            Some(_) => Some(
+                kube::Client::try_default()
+                    .await
+                    .map_err(|e| StartError::Kube(format!("no API credentials: {e}")))?,
+            ),
+            None => None,
+        };
+        Self::start_with_client(config, client).await
+    }
+
+    /// Starts a gateway with the given API client (required in Kubernetes
+    /// mode, ignored in file mode).
+    pub async fn start_with_client(
+        config: GatewayConfig,
+        client: Option<kube::Client>,
+    ) -> Result<Self, StartError> {
         tls::install_default_provider();
         config.validate()?;
         let mut registry = Registry::default();
@@ -230,34 +271,83 @@ impl Gateway {
             },
         ));
 
-        // Cluster source.
-        let source = FileSource::start(
-            config.source.file.clone(),
-            Duration::from_millis(config.source.poll_interval_ms),
-            metrics.source_reloads.clone(),
-        )?;
-        let local = source.watch();
+        // Cluster source and the desired links.
+        let (links_tx, links_rx) = watch::channel(Arc::new(Vec::new()));
+        let (link_errors_tx, link_errors_rx) = watch::channel(Arc::default());
+        let (source, local, caches) = match (&config.source.kubernetes, &config.source.file) {
+            (Some(k), _) => {
+                let client = client
+                    .clone()
+                    .ok_or_else(|| StartError::Kube("no API client".into()))?;
+                let mut kube_tasks = TaskSet::default();
+                let caches = Caches::start(
+                    client,
+                    &k.namespace(),
+                    &k.gateway_selector,
+                    metrics
+                        .mirror
+                        .errors
+                        .get_or_create(&crate::metrics::KindLabels { kind: "watch" })
+                        .clone(),
+                    &mut kube_tasks,
+                )
+                .await
+                .map_err(|e| StartError::Kube(format!("caches: {e}")))?;
+                let source = KubeSource::start(
+                    caches.clone(),
+                    KubeSourceSettings {
+                        export_label: k.export_label.clone(),
+                        debounce: Duration::from_millis(100),
+                    },
+                    metrics
+                        .mirror
+                        .errors
+                        .get_or_create(&crate::metrics::KindLabels { kind: "skipped" })
+                        .clone(),
+                );
+                kube_tasks.push(tokio::spawn(crate::k8s::links::run(
+                    caches.links.clone(),
+                    caches.changed.clone(),
+                    config.cluster.clone(),
+                    links_tx,
+                    link_errors_tx,
+                )));
+                let local = source.watch();
+                (Source::Kube(source, kube_tasks), local, Some(caches))
+            }
+            (None, Some(file)) => {
+                let source = FileSource::start(
+                    file.clone(),
+                    Duration::from_millis(config.source.poll_interval_ms),
+                    metrics.source_reloads.clone(),
+                )?;
+                let mut entries = Vec::new();
+                for link in &config.links {
+                    entries.push(LinkEntry {
+                        name: link.name.clone(),
+                        identity: config.link_identity(link)?,
+                        addresses: link.addresses.clone(),
+                        accept: None,
+                    });
+                }
+                links_tx.send_replace(Arc::new(entries));
+                let local = source.watch();
+                (Source::File(source, links_tx), local, None)
+            }
+            (None, None) => {
+                return Err(crate::config::ConfigError::Invalid {
+                    field: "source".into(),
+                    message: "set exactly one of `file` and `kubernetes`".into(),
+                }
+                .into())
+            }
+        };
 
-        // Links and the tunnel endpoint.
+        // The tunnel endpoint, admitting linked peers only.
         let peers = Arc::new(Peers::default());
         let allowed = AllowedPeers::default();
-        let mut links_by_identity = HashMap::new();
-        let mut dialed = Vec::new();
-        for link in &config.links {
-            let id = config.link_identity(link)?;
-            peers.add(&link.name, id.as_str(), link.addresses.clone());
-            links_by_identity.insert(id.clone(), link.name.clone());
-            if !link.addresses.is_empty() {
-                dialed.push(DialedLink {
-                    name: link.name.clone(),
-                    identity: id,
-                    addresses: link.addresses.clone(),
-                });
-            }
-        }
-        allowed.set(links_by_identity.keys().cloned());
         let server_tls = tls::server_config(
-            LinkedPeersVerifier::new(anchors.roots(), allowed, metrics.tls.sink("accept"))?,
+            LinkedPeersVerifier::new(anchors.roots(), allowed.clone(), metrics.tls.sink("accept"))?,
             certs.clone(),
             &[tls::TUNNEL_ALPN],
         )?;
@@ -286,28 +376,77 @@ impl Gateway {
             imports: imports.clone(),
             local: local.clone(),
             metrics: metrics.clone(),
-            links_by_identity,
+            links_by_identity: RwLock::default(),
+            allowed,
+            realized: watch::channel(Arc::new(Realized::default())).0,
             peering_tx,
             accepted: Default::default(),
             balancers: Default::default(),
             egress_synced: watch::channel(Arc::new(ImportTable::new())).0,
-            dns_synced: Arc::new(watch::channel(Arc::new(ImportTable::new())).0),
+            dns_synced: Arc::new(watch::channel(Arc::new(Realized::default())).0),
             reconnect_min: Duration::from_millis(config.tunnel.reconnect_min_ms),
             reconnect_max: Duration::from_millis(config.tunnel.reconnect_max_ms),
             grace_period: Duration::from_secs(config.imports.grace_period_seconds),
         });
+        tasks.push(tokio::spawn(links::supervise(shared.clone(), links_rx)));
 
-        // DNS, following the import table.
+        // The import table made real: VIPs outside Kubernetes; the mirror's
+        // allocations and ClusterIPs inside.
+        match (&caches, &config.source.kubernetes) {
+            (Some(caches), Some(k)) => {
+                tasks.push(tokio::spawn(realize_kube(
+                    shared.clone(),
+                    caches.clone(),
+                    k.egress_address,
+                )));
+                let (leading_tx, leading_rx) = watch::channel(false);
+                let client = client
+                    .clone()
+                    .ok_or_else(|| StartError::Kube("no API client".into()))?;
+                tasks.push(tokio::spawn(crate::k8s::lease::run(
+                    client.clone(),
+                    crate::k8s::lease::LeaseSettings {
+                        namespace: k.namespace(),
+                        name: k.lease_name.clone(),
+                        identity: k.replica(),
+                        duration: Duration::from_secs(k.lease_duration_seconds),
+                        renew_every: Duration::from_secs(k.lease_renew_seconds),
+                    },
+                    leading_tx,
+                )));
+                let Source::Kube(source, _) = &source else {
+                    return Err(StartError::Kube("source mismatch".into()));
+                };
+                tasks.push(tokio::spawn(crate::k8s::mirror::writer::run(
+                    crate::k8s::mirror::writer::WriterContext {
+                        client,
+                        caches: caches.clone(),
+                        imports: imports.clone(),
+                        peers: shared.peers.clone(),
+                        local: local.clone(),
+                        skipped: source.skipped(),
+                        link_errors: link_errors_rx,
+                        leading: leading_rx,
+                        egress_ports: k.egress_port_min..=k.egress_port_max,
+                        resync: Duration::from_secs(5),
+                        metrics: metrics.mirror.clone(),
+                    },
+                )));
+            }
+            _ => tasks.push(tokio::spawn(realize_vips(shared.clone()))),
+        }
+
+        // DNS, following the realized table.
         let ttl = config.imports.dns_ttl_seconds;
         let zone =
             ZoneHandle::with_metrics(Zone::build(CLUSTERSET_ZONE, &[], ttl)?, dns_metrics.clone());
         let dns = DnsServer::bind(config.listen.dns, zone.clone(), dns_metrics).await?;
-        let mut table_rx = imports.watch();
+        let mut realized_rx = shared.realized.subscribe();
         let dns_synced = shared.dns_synced.clone();
         tasks.push(tokio::spawn(async move {
             loop {
-                let table = table_rx.borrow_and_update().clone();
-                let records = dns_records(&table);
+                let realized = realized_rx.borrow_and_update().clone();
+                let records = realized.records.clone();
                 // Building and publishing a large zone takes a fraction of
                 // a second of CPU: off the async workers.
                 let zone = zone.clone();
@@ -323,8 +462,8 @@ impl Gateway {
                 if built.is_err() {
                     tracing::error!("DNS zone build panicked; keeping the last one");
                 }
-                dns_synced.send_replace(table);
-                if table_rx.changed().await.is_err() {
+                dns_synced.send_replace(realized);
+                if realized_rx.changed().await.is_err() {
                     return;
                 }
             }
@@ -347,9 +486,6 @@ impl Gateway {
         ));
         tasks.push(tokio::spawn(ingress::run(shared.clone())));
         tasks.push(tokio::spawn(egress::run(shared.clone())));
-        for link in dialed {
-            tasks.push(tokio::spawn(links::run(link, shared.clone())));
-        }
 
         let destination = crate::destination::DestinationServer::bind(
             config.listen.destination,
@@ -447,6 +583,75 @@ impl Gateway {
         self.shared.endpoint.wait_idle(Duration::from_secs(2)).await;
         if let Some(dns) = self.dns.take() {
             dns.shutdown().await;
+        }
+    }
+}
+
+/// Outside Kubernetes: every import on its VIP with its own ports.
+async fn realize_vips(shared: Arc<Shared>) {
+    let mut table_rx = shared.imports.watch();
+    loop {
+        let table = table_rx.borrow_and_update().clone();
+        let realized = Realized {
+            listeners: vip_listeners(&table),
+            records: dns_records(&table, |i| Some(i.vip.into())),
+            table,
+        };
+        shared.realized.send_replace(Arc::new(realized));
+        if table_rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// In Kubernetes: every import on the egress ports the mirror Services
+/// record, answered in DNS with its clusterset Service's ClusterIP. Every
+/// replica runs this (only the leader writes the Services).
+async fn realize_kube(shared: Arc<Shared>, caches: Caches, listen: IpAddr) {
+    let mut table_rx = shared.imports.watch();
+    let mut changed = caches.changed.clone();
+    loop {
+        let table = table_rx.borrow_and_update().clone();
+        changed.borrow_and_update();
+        let services = caches.services.state();
+        let observed = crate::k8s::mirror::observe(services.iter().map(|s| &**s));
+        let listeners = observed
+            .allocations
+            .iter()
+            .filter(|(k, _)| {
+                table.get(&k.service).is_some_and(|i| {
+                    i.peers_for(k.port)
+                        .iter()
+                        .any(|p| k.pin.as_ref().is_none_or(|pin| pin == p))
+                })
+            })
+            .map(|(k, port)| {
+                (
+                    SocketAddr::new(listen, *port),
+                    EgressTarget {
+                        key: k.service.clone(),
+                        port: k.port,
+                        pin: k.pin.clone(),
+                    },
+                )
+            })
+            .collect();
+        let records = dns_records(&table, |i| observed.clusterset_ips.get(&i.key).copied());
+        let realized = Realized {
+            table,
+            listeners,
+            records,
+        };
+        shared.realized.send_if_modified(|cur| {
+            let differs = **cur != realized;
+            if differs {
+                *cur = Arc::new(realized);
+            }
+            differs
+        });
+        tokio::select! {
+            r = table_rx.changed() => if r.is_err() { return },
+            r = changed.changed() => if r.is_err() { return },
         }
     }
 }

@@ -113,7 +113,7 @@ pub fn tcp_ports(import: &Import) -> impl Iterator<Item = &Port> {
 pub const DEFAULT_VIP_RANGE: &str = "127.77.0.0/16";
 
 /// FNV-1a: stable across builds and platforms (unlike `DefaultHasher`).
-fn fnv1a(bytes: &[u8]) -> u32 {
+pub(crate) fn fnv1a(bytes: &[u8]) -> u32 {
     let mut h: u32 = 0x811c_9dc5;
     for b in bytes {
         h ^= u32::from(*b);

@@ -44,7 +44,12 @@ fn identify(conn: &quinn::Connection, shared: &Shared) -> Option<PeerInfo> {
         .downcast::<Vec<CertificateDer<'static>>>()
         .ok()?;
     let id = identity_of(&chain)?;
-    let name = shared.links_by_identity.get(&id)?.clone();
+    let name = shared
+        .links_by_identity
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&id)?
+        .clone();
     Some(PeerInfo {
         name,
         identity: id.to_string(),

@@ -1,8 +1,11 @@
-//! The dialing side of a link: keep one tunnel to the peer up (resolving
-//! its addresses again on every attempt, backing off with jitter between
-//! failures), watch its catalog over that tunnel, and forget its imports
-//! once it has been gone longer than the grace period.
+//! Links: [`supervise`] keeps the running links in line with the desired
+//! set (from the config file, or from Link objects in Kubernetes), and
+//! [`run`] is the dialing side of one link: keep one tunnel to the peer up
+//! (resolving its addresses again on every attempt, backing off with
+//! jitter between failures), watch its catalog over that tunnel, and
+//! forget its imports once it has been gone longer than the grace period.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,10 +13,109 @@ use rand::Rng;
 use strait_proxy::identity::{ExpectedPeerVerifier, SpiffeId};
 use strait_proxy::tls;
 
+use tokio::sync::watch;
+
 use crate::gateway::Shared;
+use crate::k8s::crd::AcceptPolicy;
 use crate::metrics::{PeerLabels, PeerResultLabels};
 use crate::peering::{self, CatalogChange};
 use crate::tunnel::io::PeerInfo;
+
+/// A linked peer, as configured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkEntry {
+    /// The peer's cluster name.
+    pub name: String,
+    /// The identity its gateways must present.
+    pub identity: SpiffeId,
+    /// `host:port` of its gateways; empty when only the peer dials.
+    pub addresses: Vec<String>,
+    /// Which of its exports to import (all when `None`).
+    pub accept: Option<AcceptPolicy>,
+}
+
+struct Running {
+    entry: LinkEntry,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
+
+/// Applies one desired link set: starts new links, restarts changed ones,
+/// stops removed ones (their imports and accepted tunnel go with them).
+fn apply(shared: &Arc<Shared>, running: &mut BTreeMap<String, Running>, desired: &[LinkEntry]) {
+    let want: BTreeMap<&str, &LinkEntry> = desired.iter().map(|l| (l.name.as_str(), l)).collect();
+    running.retain(|name, r| {
+        let keep = want.get(name.as_str()).is_some_and(|w| **w == r.entry);
+        if !keep && !want.contains_key(name.as_str()) {
+            tracing::info!(peer = %name, "link removed");
+            shared.peers.remove(name);
+            shared.imports.forget(name);
+            shared.imports.set_policy(name, None);
+            if let Some(conn) = shared.accepted.remove(name) {
+                conn.close(quinn::VarInt::from_u32(0), b"link removed");
+            }
+        }
+        keep
+    });
+    for entry in desired {
+        if running.contains_key(&entry.name) {
+            continue;
+        }
+        tracing::info!(peer = %entry.name, identity = %entry.identity, "link configured");
+        shared.peers.add(
+            &entry.name,
+            entry.identity.as_str(),
+            entry.addresses.clone(),
+        );
+        shared.imports.set_policy(&entry.name, entry.accept.clone());
+        let task = (!entry.addresses.is_empty()).then(|| {
+            tokio::spawn(run(
+                DialedLink {
+                    name: entry.name.clone(),
+                    identity: entry.identity.clone(),
+                    addresses: entry.addresses.clone(),
+                },
+                shared.clone(),
+            ))
+        });
+        running.insert(
+            entry.name.clone(),
+            Running {
+                entry: entry.clone(),
+                task,
+            },
+        );
+    }
+    let by_identity: HashMap<SpiffeId, String> = desired
+        .iter()
+        .map(|l| (l.identity.clone(), l.name.clone()))
+        .collect();
+    shared.allowed.set(by_identity.keys().cloned());
+    *shared
+        .links_by_identity
+        .write()
+        .unwrap_or_else(|e| e.into_inner()) = by_identity;
+}
+
+/// Keeps the running links equal to the desired set until aborted (or the
+/// sender is dropped, when the last set stays).
+pub async fn supervise(shared: Arc<Shared>, mut desired: watch::Receiver<Arc<Vec<LinkEntry>>>) {
+    let mut running = BTreeMap::new();
+    loop {
+        let set = desired.borrow_and_update().clone();
+        apply(&shared, &mut running, &set);
+        if desired.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
 
 /// A link this gateway dials.
 #[derive(Clone, Debug)]

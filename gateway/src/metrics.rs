@@ -94,6 +94,71 @@ pub struct GatewayMetrics {
     pub cert_expiry: Gauge,
     /// TLS refusals.
     pub tls: TlsMetrics,
+    /// Kubernetes mirror metrics (registered in every mode; zero outside
+    /// Kubernetes).
+    pub mirror: MirrorMetrics,
+}
+
+/// A mirror failure's kind.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// `apply`, `delete`, `status`, `conflict`, `exhausted`, `watch`, `skipped`.
+    pub kind: &'static str,
+}
+
+/// The Kubernetes mirror writer's metrics.
+#[derive(Clone, Debug)]
+pub struct MirrorMetrics {
+    /// How long one sync of the mirror took.
+    pub sync_duration: Histogram,
+    /// Failures, by kind.
+    pub errors: Family<KindLabels, Counter>,
+    /// Objects applied or deleted.
+    pub writes: Family<KindLabels, Counter>,
+    /// Whether this replica holds the writer Lease.
+    pub leader: Gauge,
+}
+
+impl MirrorMetrics {
+    fn register(r: &mut Registry) -> Self {
+        let m = Self {
+            sync_duration: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+            errors: Family::default(),
+            writes: Family::default(),
+            leader: Gauge::default(),
+        };
+        r.register(
+            "strait_mirror_sync_duration_seconds",
+            "Time to bring the Kubernetes mirror in line with the imports",
+            m.sync_duration.clone(),
+        );
+        r.register(
+            "strait_mirror_sync_errors",
+            "Kubernetes mirror failures, by kind",
+            m.errors.clone(),
+        );
+        r.register(
+            "strait_mirror_writes",
+            "Kubernetes objects applied or deleted by the mirror, by kind",
+            m.writes.clone(),
+        );
+        r.register(
+            "strait_mirror_leader",
+            "Whether this replica holds the mirror writer Lease",
+            m.leader.clone(),
+        );
+        m
+    }
+
+    /// Counts one failure.
+    pub fn error(&self, kind: &'static str) {
+        self.errors.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    /// Counts one write.
+    pub fn write(&self, kind: &'static str) {
+        self.writes.get_or_create(&KindLabels { kind }).inc();
+    }
 }
 
 impl GatewayMetrics {
@@ -116,6 +181,7 @@ impl GatewayMetrics {
             egress_bind_errors: Counter::default(),
             cert_expiry: Gauge::default(),
             tls: TlsMetrics::register(r),
+            mirror: MirrorMetrics::register(r),
         };
         r.register(
             "strait_peer_up",

@@ -11,6 +11,7 @@ use tokio::sync::watch;
 
 use crate::catalog::{Catalog, Export, ServiceKey};
 use crate::imports::{build_table, ImportTable, VipAllocator};
+use crate::k8s::crd::AcceptPolicy;
 use crate::metrics::{GatewayMetrics, PeerLabels};
 
 /// What the admin API shows of a peer.
@@ -93,6 +94,12 @@ impl Peers {
                 connection: None,
             },
         );
+    }
+
+    /// Removes a link (its tunnel, if any, is closed by its owner).
+    pub fn remove(&self, name: &str) {
+        let mut peers = self.peers.write().unwrap_or_else(|e| e.into_inner());
+        peers.remove(name);
     }
 
     fn update(&self, name: &str, f: impl FnOnce(&mut Peer)) {
@@ -182,6 +189,7 @@ pub const MAX_EXPORTS_PER_PEER: usize = 10_000;
 #[derive(Debug)]
 pub struct Imports {
     inner: Mutex<(BTreeMap<String, Catalog>, VipAllocator)>,
+    policies: Mutex<BTreeMap<String, AcceptPolicy>>,
     tx: watch::Sender<Arc<ImportTable>>,
     peers: Arc<Peers>,
     metrics: GatewayMetrics,
@@ -192,6 +200,7 @@ impl Imports {
     pub fn new(vips: VipAllocator, peers: Arc<Peers>, metrics: GatewayMetrics) -> Self {
         Self {
             inner: Mutex::new((BTreeMap::new(), vips)),
+            policies: Mutex::default(),
             tx: watch::channel(Arc::new(ImportTable::new())).0,
             peers,
             metrics,
@@ -229,9 +238,25 @@ impl Imports {
                     .inc_by(excess as u64);
             }
         }
-        let table = build_table(catalogs, vips);
+        let policies = self.policies.lock().unwrap_or_else(|e| e.into_inner());
+        let accepted: BTreeMap<String, Catalog> = catalogs
+            .iter()
+            .map(|(peer, catalog)| {
+                let catalog = match policies.get(peer) {
+                    None => catalog.clone(),
+                    Some(policy) => catalog
+                        .iter()
+                        .filter(|(k, _)| policy.accepts(&k.namespace, &k.name))
+                        .map(|(k, e)| (k.clone(), e.clone()))
+                        .collect(),
+                };
+                (peer.clone(), catalog)
+            })
+            .collect();
+        drop(policies);
+        let table = build_table(&accepted, vips);
         let counts: BTreeMap<String, usize> =
-            catalogs.iter().map(|(p, c)| (p.clone(), c.len())).collect();
+            accepted.iter().map(|(p, c)| (p.clone(), c.len())).collect();
         for status in self.peers.statuses() {
             let n = counts.get(&status.name).copied().unwrap_or(0);
             self.metrics
@@ -248,6 +273,28 @@ impl Imports {
                 true
             }
         });
+    }
+
+    /// Sets (or clears) which of a peer's exports are imported.
+    pub fn set_policy(&self, peer: &str, policy: Option<AcceptPolicy>) {
+        {
+            let mut p = self.policies.lock().unwrap_or_else(|e| e.into_inner());
+            match policy {
+                Some(policy) => p.insert(peer.to_string(), policy),
+                None => p.remove(peer),
+            };
+        }
+        self.change(|_| {});
+    }
+
+    /// Every peer's catalog as received (before accept policies), for the
+    /// export conflict rules.
+    pub fn catalogs(&self) -> BTreeMap<String, Catalog> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone()
     }
 
     /// Replaces a peer's catalog (a snapshot).
@@ -286,6 +333,14 @@ impl Imports {
 pub struct Accepted(Mutex<BTreeMap<String, quinn::Connection>>);
 
 impl Accepted {
+    /// Forgets `peer`'s connection, returning it.
+    pub fn remove(&self, peer: &str) -> Option<quinn::Connection> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(peer)
+    }
+
     /// Records `conn` as `peer`'s connection, returning the one it replaces.
     pub fn replace(&self, peer: &str, conn: quinn::Connection) -> Option<quinn::Connection> {
         let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());

@@ -1,0 +1,232 @@
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+
+use super::*;
+use crate::catalog::{Export, LocalService, Port};
+
+fn port(name: &str, n: u16) -> Port {
+    Port {
+        name: name.into(),
+        port: n,
+        protocol: Protocol::Tcp,
+        app_protocol: None,
+    }
+}
+
+fn import(ns: &str, name: &str, ports: &[(&str, u16, &[&str])]) -> Import {
+    let mut peers: Vec<String> = ports
+        .iter()
+        .flat_map(|(_, _, ps)| ps.iter().map(|p| p.to_string()))
+        .collect();
+    peers.sort();
+    peers.dedup();
+    Import {
+        key: ServiceKey::new(ns, name),
+        service_type: ServiceType::ClusterSetIp,
+        ports: ports.iter().map(|(n, p, _)| port(n, *p)).collect(),
+        peers,
+        port_peers: ports
+            .iter()
+            .map(|(_, p, ps)| (*p, ps.iter().map(|s| s.to_string()).collect()))
+            .collect(),
+        vip: Ipv4Addr::new(127, 77, 1, 1),
+    }
+}
+
+fn table(imports: Vec<Import>) -> ImportTable {
+    imports.into_iter().map(|i| (i.key.clone(), i)).collect()
+}
+
+use crate::catalog::Protocol;
+
+fn key(svc: &str, pin: Option<&str>, port: u16) -> AllocKey {
+    AllocKey {
+        service: ServiceKey::new("shop", svc),
+        pin: pin.map(String::from),
+        port,
+    }
+}
+
+#[test]
+fn allocation_keeps_ports_and_fills_the_lowest_free() {
+    let t = table(vec![import(
+        "shop",
+        "web",
+        &[("http", 80, &["east", "north"])],
+    )]);
+    let want = wanted(&t);
+    assert_eq!(want.len(), 3, "clusterset + one per cluster");
+    let current = BTreeMap::from([
+        (key("web", Some("north"), 80), 20_005),
+        (key("gone", None, 80), 20_000),
+        (key("web", Some("east"), 80), 30_000), // outside the range: reassigned
+    ]);
+    let (a, exhausted) = allocate(&current, &want, 20_000..=20_010);
+    assert!(exhausted.is_empty());
+    assert_eq!(a[&key("web", Some("north"), 80)], 20_005, "kept");
+    assert_eq!(a[&key("web", None, 80)], 20_000, "freed port reused");
+    assert_eq!(a[&key("web", Some("east"), 80)], 20_001);
+    assert!(!a.contains_key(&key("gone", None, 80)));
+    let (a, exhausted) = allocate(&BTreeMap::new(), &want, 20_000..=20_001);
+    assert_eq!((a.len(), exhausted.len()), (2, 1));
+}
+
+#[test]
+fn duplicate_recorded_ports_are_not_both_kept() {
+    let want: BTreeSet<AllocKey> = [key("a", None, 80), key("b", None, 80)].into();
+    let current = BTreeMap::from([(key("a", None, 80), 20_000), (key("b", None, 80), 20_000)]);
+    let (a, _) = allocate(&current, &want, 20_000..=20_010);
+    let ports: BTreeSet<u16> = a.values().copied().collect();
+    assert_eq!(ports.len(), 2, "{a:?}");
+}
+
+#[test]
+fn the_plan_has_an_import_a_clusterset_service_and_a_mirror_per_cluster() {
+    let t = table(vec![import(
+        "shop",
+        "web",
+        &[("http", 80, &["east", "north"]), ("admin", 9000, &["east"])],
+    )]);
+    let (alloc, _) = allocate(&BTreeMap::new(), &wanted(&t), 20_000..=20_999);
+    let gw: Vec<IpAddr> = vec![
+        "10.0.0.7".parse().expect("ip"),
+        "fd00::7".parse().expect("ip"),
+    ];
+    let ips = BTreeMap::from([(
+        ServiceKey::new("shop", "web"),
+        "10.96.0.50".parse().expect("ip"),
+    )]);
+    let d = plan(&t, &alloc, &ips, &gw);
+    assert_eq!(d.imports.len(), 1);
+    let si = &d.imports[0];
+    assert_eq!(si.spec.ips, ["10.96.0.50"]);
+    assert_eq!(si.spec.type_, "ClusterSetIP");
+    let clusters: Vec<&str> = si
+        .status
+        .as_ref()
+        .expect("status")
+        .clusters
+        .iter()
+        .map(|c| c.cluster.as_str())
+        .collect();
+    assert_eq!(clusters, ["east", "north"]);
+    let names: Vec<String> = d
+        .services
+        .iter()
+        .map(|s| s.metadata.name.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(names, ["web-clusterset", "web-east", "web-north"]);
+    let north = &d.services[2];
+    let ports = north
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.clone())
+        .expect("ports");
+    assert_eq!(ports.len(), 1, "north does not export 9000");
+    assert_eq!(ports[0].port, 80);
+    let east = &d.services[1];
+    let egress = &east.metadata.annotations.as_ref().expect("annotations")[labels::EGRESS_PORTS];
+    assert_eq!(parse_egress_ports(egress).len(), 2);
+    // A slice per family per Service; the mirror's carries its cluster.
+    assert_eq!(d.slices.len(), 6);
+    let (owner, east_v4) = &d.slices[2];
+    assert_eq!(owner, "web-east");
+    let l = east_v4.metadata.labels.as_ref().expect("labels");
+    assert_eq!(l[labels::MCS_SOURCE_CLUSTER], "east");
+    assert_eq!(l[labels::MCS_SERVICE_NAME], "web");
+    assert_eq!(l[labels::SERVICE_NAME_K8S], "web-east");
+    assert_eq!(l[labels::SLICE_MANAGED_BY], labels::SLICE_MANAGER);
+    let eps = east_v4.endpoints.as_ref().expect("endpoints");
+    assert_eq!(eps[0].addresses, ["10.0.0.7"]);
+    // What the plan writes, observe reads back.
+    let written: Vec<Service> = d
+        .services
+        .iter()
+        .cloned()
+        .map(|mut s| {
+            if let Some(spec) = s.spec.as_mut() {
+                spec.cluster_ip = Some("10.96.0.50".into());
+            }
+            s
+        })
+        .collect();
+    let seen = observe(&written);
+    assert_eq!(seen.allocations, alloc);
+    assert_eq!(seen.clusterset_ips, ips);
+    // Listeners: one per allocation, each on a distinct port.
+    assert_eq!(listeners(&alloc).len(), alloc.len());
+}
+
+#[test]
+fn export_conditions_follow_the_mcs_rules() {
+    let k = ServiceKey::new("shop", "web");
+    let mut local = ClusterState::default();
+    let c = export_conditions(&k, &local, None, &BTreeMap::new());
+    assert_eq!(
+        (c[0].type_, c[0].status, c[0].reason),
+        ("Valid", false, "NoService")
+    );
+    let c = export_conditions(&k, &local, Some("ExternalName"), &BTreeMap::new());
+    assert_eq!(c[0].reason, "InvalidService");
+    local.services.insert(
+        k.clone(),
+        LocalService {
+            key: k.clone(),
+            service_type: ServiceType::ClusterSetIp,
+            ports: vec![port("http", 80)],
+            endpoints: vec![],
+            exported: true,
+        },
+    );
+    let same = Export {
+        key: k.clone(),
+        service_type: ServiceType::ClusterSetIp,
+        ports: vec![port("http", 80)],
+    };
+    let peers = BTreeMap::from([(
+        "east".to_string(),
+        Catalog::from([(k.clone(), same.clone())]),
+    )]);
+    let c = export_conditions(&k, &local, None, &peers);
+    assert_eq!(
+        (c[0].status, c[1].status, c[1].reason),
+        (true, false, "NoConflicts")
+    );
+    let mut other = same.clone();
+    other.ports = vec![port("web", 80)];
+    let peers = BTreeMap::from([("east".to_string(), Catalog::from([(k.clone(), other)]))]);
+    let c = export_conditions(&k, &local, None, &peers);
+    assert_eq!((c[1].status, c[1].reason), (true, "ConflictingPorts"));
+    assert!(c[1].message.contains("east"));
+    let mut headless = same;
+    headless.service_type = ServiceType::Headless;
+    let peers = BTreeMap::from([("east".to_string(), Catalog::from([(k.clone(), headless)]))]);
+    assert_eq!(
+        export_conditions(&k, &local, None, &peers)[1].reason,
+        "ConflictingType"
+    );
+}
+
+#[test]
+fn transition_times_move_only_when_status_changes() {
+    let new = |status| NewCondition {
+        type_: "Valid",
+        status,
+        reason: "X",
+        message: String::new(),
+    };
+    let first = merge_conditions(&[], &[new(true)], "t1");
+    assert_eq!(first[0].last_transition_time, "t1");
+    let again = merge_conditions(&first, &[new(true)], "t2");
+    assert_eq!(again[0].last_transition_time, "t1");
+    let flipped = merge_conditions(&again, &[new(false)], "t3");
+    assert_eq!(flipped[0].last_transition_time, "t3");
+}
+
+#[test]
+fn egress_port_annotations_round_trip_and_skip_garbage() {
+    let m = BTreeMap::from([(80, 20_001), (443, 20_002)]);
+    assert_eq!(format_egress_ports(&m), "80=20001,443=20002");
+    assert_eq!(parse_egress_ports("80=20001, 443=20002"), m);
+    assert_eq!(parse_egress_ports("x=1,80=,=5,80=20001,99999=1").len(), 1);
+}

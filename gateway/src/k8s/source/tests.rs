@@ -1,0 +1,228 @@
+use k8s_openapi::api::core::v1::{ObjectReference, Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::discovery::v1::{
+    Endpoint as SliceEndpoint, EndpointConditions, EndpointPort, EndpointSlice,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use super::*;
+use crate::k8s::crd::{ServiceExport, ServiceExportSpec};
+
+fn meta(ns: &str, name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
+    ObjectMeta {
+        namespace: Some(ns.into()),
+        name: Some(name.into()),
+        labels: Some(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ),
+        ..Default::default()
+    }
+}
+
+fn service(ns: &str, name: &str, labels: &[(&str, &str)], ports: &[(&str, i32)]) -> Service {
+    Service {
+        metadata: meta(ns, name, labels),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("10.96.0.10".into()),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(n, p)| ServicePort {
+                        name: Some(n.to_string()),
+                        port: *p,
+                        protocol: Some("TCP".into()),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+fn slice(
+    ns: &str,
+    svc: &str,
+    name: &str,
+    eps: &[(&str, &str, Option<bool>)],
+    port: (&str, i32),
+) -> EndpointSlice {
+    EndpointSlice {
+        metadata: meta(ns, name, &[(labels::SERVICE_NAME_K8S, svc)]),
+        address_type: "IPv4".into(),
+        endpoints: Some(
+            eps.iter()
+                .map(|(pod, ip, ready)| SliceEndpoint {
+                    addresses: vec![ip.to_string()],
+                    conditions: Some(EndpointConditions {
+                        ready: *ready,
+                        ..Default::default()
+                    }),
+                    target_ref: Some(ObjectReference {
+                        kind: Some("Pod".into()),
+                        name: Some(pod.to_string()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+        ),
+        ports: Some(vec![EndpointPort {
+            name: Some(port.0.into()),
+            port: Some(port.1),
+            protocol: Some("TCP".into()),
+            app_protocol: None,
+        }]),
+    }
+}
+
+fn export(ns: &str, name: &str) -> ServiceExport {
+    let mut e = ServiceExport::new(name, ServiceExportSpec {});
+    e.metadata.namespace = Some(ns.into());
+    e
+}
+
+#[test]
+fn services_are_exported_by_service_export_or_label() {
+    let services = [
+        service("shop", "cart", &[], &[("http", 80)]),
+        service(
+            "shop",
+            "web",
+            &[("strait.io/export", "true")],
+            &[("http", 80)],
+        ),
+        service(
+            "shop",
+            "quiet",
+            &[("strait.io/export", "false")],
+            &[("http", 80)],
+        ),
+        service("shop", "db", &[], &[("pg", 5432)]),
+    ];
+    let (state, skipped) = cluster_state(
+        &services,
+        &[],
+        &[export("shop", "cart")],
+        "strait.io/export",
+    );
+    assert!(skipped.is_empty());
+    let exported: Vec<String> = state.catalog().keys().map(|k| k.to_string()).collect();
+    assert_eq!(exported, ["shop/cart", "shop/web"]);
+    assert_eq!(
+        state.services.len(),
+        4,
+        "unexported services are still known locally"
+    );
+}
+
+#[test]
+fn endpoints_come_from_slices_with_target_ports_and_readiness() {
+    let services = [service("shop", "cart", &[], &[("http", 80)])];
+    let slices = [
+        slice(
+            "shop",
+            "cart",
+            "cart-a",
+            &[
+                ("p1", "10.0.0.1", Some(true)),
+                ("p2", "10.0.0.2", Some(false)),
+            ],
+            ("http", 8080),
+        ),
+        // The same endpoint in a second slice (mid-rebalance) is one endpoint.
+        slice(
+            "shop",
+            "cart",
+            "cart-b",
+            &[("p1", "10.0.0.1", None)],
+            ("http", 8080),
+        ),
+        slice(
+            "other",
+            "cart",
+            "cart-x",
+            &[("p9", "10.9.9.9", Some(true))],
+            ("http", 1),
+        ),
+    ];
+    let (state, _) = cluster_state(
+        &services,
+        &slices,
+        &[export("shop", "cart")],
+        "strait.io/export",
+    );
+    let cart = &state.services[&ServiceKey::new("shop", "cart")];
+    assert_eq!(cart.endpoints.len(), 2, "{:?}", cart.endpoints);
+    let p1 = cart.endpoints.iter().find(|e| e.name == "p1").expect("p1");
+    assert!(p1.ready);
+    assert_eq!(p1.target(&cart.ports[0]).port(), 8080);
+    let p2 = cart.endpoints.iter().find(|e| e.name == "p2").expect("p2");
+    assert!(!p2.ready);
+}
+
+#[test]
+fn mirrors_are_never_exported_and_bad_services_are_reported() {
+    let mut external = service("shop", "ext", &[], &[("http", 80)]);
+    if let Some(spec) = external.spec.as_mut() {
+        spec.type_ = Some("ExternalName".into());
+    }
+    let mut headless = service("shop", "hl", &[], &[("http", 80)]);
+    if let Some(spec) = headless.spec.as_mut() {
+        spec.cluster_ip = Some("None".into());
+    }
+    let services = [
+        service(
+            "shop",
+            "web-east",
+            &[(labels::MIRROR, "east"), ("strait.io/export", "true")],
+            &[("http", 80)],
+        ),
+        external,
+        headless,
+    ];
+    let exports = [
+        export("shop", "ext"),
+        export("shop", "hl"),
+        export("shop", "web-east"),
+        export("shop", "gone"),
+    ];
+    let (state, skipped) = cluster_state(&services, &[], &exports, "strait.io/export");
+    let keys: Vec<String> = state.catalog().keys().map(|k| k.to_string()).collect();
+    assert_eq!(keys, ["shop/hl"]);
+    assert_eq!(
+        state.services[&ServiceKey::new("shop", "hl")].service_type,
+        ServiceType::Headless
+    );
+    assert_eq!(skipped.len(), 1, "{skipped:?}");
+    assert!(skipped[0].reason.contains("ExternalName"));
+}
+
+#[test]
+fn only_ready_pods_back_the_mirror() {
+    use k8s_openapi::api::core::v1::{Pod, PodCondition, PodIP, PodStatus};
+    let pod = |ip: &str, ready: &str| Pod {
+        metadata: ObjectMeta::default(),
+        spec: None,
+        status: Some(PodStatus {
+            pod_ip: Some(ip.into()),
+            pod_ips: Some(vec![PodIP { ip: ip.into() }]),
+            conditions: Some(vec![PodCondition {
+                type_: "Ready".into(),
+                status: ready.into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+    };
+    let pods = [
+        pod("10.0.0.2", "True"),
+        pod("10.0.0.1", "True"),
+        pod("10.0.0.3", "False"),
+    ];
+    let ips: Vec<String> = ready_pod_ips(&pods).iter().map(|i| i.to_string()).collect();
+    assert_eq!(ips, ["10.0.0.1", "10.0.0.2"]);
+}
