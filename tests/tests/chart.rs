@@ -873,3 +873,37 @@ fn rbac_is_least_privilege() {
     }
     find(&docs, "ServiceAccount", "strait-gateway");
 }
+
+fn leaf_paths(value: &Value, prefix: &str, out: &mut Vec<String>) {
+    match value.as_object() {
+        Some(map) if !map.is_empty() => {
+            for (key, child) in map {
+                let path = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                leaf_paths(child, &path, out);
+            }
+        }
+        _ => out.push(prefix.to_string()),
+    }
+}
+
+#[test]
+fn readme_documents_every_value() {
+    let values: Value = serde_saphyr::from_str(
+        &std::fs::read_to_string(chart().join("values.yaml")).expect("values.yaml"),
+    )
+    .expect("values.yaml parses");
+    let readme = std::fs::read_to_string(chart().join("README.md")).expect("README.md");
+    let mut paths = Vec::new();
+    leaf_paths(&values, "", &mut paths);
+    for path in paths {
+        // A row for the value or for one of its parents (`resources`).
+        let parts: Vec<&str> = path.split('.').collect();
+        let documented =
+            (1..=parts.len()).any(|n| readme.contains(&format!("| `{}` |", parts[..n].join("."))));
+        assert!(documented, "README.md has no row for `{path}`");
+    }
+}
