@@ -1,0 +1,30 @@
+{{/*
+The gateway's config file in Kubernetes mode (camelCase keys). Its checksum
+is a pod annotation, so a change rolls the gateway pods.
+*/}}
+{{- define "strait.config" -}}
+{{- if gt (int .Values.config.egressPortMin) (int .Values.config.egressPortMax) -}}
+{{- fail (printf "config.egressPortMin (%v) must not exceed config.egressPortMax (%v)" .Values.config.egressPortMin .Values.config.egressPortMax) -}}
+{{- end -}}
+cluster: {{ include "strait.cluster" . }}
+identity:
+  trustAnchors: /var/run/strait/issuer/ca.crt
+  issuerCert: /var/run/strait/issuer/tls.crt
+  issuerKey: /var/run/strait/issuer/tls.key
+listen:
+  tunnel: 0.0.0.0:4143
+  admin: 0.0.0.0:4191
+  dns: 0.0.0.0:5353
+  destination: 0.0.0.0:8086
+source:
+  kubernetes:
+    namespace: {{ .Release.Namespace }}
+    exportLabel: {{ .Values.config.exportLabel }}
+    gatewaySelector: {{ include "strait.gatewaySelector" . }}
+    egressPortMin: {{ int .Values.config.egressPortMin }}
+    egressPortMax: {{ int .Values.config.egressPortMax }}
+    leaseName: {{ .Values.config.leaseName }}
+imports:
+  gracePeriodSeconds: {{ int .Values.config.gracePeriodSeconds }}
+  dnsTtlSeconds: {{ int .Values.config.dnsTtlSeconds }}
+{{- end -}}
