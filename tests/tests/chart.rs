@@ -721,6 +721,10 @@ fn config_file_has_the_gateway_shape() {
     let cm = find(&docs, "ConfigMap", "strait-gateway-config");
     let text = cm["data"]["config.yaml"].as_str().expect("config.yaml");
     let config: Value = serde_saphyr::from_str(text).expect("config.yaml parses");
+    // The gateway itself accepts it, defaults and all.
+    let parsed = strait_gateway::GatewayConfig::parse(text, std::path::Path::new("config.yaml"))
+        .unwrap_or_else(|e| panic!("the gateway refuses the chart's config: {e}\n{text}"));
+    assert!(parsed.source.kubernetes.is_some());
     assert_eq!(
         config,
         json!({
