@@ -306,8 +306,7 @@ impl Gateway {
                         .clone(),
                 );
                 kube_tasks.push(tokio::spawn(crate::k8s::links::run(
-                    caches.links.clone(),
-                    caches.changed.clone(),
+                    caches.clone(),
                     config.cluster.clone(),
                     links_tx,
                     link_errors_tx,
@@ -328,6 +327,7 @@ impl Gateway {
                         identity: config.link_identity(link)?,
                         addresses: link.addresses.clone(),
                         accept: None,
+                        trust_bundle: None,
                     });
                 }
                 links_tx.send_replace(Arc::new(entries));

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use strait_proxy::identity::{ExpectedPeerVerifier, SpiffeId};
+use rustls::RootCertStore;
+use strait_proxy::identity::{CertError, ExpectedPeerVerifier, SpiffeId, TrustAnchors};
 use strait_proxy::tls;
 
 use tokio::sync::watch;
@@ -32,6 +33,22 @@ pub struct LinkEntry {
     pub addresses: Vec<String>,
     /// Which of its exports to import (all when `None`).
     pub accept: Option<AcceptPolicy>,
+    /// The peer's own trust anchors (PEM), when it does not share ours.
+    pub trust_bundle: Option<String>,
+}
+
+impl LinkEntry {
+    /// The anchors the peer's chain must lead to: its own bundle, or ours.
+    pub fn roots(&self, ours: &TrustAnchors) -> Result<Arc<RootCertStore>, CertError> {
+        match &self.trust_bundle {
+            Some(pem) => Ok(TrustAnchors::from_pem(
+                pem.as_bytes(),
+                &format!("{} trust bundle", self.name),
+            )?
+            .roots()),
+            None => Ok(ours.roots()),
+        }
+    }
 }
 
 struct Running {
@@ -75,12 +92,22 @@ fn apply(shared: &Arc<Shared>, running: &mut BTreeMap<String, Running>, desired:
             entry.addresses.clone(),
         );
         shared.imports.set_policy(&entry.name, entry.accept.clone());
+        let roots = match entry.roots(&shared.anchors) {
+            Ok(r) => r,
+            Err(error) => {
+                // Links from Kubernetes are checked before they get here;
+                // a bad bundle leaves the peer unable to connect, not us.
+                tracing::error!(peer = %entry.name, %error, "bad trust bundle; link disabled");
+                continue;
+            }
+        };
         let task = (!entry.addresses.is_empty()).then(|| {
             tokio::spawn(run(
                 DialedLink {
                     name: entry.name.clone(),
                     identity: entry.identity.clone(),
                     addresses: entry.addresses.clone(),
+                    roots,
                 },
                 shared.clone(),
             ))
@@ -97,7 +124,16 @@ fn apply(shared: &Arc<Shared>, running: &mut BTreeMap<String, Running>, desired:
         .iter()
         .map(|l| (l.identity.clone(), l.name.clone()))
         .collect();
-    shared.allowed.set(by_identity.keys().cloned());
+    let with_roots = desired.iter().filter_map(|l| match &l.trust_bundle {
+        None => Some((l.identity.clone(), None)),
+        Some(_) => l
+            .roots(&shared.anchors)
+            .ok()
+            .map(|r| (l.identity.clone(), Some(r))),
+    });
+    if let Err(error) = shared.allowed.set_with_roots(with_roots) {
+        tracing::error!(%error, "cannot build the linked peers' verifiers; keeping the last set");
+    }
     *shared
         .links_by_identity
         .write()
@@ -126,6 +162,8 @@ pub struct DialedLink {
     pub identity: SpiffeId,
     /// `host:port` addresses.
     pub addresses: Vec<String>,
+    /// The anchors its chain must lead to.
+    pub roots: Arc<RootCertStore>,
 }
 
 /// Exponential backoff with jitter: each delay is drawn from
@@ -200,7 +238,7 @@ async fn dial(
 pub async fn run(link: DialedLink, shared: Arc<Shared>) {
     let client_tls = match tls::client_config(
         ExpectedPeerVerifier::new(
-            shared.anchors.roots(),
+            link.roots.clone(),
             link.identity.clone(),
             shared.metrics.tls.sink("connect"),
         ),

@@ -7,11 +7,12 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use kube::runtime::reflector::Store;
-use strait_proxy::identity::SpiffeId;
+use k8s_openapi::api::core::v1::Secret;
+use strait_proxy::identity::{SpiffeId, TrustAnchors};
 use tokio::sync::watch;
 
 use super::crd::{Link, LinkTransport};
+use super::source::Caches;
 use crate::catalog::validate_label;
 use crate::config::{default_trust_domain, gateway_identity};
 use crate::links::LinkEntry;
@@ -34,7 +35,34 @@ pub fn with_port(address: &str, port: u16) -> String {
     }
 }
 
-fn entry(link: &Link, own_cluster: &str) -> Result<LinkEntry, String> {
+/// Looks up the PEM trust bundle in a Secret of the Links' namespace.
+pub trait BundleLookup {
+    /// The `ca.crt` of Secret `name`, or why not.
+    fn bundle(&self, name: &str) -> Result<String, String>;
+}
+
+impl<F: Fn(&str) -> Result<String, String>> BundleLookup for F {
+    fn bundle(&self, name: &str) -> Result<String, String> {
+        self(name)
+    }
+}
+
+/// The key of a trust-bundle Secret holding the PEM anchors.
+pub const BUNDLE_KEY: &str = "ca.crt";
+
+/// Reads [`BUNDLE_KEY`] from a Secret (pure).
+pub fn bundle_of(secret: Option<&Secret>, name: &str) -> Result<String, String> {
+    let secret = secret.ok_or_else(|| format!("Secret {name} not found"))?;
+    let data = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(BUNDLE_KEY))
+        .ok_or_else(|| format!("Secret {name} has no {BUNDLE_KEY}"))?;
+    String::from_utf8(data.0.clone())
+        .map_err(|_| format!("Secret {name}: {BUNDLE_KEY} is not PEM text"))
+}
+
+fn entry(link: &Link, own_cluster: &str, bundle: &dyn BundleLookup) -> Result<LinkEntry, String> {
     let spec = &link.spec;
     validate_label("cluster", &spec.cluster).map_err(|e| format!("spec.cluster: {e}"))?;
     if spec.cluster == own_cluster {
@@ -46,12 +74,17 @@ fn entry(link: &Link, own_cluster: &str) -> Result<LinkEntry, String> {
             spec.transport
         ));
     }
-    if spec.trust_bundle_secret.is_some() {
-        return Err(
-            "spec.trustBundleSecret: per-link trust bundles are not supported yet; share a trust anchor"
-                .into(),
-        );
-    }
+    let trust_bundle = match &spec.trust_bundle_secret {
+        None => None,
+        Some(secret) => {
+            let pem = bundle
+                .bundle(secret)
+                .map_err(|e| format!("spec.trustBundleSecret: {e}"))?;
+            TrustAnchors::from_pem(pem.as_bytes(), secret)
+                .map_err(|e| format!("spec.trustBundleSecret: {e}"))?;
+            Some(pem)
+        }
+    };
     if spec.port == 0 {
         return Err("spec.port: must be 1 to 65535".into());
     }
@@ -75,6 +108,7 @@ fn entry(link: &Link, own_cluster: &str) -> Result<LinkEntry, String> {
         identity,
         addresses,
         accept: spec.accept.clone(),
+        trust_bundle,
     })
 }
 
@@ -84,6 +118,7 @@ fn entry(link: &Link, own_cluster: &str) -> Result<LinkEntry, String> {
 pub fn link_entries<'a>(
     links: impl IntoIterator<Item = &'a Link>,
     own_cluster: &str,
+    bundle: &dyn BundleLookup,
 ) -> (Vec<LinkEntry>, LinkErrors) {
     let mut sorted: Vec<&Link> = links.into_iter().collect();
     sorted.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
@@ -91,7 +126,7 @@ pub fn link_entries<'a>(
     let mut errors = LinkErrors::new();
     for link in sorted {
         let name = link.metadata.name.clone().unwrap_or_default();
-        match entry(link, own_cluster) {
+        match entry(link, own_cluster, bundle) {
             Ok(e) => {
                 if let Some(other) = out
                     .iter()
@@ -118,15 +153,26 @@ pub fn link_entries<'a>(
 
 /// Publishes the link set (and refusals) from the Link cache until aborted.
 pub async fn run(
-    links: Store<Link>,
-    mut changed: watch::Receiver<()>,
+    caches: Caches,
     own_cluster: String,
     desired: watch::Sender<Arc<Vec<LinkEntry>>>,
     refused: watch::Sender<Arc<LinkErrors>>,
 ) {
+    let mut changed = caches.changed.clone();
     loop {
-        let state = links.state();
-        let (entries, errors) = link_entries(state.iter().map(|l| &**l), &own_cluster);
+        changed.borrow_and_update();
+        let state = caches.links.state();
+        let secrets = caches.secrets.state();
+        let lookup = |name: &str| {
+            bundle_of(
+                secrets
+                    .iter()
+                    .find(|s| s.metadata.name.as_deref() == Some(name))
+                    .map(|s| &**s),
+                name,
+            )
+        };
+        let (entries, errors) = link_entries(state.iter().map(|l| &**l), &own_cluster, &lookup);
         desired.send_if_modified(|cur| {
             let differs = **cur != entries;
             if differs {
@@ -172,6 +218,35 @@ mod tests {
         l
     }
 
+    fn no_secrets(name: &str) -> Result<String, String> {
+        Err(format!("Secret {name} not found"))
+    }
+
+    #[test]
+    fn trust_bundles_come_from_secrets_and_must_be_anchors() {
+        let root = strait_proxy::identity::generate_root("east").expect("root");
+        let mut with = link("east", "east", &[]);
+        with.spec.trust_bundle_secret = Some("east-anchors".into());
+        let mut garbage = link("north", "north", &[]);
+        garbage.spec.trust_bundle_secret = Some("junk".into());
+        let mut missing = link("south", "south", &[]);
+        missing.spec.trust_bundle_secret = Some("nope".into());
+        let pem = root.cert_pem.clone();
+        let lookup = move |name: &str| match name {
+            "east-anchors" => Ok(pem.clone()),
+            "junk" => Ok("not a certificate".to_string()),
+            other => Err(format!("Secret {other} not found")),
+        };
+        let (entries, errors) = link_entries(&[with, garbage, missing], "west", &lookup);
+        assert_eq!(entries.len(), 1, "{errors:?}");
+        assert_eq!(
+            entries[0].trust_bundle.as_deref(),
+            Some(root.cert_pem.as_str())
+        );
+        assert!(errors["north"].contains("trustBundleSecret"), "{errors:?}");
+        assert!(errors["south"].contains("not found"), "{errors:?}");
+    }
+
     #[test]
     fn addresses_get_the_default_port_and_keep_their_own() {
         assert_eq!(with_port("gw.example.com", 4143), "gw.example.com:4143");
@@ -186,6 +261,7 @@ mod tests {
         let (entries, errors) = link_entries(
             &[link("east", "east", &["lb.east.example", "10.1.2.3:5000"])],
             "west",
+            &no_secrets,
         );
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(entries.len(), 1);
@@ -218,7 +294,7 @@ mod tests {
             tcp,
             bad_id,
         ];
-        let (entries, errors) = link_entries(&links, "west");
+        let (entries, errors) = link_entries(&links, "west", &no_secrets);
         assert_eq!(entries.len(), 1);
         assert!(entries[0].accept.is_some());
         assert!(errors["b-east"].contains("already links"), "{errors:?}");

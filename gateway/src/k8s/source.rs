@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -228,6 +228,8 @@ pub struct Caches {
     pub pods: Store<Pod>,
     /// Links in the gateway's namespace.
     pub links: Store<Link>,
+    /// Secrets in the gateway's namespace (Links' trust bundles).
+    pub secrets: Store<Secret>,
     /// Bumped on every change of any cache.
     pub changed: watch::Receiver<()>,
     /// Watch failures (counted once per failing streak and kind).
@@ -320,6 +322,13 @@ impl Caches {
                 tasks,
             ),
             links: reflect(
+                Api::namespaced(client.clone(), namespace),
+                all(),
+                tx.clone(),
+                e.clone(),
+                tasks,
+            ),
+            secrets: reflect(
                 Api::namespaced(client, namespace),
                 all(),
                 tx,
@@ -335,6 +344,7 @@ impl Caches {
         caches.imports.wait_until_ready().await?;
         caches.pods.wait_until_ready().await?;
         caches.links.wait_until_ready().await?;
+        caches.secrets.wait_until_ready().await?;
         Ok(caches)
     }
 

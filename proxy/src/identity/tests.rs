@@ -326,3 +326,49 @@ fn a_reordered_chain_cannot_borrow_another_issuers_trust_domain() {
         );
     }
 }
+
+#[test]
+fn a_peer_with_its_own_trust_bundle_must_chain_to_it_alone() {
+    use rustls::server::danger::ClientCertVerifier;
+    use rustls_pki_types::pem::PemObject;
+    let own_root = generate_root("west").expect("root");
+    let east_root = generate_root("east").expect("root");
+    let east_id =
+        SpiffeId::workload("east.strait.local", "strait-system", "strait-gateway").expect("id");
+    let der =
+        |pem: &str| rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).expect("der");
+    // The real east, under its own root; and an east forged under ours.
+    let east_issuer = generate_issuer(&east_root, "east.strait.local").expect("issuer");
+    let (real, _) = forge(&east_issuer, &east_id);
+    let forger = generate_issuer(&own_root, "east.strait.local").expect("issuer");
+    let (fake, _) = forge(&forger, &east_id);
+    let now = rustls::pki_types::UnixTime::now();
+    let verify = |bundle: Option<&PemPair>,
+                  leaf: &rustls::pki_types::CertificateDer<'static>,
+                  chain: &PemPair| {
+        let (sink, seen) = recorder();
+        let allowed = AllowedPeers::default();
+        allowed
+            .set_with_roots([(east_id.clone(), bundle.map(|b| anchors(b).roots()))])
+            .expect("roots");
+        let v =
+            LinkedPeersVerifier::new(anchors(&own_root).roots(), allowed, sink).expect("verifier");
+        let r = v.verify_client_cert(leaf, &[der(&chain.cert_pem)], now);
+        let seen = seen.lock().expect("lock").clone();
+        (r.is_ok(), seen)
+    };
+    assert_eq!(
+        verify(Some(&east_root), &real, &east_issuer),
+        (true, vec![])
+    );
+    assert_eq!(
+        verify(None, &real, &east_issuer),
+        (false, vec![RefusalReason::UnknownIssuer]),
+        "without the bundle, east's root is unknown here"
+    );
+    assert_eq!(
+        verify(Some(&east_root), &fake, &forger),
+        (false, vec![RefusalReason::UnknownIssuer]),
+        "with a bundle, our own root no longer vouches for east"
+    );
+}

@@ -3,7 +3,7 @@
 //! domain, and the ID must be the one expected (dialing) or one of the
 //! linked peers (accepting). Every refusal is reported to a [`RefusalSink`].
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -250,12 +250,24 @@ impl ServerCertVerifier for ExpectedPeerVerifier {
     }
 }
 
-/// The identities an accepting side lets in; shared with whatever keeps
-/// the list of links, and updated live.
-#[derive(Clone, Debug, Default)]
+/// The identities an accepting side lets in, each optionally with its own
+/// trust anchors (a per-link trust bundle: that peer's chain must lead to
+/// those anchors and no others); shared with whatever keeps the list of
+/// links, and updated live.
+#[derive(Clone, Default)]
 pub struct AllowedPeers {
-    ids: Arc<ArcSwap<HashSet<SpiffeId>>>,
+    ids: Arc<ArcSwap<HashMap<SpiffeId, Option<Arc<dyn ClientCertVerifier>>>>>,
     any: bool,
+}
+
+impl fmt::Debug for AllowedPeers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ids = self.ids.load();
+        f.debug_struct("AllowedPeers")
+            .field("ids", &ids.keys().collect::<Vec<_>>())
+            .field("any", &self.any)
+            .finish()
+    }
 }
 
 impl AllowedPeers {
@@ -268,14 +280,41 @@ impl AllowedPeers {
         }
     }
 
-    /// Replaces the set.
+    /// Replaces the set; every identity chains to the verifier's anchors.
     pub fn set(&self, ids: impl IntoIterator<Item = SpiffeId>) {
-        self.ids.store(Arc::new(ids.into_iter().collect()));
+        self.ids
+            .store(Arc::new(ids.into_iter().map(|id| (id, None)).collect()));
+    }
+
+    /// Replaces the set, giving some identities their own trust anchors.
+    pub fn set_with_roots(
+        &self,
+        ids: impl IntoIterator<Item = (SpiffeId, Option<Arc<RootCertStore>>)>,
+    ) -> Result<(), Error> {
+        let mut map = HashMap::new();
+        for (id, roots) in ids {
+            let verifier = match roots {
+                Some(roots) => Some(
+                    WebPkiClientVerifier::builder_with_provider(roots, crate::tls::provider())
+                        .build()
+                        .map_err(|e| Error::General(format!("{id}: {e}")))?,
+                ),
+                None => None,
+            };
+            map.insert(id, verifier);
+        }
+        self.ids.store(Arc::new(map));
+        Ok(())
     }
 
     /// Whether `id` is allowed.
     pub fn contains(&self, id: &SpiffeId) -> bool {
-        self.any || self.ids.load().contains(id)
+        self.any || self.ids.load().contains_key(id)
+    }
+
+    /// The verifier of `id`'s own anchors, if it has some.
+    fn roots_of(&self, id: &SpiffeId) -> Option<Arc<dyn ClientCertVerifier>> {
+        self.ids.load().get(id).cloned().flatten()
     }
 }
 
@@ -328,7 +367,15 @@ impl ClientCertVerifier for LinkedPeersVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        self.inner
+        // A peer with its own trust bundle is verified against it alone:
+        // its claimed identity picks the anchors, and the chain must then
+        // lead there (and bind the same trust domain, below).
+        let claimed = leaf_id(end_entity).ok();
+        let inner = claimed
+            .as_ref()
+            .and_then(|id| self.allowed.roots_of(id))
+            .unwrap_or_else(|| self.inner.clone());
+        inner
             .verify_client_cert(end_entity, intermediates, now)
             .map_err(|e| refuse(&self.sink, RefusalReason::from_rustls(&e), &e))?;
         let id = chain_identity(end_entity, intermediates)
