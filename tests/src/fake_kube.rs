@@ -78,9 +78,7 @@ impl FakeKube {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let app = http::router(shared.clone());
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let task = tokio::spawn(serve(listener, app));
         Ok(Self { shared, addr, task })
     }
 
@@ -143,6 +141,28 @@ impl FakeKube {
     /// The requests served so far.
     pub fn requests(&self) -> Requests {
         Requests(self.shared.lock().requests.clone())
+    }
+}
+
+/// Accepts connections until aborted; aborting drops the connections too,
+/// so a dropped server is gone for its clients at once.
+async fn serve(listener: tokio::net::TcpListener, app: axum::Router) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let service = TowerToHyperService::new(app.clone());
+        conns.spawn(async move {
+            let _ = Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+        while conns.try_join_next().is_some() {}
     }
 }
 

@@ -904,3 +904,13 @@ async fn two_clusters_are_independent() {
     assert_eq!(a.objects("", "v1", "configmaps").len(), 1);
     assert!(b.objects("", "v1", "configmaps").is_empty());
 }
+
+#[tokio::test]
+async fn a_dropped_server_is_gone() {
+    let (server, client) = start().await;
+    let api: Api<ConfigMap> = Api::namespaced(client, "default");
+    api.list(&ListParams::default()).await.expect("list");
+    drop(server);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(api.list(&ListParams::default()).await.is_err());
+}
