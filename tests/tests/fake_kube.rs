@@ -187,6 +187,91 @@ async fn bad_requests_are_statuses() {
         api_status(client.request::<Value>(req).await.unwrap_err()).0,
         404
     );
+    for (method, uri, ct, body, code) in [
+        ("GET", "/api/v1/configmaps?limit=abc", "", "", 400),
+        (
+            "GET",
+            "/api/v1/configmaps?labelSelector=app%20in%20(a",
+            "",
+            "",
+            400,
+        ),
+        ("GET", "/api/v1/configmaps?continue=garbage", "", "", 400),
+        (
+            "GET",
+            "/api/v1/configmaps?watch=1&resourceVersion=abc",
+            "",
+            "",
+            400,
+        ),
+        ("POST", "/api/v1/configmaps", "application/json", "{}", 405),
+        (
+            "POST",
+            "/api/v1/namespaces/d/configmaps",
+            "application/json",
+            "[1]",
+            400,
+        ),
+        (
+            "POST",
+            "/api/v1/namespaces/d/configmaps",
+            "application/json",
+            r#"{"kind":"Secret"}"#,
+            400,
+        ),
+        (
+            "POST",
+            "/api/v1/namespaces/d/configmaps",
+            "application/json",
+            r#"{"metadata":{"name":"a","namespace":"e"}}"#,
+            400,
+        ),
+        (
+            "POST",
+            "/api/v1/namespaces/d/configmaps",
+            "application/json",
+            r#"{"metadata":{}}"#,
+            422,
+        ),
+        (
+            "PUT",
+            "/api/v1/namespaces/d/configmaps/a",
+            "application/json",
+            r#"{"metadata":5}"#,
+            404,
+        ),
+        (
+            "PATCH",
+            "/api/v1/namespaces/d/configmaps/a",
+            "text/plain",
+            "{}",
+            415,
+        ),
+        (
+            "PATCH",
+            "/api/v1/namespaces/d/configmaps/a?fieldManager=m",
+            "application/apply-patch+yaml",
+            "a: [",
+            400,
+        ),
+        (
+            "GET",
+            "/api/v1/namespaces/d/configmaps/a/status",
+            "",
+            "",
+            404,
+        ),
+        ("GET", "/api/v1/namespaces/d/configmaps/a/b/c", "", "", 404),
+    ] {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("content-type", ct)
+            .body(body.as_bytes().to_vec())
+            .expect("request");
+        let err = client.request::<Value>(req).await.unwrap_err();
+        assert_eq!(api_status(err).0, code, "{method} {uri} {body}");
+    }
     // Apply needs a field manager.
     let req = http::Request::patch("/api/v1/namespaces/default/configmaps/x")
         .header("content-type", "application/apply-patch+yaml")

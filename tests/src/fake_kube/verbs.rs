@@ -560,6 +560,14 @@ pub(crate) fn patch(
     if ct == "application/apply-patch+yaml" {
         return apply(store, t, name, query, body);
     }
+    if !matches!(
+        ct,
+        "application/merge-patch+json"
+            | "application/strategic-merge-patch+json"
+            | "application/json-patch+json"
+    ) {
+        return Err(ApiError::unsupported_media_type(ct));
+    }
     let parsed: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("invalid patch: {e}")))?;
     let old = get(store, t, name)?;
