@@ -18,6 +18,10 @@ use strait_proxy::identity::{
 };
 use strait_proxy::tls;
 
+/// A stateful fake Kubernetes API server for running kube-rs clients
+/// against.
+pub mod fake_kube;
+
 pub use strait_gateway::demo::{
     hello_cluster_yaml, http_get, http_get_path, resolve_a, spawn_hello_endpoint,
 };

@@ -256,9 +256,13 @@ impl ServerCertVerifier for ExpectedPeerVerifier {
 /// links, and updated live.
 #[derive(Clone, Default)]
 pub struct AllowedPeers {
-    ids: Arc<ArcSwap<HashMap<SpiffeId, Option<Arc<dyn ClientCertVerifier>>>>>,
+    ids: Arc<ArcSwap<PeerVerifiers>>,
     any: bool,
 }
+
+/// Each allowed identity, with the verifier of its own anchors if it has
+/// some.
+type PeerVerifiers = HashMap<SpiffeId, Option<Arc<dyn ClientCertVerifier>>>;
 
 impl fmt::Debug for AllowedPeers {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
