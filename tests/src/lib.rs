@@ -145,6 +145,55 @@ links:
         GatewayConfig::load(&path).expect("valid config")
     }
 
+    /// A Kubernetes-mode gateway config for one replica: loopback
+    /// listeners on kernel-picked ports, egress on `egress` within `ports`,
+    /// and a 2 s writer Lease renewed every second.
+    pub fn kube_config(
+        &self,
+        cluster: &str,
+        replica: &str,
+        egress: std::net::IpAddr,
+        ports: std::ops::RangeInclusive<u16>,
+    ) -> GatewayConfig {
+        let grace = self
+            .grace_seconds
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let y = format!(
+            "cluster: {cluster}
+identity:
+  trustAnchors: root.pem
+  issuerCert: {cluster}-issuer.pem
+  issuerKey: {cluster}-issuer.key
+listen:
+  tunnel: 127.0.0.1:0
+  admin: 127.0.0.1:0
+  dns: 127.0.0.1:0
+  destination: 127.0.0.1:0
+source:
+  kubernetes:
+    namespace: strait-system
+    egressPortMin: {min}
+    egressPortMax: {max}
+    egressAddress: {egress}
+    leaseDurationSeconds: 2
+    leaseRenewSeconds: 1
+    replica: {replica}
+imports:
+  gracePeriodSeconds: {grace}
+tunnel:
+  idleTimeoutMs: 3000
+  keepAliveMs: 500
+  reconnectMinMs: 50
+  reconnectMaxMs: 400
+",
+            min = ports.start(),
+            max = ports.end(),
+        );
+        let path = self.path().join(format!("{cluster}-{replica}.yaml"));
+        std::fs::write(&path, y).expect("write config");
+        GatewayConfig::load(&path).expect("valid config")
+    }
+
     /// Starts a gateway.
     pub async fn start(&self, config: GatewayConfig) -> Gateway {
         Gateway::start(config).await.expect("gateway starts")
@@ -186,6 +235,16 @@ links:
         .expect("endpoint");
         (ep, client)
     }
+}
+
+/// A range of 100 egress ports of its own for each caller, so tests
+/// running at once never fight over a port (below Linux's ephemeral range).
+pub fn unique_egress_ports() -> std::ops::RangeInclusive<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed) + std::process::id() * 7;
+    let first = 20_000 + (n % 120) as u16 * 100;
+    first..=first + 99
 }
 
 /// Polls `check` every 25 ms until it returns `Some`, or panics with

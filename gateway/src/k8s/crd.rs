@@ -148,7 +148,9 @@ pub struct Condition {
 }
 
 /// Marks a Service for export to every linked cluster (MCS API). The
-/// Service of the same name and namespace is exported.
+/// Service of the same name and namespace is exported. Upstream
+/// ServiceExports have no `spec` at all (`no_spec`: nothing under `spec`
+/// on the wire or in the schema).
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "multicluster.x-k8s.io",
@@ -156,6 +158,7 @@ pub struct Condition {
     kind = "ServiceExport",
     plural = "serviceexports",
     namespaced,
+    no_spec,
     status = "ServiceExportStatus",
     printcolumn = r#"{"name":"Valid","type":"string","jsonPath":".status.conditions[?(@.type==\"Valid\")].status"}"#,
     printcolumn = r#"{"name":"Conflict","type":"string","jsonPath":".status.conditions[?(@.type==\"Conflict\")].status"}"#

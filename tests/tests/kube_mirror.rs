@@ -1,0 +1,509 @@
+//! The real gateway in Kubernetes mode against two fake API servers (the
+//! real wire protocol: list/watch, bookmarks, 410 Gone, server-side apply,
+//! Leases): export → import, endpoint changes, unexport, dropped watches
+//! and relists, and leader failover between two replicas.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::{json, Value};
+use strait_gateway::k8s::crd::{Link, ServiceExport};
+use strait_gateway::Gateway;
+use strait_tests::fake_kube::FakeKube;
+use strait_tests::{
+    dig, eventually, http_get, metrics, sample, spawn_hello_endpoint, unique_egress_ports, Testbed,
+};
+
+const NS: &str = "strait-system";
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn apply(client: &Client, value: Value) {
+    let kind = value["kind"].as_str().expect("kind").to_string();
+    let ns = value["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or(NS)
+        .to_string();
+    let name = value["metadata"]["name"]
+        .as_str()
+        .expect("name")
+        .to_string();
+    let pp = PatchParams::apply("test").force();
+    let patch = Patch::Apply(&value);
+    let r = match kind.as_str() {
+        "Service" => Api::<Service>::namespaced(client.clone(), &ns)
+            .patch(&name, &pp, &patch)
+            .await
+            .map(drop),
+        "EndpointSlice" => Api::<EndpointSlice>::namespaced(client.clone(), &ns)
+            .patch(&name, &pp, &patch)
+            .await
+            .map(drop),
+        "ServiceExport" => Api::<ServiceExport>::namespaced(client.clone(), &ns)
+            .patch(&name, &pp, &patch)
+            .await
+            .map(drop),
+        "Link" => Api::<Link>::namespaced(client.clone(), &ns)
+            .patch(&name, &pp, &patch)
+            .await
+            .map(drop),
+        other => panic!("unexpected kind {other}"),
+    };
+    r.unwrap_or_else(|e| panic!("apply {kind} {ns}/{name}: {e}"));
+}
+
+/// A Service `shop/<name>` with one `http` port 80, its EndpointSlice
+/// pointing at `backend`, and (when `export`) its ServiceExport.
+async fn backend_service(client: &Client, name: &str, backend: SocketAddr, export: bool) {
+    apply(
+        client,
+        json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": "shop"},
+            "spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}}),
+    )
+    .await;
+    set_endpoint(client, name, backend).await;
+    if export {
+        apply(
+            client,
+            json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+                "metadata": {"name": name, "namespace": "shop"}}),
+        )
+        .await;
+    }
+}
+
+async fn set_endpoint(client: &Client, service: &str, backend: SocketAddr) {
+    apply(
+        client,
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": format!("{service}-abcde"), "namespace": "shop",
+                "labels": {"kubernetes.io/service-name": service}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [backend.ip().to_string()], "conditions": {"ready": true},
+                "targetRef": {"kind": "Pod", "name": format!("{service}-{}", backend.port())}}],
+            "ports": [{"name": "http", "port": backend.port(), "protocol": "TCP"}]}),
+    )
+    .await;
+}
+
+/// A ready gateway Pod at `ip` in the gateway namespace.
+async fn gateway_pod(client: &Client, name: &str, ip: IpAddr) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS,
+            "labels": {"app.kubernetes.io/name": "strait-gateway"}},
+        "spec": {"containers": [{"name": "gateway", "image": "strait"}]}}))
+    .expect("pod");
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("pod");
+    let status = json!({"status": {"podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}],
+        "conditions": [{"type": "Ready", "status": "True"}]}});
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("pod status");
+}
+
+async fn link(client: &Client, peer: &str, addresses: &[String]) {
+    apply(
+        client,
+        json!({"apiVersion": "strait.io/v1alpha1", "kind": "Link",
+            "metadata": {"name": peer, "namespace": NS},
+            "spec": {"cluster": peer, "addresses": addresses}}),
+    )
+    .await;
+}
+
+fn ours(objects: Vec<Value>) -> Vec<Value> {
+    objects
+        .into_iter()
+        .filter(|o| o["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "strait")
+        .collect()
+}
+
+fn names(objects: &[Value]) -> Vec<String> {
+    let mut v: Vec<String> = objects
+        .iter()
+        .map(|o| {
+            format!(
+                "{}/{}",
+                o["metadata"]["namespace"].as_str().unwrap_or(""),
+                o["metadata"]["name"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn egress_port(svc: &Value) -> u16 {
+    let a = svc["metadata"]["annotations"]["strait.io/egress-ports"]
+        .as_str()
+        .expect("egress annotation");
+    a.strip_prefix("80=")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("annotation {a}"))
+}
+
+fn find<'a>(objects: &'a [Value], name: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not in {:?}", names(objects)))
+}
+
+struct Clusters {
+    bed: Testbed,
+    west: FakeKube,
+    east: FakeKube,
+    east_gw: Gateway,
+    west_ports: std::ops::RangeInclusive<u16>,
+}
+
+/// East exports `shop/web` (backed by `backend`) and runs one gateway;
+/// west links to it (gateway pods not started yet).
+async fn clusters(backend: SocketAddr) -> Clusters {
+    let bed = Testbed::new(&["west", "east"]);
+    let west = FakeKube::start().await.expect("west API");
+    let east = FakeKube::start().await.expect("east API");
+    backend_service(&east.client(), "web", backend, true).await;
+    link(&east.client(), "west", &[]).await;
+    let cfg = bed.kube_config(
+        "east",
+        "east-0",
+        "127.0.0.1".parse().expect("ip"),
+        unique_egress_ports(),
+    );
+    let east_gw = Gateway::start_with_client(cfg, Some(east.client()))
+        .await
+        .expect("east gateway");
+    link(&west.client(), "east", &[east_gw.tunnel_addr().to_string()]).await;
+    Clusters {
+        bed,
+        west,
+        east,
+        east_gw,
+        west_ports: unique_egress_ports(),
+    }
+}
+
+impl Clusters {
+    async fn west_replica(&self, replica: &str, ip: IpAddr) -> Gateway {
+        gateway_pod(&self.west.client(), replica, ip).await;
+        let cfg = self
+            .bed
+            .kube_config("west", replica, ip, self.west_ports.clone());
+        Gateway::start_with_client(cfg, Some(self.west.client()))
+            .await
+            .expect("west gateway")
+    }
+
+    /// West's mirror once it holds exactly `services` (sorted ns/name).
+    async fn mirrored(&self, services: &[&str]) -> Vec<Value> {
+        let want: Vec<String> = services.iter().map(|s| s.to_string()).collect();
+        eventually(WAIT, &format!("west mirrors {want:?}"), || async {
+            let svcs = ours(self.west.objects("", "v1", "services"));
+            let ready = names(&svcs) == want
+                && svcs
+                    .iter()
+                    .all(|s| s["metadata"]["annotations"]["strait.io/egress-ports"].is_string());
+            ready.then_some(svcs)
+        })
+        .await
+    }
+}
+
+fn lease_holder(kube: &FakeKube) -> Option<String> {
+    kube.objects("coordination.k8s.io", "v1", "leases")
+        .into_iter()
+        .find(|l| l["metadata"]["name"] == "strait-mirror-writer")
+        .and_then(|l| l["spec"]["holderIdentity"].as_str().map(String::from))
+}
+
+fn condition<'a>(obj: &'a Value, type_: &str) -> Option<&'a Value> {
+    obj["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_becomes_import_follows_endpoints_and_unexport_cleans_up() {
+    let web1 = spawn_hello_endpoint("east", "web-1")
+        .await
+        .expect("backend");
+    let c = clusters(web1).await;
+    let west = c
+        .west_replica("west-0", "127.0.0.1".parse().expect("ip"))
+        .await;
+
+    // The import: ServiceImport, clusterset Service, mirror, slices.
+    let svcs = c.mirrored(&["shop/web-clusterset", "shop/web-east"]).await;
+    let si = eventually(WAIT, "ServiceImport with its IP", || async {
+        ours(
+            c.west
+                .objects("multicluster.x-k8s.io", "v1alpha1", "serviceimports"),
+        )
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == "web" && s["spec"]["ips"][0].is_string())
+    })
+    .await;
+    let clusterset = find(&svcs, "web-clusterset");
+    let cluster_ip = clusterset["spec"]["clusterIP"].as_str().expect("ClusterIP");
+    assert_eq!(si["spec"]["ips"][0], cluster_ip);
+    assert_eq!(si["spec"]["type"], "ClusterSetIP");
+    assert_eq!(si["spec"]["ports"][0]["port"], 80);
+    let si_status = eventually(WAIT, "ServiceImport status", || async {
+        ours(
+            c.west
+                .objects("multicluster.x-k8s.io", "v1alpha1", "serviceimports"),
+        )
+        .into_iter()
+        .find(|s| s["status"]["clusters"].is_array())
+    })
+    .await;
+    assert_eq!(
+        si_status["status"]["clusters"],
+        json!([{"cluster": "east"}])
+    );
+    for s in &svcs {
+        let owner = &s["metadata"]["ownerReferences"][0];
+        assert_eq!(owner["kind"], "ServiceImport", "{s}");
+        assert_eq!(owner["uid"], si["metadata"]["uid"]);
+        assert_eq!(
+            s["metadata"]["labels"]["multicluster.kubernetes.io/service-name"],
+            "web"
+        );
+    }
+    let (cs_port, east_port) = (
+        egress_port(clusterset),
+        egress_port(find(&svcs, "web-east")),
+    );
+    assert_ne!(cs_port, east_port);
+    assert!(c.west_ports.contains(&cs_port) && c.west_ports.contains(&east_port));
+    assert_eq!(clusterset["spec"]["ports"][0]["targetPort"], cs_port);
+    let slices = ours(c.west.objects("discovery.k8s.io", "v1", "endpointslices"));
+    assert_eq!(names(&slices), ["shop/web-clusterset", "shop/web-east"]);
+    let mirror_slice = find(&slices, "web-east");
+    assert_eq!(
+        mirror_slice["metadata"]["labels"]["multicluster.kubernetes.io/source-cluster"],
+        "east"
+    );
+    assert_eq!(
+        mirror_slice["metadata"]["labels"]["kubernetes.io/service-name"],
+        "web-east"
+    );
+    assert_eq!(
+        mirror_slice["endpoints"][0]["addresses"],
+        json!(["127.0.0.1"])
+    );
+    assert_eq!(mirror_slice["ports"][0]["port"], east_port);
+    assert_eq!(
+        mirror_slice["metadata"]["ownerReferences"][0]["kind"],
+        "Service"
+    );
+
+    // DNS answers the ClusterIP; traffic crosses on the egress ports.
+    eventually(WAIT, "DNS answers the ClusterIP", || async {
+        (dig(west.dns_addr(), "web.shop.svc.clusterset.local", "A", false) == [cluster_ip])
+            .then_some(())
+    })
+    .await;
+    for port in [cs_port, east_port] {
+        let body = eventually(WAIT, "traffic through the egress port", || async {
+            http_get(SocketAddr::from(([127, 0, 0, 1], port)), "web")
+                .await
+                .ok()
+        })
+        .await;
+        assert!(body.contains("hello from east/web-1"), "{body}");
+    }
+
+    // Status: east's export is valid and conflict-free; west's link is up.
+    let export = eventually(WAIT, "ServiceExport conditions", || async {
+        c.east
+            .objects("multicluster.x-k8s.io", "v1alpha1", "serviceexports")
+            .into_iter()
+            .find(|e| condition(e, "Valid").is_some())
+    })
+    .await;
+    assert_eq!(
+        condition(&export, "Valid").expect("Valid")["status"],
+        "True"
+    );
+    assert_eq!(
+        condition(&export, "Conflict").expect("Conflict")["status"],
+        "False"
+    );
+    let l = eventually(WAIT, "Link status", || async {
+        c.west
+            .objects("strait.io", "v1alpha1", "links")
+            .into_iter()
+            .find(|l| {
+                condition(l, "Connected").is_some_and(|c| c["status"] == "True")
+                    && l["status"]["importCount"] == 1
+            })
+    })
+    .await;
+    assert_eq!(
+        condition(&l, "ImportsSynced").expect("synced")["status"],
+        "True"
+    );
+    let m = metrics(&west).await;
+    assert_eq!(sample(&m, "strait_mirror_leader"), Some(1.0), "{m}");
+
+    // An endpoint change in east is followed.
+    let web2 = spawn_hello_endpoint("east", "web-2")
+        .await
+        .expect("backend");
+    set_endpoint(&c.east.client(), "web", web2).await;
+    eventually(WAIT, "traffic to the new endpoint", || async {
+        let body = http_get(SocketAddr::from(([127, 0, 0, 1], cs_port)), "web")
+            .await
+            .ok()?;
+        body.contains("web-2").then_some(())
+    })
+    .await;
+
+    // Unexport: every mirror object and the DNS name go.
+    Api::<ServiceExport>::namespaced(c.east.client(), "shop")
+        .delete("web", &DeleteParams::default())
+        .await
+        .expect("unexport");
+    c.mirrored(&[]).await;
+    eventually(WAIT, "mirror cleaned up", || async {
+        let left = ours(
+            c.west
+                .objects("multicluster.x-k8s.io", "v1alpha1", "serviceimports"),
+        )
+        .len()
+            + ours(c.west.objects("discovery.k8s.io", "v1", "endpointslices")).len();
+        (left == 0).then_some(())
+    })
+    .await;
+    eventually(WAIT, "DNS forgets the name", || async {
+        dig(west.dns_addr(), "web.shop.svc.clusterset.local", "A", false)
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    drop(c.east_gw);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_watches_and_410_relists_lose_and_duplicate_nothing() {
+    let web = spawn_hello_endpoint("east", "web").await.expect("backend");
+    let c = clusters(web).await;
+    let _west = c
+        .west_replica("west-0", "127.0.0.1".parse().expect("ip"))
+        .await;
+    c.mirrored(&["shop/web-clusterset", "shop/web-east"]).await;
+
+    // Both API servers forget their history and cut every watch; changes
+    // made meanwhile must still arrive, once.
+    let lists_before = c.west.requests().count_for("list", "services")
+        + c.east.requests().count_for("list", "services");
+    for kube in [&c.west, &c.east] {
+        kube.compact();
+        kube.drop_watches();
+    }
+    let cart = spawn_hello_endpoint("east", "cart").await.expect("backend");
+    backend_service(&c.east.client(), "cart", cart, true).await;
+    let svcs = c
+        .mirrored(&[
+            "shop/cart-clusterset",
+            "shop/cart-east",
+            "shop/web-clusterset",
+            "shop/web-east",
+        ])
+        .await;
+    let lists_after = c.west.requests().count_for("list", "services")
+        + c.east.requests().count_for("list", "services");
+    assert!(
+        lists_after >= lists_before + 2,
+        "both sides relisted: {lists_before} -> {lists_after}"
+    );
+    let body = eventually(WAIT, "traffic to the new import", || async {
+        let port = egress_port(find(&svcs, "cart-clusterset"));
+        http_get(SocketAddr::from(([127, 0, 0, 1], port)), "cart")
+            .await
+            .ok()
+    })
+    .await;
+    assert!(body.contains("hello from east/cart"), "{body}");
+    // Nothing doubled, nothing reallocated.
+    let imports = ours(
+        c.west
+            .objects("multicluster.x-k8s.io", "v1alpha1", "serviceimports"),
+    );
+    assert_eq!(names(&imports), ["shop/cart", "shop/web"]);
+    let ports: std::collections::BTreeSet<u16> = svcs.iter().map(egress_port).collect();
+    assert_eq!(ports.len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_leader_dies_another_replica_takes_over() {
+    let web = spawn_hello_endpoint("east", "web").await.expect("backend");
+    let c = clusters(web).await;
+    let a = c
+        .west_replica("west-a", "127.0.0.1".parse().expect("ip"))
+        .await;
+    let b = c
+        .west_replica("west-b", "127.0.0.2".parse().expect("ip"))
+        .await;
+    let svcs = c.mirrored(&["shop/web-clusterset", "shop/web-east"]).await;
+    let port = egress_port(find(&svcs, "web-clusterset"));
+    // Every replica carries traffic on the same allocation, and the slice
+    // lists both.
+    for ip in [[127, 0, 0, 1], [127, 0, 0, 2]] {
+        let body = eventually(WAIT, "traffic through each replica", || async {
+            http_get(SocketAddr::from((ip, port)), "web").await.ok()
+        })
+        .await;
+        assert!(body.contains("hello from east/web"), "{body}");
+    }
+    eventually(WAIT, "slices list both replicas", || async {
+        let slices = ours(c.west.objects("discovery.k8s.io", "v1", "endpointslices"));
+        slices
+            .iter()
+            .all(|s| s["endpoints"].as_array().is_some_and(|e| e.len() == 2))
+            .then_some(())
+    })
+    .await;
+
+    let leader = lease_holder(&c.west).expect("a leader");
+    let (survivor, name) = if leader == "west-a" {
+        drop(a);
+        (b, "west-b")
+    } else {
+        drop(b);
+        (a, "west-a")
+    };
+    eventually(WAIT, "the survivor takes the Lease", || async {
+        (lease_holder(&c.west).as_deref() == Some(name)).then_some(())
+    })
+    .await;
+    // The new leader writes: a new export appears in west's mirror.
+    let cart = spawn_hello_endpoint("east", "cart").await.expect("backend");
+    backend_service(&c.east.client(), "cart", cart, true).await;
+    c.mirrored(&[
+        "shop/cart-clusterset",
+        "shop/cart-east",
+        "shop/web-clusterset",
+        "shop/web-east",
+    ])
+    .await;
+    let m = metrics(&survivor).await;
+    assert_eq!(sample(&m, "strait_mirror_leader"), Some(1.0), "{m}");
+    let lease = Api::<Lease>::namespaced(c.west.client(), NS)
+        .get("strait-mirror-writer")
+        .await
+        .expect("lease");
+    assert!(lease.spec.and_then(|s| s.lease_transitions).unwrap_or(0) >= 2);
+}
