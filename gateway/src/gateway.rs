@@ -225,6 +225,8 @@ impl Gateway {
     /// Starts a gateway; in Kubernetes mode with in-cluster credentials
     /// (or the local kubeconfig).
     pub async fn start(config: GatewayConfig) -> Result<Self, StartError> {
+        // The kube client's TLS needs the one provider installed first.
+        tls::install_default_provider();
         let client = match &config.source.kubernetes {
             Some(_) => Some(
                 kube::Client::try_default()

@@ -507,3 +507,209 @@ async fn when_the_leader_dies_another_replica_takes_over() {
         .expect("lease");
     assert!(lease.spec.and_then(|s| s.lease_transitions).unwrap_or(0) >= 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_services_are_never_overwritten_and_policies_and_bad_links_show_in_status() {
+    let web = spawn_hello_endpoint("east", "web").await.expect("backend");
+    let c = clusters(web).await;
+    let wc = c.west.client();
+    // Someone already owns the name the pinned mirror would take.
+    apply(
+        &wc,
+        json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web-east", "namespace": "shop"},
+            "spec": {"ports": [{"name": "db", "port": 5432, "protocol": "TCP"}]}}),
+    )
+    .await;
+    // A Link to ourselves is refused with a reason.
+    apply(
+        &wc,
+        json!({"apiVersion": "strait.io/v1alpha1", "kind": "Link",
+            "metadata": {"name": "loop", "namespace": NS},
+            "spec": {"cluster": "west"}}),
+    )
+    .await;
+    // East's exports outside `payments` are not taken at first.
+    apply(
+        &wc,
+        json!({"apiVersion": "strait.io/v1alpha1", "kind": "Link",
+            "metadata": {"name": "east", "namespace": NS},
+            "spec": {"cluster": "east", "addresses": [c.east_gw.tunnel_addr().to_string()],
+                "accept": {"namespaces": ["payments"]}}}),
+    )
+    .await;
+    let west = c
+        .west_replica("west-0", "127.0.0.1".parse().expect("ip"))
+        .await;
+    let refused = eventually(WAIT, "the self-link refused in status", || async {
+        c.west
+            .objects("strait.io", "v1alpha1", "links")
+            .into_iter()
+            .find(|l| l["metadata"]["name"] == "loop" && condition(l, "Connected").is_some())
+    })
+    .await;
+    let cond = condition(&refused, "Connected").expect("Connected");
+    assert_eq!(
+        (cond["status"].as_str(), cond["reason"].as_str()),
+        (Some("False"), Some("Invalid"))
+    );
+    assert!(
+        cond["message"].as_str().unwrap_or("").contains("itself"),
+        "{cond}"
+    );
+    eventually(WAIT, "east connected, nothing accepted", || async {
+        c.west
+            .objects("strait.io", "v1alpha1", "links")
+            .into_iter()
+            .find(|l| {
+                l["metadata"]["name"] == "east"
+                    && condition(l, "Connected").is_some_and(|c| c["status"] == "True")
+                    && l["status"]["importCount"] == 0
+            })
+    })
+    .await;
+    assert!(ours(c.west.objects("", "v1", "services")).is_empty());
+
+    // Accepting `shop` imports web; the foreign web-east stays untouched.
+    apply(
+        &wc,
+        json!({"apiVersion": "strait.io/v1alpha1", "kind": "Link",
+            "metadata": {"name": "east", "namespace": NS},
+            "spec": {"cluster": "east", "addresses": [c.east_gw.tunnel_addr().to_string()],
+                "accept": {"namespaces": ["shop"]}}}),
+    )
+    .await;
+    c.mirrored(&["shop/web-clusterset"]).await;
+    let foreign = find(&c.west.objects("", "v1", "services"), "web-east").clone();
+    assert_eq!(
+        foreign["spec"]["ports"][0]["port"], 5432,
+        "foreign Service changed: {foreign}"
+    );
+    assert!(foreign["metadata"]["labels"]["strait.io/mirror"].is_null());
+    let m = eventually(WAIT, "the conflict counted", || async {
+        let m = metrics(&west).await;
+        (sample(&m, "strait_mirror_sync_errors_total{kind=\"conflict\"}").unwrap_or(0.0) >= 1.0)
+            .then_some(m)
+    })
+    .await;
+    assert!(m.contains("strait_mirror_sync_errors_total"), "{m}");
+    let east = eventually(WAIT, "the conflict in the Link status", || async {
+        c.west
+            .objects("strait.io", "v1alpha1", "links")
+            .into_iter()
+            .find(|l| {
+                l["metadata"]["name"] == "east"
+                    && condition(l, "ImportsSynced").is_some_and(|c| c["status"] == "False")
+            })
+    })
+    .await;
+    let msg = condition(&east, "ImportsSynced").expect("synced")["message"].to_string();
+    assert!(
+        msg.contains("web-east") && msg.contains("not Strait's"),
+        "{msg}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clusters_with_separate_roots_link_through_trust_bundles() {
+    use k8s_openapi::api::core::v1::Secret;
+    use strait_proxy::identity::{generate_issuer, generate_root};
+    let web = spawn_hello_endpoint("east", "web").await.expect("backend");
+    let bed = Testbed::new(&["west", "east"]);
+    // East gets a root of its own.
+    let east_root = generate_root("east only").expect("root");
+    let east_issuer = generate_issuer(&east_root, "east.strait.local").expect("issuer");
+    std::fs::write(bed.path().join("east-root.pem"), &east_root.cert_pem).expect("write");
+    std::fs::write(bed.path().join("east-issuer.pem"), &east_issuer.cert_pem).expect("write");
+    std::fs::write(bed.path().join("east-issuer.key"), &east_issuer.key_pem).expect("write");
+    let west_root = std::fs::read_to_string(bed.path().join("root.pem")).expect("root");
+    let west = FakeKube::start().await.expect("west API");
+    let east = FakeKube::start().await.expect("east API");
+    let secret = |name: &str, pem: &str| Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(NS.into()),
+            ..Default::default()
+        },
+        data: Some(
+            [(
+                "ca.crt".to_string(),
+                k8s_openapi::ByteString(pem.as_bytes().to_vec()),
+            )]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    Api::<Secret>::namespaced(east.client(), NS)
+        .create(&PostParams::default(), &secret("west-anchors", &west_root))
+        .await
+        .expect("secret");
+    Api::<Secret>::namespaced(west.client(), NS)
+        .create(
+            &PostParams::default(),
+            &secret("east-anchors", &east_root.cert_pem),
+        )
+        .await
+        .expect("secret");
+    backend_service(&east.client(), "web", web, true).await;
+    apply(
+        &east.client(),
+        json!({"apiVersion": "strait.io/v1alpha1", "kind": "Link",
+            "metadata": {"name": "west", "namespace": NS},
+            "spec": {"cluster": "west", "trustBundleSecret": "west-anchors"}}),
+    )
+    .await;
+    let mut cfg = bed.kube_config(
+        "east",
+        "east-0",
+        "127.0.0.1".parse().expect("ip"),
+        unique_egress_ports(),
+    );
+    cfg.identity.trust_anchors = bed.path().join("east-root.pem");
+    let east_gw = Gateway::start_with_client(cfg, Some(east.client()))
+        .await
+        .expect("east");
+    // Without the bundle, west cannot trust east: refused and counted.
+    link(&west.client(), "east", &[east_gw.tunnel_addr().to_string()]).await;
+    gateway_pod(&west.client(), "west-0", "127.0.0.1".parse().expect("ip")).await;
+    let cfg = bed.kube_config(
+        "west",
+        "west-0",
+        "127.0.0.1".parse().expect("ip"),
+        unique_egress_ports(),
+    );
+    let west_gw = Gateway::start_with_client(cfg, Some(west.client()))
+        .await
+        .expect("west");
+    eventually(WAIT, "west refuses east's unknown root", || async {
+        let m = metrics(&west_gw).await;
+        m.lines()
+            .any(|l| {
+                l.starts_with("strait_tls_handshake_failures_total") && l.contains("unknown_issuer")
+            })
+            .then_some(())
+    })
+    .await;
+    // With it, the link comes up and the import follows.
+    apply(
+        &west.client(),
+        json!({"apiVersion": "strait.io/v1alpha1", "kind": "Link",
+            "metadata": {"name": "east", "namespace": NS},
+            "spec": {"cluster": "east", "addresses": [east_gw.tunnel_addr().to_string()],
+                "trustBundleSecret": "east-anchors"}}),
+    )
+    .await;
+    let svcs = eventually(WAIT, "the import over a bundle-verified link", || async {
+        let svcs = ours(west.objects("", "v1", "services"));
+        (names(&svcs) == ["shop/web-clusterset", "shop/web-east"]).then_some(svcs)
+    })
+    .await;
+    let port = egress_port(find(&svcs, "web-clusterset"));
+    let body = eventually(WAIT, "traffic", || async {
+        http_get(SocketAddr::from(([127, 0, 0, 1], port)), "web")
+            .await
+            .ok()
+    })
+    .await;
+    assert!(body.contains("hello from east/web"), "{body}");
+}
