@@ -104,17 +104,7 @@ impl Testbed {
             .grace_seconds
             .load(std::sync::atomic::Ordering::Relaxed);
         let mut y = format!(
-            "cluster: {cluster}
-identity:
-  trustAnchors: root.pem
-  issuerCert: {cluster}-issuer.pem
-  issuerKey: {cluster}-issuer.key
-listen:
-  tunnel: {tunnel}
-  admin: 127.0.0.1:0
-  dns: 127.0.0.1:0
-  destination: 127.0.0.1:0
-source:
+            "{}source:
   file: {cluster}-cluster.yaml
   pollIntervalMs: 50
 imports:
@@ -126,7 +116,8 @@ tunnel:
   reconnectMinMs: 50
   reconnectMaxMs: 400
 links:
-"
+",
+            config_head(cluster, tunnel)
         );
         if links.is_empty() {
             y.push_str("  []\n");
@@ -159,17 +150,7 @@ links:
             .grace_seconds
             .load(std::sync::atomic::Ordering::Relaxed);
         let y = format!(
-            "cluster: {cluster}
-identity:
-  trustAnchors: root.pem
-  issuerCert: {cluster}-issuer.pem
-  issuerKey: {cluster}-issuer.key
-listen:
-  tunnel: 127.0.0.1:0
-  admin: 127.0.0.1:0
-  dns: 127.0.0.1:0
-  destination: 127.0.0.1:0
-source:
+            "{}source:
   kubernetes:
     namespace: strait-system
     egressPortMin: {min}
@@ -186,6 +167,7 @@ tunnel:
   reconnectMinMs: 50
   reconnectMaxMs: 400
 ",
+            config_head(cluster, "127.0.0.1:0".parse().expect("addr")),
             min = ports.start(),
             max = ports.end(),
         );
@@ -235,6 +217,23 @@ tunnel:
         .expect("endpoint");
         (ep, client)
     }
+}
+
+/// The identity and listener part of a test gateway config.
+fn config_head(cluster: &str, tunnel: SocketAddr) -> String {
+    format!(
+        "cluster: {cluster}
+identity:
+  trustAnchors: root.pem
+  issuerCert: {cluster}-issuer.pem
+  issuerKey: {cluster}-issuer.key
+listen:
+  tunnel: {tunnel}
+  admin: 127.0.0.1:0
+  dns: 127.0.0.1:0
+  destination: 127.0.0.1:0
+"
+    )
 }
 
 /// A range of 100 egress ports of its own for each caller, so tests

@@ -199,6 +199,19 @@ fn key(ns: Option<String>, name: String) -> (String, String) {
     (ns.unwrap_or_default(), name)
 }
 
+/// Each cached object's uid by (namespace, name).
+fn uids<K>(store: &kube::runtime::reflector::Store<K>) -> HashMap<(String, String), Option<String>>
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    store
+        .state()
+        .iter()
+        .map(|o| (key(o.namespace(), o.name_any()), o.uid()))
+        .collect()
+}
+
 /// One pass: mirror objects, orphans, statuses. Returns the failures.
 async fn sync_once(ctx: &WriterContext, applied: &mut Applied) -> Vec<String> {
     let mut s = Sync {
@@ -235,20 +248,8 @@ async fn sync_once(ctx: &WriterContext, applied: &mut Applied) -> Vec<String> {
         .iter()
         .map(|s| (key(s.namespace(), s.name_any()), s.clone()))
         .collect();
-    let import_uids: HashMap<(String, String), Option<String>> = ctx
-        .caches
-        .imports
-        .state()
-        .iter()
-        .map(|i| (key(i.namespace(), i.name_any()), i.uid()))
-        .collect();
-    let slice_uids: HashMap<(String, String), Option<String>> = ctx
-        .caches
-        .slices
-        .state()
-        .iter()
-        .map(|i| (key(i.namespace(), i.name_any()), i.uid()))
-        .collect();
+    let import_uids = uids(&ctx.caches.imports);
+    let slice_uids = uids(&ctx.caches.slices);
 
     // ServiceImports first: they own the rest.
     let mut owners: HashMap<(String, String), String> = HashMap::new();
