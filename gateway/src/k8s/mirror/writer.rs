@@ -21,7 +21,7 @@ use tokio::sync::watch;
 
 use super::{allocate, export_conditions, merge_conditions, observe, plan, wanted, NewCondition};
 use crate::catalog::{ClusterState, ServiceKey};
-use crate::k8s::crd::{Condition, Link, ServiceExport, ServiceImport};
+use crate::k8s::crd::{Condition, Link, ServiceExport, ServiceImport, ServiceImportStatus};
 use crate::k8s::labels;
 use crate::k8s::links::LinkErrors;
 use crate::k8s::source::Caches;
@@ -249,6 +249,13 @@ async fn sync_once(ctx: &WriterContext, applied: &mut Applied) -> Vec<String> {
         .map(|s| (key(s.namespace(), s.name_any()), s.clone()))
         .collect();
     let import_uids = uids(&ctx.caches.imports);
+    let import_status: HashMap<(String, String), Option<ServiceImportStatus>> = ctx
+        .caches
+        .imports
+        .state()
+        .iter()
+        .map(|i| (key(i.namespace(), i.name_any()), i.status.clone()))
+        .collect();
     let slice_uids = uids(&ctx.caches.slices);
 
     // ServiceImports first: they own the rest.
@@ -260,13 +267,9 @@ async fn sync_once(ctx: &WriterContext, applied: &mut Applied) -> Vec<String> {
             owners.insert(k.clone(), uid);
         }
         let status = serde_json::to_value(&si.status).unwrap_or_default();
-        let current = ctx
-            .caches
-            .imports
-            .state()
-            .into_iter()
-            .find(|c| key(c.namespace(), c.name_any()) == k)
-            .map(|c| serde_json::to_value(&c.status).unwrap_or_default());
+        let current = import_status
+            .get(&k)
+            .map(|c| serde_json::to_value(c).unwrap_or_default());
         if current.as_ref() != Some(&status) {
             s.apply_status::<ServiceImport>(&k.0, &k.1, status).await;
         }
