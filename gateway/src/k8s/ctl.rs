@@ -306,7 +306,9 @@ fn require<'a, T>(
     }
 }
 
-fn check_address(a: &str) -> Result<String, CtlError> {
+/// Checks an `--address` value: `host`, `host:port`, an IP or
+/// `[v6]:port`; gives it back trimmed.
+pub fn check_address(a: &str) -> Result<String, CtlError> {
     let bad = |message: &str| CtlError::InvalidFlag {
         flag: "--address",
         value: a.to_string(),
@@ -512,6 +514,9 @@ pub struct DnsProbe {
 /// Everything `strait check` looks at, already fetched.
 #[derive(Clone, Debug)]
 pub struct CheckInputs {
+    /// The API server's version, or why it could not be reached; when it
+    /// could not, nothing else was fetched.
+    pub api: Result<String, String>,
     /// The install's namespace.
     pub namespace: String,
     /// The issuer Secret's name.
@@ -1170,7 +1175,24 @@ fn check_coredns(inputs: &CheckInputs, config: Option<&GatewayConfig>) -> CheckR
 /// certificates; they must stay valid for more than `min_cert_days`.
 pub fn evaluate(inputs: &CheckInputs, now: SystemTime, min_cert_days: u64) -> Vec<CheckResult> {
     let now = seconds(now);
-    let mut out = vec![check_crds(inputs)];
+    let api = match &inputs.api {
+        Err(e) => {
+            return vec![
+                CheckResult::new(
+                    "kubernetes-api",
+                    Status::Fail,
+                    format!("cannot reach the API server: {e}"),
+                ),
+                check_dns(inputs),
+            ]
+        }
+        Ok(version) => CheckResult::new(
+            "kubernetes-api",
+            Status::Pass,
+            format!("reachable, Kubernetes {version}"),
+        ),
+    };
+    let mut out = vec![api, check_crds(inputs)];
     let (config, parsed) = check_config(inputs);
     out.push(config);
     out.push(check_deployment(inputs));
@@ -1225,7 +1247,23 @@ async fn fetch<K>(api: &Api<K>, name: &str) -> Fetched<K>
 where
     K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    api.get_opt(name).await.map_err(|e| e.to_string())
+    api.get_opt(name).await.map_err(|e| error_chain(&e))
+}
+
+/// An error and its causes, `outer: inner: root` (kube's own message
+/// alone often hides the cause, e.g. `client error (Connect)`).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }
 
 /// Fetches everything [`evaluate`] looks at and probes the DNS (I/O):
@@ -1245,30 +1283,50 @@ pub async fn gather(
     let system_config_maps: Api<ConfigMap> =
         Api::namespaced(client.clone(), objects::COREDNS_NAMESPACE);
 
-    let crds = async {
-        let mut out = Vec::new();
-        for name in objects::CRDS {
-            out.push((name.to_string(), fetch(&crds_api, name).await));
-        }
-        out
-    };
-    let links = async {
-        match links_api.list(&ListParams::default()).await {
-            Ok(list) => Ok(Some(list.items)),
-            Err(kube::Error::Api(s)) if s.is_not_found() => Ok(None),
-            Err(e) => Err(e.to_string()),
-        }
-    };
-    let (crds, config, deployment, gateway_service, dns_service, links, issuer, coredns) = tokio::join!(
-        crds,
-        fetch(&config_maps, objects::CONFIG_MAP),
-        fetch(&deployments, objects::DEPLOYMENT),
-        fetch(&services, objects::GATEWAY_SERVICE),
-        fetch(&services, objects::DNS_SERVICE),
-        links,
-        fetch(&secrets, issuer_secret),
-        fetch(&system_config_maps, objects::COREDNS_CONFIG_MAP),
-    );
+    let api = client
+        .apiserver_version()
+        .await
+        .map(|v| v.git_version)
+        .map_err(|e| error_chain(&e));
+    let (crds, config, deployment, gateway_service, dns_service, links, issuer, coredns) =
+        if let Err(e) = &api {
+            let e = format!("API server unreachable: {e}");
+            (
+                Vec::new(),
+                Err(e.clone()),
+                Err(e.clone()),
+                Err(e.clone()),
+                Err(e.clone()),
+                Err(e.clone()),
+                Err(e.clone()),
+                Err(e),
+            )
+        } else {
+            let crds = async {
+                let mut out = Vec::new();
+                for name in objects::CRDS {
+                    out.push((name.to_string(), fetch(&crds_api, name).await));
+                }
+                out
+            };
+            let links = async {
+                match links_api.list(&ListParams::default()).await {
+                    Ok(list) => Ok(Some(list.items)),
+                    Err(kube::Error::Api(s)) if s.is_not_found() => Ok(None),
+                    Err(e) => Err(error_chain(&e)),
+                }
+            };
+            tokio::join!(
+                crds,
+                fetch(&config_maps, objects::CONFIG_MAP),
+                fetch(&deployments, objects::DEPLOYMENT),
+                fetch(&services, objects::GATEWAY_SERVICE),
+                fetch(&services, objects::DNS_SERVICE),
+                links,
+                fetch(&secrets, issuer_secret),
+                fetch(&system_config_maps, objects::COREDNS_CONFIG_MAP),
+            )
+        };
     let server = dns_server.or_else(|| {
         let ip: IpAddr = dns_service
             .as_ref()
@@ -1287,6 +1345,7 @@ pub async fn gather(
         None => None,
     };
     CheckInputs {
+        api,
         namespace: namespace.to_string(),
         issuer_secret: issuer_secret.to_string(),
         crds,

@@ -480,6 +480,7 @@ fn corefile(extra: &str) -> String {
 
 fn healthy() -> CheckInputs {
     CheckInputs {
+        api: Ok("v1.33.1".into()),
         namespace: NS.into(),
         issuer_secret: objects::ISSUER_SECRET.into(),
         crds: objects::CRDS
@@ -534,6 +535,7 @@ fn a_healthy_install_passes_every_check() {
     assert_eq!(
         names,
         [
+            "kubernetes-api",
             "crds",
             "config",
             "gateway",
@@ -561,6 +563,18 @@ fn a_healthy_install_passes_every_check() {
     assert!(get(&results, "gateway-service")
         .detail
         .contains("203.0.113.7:4143"));
+}
+
+#[test]
+fn an_unreachable_api_server_is_one_failure_and_dns_is_still_checked() {
+    let mut i = healthy();
+    i.api = Err("connection refused".into());
+    let results = run(&i);
+    let names: Vec<&str> = results.iter().map(|r| r.name).collect();
+    assert_eq!(names, ["kubernetes-api", "dns"]);
+    assert_eq!(results[0].status, Status::Fail);
+    assert!(results[0].detail.contains("connection refused"));
+    assert_eq!(results[1].status, Status::Pass);
 }
 
 #[test]
