@@ -1477,6 +1477,7 @@ pub async fn probe_dns(server: SocketAddr, wait: Duration) -> DnsProbe {
 /// `context` picks a context, default the current one; without a
 /// kubeconfig and `context`, in-cluster credentials); requests time out after 15 s so a command never hangs.
 pub async fn client(context: Option<&str>) -> Result<kube::Client, CtlError> {
+    strait_proxy::tls::install_default_provider();
     let mut config = match context {
         Some(context) => {
             let options = kube::config::KubeConfigOptions {
