@@ -7,8 +7,11 @@
 //! Planning is pure ([`mirror::plan`], [`mirror::allocate`],
 //! [`source::cluster_state`], [`lease::decide`]); the runtime around it
 //! only reads caches and applies what the plan says.
+//!
+//! [`ctl`] is the command line's side: `strait link` and `strait check`.
 
 pub mod crd;
+pub mod ctl;
 pub mod lease;
 pub mod links;
 pub mod mirror;

@@ -10,6 +10,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use strait_gateway::config::default_trust_domain;
 use strait_gateway::demo::{Demo, DemoOptions};
+use strait_gateway::k8s::ctl;
 use strait_gateway::{Gateway, GatewayConfig};
 use strait_proxy::identity::{generate_issuer, generate_root, PemPair};
 
@@ -74,6 +75,92 @@ enum Command {
     /// Print the custom resource definitions (Link, ServiceExport,
     /// ServiceImport) as YAML, for `kubectl apply -f -` or the chart.
     Crds,
+    /// Print a Link to THIS cluster, to apply in a peer cluster:
+    /// `strait link --name west | kubectl --context east apply -f -`
+    /// (east's gateway then dials west's).
+    Link {
+        /// This cluster's name, which must match the `cluster` of its
+        /// gateway config (a guard against the wrong --context); the
+        /// Link's name and spec.cluster.
+        #[arg(long, value_parser = label)]
+        name: String,
+        /// The namespace of Strait here, and of the Link in the peer.
+        #[arg(long, short = 'n', default_value = ctl::objects::NAMESPACE, value_parser = label)]
+        namespace: String,
+        /// An address peers dial, HOST[:PORT] (repeatable); default: the
+        /// strait-gateway Service's load balancer addresses.
+        #[arg(long = "address", value_name = "HOST[:PORT]", value_parser = address)]
+        addresses: Vec<String>,
+        /// The kubeconfig context of THIS cluster (default: the current one).
+        #[arg(long)]
+        context: Option<String>,
+        /// The peer imports only this namespace's exports (repeatable;
+        /// default: all).
+        #[arg(long = "accept-namespace", value_name = "NS", value_parser = label)]
+        accept_namespaces: Vec<String>,
+        /// The issuer Secret (tls.crt, tls.key, ca.crt), if not the chart's.
+        #[arg(long, default_value = ctl::objects::ISSUER_SECRET)]
+        issuer_secret: String,
+    },
+    /// Check this cluster's Strait install: CRDs, gateway, links,
+    /// certificates, clusterset DNS, CoreDNS stub domain. Exits 1 if a
+    /// check fails (warnings are fine).
+    Check {
+        /// The namespace of Strait.
+        #[arg(long, short = 'n', default_value = ctl::objects::NAMESPACE, value_parser = label)]
+        namespace: String,
+        /// The kubeconfig context (default: the current one).
+        #[arg(long)]
+        context: Option<String>,
+        /// `text` or `json` (an array of {name, status, detail}).
+        #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
+        output: Output,
+        /// Certificates must stay valid for more than this many days.
+        #[arg(long, default_value_t = 7, allow_negative_numbers = true, value_parser = clap::value_parser!(u64).range(0..=36_500))]
+        min_cert_days: u64,
+        /// Where to ask for dns-version.clusterset.local, IP[:PORT]
+        /// (default: the strait-dns ClusterIP, port 53, reachable only
+        /// inside the cluster; from outside, `kubectl -n strait-system
+        /// port-forward service/strait-dns 5353:53` and 127.0.0.1:5353).
+        #[arg(long, value_name = "IP[:PORT]", value_parser = dns_server)]
+        dns_server: Option<SocketAddr>,
+        /// The issuer Secret (tls.crt, tls.key, ca.crt), if not the chart's.
+        #[arg(long, default_value = ctl::objects::ISSUER_SECRET)]
+        issuer_secret: String,
+    },
+}
+
+/// How `strait check` prints.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Output {
+    /// Aligned lines for people.
+    Text,
+    /// A JSON array for programs.
+    Json,
+}
+
+fn label(s: &str) -> Result<String, String> {
+    strait_gateway::catalog::validate_label("name", s)
+        .map(|()| s.to_string())
+        .map_err(|_| {
+            "must be an RFC 1123 label (lowercase letters, digits, '-'; at most 63)".into()
+        })
+}
+
+fn address(s: &str) -> Result<String, String> {
+    ctl::check_address(s).map_err(|e| match e {
+        ctl::CtlError::InvalidFlag { message, .. } => message,
+        other => other.to_string(),
+    })
+}
+
+fn dns_server(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    s.parse::<std::net::IpAddr>()
+        .map(|ip| SocketAddr::new(ip, 53))
+        .map_err(|_| "must be IP or IP:PORT (e.g. 127.0.0.1:5353)".into())
 }
 
 #[derive(Subcommand, Debug)]
@@ -263,6 +350,38 @@ async fn gateway(config: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn link(req: ctl::LinkRequest, context: Option<String>) -> anyhow::Result<()> {
+    let client = ctl::client(context.as_deref()).await?;
+    let objects = ctl::gather_link(&client, &req).await;
+    print!("{}", ctl::link_manifest(&req, &objects)?);
+    Ok(())
+}
+
+async fn check(
+    namespace: String,
+    context: Option<String>,
+    output: Output,
+    min_cert_days: u64,
+    dns_server: Option<SocketAddr>,
+    issuer_secret: String,
+) -> anyhow::Result<()> {
+    let client = ctl::client(context.as_deref()).await?;
+    let inputs = ctl::gather(&client, &namespace, &issuer_secret, dns_server).await;
+    let results = ctl::evaluate(&inputs, std::time::SystemTime::now(), min_cert_days);
+    match output {
+        Output::Text => print!("{}", ctl::render_text(&results)),
+        Output::Json => println!("{}", ctl::render_json(&results)?),
+    }
+    let failed = results
+        .iter()
+        .filter(|r| r.status == ctl::Status::Fail)
+        .count();
+    if failed > 0 {
+        bail!("{failed} of {} checks failed", results.len());
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli: Cli = match strait_proxy::cli::parse() {
         Ok(c) => c,
@@ -271,6 +390,8 @@ fn main() -> ExitCode {
     // The demo prints its own story; a gateway logs what it does.
     let default_filter = match cli.command {
         Command::Demo { .. } => "warn",
+        // Failures are reported once, as the command's result.
+        Command::Link { .. } | Command::Check { .. } => "warn,kube_client=off",
         _ => "warn,strait_gateway=info,strait_proxy=info",
     };
     strait_proxy::cli::init(default_filter);
@@ -279,6 +400,41 @@ fn main() -> ExitCode {
         Command::Crds => strait_gateway::k8s::crd::crds_yaml()
             .map(|y| print!("{y}"))
             .context("rendering the CRDs"),
+        Command::Link {
+            name,
+            namespace,
+            addresses,
+            context,
+            accept_namespaces,
+            issuer_secret,
+        } => {
+            let req = ctl::LinkRequest {
+                name,
+                namespace,
+                addresses,
+                accept_namespaces,
+                issuer_secret,
+            };
+            strait_proxy::cli::run_async(Some(2), link(req, context))
+        }
+        Command::Check {
+            namespace,
+            context,
+            output,
+            min_cert_days,
+            dns_server,
+            issuer_secret,
+        } => strait_proxy::cli::run_async(
+            Some(2),
+            check(
+                namespace,
+                context,
+                output,
+                min_cert_days,
+                dns_server,
+                issuer_secret,
+            ),
+        ),
         Command::Gateway { config, threads } => {
             strait_proxy::cli::run_async(threads.map(usize::from), gateway(config))
         }

@@ -156,3 +156,92 @@ fn bad_config_and_flags_give_clear_errors() {
         .expect("runs");
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn link_and_check_refuse_bad_flags_with_exit_2_naming_the_flag() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["check", "--output", "yaml"], "--output"),
+        (&["check", "--min-cert-days", "-1"], "--min-cert-days"),
+        (&["check", "--min-cert-days", "soon"], "--min-cert-days"),
+        (&["check", "--dns-server", "dns.example"], "--dns-server"),
+        (&["check", "--namespace", "Strait_System"], "--namespace"),
+        (&["link"], "--name"),
+        (&["link", "--name", "West"], "--name"),
+        (&["link", "--name", "west", "--address", "a b"], "--address"),
+        (
+            &["link", "--name", "west", "--address", "gw:0"],
+            "--address",
+        ),
+        (
+            &["link", "--name", "west", "--accept-namespace", "a/b"],
+            "--accept-namespace",
+        ),
+    ];
+    for (args, flag) in cases {
+        let out = strait().args(*args).output().expect("runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(flag), "{args:?}: {stderr}");
+    }
+}
+
+/// A kubeconfig whose API server refuses connections.
+fn unreachable_kubeconfig(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("kubeconfig");
+    std::fs::write(
+        &path,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: 'https://127.0.0.1:1'}\n\
+         contexts:\n- name: here\n  context: {cluster: c, user: u}\ncurrent-context: here\n\
+         users:\n- name: u\n  user: {token: t}\n",
+    )
+    .expect("write");
+    path
+}
+
+#[test]
+fn check_without_an_api_server_fails_fast_and_clearly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = unreachable_kubeconfig(dir.path());
+    let started = Instant::now();
+    let out = strait()
+        .args(["check", "-o", "json", "--dns-server", "127.0.0.1:1"])
+        .env("KUBECONFIG", &kubeconfig)
+        .output()
+        .expect("runs");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let results: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    assert_eq!(results[0]["name"], "kubernetes-api");
+    assert_eq!(results[0]["status"], "fail");
+    assert!(
+        results[0]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("Connection refused")),
+        "{results}"
+    );
+    assert_eq!(results[1]["name"], "dns");
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    let out = strait()
+        .args(["link", "--name", "west", "--context", "elsewhere"])
+        .env("KUBECONFIG", &kubeconfig)
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("context elsewhere"));
+    let out = strait()
+        .args(["link", "--name", "west"])
+        .env("KUBECONFIG", &kubeconfig)
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("reading ConfigMap strait-gateway-config") && !stderr.contains("ERROR"),
+        "{stderr}"
+    );
+}
