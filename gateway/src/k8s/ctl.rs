@@ -16,6 +16,8 @@ use std::time::{Duration, SystemTime};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::ByteString;
 use kube::api::ListParams;
 use kube::Api;
 use rustls_pki_types::pem::PemObject;
@@ -23,6 +25,7 @@ use rustls_pki_types::CertificateDer;
 use serde::Serialize;
 
 use super::crd::{AcceptPolicy, Condition, Link, LinkSpec, LinkTransport};
+use super::labels;
 use super::links::with_port;
 use crate::catalog::validate_label;
 use crate::config::{gateway_identity, GatewayConfig};
@@ -48,6 +51,12 @@ pub mod objects {
     pub const ISSUER_SECRET: &str = "strait-issuer";
     /// The tunnel port when the Service does not say.
     pub const TUNNEL_PORT: u16 = 4143;
+
+    /// The Secret `strait link` makes in the peer for `cluster`'s trust
+    /// anchors (a Link's `trustBundleSecret`).
+    pub fn anchors_secret(cluster: &str) -> String {
+        format!("strait-anchors-{cluster}")
+    }
     /// The CRDs a working install needs.
     pub const CRDS: [&str; 3] = [
         "links.strait.io",
@@ -344,8 +353,8 @@ pub fn check_address(a: &str) -> Result<String, CtlError> {
 }
 
 /// The YAML to apply in the peer cluster so its gateway dials this one
-/// (pure): a comment with this cluster's trust-anchor fingerprint, then
-/// the `Link`. Fails with a clear message when `--name` is not this
+/// (pure): a comment with this cluster's trust-anchor fingerprint, a
+/// Secret with those anchors, then the `Link` naming it. Fails with a clear message when `--name` is not this
 /// cluster, an object is missing, or there is no address.
 pub fn link_manifest(req: &LinkRequest, objects: &LinkObjects) -> Result<String, CtlError> {
     let ns = &req.namespace;
@@ -416,6 +425,31 @@ pub fn link_manifest(req: &LinkRequest, objects: &LinkObjects) -> Result<String,
             .collect::<Result<Vec<_>, _>>()?
     };
 
+    // This cluster's anchors travel with the Link: the peer verifies our
+    // gateway against them alone (clustersets need not share a root).
+    let bundle_name = objects::anchors_secret(&config.cluster);
+    let anchors = Secret {
+        metadata: ObjectMeta {
+            name: Some(bundle_name.clone()),
+            namespace: Some(ns.clone()),
+            labels: Some(
+                [
+                    (labels::MANAGED_BY.to_string(), labels::MANAGER.to_string()),
+                    ("strait.io/link".to_string(), config.cluster.clone()),
+                ]
+                .into(),
+            ),
+            ..Default::default()
+        },
+        data: Some(
+            [(
+                crate::k8s::links::BUNDLE_KEY.to_string(),
+                ByteString(ca.to_vec()),
+            )]
+            .into(),
+        ),
+        ..Default::default()
+    };
     let mut link = Link::new(
         &req.name,
         LinkSpec {
@@ -424,7 +458,7 @@ pub fn link_manifest(req: &LinkRequest, objects: &LinkObjects) -> Result<String,
             port,
             transport: LinkTransport::Quic,
             identity: Some(identity.as_str().to_string()),
-            trust_bundle_secret: None,
+            trust_bundle_secret: Some(bundle_name),
             accept: (!req.accept_namespaces.is_empty()).then(|| AcceptPolicy {
                 namespaces: req.accept_namespaces.clone(),
                 services: Vec::new(),
@@ -432,15 +466,18 @@ pub fn link_manifest(req: &LinkRequest, objects: &LinkObjects) -> Result<String,
         },
     );
     link.metadata.namespace = Some(ns.clone());
-    let yaml = serde_saphyr::to_string(&link).map_err(|e| CtlError::Render(e.to_string()))?;
+    let render = |e: serde_saphyr::SerializeError| CtlError::Render(e.to_string());
+    let secret_yaml = serde_saphyr::to_string(&anchors).map_err(render)?;
+    let link_yaml = serde_saphyr::to_string(&link).map_err(render)?;
     let cluster = &config.cluster;
     Ok(format!(
         "# Link to cluster {cluster}: apply it in the peer cluster, whose gateway then dials {cluster}:\n\
          #   strait link --name {cluster} | kubectl --context <peer> apply -f -\n\
-         # Both clusters must share one trust anchor. {cluster}'s (ca.crt) SHA-256 fingerprint:\n\
+         # The Secret carries {cluster}'s trust anchors (ca.crt); the peer trusts {cluster}'s\n\
+         # gateway through them alone. Their SHA-256 fingerprint:\n\
          #   {anchor}\n\
-         # `strait check --context <peer>` prints the peer's; they must be equal.\n\
-         ---\n{yaml}"
+         # (`strait check` in {cluster} prints the same.)\n\
+         ---\n{secret_yaml}---\n{link_yaml}"
     ))
 }
 

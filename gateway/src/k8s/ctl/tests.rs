@@ -179,7 +179,23 @@ fn link_objects(svc: Fetched<Service>) -> LinkObjects {
 }
 
 fn parse_link(yaml: &str) -> Link {
-    serde_saphyr::from_str(yaml).expect("the manifest parses as a Link")
+    let docs: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(yaml).expect("the manifest parses");
+    let link = docs
+        .into_iter()
+        .find(|d| d["kind"] == "Link")
+        .expect("a Link in the manifest");
+    serde_json::from_value(link).expect("a valid Link")
+}
+
+fn parse_secret(yaml: &str) -> Secret {
+    let docs: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(yaml).expect("the manifest parses");
+    let secret = docs
+        .into_iter()
+        .find(|d| d["kind"] == "Secret")
+        .expect("a Secret in the manifest");
+    serde_json::from_value(secret).expect("a valid Secret")
 }
 
 #[test]
@@ -203,7 +219,10 @@ fn link_takes_load_balancer_ips_and_hostnames_with_the_tunnel_port() {
         link.spec.identity.as_deref(),
         Some("spiffe://west.strait.local/ns/strait-system/sa/strait-gateway")
     );
-    assert!(link.spec.trust_bundle_secret.is_none());
+    assert_eq!(
+        link.spec.trust_bundle_secret.as_deref(),
+        Some("strait-anchors-west")
+    );
     assert!(link.spec.accept.is_none());
     assert!(link.status.is_none());
     assert!(yaml.starts_with("# Link to cluster west"), "{yaml}");
@@ -213,16 +232,25 @@ fn link_takes_load_balancer_ips_and_hostnames_with_the_tunnel_port() {
     );
     assert!(yaml.contains("apiVersion: strait.io/v1alpha1"), "{yaml}");
     assert!(yaml.contains("kind: Link"), "{yaml}");
-    assert!(!yaml.contains("kind: Secret"), "no Secret: {yaml}");
+    // The anchors travel in a Secret next to the Link: only ca.crt, never
+    // the issuer's key.
+    let secret = parse_secret(&yaml);
+    assert_eq!(secret.metadata.name.as_deref(), Some("strait-anchors-west"));
+    let data = secret.data.expect("data");
+    assert_eq!(data.keys().collect::<Vec<_>>(), ["ca.crt"]);
+    assert_eq!(data["ca.crt"].0, pki().root.cert_pem.as_bytes());
     assert_eq!(
         yaml,
         link_manifest(&request("west"), &objects).expect("renders"),
         "deterministic"
     );
     // What the gateway in the peer makes of it.
-    let (entries, errors) = crate::k8s::links::link_entries([&link], "east");
+    let pem = String::from_utf8(data["ca.crt"].0.clone()).expect("pem");
+    let lookup = move |_: &str| Ok::<_, String>(pem.clone());
+    let (entries, errors) = crate::k8s::links::link_entries([&link], "east", &lookup);
     assert!(errors.is_empty(), "{errors:?}");
     assert_eq!(entries[0].name, "west");
+    assert!(entries[0].trust_bundle.is_some());
 }
 
 #[test]
