@@ -341,6 +341,15 @@ fn finish_create(
     if rt.plural == "namespaces" && rt.group.is_empty() {
         obj["status"] = json!({"phase": "Active"});
     }
+    if rt.plural == "customresourcedefinitions" {
+        // The real server accepts the names and serves the kind at once
+        // (the fake serves only the kinds it knows, whatever the CRD says).
+        let now = now();
+        obj["status"] = json!({"conditions": [
+            {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts", "lastTransitionTime": now},
+            {"type": "Established", "status": "True", "reason": "InitialNamesAccepted", "lastTransitionTime": now},
+        ], "acceptedNames": obj["spec"]["names"].clone()});
+    }
     write_managed(&mut obj, entries);
     Ok(store.write(key, obj))
 }
