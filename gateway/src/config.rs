@@ -323,9 +323,10 @@ pub enum Transport {
     /// QUIC over UDP.
     #[default]
     Quic,
-    /// HTTP/2 CONNECT over TLS on TCP (not built yet: refused at load).
+    /// TLS over TCP, one connection per stream (where UDP is blocked).
     Tcp,
-    /// QUIC, falling back to TCP (not built yet: refused at load).
+    /// QUIC, falling back to TLS over TCP when QUIC does not connect
+    /// within 3 s (tried again on every reconnect).
     Auto,
 }
 
@@ -573,12 +574,6 @@ impl GatewayConfig {
             if !names.insert(&link.name) {
                 return Err(invalid(format!("{field}.name"), "duplicate link"));
             }
-            if link.transport != Transport::Quic {
-                return Err(invalid(
-                    format!("{field}.transport"),
-                    "only `quic` is available in this version",
-                ));
-            }
             for (j, a) in link.addresses.iter().enumerate() {
                 let ok = a
                     .rsplit_once(':')
@@ -707,10 +702,6 @@ identity: { trustAnchors: root.pem, issuerCert: i.pem, issuerKey: i.key }
             (
                 "links: [{name: east, addresses: [nope]}]",
                 "links[0].addresses[0]",
-            ),
-            (
-                "links: [{name: east, transport: tcp}]",
-                "links[0].transport",
             ),
             (
                 "links: [{name: east, identity: 'http://x'}]",

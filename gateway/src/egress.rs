@@ -18,8 +18,8 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::catalog::ServiceKey;
 use crate::gateway::Shared;
 use crate::imports::{tcp_ports, ImportTable};
+use crate::tunnel::frame;
 use crate::tunnel::io::{relay, reset_tcp, PeerInfo};
-use crate::tunnel::{frame, QuicIo};
 
 /// How often bind failures are retried even if imports do not change.
 const RETRY: Duration = Duration::from_secs(5);
@@ -176,13 +176,12 @@ async fn forward(mut tcp: TcpStream, target: Arc<EgressTarget>, shared: Arc<Shar
             return;
         }
     };
-    let opened = async {
-        let (mut send, recv) = conn.open_bi().await?;
-        send.write_all(&header).await?;
-        Ok::<_, std::io::Error>((send, recv))
+    let info = PeerInfo {
+        name: peer.clone(),
+        identity: String::new(),
     };
-    let (send, recv) = match tokio::time::timeout(OPEN_TIMEOUT, opened).await {
-        Ok(Ok(s)) => s,
+    let mut io = match tokio::time::timeout(OPEN_TIMEOUT, conn.open(&header, info)).await {
+        Ok(Ok(io)) => io,
         Ok(Err(error)) => {
             tracing::info!(%peer, %error, "cannot open tunnel stream");
             shared.metrics.stream_done(&peer, "outbound", "error");
@@ -197,14 +196,6 @@ async fn forward(mut tcp: TcpStream, target: Arc<EgressTarget>, shared: Arc<Shar
             reset_tcp(&tcp);
             return;
         }
-    };
-    let mut io = QuicIo {
-        send,
-        recv,
-        peer: PeerInfo {
-            name: peer,
-            identity: String::new(),
-        },
     };
     relay(&mut tcp, &mut io, &shared.metrics, "outbound").await;
 }

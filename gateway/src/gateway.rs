@@ -31,7 +31,7 @@ use crate::peering::CatalogService;
 use crate::source::file::FileSource;
 use crate::source::ClusterSource;
 use crate::state::{Imports, Peers};
-use crate::tunnel::{QuicIo, TunnelEndpoint};
+use crate::tunnel::{TunnelEndpoint, TunnelIo};
 use crate::{admin, egress, ingress};
 
 /// The clusterset DNS zone.
@@ -111,7 +111,7 @@ pub struct Shared {
     /// The import table made real (listeners and DNS records).
     pub realized: watch::Sender<Arc<Realized>>,
     /// Where accepted peering streams go.
-    pub peering_tx: mpsc::Sender<QuicIo>,
+    pub peering_tx: mpsc::Sender<TunnelIo>,
     /// The connection each peer dialed to us.
     pub accepted: crate::state::Accepted,
     /// Endpoint balancers per exported service and port.
@@ -330,6 +330,7 @@ impl Gateway {
                         addresses: link.addresses.clone(),
                         accept: None,
                         trust_bundle: None,
+                        transport: link.transport,
                     });
                 }
                 links_tx.send_replace(Arc::new(entries));
@@ -353,15 +354,9 @@ impl Gateway {
             certs.clone(),
             &[tls::TUNNEL_ALPN],
         )?;
-        let endpoint =
-            TunnelEndpoint::bind(config.listen.tunnel, server_tls, &config.tunnel_config())?;
-        let tunnel_addr =
-            endpoint
-                .local_addr()
-                .map_err(|source| crate::tunnel::endpoint::TunnelError::Bind {
-                    addr: config.listen.tunnel,
-                    source,
-                })?;
+        let tcp_tls = Arc::new(server_tls.clone());
+        let (endpoint, tunnel_addr, tcp_listener) =
+            bind_tunnel(config.listen.tunnel, server_tls, &config.tunnel_config()).await?;
 
         let imports = Arc::new(Imports::new(
             VipAllocator::new(config.imports.vip_range, config.imports.state_file.clone()),
@@ -487,6 +482,11 @@ impl Gateway {
             CatalogService::new(config.cluster.clone(), local).serve(peering_rx),
         ));
         tasks.push(tokio::spawn(ingress::run(shared.clone())));
+        tasks.push(tokio::spawn(ingress::run_tcp(
+            shared.clone(),
+            tcp_listener,
+            tcp_tls,
+        )));
         tasks.push(tokio::spawn(egress::run(shared.clone())));
 
         let destination = crate::destination::DestinationServer::bind(
@@ -585,6 +585,36 @@ impl Gateway {
         self.shared.endpoint.wait_idle(Duration::from_secs(2)).await;
         if let Some(dns) = self.dns.take() {
             dns.shutdown().await;
+        }
+    }
+}
+
+/// Binds the QUIC endpoint (UDP) and, on the same port number, the TLS
+/// over TCP listener. When the port is the kernel's choice (0) and TCP
+/// cannot have the number UDP got, both are bound again.
+async fn bind_tunnel(
+    addr: SocketAddr,
+    server_tls: rustls::ServerConfig,
+    tuning: &crate::tunnel::TunnelConfig,
+) -> Result<(TunnelEndpoint, SocketAddr, tokio::net::TcpListener), StartError> {
+    use crate::tunnel::endpoint::TunnelError;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let endpoint = TunnelEndpoint::bind(addr, server_tls.clone(), tuning)?;
+        let bound = endpoint
+            .local_addr()
+            .map_err(|source| TunnelError::Bind { addr, source })?;
+        match tokio::net::TcpListener::bind(bound).await {
+            Ok(tcp) => return Ok((endpoint, bound, tcp)),
+            Err(_) if addr.port() == 0 && attempts < 8 => continue,
+            Err(source) => {
+                return Err(TunnelError::Bind {
+                    addr: bound,
+                    source,
+                }
+                .into())
+            }
         }
     }
 }

@@ -14,8 +14,8 @@ use strait_proxy::identity::identity_of;
 
 use crate::catalog::{Protocol, ServiceKey};
 use crate::gateway::Shared;
-use crate::tunnel::io::{relay, reset, PeerInfo};
-use crate::tunnel::{frame, QuicIo, Refusal};
+use crate::tunnel::io::{relay, reset, PeerInfo, TlsIo};
+use crate::tunnel::{frame, QuicIo, Refusal, TunnelIo};
 
 /// How long a peer has to send a stream header.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -75,11 +75,11 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
-                let io = QuicIo {
+                let io = TunnelIo::Quic(QuicIo {
                     send,
                     recv,
                     peer: peer.clone(),
-                };
+                });
                 tokio::spawn(handle_stream(io, shared.clone(), peering.clone()));
             }
             Err(error) => {
@@ -90,30 +90,96 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
     }
 }
 
-fn refuse(io: &mut QuicIo, why: Refusal) {
+fn refuse(io: &mut TunnelIo, why: Refusal) {
     reset(io, why);
 }
 
+/// Accepts TLS-over-TCP tunnel connections (one stream each) until the
+/// listener fails.
+pub async fn run_tcp(
+    shared: Arc<Shared>,
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(c) => c,
+            Err(error) => {
+                tracing::warn!(%error, "tunnel TCP accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (shared, acceptor) = (shared.clone(), acceptor.clone());
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(
+                crate::tunnel::tcp::HANDSHAKE_TIMEOUT,
+                acceptor.accept(tcp),
+            )
+            .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(error)) => {
+                    tracing::info!(%remote, %error, "tunnel TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(%remote, "tunnel TLS handshake timed out");
+                    return;
+                }
+            };
+            let peer = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(identity_of)
+                .and_then(|id| {
+                    let name = shared
+                        .links_by_identity
+                        .read()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(&id)?
+                        .clone();
+                    Some(PeerInfo {
+                        name,
+                        identity: id.to_string(),
+                    })
+                });
+            let Some(peer) = peer else {
+                // The verifier admits only linked identities; defence in depth.
+                return;
+            };
+            let io = TunnelIo::Tls(Box::new(TlsIo {
+                stream: tokio_rustls::TlsStream::Server(stream),
+                peer,
+            }));
+            handle_stream(io, shared, Arc::default()).await;
+        });
+    }
+}
+
 async fn handle_stream(
-    mut io: QuicIo,
+    mut io: TunnelIo,
     shared: Arc<Shared>,
     peering: Arc<std::sync::atomic::AtomicBool>,
 ) {
-    let header = match tokio::time::timeout(HEADER_TIMEOUT, frame::read(&mut io.recv)).await {
+    let header = match tokio::time::timeout(HEADER_TIMEOUT, frame::read(&mut io)).await {
         Ok(Ok(h)) => h,
         Ok(Err(error)) => {
-            tracing::info!(peer = %io.peer.name, %error, "refusing stream");
+            tracing::info!(peer = %io.peer().name, %error, "refusing stream");
             refuse(&mut io, Refusal::BadHeader);
             shared
                 .metrics
-                .stream_done(&io.peer.name, "inbound", error.reason());
+                .stream_done(&io.peer().name, "inbound", error.reason());
             return;
         }
         Err(_) => {
             refuse(&mut io, Refusal::BadHeader);
             shared
                 .metrics
-                .stream_done(&io.peer.name, "inbound", "header_timeout");
+                .stream_done(&io.peer().name, "inbound", "header_timeout");
             return;
         }
     };
@@ -122,7 +188,9 @@ async fn handle_stream(
             // One catalog watch per connection is all a peer needs.
             if peering.swap(true, Ordering::AcqRel) {
                 refuse(&mut io, Refusal::Busy);
-                shared.metrics.stream_done(&io.peer.name, "inbound", "busy");
+                shared
+                    .metrics
+                    .stream_done(&io.peer().name, "inbound", "busy");
                 return;
             }
             if shared.peering_tx.send(io).await.is_err() {
@@ -161,9 +229,9 @@ async fn connect(
     None
 }
 
-async fn proxy(mut io: QuicIo, header: StreamHeader, shared: Arc<Shared>) {
+async fn proxy(mut io: TunnelIo, header: StreamHeader, shared: Arc<Shared>) {
     let key = ServiceKey::new(&header.namespace, &header.service);
-    let peer = io.peer.name.clone();
+    let peer = io.peer().name.clone();
     let targets: Result<Vec<SocketAddr>, Refusal> = {
         let state = shared.local.borrow();
         match state.exported(&key) {

@@ -16,11 +16,15 @@ use strait_proxy::tls;
 
 use tokio::sync::watch;
 
+use crate::config::Transport;
 use crate::gateway::Shared;
 use crate::k8s::crd::AcceptPolicy;
 use crate::metrics::{PeerLabels, PeerResultLabels};
 use crate::peering::{self, CatalogChange};
+use crate::state::PeerConn;
 use crate::tunnel::io::PeerInfo;
+use crate::tunnel::tcp::TcpDialer;
+use crate::tunnel::{frame, TunnelIo};
 
 /// A linked peer, as configured.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,6 +39,8 @@ pub struct LinkEntry {
     pub accept: Option<AcceptPolicy>,
     /// The peer's own trust anchors (PEM), when it does not share ours.
     pub trust_bundle: Option<String>,
+    /// QUIC, TLS over TCP, or QUIC falling back to TCP.
+    pub transport: Transport,
 }
 
 impl LinkEntry {
@@ -108,6 +114,7 @@ fn apply(shared: &Arc<Shared>, running: &mut BTreeMap<String, Running>, desired:
                     identity: entry.identity.clone(),
                     addresses: entry.addresses.clone(),
                     roots,
+                    transport: entry.transport,
                 },
                 shared.clone(),
             ))
@@ -164,6 +171,8 @@ pub struct DialedLink {
     pub addresses: Vec<String>,
     /// The anchors its chain must lead to.
     pub roots: Arc<RootCertStore>,
+    /// How to reach it.
+    pub transport: Transport,
 }
 
 /// Exponential backoff with jitter: each delay is drawn from
@@ -200,10 +209,14 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often to sample the tunnel's round-trip time.
 const RTT_INTERVAL: Duration = Duration::from_secs(2);
 
-async fn dial(
+/// How long QUIC gets before `auto` tries TCP.
+const AUTO_QUIC_TIMEOUT: Duration = Duration::from_secs(3);
+
+async fn dial_quic(
     link: &DialedLink,
     shared: &Shared,
     client_tls: &rustls::ClientConfig,
+    timeout: Duration,
 ) -> Result<quinn::Connection, String> {
     let mut errors = Vec::new();
     for addr in &link.addresses {
@@ -215,11 +228,8 @@ async fn dial(
             }
         };
         for sa in resolved {
-            match tokio::time::timeout(
-                CONNECT_TIMEOUT,
-                shared.endpoint.connect(sa, client_tls.clone()),
-            )
-            .await
+            match tokio::time::timeout(timeout, shared.endpoint.connect(sa, client_tls.clone()))
+                .await
             {
                 Ok(Ok(conn)) => return Ok(conn),
                 Ok(Err(e)) => errors.push(format!("{sa}: {e}")),
@@ -234,6 +244,58 @@ async fn dial(
     })
 }
 
+/// A tunnel just dialed: a QUIC connection, or a TCP dialer with its
+/// peering connection already open (so "up" means handshake done).
+enum Dialed {
+    Quic(quinn::Connection),
+    Tcp(Arc<TcpDialer>, TunnelIo),
+}
+
+async fn dial_tcp(
+    link: &DialedLink,
+    shared: &Shared,
+    client_tls: &Arc<rustls::ClientConfig>,
+) -> Result<Dialed, String> {
+    let peer = PeerInfo {
+        name: link.name.clone(),
+        identity: link.identity.to_string(),
+    };
+    let dialer = Arc::new(TcpDialer::new(
+        link.addresses.clone(),
+        client_tls.clone(),
+        peer,
+    ));
+    let header = frame::encode(&frame::peering_header(shared.certs.id().as_str()))
+        .map_err(|e| e.to_string())?;
+    let first = dialer
+        .open(&header)
+        .await
+        .map_err(|e| format!("tcp: {e}"))?;
+    Ok(Dialed::Tcp(dialer, first))
+}
+
+async fn dial(
+    link: &DialedLink,
+    shared: &Shared,
+    client_tls: &Arc<rustls::ClientConfig>,
+) -> Result<Dialed, String> {
+    match link.transport {
+        Transport::Quic => dial_quic(link, shared, client_tls, CONNECT_TIMEOUT)
+            .await
+            .map(Dialed::Quic),
+        Transport::Tcp => dial_tcp(link, shared, client_tls).await,
+        Transport::Auto => match dial_quic(link, shared, client_tls, AUTO_QUIC_TIMEOUT).await {
+            Ok(conn) => Ok(Dialed::Quic(conn)),
+            Err(quic) => {
+                tracing::debug!(peer = %link.name, error = %quic, "QUIC failed; trying TLS over TCP");
+                dial_tcp(link, shared, client_tls)
+                    .await
+                    .map_err(|tcp| format!("quic: {quic}; {tcp}"))
+            }
+        },
+    }
+}
+
 /// Runs a link until the task is aborted.
 pub async fn run(link: DialedLink, shared: Arc<Shared>) {
     let client_tls = match tls::client_config(
@@ -245,7 +307,7 @@ pub async fn run(link: DialedLink, shared: Arc<Shared>) {
         shared.certs.clone(),
         &[tls::TUNNEL_ALPN],
     ) {
-        Ok(c) => c,
+        Ok(c) => Arc::new(c),
         Err(error) => {
             tracing::error!(peer = %link.name, %error, "cannot build TLS config; link disabled");
             return;
@@ -262,14 +324,25 @@ pub async fn run(link: DialedLink, shared: Arc<Shared>) {
     let mut lost_since = Instant::now();
     loop {
         match dial(&link, &shared, &client_tls).await {
-            Ok(conn) => {
-                tracing::info!(peer = %link.name, remote = %conn.remote_address(), "tunnel up");
+            Ok(dialed) => {
                 count(&shared, &link.name, "ok");
                 up.set(1);
                 backoff.reset();
+                let (conn, first) = match dialed {
+                    Dialed::Quic(c) => {
+                        tracing::info!(peer = %link.name, remote = %c.remote_address(), "tunnel up (QUIC)");
+                        (PeerConn::Quic(c), None)
+                    }
+                    Dialed::Tcp(d, first) => {
+                        tracing::info!(peer = %link.name, "tunnel up (TLS over TCP)");
+                        (PeerConn::Tcp(d), Some(first))
+                    }
+                };
                 shared.peers.connected(&link.name, conn.clone());
-                let (error, synced) = serve(&link, &shared, conn.clone()).await;
-                conn.close(quinn::VarInt::from_u32(0), b"tunnel down");
+                let (error, synced) = serve(&link, &shared, conn.clone(), first).await;
+                if let PeerConn::Quic(c) = &conn {
+                    c.close(quinn::VarInt::from_u32(0), b"tunnel down");
+                }
                 up.set(0);
                 tracing::warn!(peer = %link.name, %error, "tunnel down");
                 shared.peers.disconnected(&link.name, Some(error));
@@ -309,7 +382,12 @@ fn count(shared: &Shared, peer: &str, result: &'static str) {
 /// Watches the catalog (again, with backoff, if the watch alone fails)
 /// and samples the path until the tunnel closes; returns why, and whether
 /// a catalog was received on this connection.
-async fn serve(link: &DialedLink, shared: &Shared, conn: quinn::Connection) -> (String, bool) {
+async fn serve(
+    link: &DialedLink,
+    shared: &Shared,
+    conn: PeerConn,
+    first: Option<TunnelIo>,
+) -> (String, bool) {
     let rtt = shared
         .metrics
         .peer_rtt
@@ -317,14 +395,29 @@ async fn serve(link: &DialedLink, shared: &Shared, conn: quinn::Connection) -> (
             peer: link.name.clone(),
         })
         .clone();
+    let quic = match &conn {
+        PeerConn::Quic(c) => Some(c.clone()),
+        PeerConn::Tcp(_) => None,
+    };
     let sample = async {
+        let Some(quic) = &quic else {
+            // TCP: the kernel keeps the path; nothing to sample here.
+            return std::future::pending().await;
+        };
         loop {
-            let stats = conn.stats();
+            let stats = quic.stats();
             rtt.observe(stats.path.rtt.as_secs_f64());
             shared.peers.sample(&link.name, &stats);
             tokio::time::sleep(RTT_INTERVAL).await;
         }
     };
+    let closed = async {
+        match &quic {
+            Some(c) => c.closed().await.to_string(),
+            None => std::future::pending().await,
+        }
+    };
+    let first = std::sync::Mutex::new(first);
     let synced = std::sync::atomic::AtomicBool::new(false);
     let watch = async {
         let mut backoff = Backoff::new(shared.reconnect_min, shared.reconnect_max);
@@ -336,8 +429,10 @@ async fn serve(link: &DialedLink, shared: &Shared, conn: quinn::Connection) -> (
             let imports = shared.imports.clone();
             let name = link.name.clone();
             let synced = &synced;
+            let first = first.lock().unwrap_or_else(|e| e.into_inner()).take();
             let result = peering::watch_peer(
                 conn.clone(),
+                first,
                 peer,
                 &shared.cluster,
                 shared.certs.id().as_str(),
@@ -355,7 +450,8 @@ async fn serve(link: &DialedLink, shared: &Shared, conn: quinn::Connection) -> (
                 Ok(()) => "catalog stream ended".to_string(),
                 Err(e) => e.to_string(),
             };
-            if conn.close_reason().is_some() {
+            // Over TCP the watch's connection is the tunnel's liveness.
+            if quic.as_ref().is_none_or(|c| c.close_reason().is_some()) {
                 return error;
             }
             // The tunnel is fine; only the watch failed (the peer's
@@ -366,7 +462,7 @@ async fn serve(link: &DialedLink, shared: &Shared, conn: quinn::Connection) -> (
     };
     let why = tokio::select! {
         e = watch => e,
-        e = conn.closed() => e.to_string(),
+        e = closed => e,
         _ = sample => String::from("path sampler stopped"),
     };
     (why, synced.load(std::sync::atomic::Ordering::Relaxed))

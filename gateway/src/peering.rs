@@ -18,8 +18,9 @@ use tonic::{Request, Response, Status};
 
 use crate::catalog::{diff, Catalog, ClusterState, Export, ServiceKey};
 use crate::metrics::{GatewayMetrics, PeerLabels};
+use crate::state::PeerConn;
 use crate::tunnel::io::PeerInfo;
-use crate::tunnel::{frame, QuicIo};
+use crate::tunnel::{frame, TunnelIo};
 
 /// The exporting side: streams this cluster's catalog to a peer.
 #[derive(Clone, Debug)]
@@ -36,7 +37,7 @@ impl CatalogService {
 
     /// Serves peering streams handed over by the tunnel until `streams`
     /// closes.
-    pub async fn serve(self, streams: mpsc::Receiver<QuicIo>) {
+    pub async fn serve(self, streams: mpsc::Receiver<TunnelIo>) {
         use futures::StreamExt;
         let incoming = ReceiverStream::new(streams).map(Ok::<_, std::io::Error>);
         // One watch per tunnel connection is all a peer needs (ingress
@@ -170,7 +171,8 @@ pub enum WatchError {
 /// Watches a peer's catalog over `conn`, calling `apply` with every
 /// change, until the stream or the connection fails.
 pub async fn watch_peer(
-    conn: quinn::Connection,
+    conn: PeerConn,
+    first: Option<TunnelIo>,
     peer: PeerInfo,
     cluster: &str,
     source_identity: &str,
@@ -185,14 +187,20 @@ pub async fn watch_peer(
             peer: peer.name.clone(),
         })
         .clone();
+    // The first connection may already be open (TCP dials it to learn that
+    // the tunnel is up); later ones are opened on demand.
+    let first = Arc::new(std::sync::Mutex::new(first));
     let connector = tower::service_fn(move |_uri: http::Uri| {
         let conn = conn.clone();
+        let ready = first.lock().unwrap_or_else(|e| e.into_inner()).take();
         let header = header.clone();
         let peer = peer.clone();
         async move {
-            let (mut send, recv) = conn.open_bi().await.map_err(std::io::Error::from)?;
-            send.write_all(&header).await?;
-            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(QuicIo { send, recv, peer }))
+            let io = match ready {
+                Some(io) => io,
+                None => conn.open(&header, peer).await?,
+            };
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(io))
         }
     });
     let channel = tonic::transport::Endpoint::from_static("http://peer.strait.invalid")

@@ -13,6 +13,9 @@ use crate::catalog::{Catalog, Export, ServiceKey};
 use crate::imports::{build_table, ImportTable, VipAllocator};
 use crate::k8s::crd::AcceptPolicy;
 use crate::metrics::{GatewayMetrics, PeerLabels};
+use crate::tunnel::io::PeerInfo;
+use crate::tunnel::tcp::TcpDialer;
+use crate::tunnel::{QuicIo, TunnelIo};
 
 /// What the admin API shows of a peer.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -26,6 +29,9 @@ pub struct PeerStatus {
     pub addresses: Vec<String>,
     /// Whether a tunnel we dialed is up.
     pub connected: bool,
+    /// Its transport (`quic` or `tcp`) while up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transport: Option<&'static str>,
     /// Since when (Unix seconds).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connected_since: Option<u64>,
@@ -60,10 +66,54 @@ pub struct PathSample {
     pub black_holes: u64,
 }
 
+/// A live tunnel to a peer, over either transport.
+#[derive(Clone, Debug)]
+pub enum PeerConn {
+    /// One QUIC connection; a stream per proxied connection.
+    Quic(quinn::Connection),
+    /// TLS over TCP; a connection per proxied connection.
+    Tcp(Arc<TcpDialer>),
+}
+
+impl PeerConn {
+    /// `quic` or `tcp`.
+    pub fn transport(&self) -> &'static str {
+        match self {
+            Self::Quic(_) => "quic",
+            Self::Tcp(_) => "tcp",
+        }
+    }
+
+    /// Whether new streams can be opened on it.
+    pub fn is_live(&self) -> bool {
+        match self {
+            Self::Quic(c) => c.close_reason().is_none(),
+            // Held only while its link's peering connection is up.
+            Self::Tcp(_) => true,
+        }
+    }
+
+    /// Opens a stream and sends `header` on it.
+    pub async fn open(&self, header: &[u8], peer: PeerInfo) -> std::io::Result<TunnelIo> {
+        match self {
+            Self::Quic(conn) => {
+                let (mut send, recv) = conn.open_bi().await.map_err(std::io::Error::from)?;
+                send.write_all(header).await?;
+                Ok(TunnelIo::Quic(QuicIo { send, recv, peer }))
+            }
+            Self::Tcp(dialer) => {
+                let mut io = dialer.open(header).await?;
+                io.set_peer(peer);
+                Ok(io)
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Peer {
     status: PeerStatus,
-    connection: Option<quinn::Connection>,
+    connection: Option<PeerConn>,
 }
 
 /// Linked peers and their live tunnels.
@@ -85,6 +135,7 @@ impl Peers {
                     identity: identity.to_string(),
                     addresses,
                     connected: false,
+                    transport: None,
                     connected_since: None,
                     rtt_ms: None,
                     path: None,
@@ -110,8 +161,9 @@ impl Peers {
     }
 
     /// Records a new tunnel to `name`.
-    pub fn connected(&self, name: &str, conn: quinn::Connection) {
+    pub fn connected(&self, name: &str, conn: PeerConn) {
         self.update(name, |p| {
+            p.status.transport = Some(conn.transport());
             p.connection = Some(conn);
             p.status.connected = true;
             p.status.last_error = None;
@@ -127,6 +179,7 @@ impl Peers {
         self.update(name, |p| {
             p.connection = None;
             p.status.connected = false;
+            p.status.transport = None;
             p.status.connected_since = None;
             p.status.rtt_ms = None;
             p.status.path = None;
@@ -159,13 +212,13 @@ impl Peers {
     }
 
     /// Picks a live tunnel among `candidates`, round robin.
-    pub fn pick(&self, candidates: &[String]) -> Option<(String, quinn::Connection)> {
+    pub fn pick(&self, candidates: &[String]) -> Option<(String, PeerConn)> {
         let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
-        let live: Vec<(&String, &quinn::Connection)> = candidates
+        let live: Vec<(&String, &PeerConn)> = candidates
             .iter()
             .filter_map(|c| {
                 let conn = peers.get(c)?.connection.as_ref()?;
-                conn.close_reason().is_none().then_some((c, conn))
+                conn.is_live().then_some((c, conn))
             })
             .collect();
         if live.is_empty() {

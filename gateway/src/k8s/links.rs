@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use super::crd::{Link, LinkTransport};
 use super::source::Caches;
 use crate::catalog::validate_label;
-use crate::config::{default_trust_domain, gateway_identity};
+use crate::config::{default_trust_domain, gateway_identity, Transport};
 use crate::links::LinkEntry;
 
 /// A Link that could not be used: its object name and why.
@@ -68,12 +68,6 @@ fn entry(link: &Link, own_cluster: &str, bundle: &dyn BundleLookup) -> Result<Li
     if spec.cluster == own_cluster {
         return Err("spec.cluster: a cluster cannot link to itself".into());
     }
-    if spec.transport != LinkTransport::Quic {
-        return Err(format!(
-            "spec.transport: {:?} is not supported yet; use quic",
-            spec.transport
-        ));
-    }
     let trust_bundle = match &spec.trust_bundle_secret {
         None => None,
         Some(secret) => {
@@ -109,6 +103,11 @@ fn entry(link: &Link, own_cluster: &str, bundle: &dyn BundleLookup) -> Result<Li
         addresses,
         accept: spec.accept.clone(),
         trust_bundle,
+        transport: match spec.transport {
+            LinkTransport::Quic => Transport::Quic,
+            LinkTransport::Tcp => Transport::Tcp,
+            LinkTransport::Auto => Transport::Auto,
+        },
     })
 }
 
@@ -277,7 +276,7 @@ mod tests {
 
     #[test]
     fn invalid_and_duplicate_links_are_refused_with_a_reason() {
-        let mut tcp = link("tcp", "north", &[]);
+        let mut tcp = link("tcp", "north", &["north.example"]);
         tcp.spec.transport = LinkTransport::Tcp;
         let mut bad_id = link("bad-id", "south", &[]);
         bad_id.spec.identity = Some("not a spiffe id".into());
@@ -295,12 +294,12 @@ mod tests {
             bad_id,
         ];
         let (entries, errors) = link_entries(&links, "west", &no_secrets);
-        assert_eq!(entries.len(), 1);
+        assert_eq!(entries.len(), 2, "{errors:?}");
         assert!(entries[0].accept.is_some());
+        assert_eq!(entries[1].transport, Transport::Tcp, "tcp links are taken");
         assert!(errors["b-east"].contains("already links"), "{errors:?}");
         assert!(errors["self"].contains("itself"));
         assert!(errors["caps"].contains("spec.cluster"));
-        assert!(errors["tcp"].contains("not supported"));
         assert!(errors["bad-id"].contains("spec.identity"));
     }
 }

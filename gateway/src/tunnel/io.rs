@@ -1,4 +1,6 @@
-//! One QUIC bidirectional stream as a single duplex byte stream.
+//! A tunnel stream as a single duplex byte stream: a QUIC bidirectional
+//! stream ([`QuicIo`]), or one TLS-over-TCP connection ([`TlsIo`], the
+//! fallback where UDP is blocked), both as a [`TunnelIo`].
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -59,6 +61,95 @@ impl tonic::transport::server::Connected for QuicIo {
 
     fn connect_info(&self) -> PeerInfo {
         self.peer.clone()
+    }
+}
+
+/// One mTLS TCP connection carrying one tunnel stream (the TCP transport:
+/// a connection per stream, as Linkerd's gateway does, so there is no
+/// head-of-line blocking between streams and no second multiplexer).
+#[derive(Debug)]
+pub struct TlsIo {
+    /// The TLS stream.
+    pub stream: tokio_rustls::TlsStream<tokio::net::TcpStream>,
+    /// The authenticated peer.
+    pub peer: PeerInfo,
+}
+
+/// A tunnel stream over either transport.
+#[derive(Debug)]
+pub enum TunnelIo {
+    /// A QUIC stream.
+    Quic(QuicIo),
+    /// A TLS-over-TCP connection.
+    Tls(Box<TlsIo>),
+}
+
+impl TunnelIo {
+    /// The authenticated peer.
+    pub fn peer(&self) -> &PeerInfo {
+        match self {
+            Self::Quic(q) => &q.peer,
+            Self::Tls(t) => &t.peer,
+        }
+    }
+
+    /// Sets who the peer is (the dialing side knows it from the link).
+    pub fn set_peer(&mut self, peer: PeerInfo) {
+        match self {
+            Self::Quic(q) => q.peer = peer,
+            Self::Tls(t) => t.peer = peer,
+        }
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $io:ident => $e:expr) => {
+        match $self.get_mut() {
+            TunnelIo::Quic($io) => {
+                let $io = Pin::new($io);
+                $e
+            }
+            TunnelIo::Tls(t) => {
+                let $io = Pin::new(&mut t.stream);
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for TunnelIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        delegate!(self, io => io.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for TunnelIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        delegate!(self, io => io.poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        delegate!(self, io => io.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        delegate!(self, io => io.poll_shutdown(cx))
+    }
+}
+
+impl tonic::transport::server::Connected for TunnelIo {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        self.peer().clone()
     }
 }
 
@@ -135,11 +226,18 @@ pub async fn splice_tcp(
 }
 
 /// Resets both halves of a tunnel stream with `why`, so the peer sees a
-/// refusal or an abort, never a clean end of stream.
-pub fn reset(io: &mut QuicIo, why: super::Refusal) {
-    let code = quinn::VarInt::from_u32(why.code());
-    let _ = io.send.reset(code);
-    let _ = io.recv.stop(code);
+/// refusal or an abort, never a clean end of stream. Over TCP there is no
+/// code to send: the connection is reset when dropped (the reason is
+/// counted on this side).
+pub fn reset(io: &mut TunnelIo, why: super::Refusal) {
+    match io {
+        TunnelIo::Quic(q) => {
+            let code = quinn::VarInt::from_u32(why.code());
+            let _ = q.send.reset(code);
+            let _ = q.recv.stop(code);
+        }
+        TunnelIo::Tls(t) => reset_tcp(t.stream.get_ref().0),
+    }
 }
 
 /// Resets a TCP connection on close (linger 0), so its client sees an
@@ -169,11 +267,11 @@ pub fn refusal_of(error: &std::io::Error) -> Option<super::Refusal> {
 /// TCP connection reset, so neither side mistakes a failure for an end.
 pub async fn relay(
     tcp: &mut tokio::net::TcpStream,
-    io: &mut QuicIo,
+    io: &mut TunnelIo,
     metrics: &crate::metrics::GatewayMetrics,
     direction: &'static str,
 ) {
-    let peer = io.peer.name.clone();
+    let peer = io.peer().name.clone();
     let open = metrics
         .streams_open
         .get_or_create(&crate::metrics::StreamLabels {
@@ -182,7 +280,17 @@ pub async fn relay(
         })
         .clone();
     open.inc();
-    let result = splice_tcp(tcp, io).await;
+    let result = match io {
+        TunnelIo::Quic(q) => splice_tcp(tcp, q).await,
+        // TLS needs its bytes copied through rustls anyway; tokio's copy
+        // keeps the half-close (EOF on one side shuts the other's write).
+        TunnelIo::Tls(t) => tokio::io::copy_bidirectional(tcp, &mut t.stream).await.map(
+            |(into_tunnel, out_of_tunnel)| Spliced {
+                into_tunnel,
+                out_of_tunnel,
+            },
+        ),
+    };
     open.dec();
     match result {
         Ok(moved) => {

@@ -1,0 +1,146 @@
+//! The TLS-over-TCP tunnel transport (for networks that block UDP): the
+//! same imports, identities and traffic as QUIC, over one mTLS TCP
+//! connection per stream; `auto` falls back to it when QUIC does not get
+//! through.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use strait_gateway::config::Transport;
+use strait_gateway::Gateway;
+use strait_tests::*;
+use tokio::net::{TcpListener, TcpStream};
+
+const HELLO: &str = "hello.demo.svc.clusterset.local";
+const WAIT: Duration = Duration::from_secs(20);
+
+/// East exports `hello`; west links to `address` with `transport`.
+async fn linked(
+    transport: Transport,
+    address: impl FnOnce(&Gateway) -> SocketAddr,
+    identity: Option<&str>,
+) -> (Testbed, Gateway, Gateway) {
+    let bed = Testbed::new(&["west", "east"]);
+    let endpoint = spawn_hello_endpoint("east", "hello-0")
+        .await
+        .expect("endpoint");
+    bed.write_cluster(
+        "east",
+        &hello_cluster_yaml(&[("hello-0".to_string(), endpoint)], true),
+    );
+    let east = bed
+        .start(bed.config("east", None, &[("west", None, None)]))
+        .await;
+    let mut config = bed.config("west", None, &[("east", Some(address(&east)), identity)]);
+    config.links[0].transport = transport;
+    let west = bed.start(config).await;
+    (bed, west, east)
+}
+
+async fn call_hello(west: &Gateway) -> String {
+    let vip = eventually(WAIT, "hello imported", || async {
+        let synced = west.egress_synced().borrow().clone();
+        synced
+            .values()
+            .find(|i| i.dns_name() == HELLO)
+            .map(|i| IpAddr::V4(i.vip))
+    })
+    .await;
+    assert_eq!(dig(west.dns_addr(), HELLO, "A", false), [vip.to_string()]);
+    eventually(WAIT, "a response through the tunnel", || async {
+        http_get(SocketAddr::new(vip, 8080), "hello").await.ok()
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_links_carry_the_catalog_and_the_traffic() {
+    let (_bed, west, east) = linked(Transport::Tcp, Gateway::tunnel_addr, None).await;
+    for _ in 0..5 {
+        let body = call_hello(&west).await;
+        assert!(body.contains("hello from east/hello-0"), "{body}");
+    }
+    let peer = west
+        .peers()
+        .into_iter()
+        .find(|p| p.name == "east")
+        .expect("east");
+    assert!(peer.connected);
+    assert_eq!(peer.transport, Some("tcp"));
+    eventually(WAIT, "five streams counted on east", || async {
+        let m = metrics(&east).await;
+        let ok = "strait_tunnel_streams_total{peer=\"west\",direction=\"inbound\",result=\"ok\"}";
+        (sample(&m, ok).unwrap_or(0.0) >= 5.0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_refuses_a_peer_with_the_wrong_identity() {
+    let wrong = "spiffe://north.strait.local/ns/strait-system/sa/strait-gateway";
+    let (_bed, west, _east) = linked(Transport::Tcp, Gateway::tunnel_addr, Some(wrong)).await;
+    eventually(WAIT, "the dialer refuses east's identity", || async {
+        let m = metrics(&west).await;
+        m.lines()
+            .any(|l| {
+                l.starts_with("strait_tls_handshake_failures_total")
+                    && l.contains("connect")
+                    && l.contains("unexpected_identity")
+            })
+            .then_some(())
+    })
+    .await;
+    let peer = west
+        .peers()
+        .into_iter()
+        .find(|p| p.name == "east")
+        .expect("east");
+    assert!(!peer.connected);
+    assert!(peer.last_error.unwrap_or_default().contains("tcp"));
+}
+
+/// A plain TCP relay to `to`: the only way to east's tunnel port from a
+/// port where nothing answers UDP (as when a firewall drops UDP).
+async fn tcp_only_relay(to: SocketAddr) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_falls_back_to_tcp_when_udp_does_not_get_through() {
+    let (bed, west, east) = linked(Transport::Auto, Gateway::tunnel_addr, None).await;
+    // With UDP open, auto uses QUIC.
+    let body = call_hello(&west).await;
+    assert!(body.contains("hello from east"), "{body}");
+    let quic = west
+        .peers()
+        .into_iter()
+        .find(|p| p.name == "east")
+        .expect("east");
+    assert_eq!(quic.transport, Some("quic"));
+    drop(west);
+
+    // Through a TCP-only path, auto settles on TLS over TCP.
+    let relay_addr = tcp_only_relay(east.tunnel_addr()).await;
+    let mut config = bed.config("west", None, &[("east", Some(relay_addr), None)]);
+    config.links[0].transport = Transport::Auto;
+    let west = bed.start(config).await;
+    let body = call_hello(&west).await;
+    assert!(body.contains("hello from east"), "{body}");
+    let peer = west
+        .peers()
+        .into_iter()
+        .find(|p| p.name == "east")
+        .expect("east");
+    assert_eq!(peer.transport, Some("tcp"));
+}
