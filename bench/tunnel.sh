@@ -6,6 +6,9 @@
 #
 #   bench/tunnel.sh [SECONDS] [RATE]     defaults: 5 s per run, 1000 req/s
 #
+# STRAIT_BENCH_TRANSPORT=tcp measures the TLS-over-TCP transport instead
+# of QUIC (one mTLS TCP connection per stream, like the stunnel pair).
+#
 # Needs iperf3, stunnel4, openssl, dig: installed with apt-get if missing.
 # Everything listens on loopback only and stops when the script exits.
 set -euo pipefail
@@ -53,7 +56,7 @@ services:
 YAML
 echo "services: []" > west-cluster.yaml
 for c in west east; do
-  if [ $c = west ]; then t=36; links='[{ name: east, addresses: ["127.0.0.1:37143"] }]'; else t=37; links='[{ name: west }]'; fi
+  if [ $c = west ]; then t=36; links="[{ name: east, addresses: [\"127.0.0.1:37143\"], transport: ${STRAIT_BENCH_TRANSPORT:-quic} }]"; else t=37; links='[{ name: west }]'; fi
   cat > $c.yaml <<YAML
 cluster: $c
 identity: { trustAnchors: root.pem, issuerCert: $c-issuer.pem, issuerKey: $c-issuer.key }

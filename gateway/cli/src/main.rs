@@ -10,6 +10,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use strait_gateway::config::default_trust_domain;
 use strait_gateway::demo::{Demo, DemoOptions};
+use strait_gateway::k8s::crd::LinkTransport;
 use strait_gateway::k8s::ctl;
 use strait_gateway::{Gateway, GatewayConfig};
 use strait_proxy::identity::{generate_issuer, generate_root, PemPair};
@@ -98,6 +99,10 @@ enum Command {
         /// default: all).
         #[arg(long = "accept-namespace", value_name = "NS", value_parser = label)]
         accept_namespaces: Vec<String>,
+        /// How the peer's gateway reaches this one: quic, tcp (TLS over
+        /// TCP, where UDP is blocked) or auto (QUIC, else TCP).
+        #[arg(long, value_enum, default_value_t = TransportFlag::Quic)]
+        transport: TransportFlag,
         /// The issuer Secret (tls.crt, tls.key, ca.crt), if not the chart's.
         #[arg(long, default_value = ctl::objects::ISSUER_SECRET)]
         issuer_secret: String,
@@ -131,6 +136,14 @@ enum Command {
 }
 
 /// How `strait check` prints.
+/// `--transport` of `strait link`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum TransportFlag {
+    Quic,
+    Tcp,
+    Auto,
+}
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 enum Output {
     /// Aligned lines for people.
@@ -406,6 +419,7 @@ fn main() -> ExitCode {
             addresses,
             context,
             accept_namespaces,
+            transport,
             issuer_secret,
         } => {
             let req = ctl::LinkRequest {
@@ -413,6 +427,11 @@ fn main() -> ExitCode {
                 namespace,
                 addresses,
                 accept_namespaces,
+                transport: match transport {
+                    TransportFlag::Quic => LinkTransport::Quic,
+                    TransportFlag::Tcp => LinkTransport::Tcp,
+                    TransportFlag::Auto => LinkTransport::Auto,
+                },
                 issuer_secret,
             };
             strait_proxy::cli::run_async(Some(2), link(req, context))

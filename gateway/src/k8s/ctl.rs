@@ -280,6 +280,8 @@ pub struct LinkRequest {
     pub addresses: Vec<String>,
     /// `--accept-namespace`: the peer imports only from these namespaces.
     pub accept_namespaces: Vec<String>,
+    /// `--transport`: how the peer reaches this cluster's gateway.
+    pub transport: LinkTransport,
     /// The issuer Secret's name.
     pub issuer_secret: String,
 }
@@ -456,7 +458,7 @@ pub fn link_manifest(req: &LinkRequest, objects: &LinkObjects) -> Result<String,
             cluster: config.cluster.clone(),
             addresses,
             port,
-            transport: LinkTransport::Quic,
+            transport: req.transport,
             identity: Some(identity.as_str().to_string()),
             trust_bundle_secret: Some(bundle_name),
             accept: (!req.accept_namespaces.is_empty()).then(|| AcceptPolicy {

@@ -166,6 +166,7 @@ fn request(name: &str) -> LinkRequest {
         namespace: NS.into(),
         addresses: Vec::new(),
         accept_namespaces: Vec::new(),
+        transport: LinkTransport::Quic,
         issuer_secret: objects::ISSUER_SECRET.into(),
     }
 }
@@ -263,9 +264,11 @@ fn link_uses_the_service_port_and_the_trust_domain_of_the_config() {
     )));
     let mut req = request("west");
     req.accept_namespaces = vec!["shop".into(), "web".into()];
+    req.transport = LinkTransport::Auto;
     let link = parse_link(&link_manifest(&req, &objects).expect("renders"));
     assert_eq!(link.spec.addresses, ["10.0.0.1:443"]);
     assert_eq!(link.spec.port, 443);
+    assert_eq!(link.spec.transport, LinkTransport::Auto);
     assert_eq!(
         link.spec.identity.as_deref(),
         Some("spiffe://prod.example.org/ns/strait-system/sa/strait-gateway")
