@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the tools the tests call: dig, and ip, iptables-restore, setpriv
 # and curl for the sidecar's transparent-mode tests in network namespaces;
-# helm, kubernetes-validate and promtool for the chart's tests.
+# helm, kubernetes-validate and promtool for the chart's tests; headless
+# chromium for the gateway dashboard's test.
 # Fails loudly if it cannot: tests are never skipped for want of a tool.
 #
 # helm and kubernetes-validate go to $REPO/.tools (gitignored): helm to
@@ -25,6 +26,7 @@ command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 # promtool ships in Debian's prometheus package.
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
@@ -35,7 +37,7 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-for tool in dig ip iptables-restore setpriv curl promtool; do
+for tool in dig ip iptables-restore setpriv curl promtool chromium; do
   command -v "$tool" >/dev/null || { echo "error: $tool still missing" >&2; exit 1; }
 done
 

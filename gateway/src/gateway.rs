@@ -501,7 +501,7 @@ impl Gateway {
 
         let ready = Readiness::default();
         let router = strait_proxy::admin::router(Arc::new(registry), ready.clone())
-            .merge(admin::api(shared.clone()));
+            .merge(admin::api(shared.clone(), tunnel_addr));
         let admin = AdminServer::bind(config.listen.admin, router)
             .await
             .map_err(|source| StartError::Admin {

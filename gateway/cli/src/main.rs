@@ -337,6 +337,10 @@ async fn demo(opts: DemoOptions, once: bool) -> anyhow::Result<()> {
     println!("  curl http://{}:8080/", summary.vip);
     println!("  curl http://{}/metrics", opts.west_admin);
     println!("  curl http://{}/api/imports", opts.west_admin);
+    println!(
+        "  open http://{}/ in a browser (the gateway dashboard)",
+        opts.west_admin
+    );
     println!("Ctrl-C to stop.");
     strait_proxy::admin::terminated().await;
     println!("stopping");
