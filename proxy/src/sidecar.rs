@@ -428,9 +428,13 @@ where
     F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Send + Sync + Clone + 'static,
     Fut: std::future::Future<Output = http::Response<crate::http::Body>> + Send + 'static,
 {
+    // hyper keeps a box sized for the service's future on every
+    // connection, in flight or not: the request handler's (large) state
+    // is boxed per request instead, so an idle keep-alive connection
+    // costs its buffers and not a whole handler's worth of memory.
     let service = hyper::service::service_fn(move |req| {
-        let handle = handle.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle(req).await) }
+        let fut = Box::pin(handle(req));
+        async move { Ok::<_, std::convert::Infallible>(fut.await) }
     });
     let mut draining = shared.draining.clone();
     let builder = http_server();
