@@ -571,6 +571,9 @@ impl GatewayConfig {
                     "a cluster cannot link to itself",
                 ));
             }
+            if link.name == crate::k8s::labels::CLUSTERSET {
+                return Err(invalid(format!("{field}.name"), "`clusterset` is reserved"));
+            }
             if !names.insert(&link.name) {
                 return Err(invalid(format!("{field}.name"), "duplicate link"));
             }

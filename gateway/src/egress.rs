@@ -48,12 +48,14 @@ pub struct Realized {
 
 struct Listener {
     target: EgressTarget,
-    task: tokio::task::JoinHandle<()>,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(t) = &self.task {
+            t.abort();
+        }
     }
 }
 
@@ -84,7 +86,21 @@ pub async fn run(shared: Arc<Shared>) {
     loop {
         let realized = rx.borrow_and_update().clone();
         let want = &realized.listeners;
-        listeners.retain(|addr, l| want.get(addr) == Some(&l.target));
+        // Stop what is no longer wanted and wait until those sockets are
+        // closed: a port whose target changed is bound again at once.
+        let stale: Vec<SocketAddr> = listeners
+            .iter()
+            .filter(|(addr, l)| want.get(*addr) != Some(&l.target))
+            .map(|(addr, _)| *addr)
+            .collect();
+        for addr in stale {
+            if let Some(mut l) = listeners.remove(&addr) {
+                if let Some(task) = l.task.take() {
+                    task.abort();
+                    let _ = task.await;
+                }
+            }
+        }
         for (addr, target) in want {
             if listeners.contains_key(addr) {
                 continue;
@@ -97,7 +113,7 @@ pub async fn run(shared: Arc<Shared>) {
                         *addr,
                         Listener {
                             target: target.clone(),
-                            task,
+                            task: Some(task),
                         },
                     );
                 }

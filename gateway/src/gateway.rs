@@ -108,6 +108,9 @@ pub struct Shared {
     pub links_by_identity: RwLock<HashMap<SpiffeId, String>>,
     /// The identities the tunnel listener admits (the linked peers').
     pub allowed: AllowedPeers,
+    /// Each configured link's generation; a connection accepted under a
+    /// generation ends when it changes ([`crate::links::revoked`]).
+    pub link_generations: watch::Sender<HashMap<String, u64>>,
     /// The import table made real (listeners and DNS records).
     pub realized: watch::Sender<Arc<Realized>>,
     /// Where accepted peering streams go.
@@ -375,6 +378,7 @@ impl Gateway {
             metrics: metrics.clone(),
             links_by_identity: RwLock::default(),
             allowed,
+            link_generations: watch::channel(HashMap::new()).0,
             realized: watch::channel(Arc::new(Realized::default())).0,
             peering_tx,
             accepted: Default::default(),
@@ -426,6 +430,7 @@ impl Gateway {
                         leading: leading_rx,
                         egress_ports: k.egress_port_min..=k.egress_port_max,
                         resync: Duration::from_secs(5),
+                        grace_period: Duration::from_secs(config.imports.grace_period_seconds),
                         metrics: metrics.mirror.clone(),
                     },
                 )));
@@ -647,27 +652,38 @@ async fn realize_kube(shared: Arc<Shared>, caches: Caches, listen: IpAddr) {
         changed.borrow_and_update();
         let services = caches.services.state();
         let observed = crate::k8s::mirror::observe(services.iter().map(|s| &**s));
-        let listeners = observed
-            .allocations
-            .iter()
-            .filter(|(k, _)| {
-                table.get(&k.service).is_some_and(|i| {
-                    i.peers_for(k.port)
-                        .iter()
-                        .any(|p| k.pin.as_ref().is_none_or(|pin| pin == p))
-                })
-            })
-            .map(|(k, port)| {
-                (
-                    SocketAddr::new(listen, *port),
-                    EgressTarget {
-                        key: k.service.clone(),
-                        port: k.port,
-                        pin: k.pin.clone(),
-                    },
-                )
-            })
-            .collect();
+        let mut listeners: HashMap<SocketAddr, EgressTarget> = HashMap::new();
+        let mut clashing = Vec::new();
+        for (k, port) in &observed.allocations {
+            let served = table.get(&k.service).is_some_and(|i| {
+                i.peers_for(k.port)
+                    .iter()
+                    .any(|p| k.pin.as_ref().is_none_or(|pin| pin == p))
+            });
+            if !served {
+                continue;
+            }
+            let target = EgressTarget {
+                key: k.service.clone(),
+                port: k.port,
+                pin: k.pin.clone(),
+            };
+            // Two Services recording one port (edited by hand, say): the
+            // port carries neither until the writer reallocates.
+            if listeners
+                .insert(SocketAddr::new(listen, *port), target)
+                .is_some()
+            {
+                clashing.push(*port);
+            }
+        }
+        for port in clashing {
+            listeners.remove(&SocketAddr::new(listen, port));
+            tracing::warn!(
+                port,
+                "two mirror Services record one egress port; serving neither"
+            );
+        }
         let records = dns_records(&table, |i| observed.clusterset_ips.get(&i.key).copied());
         let realized = Realized {
             table,

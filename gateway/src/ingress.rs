@@ -72,8 +72,20 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
         );
     }
     let peering = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let Some(generation) = crate::links::generation(&shared, &peer.name) else {
+        conn.close(quinn::VarInt::from_u32(1), b"unknown peer");
+        return;
+    };
     loop {
-        match conn.accept_bi().await {
+        let accepted = tokio::select! {
+            a = conn.accept_bi() => a,
+            () = crate::links::revoked(&shared, &peer.name, generation) => {
+                tracing::info!(peer = %peer.name, "link changed; closing its tunnel");
+                conn.close(quinn::VarInt::from_u32(0), b"link changed");
+                return;
+            }
+        };
+        match accepted {
             Ok((send, recv)) => {
                 let io = TunnelIo::Quic(QuicIo {
                     send,
@@ -94,14 +106,20 @@ fn refuse(io: &mut TunnelIo, why: Refusal) {
     reset(io, why);
 }
 
+/// TLS handshakes over TCP in progress at once, at most: beyond, new
+/// connections are closed at once (unauthenticated sockets cannot pile up).
+const MAX_TCP_HANDSHAKES: usize = 256;
+
 /// Accepts TLS-over-TCP tunnel connections (one stream each) until the
-/// listener fails.
+/// listener fails. Each lives only as long as the link it was accepted
+/// under ([`crate::links::revoked`]).
 pub async fn run_tcp(
     shared: Arc<Shared>,
     listener: tokio::net::TcpListener,
     tls: Arc<rustls::ServerConfig>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_HANDSHAKES));
     loop {
         let (tcp, remote) = match listener.accept().await {
             Ok(c) => c,
@@ -111,15 +129,19 @@ pub async fn run_tcp(
                 continue;
             }
         };
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            tracing::warn!(%remote, "too many tunnel handshakes in progress; closing");
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
+        crate::tunnel::tcp::keepalive(&tcp);
         let (shared, acceptor) = (shared.clone(), acceptor.clone());
         tokio::spawn(async move {
-            let stream = match tokio::time::timeout(
-                crate::tunnel::tcp::HANDSHAKE_TIMEOUT,
-                acceptor.accept(tcp),
-            )
-            .await
-            {
+            let handshake =
+                tokio::time::timeout(crate::tunnel::tcp::HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+                    .await;
+            drop(permit);
+            let stream = match handshake {
                 Ok(Ok(s)) => s,
                 Ok(Err(error)) => {
                     tracing::info!(%remote, %error, "tunnel TLS handshake failed");
@@ -147,13 +169,17 @@ pub async fn run_tcp(
                         identity: id.to_string(),
                     })
                 });
-            let Some(peer) = peer else {
-                // The verifier admits only linked identities; defence in depth.
+            // The verifier admits only linked identities; defence in depth.
+            let Some(peer) = peer else { return };
+            let Some(generation) = crate::links::generation(&shared, &peer.name) else {
                 return;
             };
+            let revoked = crate::links::revocation(&shared, peer.name.clone(), generation);
             let io = TunnelIo::Tls(Box::new(TlsIo {
                 stream: tokio_rustls::TlsStream::Server(stream),
                 peer,
+                revoked: Some(Box::pin(revoked)),
+                aborted: false,
             }));
             handle_stream(io, shared, Arc::default()).await;
         });

@@ -60,6 +60,32 @@ impl LinkEntry {
 struct Running {
     entry: LinkEntry,
     task: Option<tokio::task::JoinHandle<()>>,
+    /// Bumped whenever the entry is (re)configured.
+    generation: u64,
+}
+
+/// Resolves once link `name` is no longer the one of `generation` (changed
+/// or removed): connections accepted under it end then.
+pub async fn revoked(shared: &Shared, name: &str, generation: u64) {
+    let mut rx = shared.link_generations.subscribe();
+    let _ = rx.wait_for(|g| g.get(name) != Some(&generation)).await;
+}
+
+/// [`revoked`] as an owned future, for connections handed elsewhere.
+pub fn revocation(
+    shared: &Shared,
+    name: String,
+    generation: u64,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let mut rx = shared.link_generations.subscribe();
+    async move {
+        let _ = rx.wait_for(|g| g.get(&name) != Some(&generation)).await;
+    }
+}
+
+/// The current generation of link `name`, if it is configured.
+pub fn generation(shared: &Shared, name: &str) -> Option<u64> {
+    shared.link_generations.borrow().get(name).copied()
 }
 
 impl Drop for Running {
@@ -71,22 +97,47 @@ impl Drop for Running {
 }
 
 /// Applies one desired link set: starts new links, restarts changed ones,
-/// stops removed ones (their imports and accepted tunnel go with them).
-fn apply(shared: &Arc<Shared>, running: &mut BTreeMap<String, Running>, desired: &[LinkEntry]) {
+/// stops removed ones. A changed or removed link's tunnels are cut — the
+/// one we dialed, the one the peer dialed, and every TCP connection it
+/// holds (see [`revoked`]) — so a rotated identity or trust bundle is
+/// checked again from a fresh handshake; a removed link's imports go too.
+async fn apply(
+    shared: &Arc<Shared>,
+    running: &mut BTreeMap<String, Running>,
+    desired: &[LinkEntry],
+    next_generation: &mut u64,
+) {
     let want: BTreeMap<&str, &LinkEntry> = desired.iter().map(|l| (l.name.as_str(), l)).collect();
-    running.retain(|name, r| {
-        let keep = want.get(name.as_str()).is_some_and(|w| **w == r.entry);
-        if !keep && !want.contains_key(name.as_str()) {
-            tracing::info!(peer = %name, "link removed");
-            shared.peers.remove(name);
-            shared.imports.forget(name);
-            shared.imports.set_policy(name, None);
-            if let Some(conn) = shared.accepted.remove(name) {
-                conn.close(quinn::VarInt::from_u32(0), b"link removed");
-            }
+    let stale: Vec<String> = running
+        .iter()
+        .filter(|(name, r)| want.get(name.as_str()).is_none_or(|w| **w != r.entry))
+        .map(|(name, _)| name.clone())
+        .collect();
+    for name in stale {
+        let Some(mut r) = running.remove(&name) else {
+            continue;
+        };
+        // Wait for the dialing task to be gone, so it cannot bring back
+        // imports after they are forgotten below.
+        if let Some(task) = r.task.take() {
+            task.abort();
+            let _ = task.await;
         }
-        keep
-    });
+        if let Some(PeerConn::Quic(conn)) = shared.peers.take_connection(&name) {
+            conn.close(quinn::VarInt::from_u32(0), b"link changed");
+        }
+        if let Some(conn) = shared.accepted.remove(&name) {
+            conn.close(quinn::VarInt::from_u32(0), b"link changed");
+        }
+        if want.contains_key(name.as_str()) {
+            tracing::info!(peer = %name, "link changed");
+        } else {
+            tracing::info!(peer = %name, "link removed");
+            shared.peers.remove(&name);
+            shared.imports.forget(&name);
+            shared.imports.set_policy(&name, None);
+        }
+    }
     for entry in desired {
         if running.contains_key(&entry.name) {
             continue;
@@ -119,14 +170,22 @@ fn apply(shared: &Arc<Shared>, running: &mut BTreeMap<String, Running>, desired:
                 shared.clone(),
             ))
         });
+        *next_generation += 1;
         running.insert(
             entry.name.clone(),
             Running {
                 entry: entry.clone(),
                 task,
+                generation: *next_generation,
             },
         );
     }
+    shared.link_generations.send_replace(
+        running
+            .iter()
+            .map(|(name, r)| (name.clone(), r.generation))
+            .collect(),
+    );
     let by_identity: HashMap<SpiffeId, String> = desired
         .iter()
         .map(|l| (l.identity.clone(), l.name.clone()))
@@ -151,9 +210,10 @@ fn apply(shared: &Arc<Shared>, running: &mut BTreeMap<String, Running>, desired:
 /// sender is dropped, when the last set stays).
 pub async fn supervise(shared: Arc<Shared>, mut desired: watch::Receiver<Arc<Vec<LinkEntry>>>) {
     let mut running = BTreeMap::new();
+    let mut generation = 0;
     loop {
         let set = desired.borrow_and_update().clone();
-        apply(&shared, &mut running, &set);
+        apply(&shared, &mut running, &set, &mut generation).await;
         if desired.changed().await.is_err() {
             std::future::pending::<()>().await;
         }
@@ -427,6 +487,7 @@ async fn serve(
                 identity: link.identity.to_string(),
             };
             let imports = shared.imports.clone();
+            let peers = shared.peers.clone();
             let name = link.name.clone();
             let synced = &synced;
             let first = first.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -438,7 +499,9 @@ async fn serve(
                 shared.certs.id().as_str(),
                 &shared.metrics,
                 move |change| {
-                    synced.store(true, std::sync::atomic::Ordering::Relaxed);
+                    if !synced.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        peers.catalog_received(&name);
+                    }
                     match change {
                         CatalogChange::Snapshot(exports) => imports.snapshot(&name, exports),
                         CatalogChange::Delta(up, rm) => imports.delta(&name, up, rm),

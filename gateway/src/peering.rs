@@ -43,6 +43,10 @@ impl CatalogService {
         // One watch per tunnel connection is all a peer needs (ingress
         // refuses a second peering stream); bound HTTP/2 streams too.
         let result = tonic::transport::Server::builder()
+            // Dead peers are found out even where the transport (TCP)
+            // would wait for hours.
+            .http2_keepalive_interval(Some(KEEPALIVE))
+            .http2_keepalive_timeout(Some(KEEPALIVE))
             .max_concurrent_streams(4)
             .concurrency_limit_per_connection(4)
             .add_service(PeeringServer::new(self))
@@ -153,6 +157,10 @@ pub fn convert(update: CatalogUpdate, invalid: &mut u64) -> Option<CatalogChange
     }
 }
 
+/// HTTP/2 pings on the peering channel, both ways: a silent peer is
+/// declared gone within two intervals.
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Why watching a peer's catalog stopped.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -204,6 +212,9 @@ pub async fn watch_peer(
         }
     });
     let channel = tonic::transport::Endpoint::from_static("http://peer.strait.invalid")
+        .http2_keep_alive_interval(KEEPALIVE)
+        .keep_alive_timeout(KEEPALIVE)
+        .keep_alive_while_idle(true)
         .connect_with_connector(connector)
         .await?;
     let mut client = PeeringClient::new(channel);

@@ -46,6 +46,9 @@ pub struct PeerStatus {
     pub last_error: Option<String>,
     /// Services imported from this peer.
     pub imports: usize,
+    /// Whether a catalog has arrived from this peer since this gateway
+    /// started (the Kubernetes writer removes nothing before).
+    pub catalog_received: bool,
 }
 
 /// A sample of a tunnel's QUIC path statistics.
@@ -141,10 +144,20 @@ impl Peers {
                     path: None,
                     last_error: None,
                     imports: 0,
+                    catalog_received: false,
                 },
                 connection: None,
             },
         );
+    }
+
+    /// Takes a peer's tunnel handle (to close it).
+    pub fn take_connection(&self, name: &str) -> Option<PeerConn> {
+        let mut peers = self.peers.write().unwrap_or_else(|e| e.into_inner());
+        let p = peers.get_mut(name)?;
+        p.status.connected = false;
+        p.status.transport = None;
+        p.connection.take()
     }
 
     /// Removes a link (its tunnel, if any, is closed by its owner).
@@ -187,6 +200,11 @@ impl Peers {
                 p.status.last_error = error;
             }
         });
+    }
+
+    /// Records that a catalog arrived from `name`.
+    pub fn catalog_received(&self, name: &str) {
+        self.update(name, |p| p.status.catalog_received = true);
     }
 
     /// Records a sample of the tunnel's path.

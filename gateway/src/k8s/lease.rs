@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::PostParams;
 use kube::{Api, Client};
 use tokio::sync::watch;
@@ -30,8 +30,12 @@ pub enum Decision {
     },
 }
 
-/// Decides from the Lease as read (pure).
-pub fn decide(spec: Option<&LeaseSpec>, me: &str, now: Timestamp) -> Decision {
+/// Decides from the Lease as read (pure). `unchanged_for` is how long
+/// this replica has seen the same Lease record (holder, renew time,
+/// version) on its own monotonic clock: expiry is judged by that, never by
+/// comparing another machine's timestamps with ours, so clock skew cannot
+/// make two leaders (client-go does the same).
+pub fn decide(spec: Option<&LeaseSpec>, me: &str, unchanged_for: Duration) -> Decision {
     let Some(spec) = spec else {
         return Decision::Acquire;
     };
@@ -42,17 +46,13 @@ pub fn decide(spec: Option<&LeaseSpec>, me: &str, now: Timestamp) -> Decision {
     if holder == me {
         return Decision::Renew;
     }
-    let duration = i64::from(spec.lease_duration_seconds.unwrap_or(0).max(0));
-    let renewed = spec
-        .renew_time
-        .as_ref()
-        .or(spec.acquire_time.as_ref())
-        .map(|t| t.0);
-    match renewed {
-        Some(t) if t + SignedDuration::from_secs(duration) > now => Decision::Follow {
+    let duration = u64::try_from(spec.lease_duration_seconds.unwrap_or(0)).unwrap_or(0);
+    if unchanged_for < Duration::from_secs(duration) {
+        Decision::Follow {
             holder: holder.to_string(),
-        },
-        _ => Decision::Acquire,
+        }
+    } else {
+        Decision::Acquire
     }
 }
 
@@ -71,26 +71,60 @@ pub struct LeaseSettings {
     pub renew_every: Duration,
 }
 
+/// The Lease record as last seen, and since when (local monotonic time).
+#[derive(Default)]
+struct Observed {
+    record: Option<String>,
+    since: Option<std::time::Instant>,
+}
+
+impl Observed {
+    fn see(&mut self, lease: Option<&Lease>) -> Duration {
+        let record = lease.map(|l| {
+            let spec = l.spec.as_ref();
+            format!(
+                "{:?}/{:?}/{:?}",
+                spec.and_then(|s| s.holder_identity.as_ref()),
+                spec.and_then(|s| s.renew_time.as_ref()),
+                l.metadata.resource_version
+            )
+        });
+        let now = std::time::Instant::now();
+        if self.record != record || self.since.is_none() {
+            self.record = record;
+            self.since = Some(now);
+        }
+        self.since.map_or(Duration::ZERO, |t| now.duration_since(t))
+    }
+}
+
 /// Runs the election until the task is aborted, publishing whether this
-/// replica leads. A leader that fails to renew before its Lease would
-/// expire steps down at once, so two writers never overlap by design.
+/// replica leads. Every round is bounded by the renew interval, and a
+/// leader keeps leading only while its last successful renewal — timed
+/// from when the request was sent — is less than half a Lease old: it
+/// steps down before anyone else could take the Lease.
 pub async fn run(client: Client, settings: LeaseSettings, leading: watch::Sender<bool>) {
     let api: Api<Lease> = Api::namespaced(client, &settings.namespace);
     let mut last_renewal: Option<std::time::Instant> = None;
+    let mut observed = Observed::default();
     loop {
-        let result = step(&api, &settings).await;
-        let now = std::time::Instant::now();
+        let sent = std::time::Instant::now();
+        let result =
+            tokio::time::timeout(settings.renew_every, step(&api, &settings, &mut observed)).await;
         let lead = match result {
-            Ok(lead) => {
-                if lead {
-                    last_renewal = Some(now);
-                }
-                lead
+            Ok(Ok(true)) => {
+                last_renewal = Some(sent);
+                true
             }
-            Err(error) => {
+            Ok(Ok(false)) => false,
+            Ok(Err(error)) => {
                 tracing::warn!(%error, lease = %settings.name, "lease check failed");
-                // Keep leading only while the last renewal is surely live.
-                last_renewal.is_some_and(|t| now.duration_since(t) < settings.duration / 2)
+                last_renewal.is_some_and(|t| t.elapsed() < settings.duration / 2)
+                    && *leading.borrow()
+            }
+            Err(_) => {
+                tracing::warn!(lease = %settings.name, "lease check timed out");
+                last_renewal.is_some_and(|t| t.elapsed() < settings.duration / 2)
                     && *leading.borrow()
             }
         };
@@ -103,60 +137,67 @@ pub async fn run(client: Client, settings: LeaseSettings, leading: watch::Sender
                 false
             }
         });
-        tokio::time::sleep(settings.renew_every).await;
+        tokio::time::sleep(settings.renew_every.saturating_sub(sent.elapsed())).await;
     }
 }
 
 /// One read-decide-write round; `Ok(true)` when we hold the Lease after it.
-async fn step(api: &Api<Lease>, s: &LeaseSettings) -> Result<bool, kube::Error> {
+async fn step(
+    api: &Api<Lease>,
+    s: &LeaseSettings,
+    observed: &mut Observed,
+) -> Result<bool, kube::Error> {
     let current = api.get_opt(&s.name).await?;
-    let now = Timestamp::now();
+    let unchanged_for = observed.see(current.as_ref());
     let decision = decide(
         current.as_ref().and_then(|l| l.spec.as_ref()),
         &s.identity,
-        now,
+        unchanged_for,
     );
-    let Decision::Follow { .. } = decision else {
-        let mut lease = current.clone().unwrap_or_else(|| Lease {
-            metadata: ObjectMeta {
-                name: Some(s.name.clone()),
-                namespace: Some(s.namespace.clone()),
-                ..Default::default()
-            },
-            spec: None,
-        });
-        let mut spec = lease.spec.take().unwrap_or_default();
-        if decision == Decision::Acquire {
-            spec.acquire_time = Some(MicroTime(now));
-            spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
-        }
-        spec.holder_identity = Some(s.identity.clone());
-        spec.lease_duration_seconds = Some(i32::try_from(s.duration.as_secs()).unwrap_or(i32::MAX));
-        spec.renew_time = Some(MicroTime(now));
-        lease.spec = Some(spec);
-        let written = if current.is_some() {
-            // Carries the resourceVersion read: a racing writer gets 409.
-            api.replace(&s.name, &PostParams::default(), &lease).await
-        } else {
-            api.create(&PostParams::default(), &lease).await
-        };
-        return match written {
-            Ok(_) => Ok(true),
-            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
-            Err(e) => Err(e),
-        };
+    if let Decision::Follow { .. } = decision {
+        return Ok(false);
+    }
+    let now = Timestamp::now();
+    let mut lease = current.clone().unwrap_or_else(|| Lease {
+        metadata: ObjectMeta {
+            name: Some(s.name.clone()),
+            namespace: Some(s.namespace.clone()),
+            ..Default::default()
+        },
+        spec: None,
+    });
+    let mut spec = lease.spec.take().unwrap_or_default();
+    if decision == Decision::Acquire {
+        spec.acquire_time = Some(MicroTime(now));
+        spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+    }
+    spec.holder_identity = Some(s.identity.clone());
+    spec.lease_duration_seconds = Some(i32::try_from(s.duration.as_secs()).unwrap_or(i32::MAX));
+    spec.renew_time = Some(MicroTime(now));
+    lease.spec = Some(spec);
+    let written = if current.is_some() {
+        // Carries the resourceVersion read: a racing writer gets 409.
+        api.replace(&s.name, &PostParams::default(), &lease).await
+    } else {
+        api.create(&PostParams::default(), &lease).await
     };
-    Ok(false)
+    match written {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::jiff::SignedDuration;
+
     use super::*;
 
-    fn lease(holder: &str, renewed: Timestamp, secs: i32) -> LeaseSpec {
+    fn lease(holder: &str, secs: i32) -> LeaseSpec {
         LeaseSpec {
             holder_identity: Some(holder.into()),
-            renew_time: Some(MicroTime(renewed)),
+            renew_time: Some(MicroTime(Timestamp::now())),
             lease_duration_seconds: Some(secs),
             ..Default::default()
         }
@@ -164,45 +205,58 @@ mod tests {
 
     #[test]
     fn absent_released_or_expired_leases_are_taken() {
-        let now = Timestamp::now();
-        assert_eq!(decide(None, "a", now), Decision::Acquire);
-        assert_eq!(
-            decide(Some(&lease("", now, 15)), "a", now),
-            Decision::Acquire
-        );
-        let old = now - SignedDuration::from_secs(16);
-        assert_eq!(
-            decide(Some(&lease("b", old, 15)), "a", now),
-            Decision::Acquire
-        );
+        let s = Duration::from_secs;
+        assert_eq!(decide(None, "a", s(0)), Decision::Acquire);
+        assert_eq!(decide(Some(&lease("", 15)), "a", s(0)), Decision::Acquire);
+        assert_eq!(decide(Some(&lease("b", 15)), "a", s(16)), Decision::Acquire);
         let spec = LeaseSpec {
             holder_identity: Some("b".into()),
             ..Default::default()
         };
         assert_eq!(
-            decide(Some(&spec), "a", now),
+            decide(Some(&spec), "a", s(0)),
             Decision::Acquire,
-            "never renewed"
+            "no duration"
         );
     }
 
     #[test]
     fn live_leases_are_followed_or_renewed() {
-        let now = Timestamp::now();
-        let recent = now - SignedDuration::from_secs(5);
+        let s = Duration::from_secs;
         assert_eq!(
-            decide(Some(&lease("b", recent, 15)), "a", now),
+            decide(Some(&lease("b", 15)), "a", s(5)),
             Decision::Follow { holder: "b".into() }
         );
+        // Judged by how long we have seen it unchanged, not its timestamp:
+        // a renewal stamped by a clock far behind ours still counts.
+        let mut skewed = lease("b", 15);
+        skewed.renew_time = Some(MicroTime(
+            Timestamp::now() - SignedDuration::from_secs(3600),
+        ));
         assert_eq!(
-            decide(Some(&lease("a", recent, 15)), "a", now),
-            Decision::Renew
+            decide(Some(&skewed), "a", s(1)),
+            Decision::Follow { holder: "b".into() }
         );
-        // Our own lease is renewed even when it lapsed: nobody took it.
-        let old = now - SignedDuration::from_secs(60);
-        assert_eq!(
-            decide(Some(&lease("a", old, 15)), "a", now),
-            Decision::Renew
+        assert_eq!(decide(Some(&lease("a", 15)), "a", s(60)), Decision::Renew);
+    }
+
+    #[test]
+    fn the_clock_restarts_whenever_the_record_changes() {
+        let mut o = Observed::default();
+        let mut l = Lease {
+            metadata: ObjectMeta {
+                resource_version: Some("1".into()),
+                ..Default::default()
+            },
+            spec: Some(lease("b", 15)),
+        };
+        assert_eq!(o.see(Some(&l)), Duration::ZERO);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(o.see(Some(&l)) >= Duration::from_millis(20));
+        l.metadata.resource_version = Some("2".into());
+        assert!(
+            o.see(Some(&l)) < Duration::from_millis(20),
+            "renewed: counting again"
         );
     }
 }

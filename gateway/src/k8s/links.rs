@@ -68,6 +68,9 @@ fn entry(link: &Link, own_cluster: &str, bundle: &dyn BundleLookup) -> Result<Li
     if spec.cluster == own_cluster {
         return Err("spec.cluster: a cluster cannot link to itself".into());
     }
+    if spec.cluster == super::labels::CLUSTERSET {
+        return Err("spec.cluster: `clusterset` is reserved (`<svc>-clusterset` Services)".into());
+    }
     let trust_bundle = match &spec.trust_bundle_secret {
         None => None,
         Some(secret) => {

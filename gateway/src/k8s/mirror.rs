@@ -76,32 +76,40 @@ pub fn wanted(table: &ImportTable) -> BTreeSet<AllocKey> {
 }
 
 /// Keeps every current allocation that is still wanted (and valid: in the
-/// range, not a duplicate) and gives each new key the lowest free port.
-/// Returns the allocations and the keys the range had no room for (pure).
+/// range, not a duplicate) and gives each new key the lowest free port. A
+/// port still recorded on a Service counts as taken even when its key is no
+/// longer wanted: it is reused only after that Service is gone, so no
+/// kube-proxy rule or replica's listener can still lead to it. Returns the
+/// allocations and the keys the range had no room for (pure).
 pub fn allocate(
     current: &Allocations,
     wanted: &BTreeSet<AllocKey>,
     range: RangeInclusive<u16>,
 ) -> (Allocations, Vec<AllocKey>) {
     let mut out = Allocations::new();
-    let mut used = BTreeSet::new();
+    let mut used: BTreeSet<u16> = current.values().copied().collect();
+    let mut kept = BTreeSet::new();
     for (key, port) in current {
-        if wanted.contains(key) && range.contains(port) && used.insert(*port) {
+        if wanted.contains(key) && range.contains(port) && kept.insert(*port) {
             out.insert(key.clone(), *port);
         }
     }
-    let mut free = range.filter(|p| !used.contains(p));
     let mut exhausted = Vec::new();
+    // u32: stepping past 65535 must not overflow.
+    let (mut next, end) = (u32::from(*range.start()), u32::from(*range.end()));
     for key in wanted {
         if out.contains_key(key) {
             continue;
         }
-        match free.next() {
-            Some(port) => {
-                out.insert(key.clone(), port);
-            }
-            None => exhausted.push(key.clone()),
+        while next <= end && u16::try_from(next).is_ok_and(|p| used.contains(&p)) {
+            next += 1;
         }
+        let Some(port) = u16::try_from(next).ok().filter(|_| next <= end) else {
+            exhausted.push(key.clone());
+            continue;
+        };
+        used.insert(port);
+        out.insert(key.clone(), port);
     }
     (out, exhausted)
 }
@@ -195,6 +203,10 @@ pub struct Desired {
     pub services: Vec<Service>,
     /// EndpointSlices, by the name of the Service they belong to.
     pub slices: Vec<(String, EndpointSlice)>,
+    /// Service names two imports would both take (`api` from `prod-east`
+    /// and `api-prod` from `east` are both `api-prod-east`): the first by
+    /// import and cluster name keeps it, the other is not written.
+    pub collisions: Vec<String>,
 }
 
 fn meta(ns: &str, name: &str, service: &str, mirror: &str) -> ObjectMeta {
@@ -225,6 +237,7 @@ pub fn plan(
     gateways: &[IpAddr],
 ) -> Desired {
     let mut out = Desired::default();
+    let mut taken: BTreeMap<(String, String), (ServiceKey, Option<String>)> = BTreeMap::new();
     for import in table.values() {
         out.imports.push(service_import(import, clusterset_ips));
         let pins = std::iter::once(None).chain(import.peers.iter().cloned().map(Some));
@@ -251,6 +264,28 @@ pub fn plan(
                 continue;
             }
             let ns = &import.key.namespace;
+            let owner = (import.key.clone(), pin.clone());
+            match taken.get(&(ns.clone(), name.clone())) {
+                Some(first) if *first != owner => {
+                    out.collisions.push(format!(
+                        "Service {ns}/{name} is wanted by {}{} and by {}{}: kept for the first",
+                        first.0,
+                        first
+                            .1
+                            .as_deref()
+                            .map(|c| format!(" from {c}"))
+                            .unwrap_or_default(),
+                        import.key,
+                        pin.as_deref()
+                            .map(|c| format!(" from {c}"))
+                            .unwrap_or_default(),
+                    ));
+                    continue;
+                }
+                _ => {
+                    taken.insert((ns.clone(), name.clone()), owner);
+                }
+            }
             let mut m = meta(ns, &name, &import.key.name, mirror);
             let egress: BTreeMap<u16, u16> = ports.iter().map(|(p, e)| (p.port, *e)).collect();
             m.annotations = Some(BTreeMap::from([(

@@ -236,6 +236,21 @@ pub struct Caches {
     pub watch_errors: prometheus_client::metrics::counter::Counter,
 }
 
+/// How long every cache may take to list for the first time.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn wait<K>(
+    store: &Store<K>,
+) -> std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<(), reflector::store::WriterDropped>> + Send + '_>,
+>
+where
+    K: Resource + Clone + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    Box::pin(store.wait_until_ready())
+}
+
 /// Runs a reflector for `K`, bumping `changed` on every event.
 fn reflect<K>(
     api: Api<K>,
@@ -280,7 +295,7 @@ impl Caches {
         gateway_selector: &str,
         watch_errors: prometheus_client::metrics::counter::Counter,
         tasks: &mut TaskSet,
-    ) -> Result<Self, reflector::store::WriterDropped> {
+    ) -> Result<Self, String> {
         let (tx, changed) = watch::channel(());
         let tx = Arc::new(tx);
         let e = &watch_errors;
@@ -338,13 +353,30 @@ impl Caches {
             changed,
             watch_errors,
         };
-        caches.services.wait_until_ready().await?;
-        caches.slices.wait_until_ready().await?;
-        caches.exports.wait_until_ready().await?;
-        caches.imports.wait_until_ready().await?;
-        caches.pods.wait_until_ready().await?;
-        caches.links.wait_until_ready().await?;
-        caches.secrets.wait_until_ready().await?;
+        // A kind that cannot be listed (its CRD missing, RBAC refusing)
+        // would leave its cache unready for ever: fail start instead.
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        let waits = [
+            ("Services", wait(&caches.services)),
+            ("EndpointSlices", wait(&caches.slices)),
+            ("ServiceExports", wait(&caches.exports)),
+            ("ServiceImports", wait(&caches.imports)),
+            ("gateway Pods", wait(&caches.pods)),
+            ("Links", wait(&caches.links)),
+            ("Secrets", wait(&caches.secrets)),
+        ];
+        for (kind, ready) in waits {
+            match tokio::time::timeout_at(deadline, ready).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(format!("{kind}: {e}")),
+                Err(_) => {
+                    return Err(format!(
+                        "{kind} could not be listed within {} s: are the CRDs installed and may the gateway's ServiceAccount list them?",
+                        READY_TIMEOUT.as_secs()
+                    ))
+                }
+            }
+        }
         Ok(caches)
     }
 

@@ -67,12 +67,47 @@ impl tonic::transport::server::Connected for QuicIo {
 /// One mTLS TCP connection carrying one tunnel stream (the TCP transport:
 /// a connection per stream, as Linkerd's gateway does, so there is no
 /// head-of-line blocking between streams and no second multiplexer).
-#[derive(Debug)]
 pub struct TlsIo {
     /// The TLS stream.
     pub stream: tokio_rustls::TlsStream<tokio::net::TcpStream>,
     /// The authenticated peer.
     pub peer: PeerInfo,
+    /// Resolves when the link this connection was accepted under changes
+    /// or goes: every read and write fails from then on, wherever the
+    /// connection has been handed (a relay, the peering server).
+    pub revoked: Option<Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+    /// Set once `revoked` has resolved.
+    pub aborted: bool,
+}
+
+impl std::fmt::Debug for TlsIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsIo")
+            .field("peer", &self.peer)
+            .field("revocable", &self.revoked.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsIo {
+    fn check(&mut self, cx: &mut Context<'_>) -> std::io::Result<()> {
+        let fired = self
+            .revoked
+            .as_mut()
+            .is_some_and(|r| r.as_mut().poll(cx).is_ready());
+        if fired {
+            // Never poll a finished future again: stay aborted instead.
+            self.revoked = None;
+            self.aborted = true;
+        }
+        if self.aborted {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "link changed or removed",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A tunnel stream over either transport.
@@ -103,13 +138,16 @@ impl TunnelIo {
 }
 
 macro_rules! delegate {
-    ($self:ident, $io:ident => $e:expr) => {
+    ($self:ident, $cx:ident, $io:ident => $e:expr) => {
         match $self.get_mut() {
             TunnelIo::Quic($io) => {
                 let $io = Pin::new($io);
                 $e
             }
             TunnelIo::Tls(t) => {
+                if let Err(e) = t.check($cx) {
+                    return Poll::Ready(Err(e));
+                }
                 let $io = Pin::new(&mut t.stream);
                 $e
             }
@@ -123,7 +161,7 @@ impl AsyncRead for TunnelIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        delegate!(self, io => io.poll_read(cx, buf))
+        delegate!(self, cx, io => io.poll_read(cx, buf))
     }
 }
 
@@ -133,15 +171,15 @@ impl AsyncWrite for TunnelIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        delegate!(self, io => io.poll_write(cx, buf))
+        delegate!(self, cx, io => io.poll_write(cx, buf))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        delegate!(self, io => io.poll_flush(cx))
+        delegate!(self, cx, io => io.poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        delegate!(self, io => io.poll_shutdown(cx))
+        delegate!(self, cx, io => io.poll_shutdown(cx))
     }
 }
 

@@ -64,11 +64,21 @@ fn allocation_keeps_ports_and_fills_the_lowest_free() {
     let (a, exhausted) = allocate(&current, &want, 20_000..=20_010);
     assert!(exhausted.is_empty());
     assert_eq!(a[&key("web", Some("north"), 80)], 20_005, "kept");
-    assert_eq!(a[&key("web", None, 80)], 20_000, "freed port reused");
-    assert_eq!(a[&key("web", Some("east"), 80)], 20_001);
+    // 20_000 is still on gone's Service: not reused until that is deleted.
+    assert_eq!(a[&key("web", None, 80)], 20_001);
+    assert_eq!(a[&key("web", Some("east"), 80)], 20_002);
     assert!(!a.contains_key(&key("gone", None, 80)));
+    let after_delete = BTreeMap::from([(key("web", Some("north"), 80), 20_005)]);
+    let (a, _) = allocate(&after_delete, &want, 20_000..=20_010);
+    assert_eq!(a[&key("web", None, 80)], 20_000, "reused once gone");
     let (a, exhausted) = allocate(&BTreeMap::new(), &want, 20_000..=20_001);
     assert_eq!((a.len(), exhausted.len()), (2, 1));
+    let (a, exhausted) = allocate(&BTreeMap::new(), &want, 65_534..=65_535);
+    assert_eq!(
+        (a.len(), exhausted.len()),
+        (2, 1),
+        "the top of the port space"
+    );
 }
 
 #[test]
@@ -229,4 +239,31 @@ fn egress_port_annotations_round_trip_and_skip_garbage() {
     assert_eq!(format_egress_ports(&m), "80=20001,443=20002");
     assert_eq!(parse_egress_ports("80=20001, 443=20002"), m);
     assert_eq!(parse_egress_ports("x=1,80=,=5,80=20001,99999=1").len(), 1);
+}
+
+#[test]
+fn colliding_mirror_names_are_written_once_and_reported() {
+    // `api` from cluster `prod-east` and `api-prod` from `east`.
+    let mut a = import("shop", "api", &[("http", 80, &["prod-east"])]);
+    a.peers = vec!["prod-east".into()];
+    let b = import("shop", "api-prod", &[("http", 80, &["east"])]);
+    let t = table(vec![a, b]);
+    let (alloc, _) = allocate(&BTreeMap::new(), &wanted(&t), 20_000..=20_999);
+    let d = plan(&t, &alloc, &BTreeMap::new(), &[]);
+    let names: Vec<String> = d
+        .services
+        .iter()
+        .map(|s| s.metadata.name.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        names.iter().filter(|n| *n == "api-prod-east").count(),
+        1,
+        "{names:?}"
+    );
+    assert_eq!(d.collisions.len(), 1);
+    assert!(
+        d.collisions[0].contains("api-prod-east"),
+        "{:?}",
+        d.collisions
+    );
 }

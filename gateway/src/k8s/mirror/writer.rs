@@ -50,6 +50,9 @@ pub struct WriterContext {
     pub egress_ports: RangeInclusive<u16>,
     /// Status (RTT, connection) is refreshed at least this often.
     pub resync: Duration,
+    /// How long a lost peer's imports are kept; also how long a new writer
+    /// waits for a silent peer's first catalog before removing anything.
+    pub grace_period: Duration,
     /// Metrics.
     pub metrics: MirrorMetrics,
 }
@@ -84,6 +87,12 @@ struct Sync<'a> {
 }
 
 impl Sync<'_> {
+    /// Whether this replica still holds the Lease: checked before every
+    /// write, so a replica that lost it mid-pass stops writing at once.
+    fn leading(&self) -> bool {
+        *self.ctx.leading.borrow()
+    }
+
     fn fail(&mut self, kind: &'static str, what: String) {
         tracing::warn!(%kind, "{what}");
         self.ctx.metrics.error(kind);
@@ -104,6 +113,9 @@ impl Sync<'_> {
         let (ns, name) = (obj.namespace().unwrap_or_default(), obj.name_any());
         let kind = K::kind(&K::DynamicType::default()).to_string();
         let id = format!("{kind}/{ns}/{name}");
+        if !self.leading() {
+            return cached_uid;
+        }
         let value = match serde_json::to_value(obj) {
             Ok(v) => v,
             Err(e) => {
@@ -142,6 +154,9 @@ impl Sync<'_> {
             + std::fmt::Debug,
         K::DynamicType: Default,
     {
+        if !self.leading() {
+            return;
+        }
         let dt = K::DynamicType::default();
         let body = serde_json::json!({
             "apiVersion": K::api_version(&dt),
@@ -171,6 +186,9 @@ impl Sync<'_> {
         K::DynamicType: Default,
     {
         let kind = K::kind(&K::DynamicType::default()).to_string();
+        if !self.leading() {
+            return;
+        }
         let api: Api<K> = Api::namespaced(self.ctx.client.clone(), ns);
         match api.delete(name, &DeleteParams::background()).await {
             Ok(_) => {
@@ -212,8 +230,36 @@ where
         .collect()
 }
 
+/// Whether the import table is complete enough to remove what it lacks:
+/// every Link this cluster dials has delivered a catalog since this writer
+/// started leading, or the grace period has run out. Before, a new leader
+/// (or a restarted one) would delete every import of a peer it simply has
+/// not heard from yet — and new ClusterIPs would follow.
+fn may_prune(ctx: &WriterContext, leading_since: std::time::Instant) -> bool {
+    if leading_since.elapsed() >= ctx.grace_period {
+        return true;
+    }
+    let received: BTreeSet<String> = ctx
+        .peers
+        .statuses()
+        .into_iter()
+        .filter(|p| p.catalog_received)
+        .map(|p| p.name)
+        .collect();
+    ctx.caches
+        .links
+        .state()
+        .iter()
+        .filter(|l| !l.spec.addresses.is_empty())
+        .all(|l| received.contains(&l.spec.cluster))
+}
+
 /// One pass: mirror objects, orphans, statuses. Returns the failures.
-async fn sync_once(ctx: &WriterContext, applied: &mut Applied) -> Vec<String> {
+async fn sync_once(
+    ctx: &WriterContext,
+    applied: &mut Applied,
+    leading_since: std::time::Instant,
+) -> Vec<String> {
     let mut s = Sync {
         ctx,
         applied,
@@ -244,6 +290,9 @@ async fn sync_once(ctx: &WriterContext, applied: &mut Applied) -> Vec<String> {
         &observed.clusterset_ips,
         &ctx.caches.gateway_ips(),
     );
+    for collision in &desired.collisions {
+        s.fail("conflict", collision.clone());
+    }
     let svc_cache: HashMap<(String, String), Arc<Service>> = services
         .iter()
         .map(|s| (key(s.namespace(), s.name_any()), s.clone()))
@@ -324,7 +373,11 @@ async fn sync_once(ctx: &WriterContext, applied: &mut Applied) -> Vec<String> {
         s.apply(&slice, cached).await;
     }
 
-    // Orphans: ours, and no longer desired.
+    // Orphans: ours, and no longer desired (once the table is complete).
+    if !may_prune(ctx, leading_since) {
+        tracing::debug!("waiting for every linked peer's catalog before removing mirrors");
+        return export_statuses(&mut s).await;
+    }
     let want_services: BTreeSet<(String, String)> = desired
         .services
         .iter()
@@ -361,7 +414,12 @@ async fn sync_once(ctx: &WriterContext, applied: &mut Applied) -> Vec<String> {
         }
     }
 
-    // ServiceExport conditions.
+    export_statuses(&mut s).await
+}
+
+/// Writes the ServiceExport conditions; returns the pass's failures.
+async fn export_statuses(s: &mut Sync<'_>) -> Vec<String> {
+    let ctx = s.ctx;
     let local = ctx.local.borrow().clone();
     let skipped = ctx.skipped.borrow().clone();
     let catalogs = ctx.imports.catalogs();
@@ -383,7 +441,7 @@ async fn sync_once(ctx: &WriterContext, applied: &mut Applied) -> Vec<String> {
             .await;
         }
     }
-    s.errors
+    std::mem::take(&mut s.errors)
 }
 
 /// The conditions to write, or `None` when the object already says the
@@ -499,12 +557,14 @@ pub async fn run(ctx: WriterContext) {
     let mut local = ctx.local.clone();
     let mut leading = ctx.leading.clone();
     let mut applied = Applied::default();
+    let mut leading_since: Option<Instant> = None;
     loop {
         let lead = *leading.borrow_and_update();
         ctx.metrics.leader.set(i64::from(lead));
         if lead {
+            let since = *leading_since.get_or_insert_with(Instant::now);
             let started = Instant::now();
-            let errors = sync_once(&ctx, &mut applied).await;
+            let errors = sync_once(&ctx, &mut applied, since).await;
             link_statuses(&ctx, &errors, &mut applied).await;
             ctx.metrics
                 .sync_duration
@@ -512,6 +572,7 @@ pub async fn run(ctx: WriterContext) {
         } else {
             // A new leader must not trust what an old term applied.
             applied = Applied::default();
+            leading_since = None;
         }
         tokio::select! {
             r = changed.changed() => if r.is_err() { return },
