@@ -715,3 +715,60 @@ async fn clusters_with_separate_roots_link_through_trust_bundles() {
     .await;
     assert!(body.contains("hello from east/web"), "{body}");
 }
+
+/// Removing the Link on the accepting side cuts the tunnel the peer
+/// already holds (over QUIC or TLS over TCP), and the peer cannot come
+/// back: revocation is not deferred to the next reconnect.
+async fn removing_the_accepting_link_cuts_the_tunnel(transport: &str) {
+    let web = spawn_hello_endpoint("east", "web").await.expect("backend");
+    let c = clusters(web).await;
+    apply(
+        &c.west.client(),
+        json!({"apiVersion": "strait.io/v1alpha1", "kind": "Link",
+            "metadata": {"name": "east", "namespace": NS},
+            "spec": {"cluster": "east", "addresses": [c.east_gw.tunnel_addr().to_string()],
+                "transport": transport}}),
+    )
+    .await;
+    let west = c
+        .west_replica("west-0", "127.0.0.1".parse().expect("ip"))
+        .await;
+    c.mirrored(&["shop/web-clusterset", "shop/web-east"]).await;
+    let peer = west
+        .peers()
+        .into_iter()
+        .find(|p| p.name == "east")
+        .expect("east");
+    assert_eq!(peer.transport, Some(transport));
+
+    Api::<Link>::namespaced(c.east.client(), NS)
+        .delete("west", &DeleteParams::default())
+        .await
+        .expect("delete link");
+    eventually(WAIT, "west's tunnel cut", || async {
+        west.peers()
+            .into_iter()
+            .find(|p| p.name == "east")
+            .is_some_and(|p| !p.connected)
+            .then_some(())
+    })
+    .await;
+    // And it stays cut: east no longer admits west's identity.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let peer = west
+        .peers()
+        .into_iter()
+        .find(|p| p.name == "east")
+        .expect("east");
+    assert!(!peer.connected, "west got back in: {peer:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_the_accepting_link_cuts_a_quic_tunnel() {
+    removing_the_accepting_link_cuts_the_tunnel("quic").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_the_accepting_link_cuts_a_tcp_tunnel() {
+    removing_the_accepting_link_cuts_the_tunnel("tcp").await;
+}
