@@ -146,6 +146,45 @@ impl Sync<'_> {
         }
     }
 
+    /// Whether `k` exists on the server without Strait's labels (a GET;
+    /// an error counts as foreign, to be safe, and is reported).
+    async fn foreign<K>(&mut self, k: &(String, String)) -> bool
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        let api: Api<K> = Api::namespaced(self.ctx.client.clone(), &k.0);
+        match api.get_opt(&k.1).await {
+            Ok(None) => false,
+            Ok(Some(obj)) => {
+                let l = obj.labels();
+                let ours = l.get(labels::MANAGED_BY).map(String::as_str) == Some(labels::MANAGER)
+                    && l.contains_key(labels::MIRROR);
+                if !ours {
+                    let kind = K::kind(&K::DynamicType::default()).to_string();
+                    self.fail(
+                        "conflict",
+                        format!(
+                            "{kind} {}/{} exists and is not Strait's: not written",
+                            k.0, k.1
+                        ),
+                    );
+                }
+                !ours
+            }
+            Err(e) => {
+                self.fail(
+                    "apply",
+                    format!("{}/{}: cannot check before writing: {e}", k.0, k.1),
+                );
+                true
+            }
+        }
+    }
+
     async fn apply_status<K>(&mut self, ns: &str, name: &str, status: serde_json::Value)
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
@@ -312,6 +351,11 @@ async fn sync_once(
     for si in &desired.imports {
         let k = key(si.namespace(), si.name_any());
         let cached = import_uids.get(&k).cloned().flatten();
+        // Our cache holds only Strait's ServiceImports: one made by another
+        // MCS controller is looked up before the first apply, never taken.
+        if cached.is_none() && s.foreign::<ServiceImport>(&k).await {
+            continue;
+        }
         if let Some(uid) = s.apply(si, cached).await {
             owners.insert(k.clone(), uid);
         }
@@ -330,6 +374,12 @@ async fn sync_once(
     for svc in &desired.services {
         let k = key(svc.namespace(), svc.name_any());
         let existing = svc_cache.get(&k);
+        // Not in the cache yet (made a moment ago?): ask the server before
+        // the first apply, which would otherwise take the object over.
+        if existing.is_none() && s.foreign::<Service>(&k).await {
+            blocked.insert(k);
+            continue;
+        }
         if existing.is_some_and(|e| !super::is_ours(e)) {
             s.fail(
                 "conflict",
