@@ -137,4 +137,4 @@ for _ in $(seq 1 250); do grep -q idle_connections idle.log && break; sleep 0.1;
 grep -q idle_connections idle.log || { echo "idle connections not established:"; cat idle.log; }
 HELD_RSS=$(rss_kib $CLIENT_PID)
 kill $IDLER 2>/dev/null || true
-printf "RSS idle: %.1f MiB; with 10000 idle connections: %.1f MiB\n" "$(echo "$IDLE_RSS/1024" | bc -l)" "$(echo "$HELD_RSS/1024" | bc -l)"
+printf "RSS idle: %.1f MiB; with 10000 idle connections: %.1f MiB (%.1f KB per connection)\n" "$(echo "$IDLE_RSS/1024" | bc -l)" "$(echo "$HELD_RSS/1024" | bc -l)" "$(echo "($HELD_RSS-$IDLE_RSS)*1.024/10000" | bc -l)"
