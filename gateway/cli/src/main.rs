@@ -107,6 +107,19 @@ enum Command {
         #[arg(long, default_value = ctl::objects::ISSUER_SECRET)]
         issuer_secret: String,
     },
+    /// The linked peer gateways as this cluster sees them: alive, imports,
+    /// round-trip time (from the Links' status).
+    Gateways {
+        /// The namespace of Strait.
+        #[arg(long, short = 'n', default_value = ctl::objects::NAMESPACE, value_parser = label)]
+        namespace: String,
+        /// The kubeconfig context (default: the current one).
+        #[arg(long)]
+        context: Option<String>,
+        /// text or json.
+        #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
     /// Check this cluster's Strait install: CRDs, gateway, links,
     /// certificates, clusterset DNS, CoreDNS stub domain. Exits 1 if a
     /// check fails (warnings are fine).
@@ -374,6 +387,20 @@ async fn link(req: ctl::LinkRequest, context: Option<String>) -> anyhow::Result<
     Ok(())
 }
 
+async fn gateways(
+    namespace: String,
+    context: Option<String>,
+    output: Output,
+) -> anyhow::Result<()> {
+    let client = ctl::client(context.as_deref()).await?;
+    let rows = ctl::gateway_rows(&ctl::gather_gateways(&client, &namespace).await?);
+    match output {
+        Output::Text => print!("{}", ctl::render_gateways(&rows)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+    }
+    Ok(())
+}
+
 async fn check(
     namespace: String,
     context: Option<String>,
@@ -408,7 +435,9 @@ fn main() -> ExitCode {
     let default_filter = match cli.command {
         Command::Demo { .. } => "warn",
         // Failures are reported once, as the command's result.
-        Command::Link { .. } | Command::Check { .. } => "warn,kube_client=off",
+        Command::Link { .. } | Command::Check { .. } | Command::Gateways { .. } => {
+            "warn,kube_client=off"
+        }
         _ => "warn,strait_gateway=info,strait_proxy=info",
     };
     strait_proxy::cli::init(default_filter);
@@ -440,6 +469,11 @@ fn main() -> ExitCode {
             };
             strait_proxy::cli::run_async(Some(2), link(req, context))
         }
+        Command::Gateways {
+            namespace,
+            context,
+            output,
+        } => strait_proxy::cli::run_async(Some(2), gateways(namespace, context, output)),
         Command::Check {
             namespace,
             context,

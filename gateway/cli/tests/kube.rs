@@ -312,6 +312,32 @@ async fn link_both_ways_export_call_by_name_and_check() {
     .await;
     assert!(body.contains("hello from east/web"), "{body}");
 
+    // `strait gateways` in west: east alive with its import.
+    let table = eventually(WAIT, "strait gateways shows east alive", || {
+        let kubeconfig = kubeconfig.clone();
+        async move {
+            let out = strait(
+                &kubeconfig,
+                &["gateways", "--context", "west", "-o", "json"],
+            );
+            let rows: Value = serde_json::from_slice(&out.stdout).ok()?;
+            let east = rows
+                .as_array()?
+                .iter()
+                .find(|r| r["cluster"] == "east")?
+                .clone();
+            (east["alive"] == true && east["imports"] == 1).then_some(east)
+        }
+    })
+    .await;
+    assert_eq!(table["transport"], "quic");
+    let out = strait(&kubeconfig, &["gateways", "--context", "west"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("CLUSTER") && text.contains("east"),
+        "{text}"
+    );
+
     // `strait check` in west: everything passes once the Link reports.
     let dns = west_gw.dns_addr().to_string();
     let report = eventually(WAIT, "strait check passes", || {

@@ -1282,6 +1282,110 @@ pub fn render_json(results: &[CheckResult]) -> Result<String, CtlError> {
     serde_json::to_string_pretty(results).map_err(|e| CtlError::Render(e.to_string()))
 }
 
+// ---------------------------------------------------------------------------
+// strait gateways
+// ---------------------------------------------------------------------------
+
+/// One linked peer gateway as this cluster's Links report it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayRow {
+    /// The peer cluster.
+    pub cluster: String,
+    /// Whether the tunnel is up (`Connected` condition).
+    pub alive: bool,
+    /// Why not, when not (the condition's reason and message).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+    /// Services imported from it.
+    pub imports: u32,
+    /// The last round-trip time, e.g. `1.2ms`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rtt: Option<String>,
+    /// `quic`, `tcp` or `auto`.
+    pub transport: String,
+}
+
+/// The peers of this cluster from its Links (pure), sorted by cluster.
+pub fn gateway_rows(links: &[Link]) -> Vec<GatewayRow> {
+    let mut rows: Vec<GatewayRow> = links
+        .iter()
+        .map(|l| {
+            let status = l.status.clone().unwrap_or_default();
+            let connected = status.conditions.iter().find(|c| c.type_ == "Connected");
+            let alive = connected.is_some_and(|c| c.status == "True");
+            let detail = match connected {
+                None => "no status yet".to_string(),
+                Some(c) if !alive => format!("{}: {}", c.reason, c.message)
+                    .trim_end_matches(": ")
+                    .to_string(),
+                Some(_) => String::new(),
+            };
+            GatewayRow {
+                cluster: l.spec.cluster.clone(),
+                alive,
+                detail,
+                imports: status.import_count,
+                rtt: status.last_rtt,
+                transport: format!("{:?}", l.spec.transport).to_lowercase(),
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| a.cluster.cmp(&b.cluster));
+    rows
+}
+
+/// A table like `linkerd multicluster gateways`.
+pub fn render_gateways(rows: &[GatewayRow]) -> String {
+    let mut table = vec![[
+        "CLUSTER".to_string(),
+        "ALIVE".into(),
+        "IMPORTS".into(),
+        "RTT".into(),
+        "TRANSPORT".into(),
+        "DETAIL".into(),
+    ]];
+    for r in rows {
+        table.push([
+            r.cluster.clone(),
+            if r.alive { "True" } else { "False" }.into(),
+            r.imports.to_string(),
+            r.rtt.clone().unwrap_or_else(|| "-".into()),
+            r.transport.clone(),
+            r.detail.clone(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..6)
+        .map(|i| table.iter().map(|row| row[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in &table {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("   ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// The Links of `namespace` (I/O).
+pub async fn gather_gateways(
+    client: &kube::Client,
+    namespace: &str,
+) -> Result<Vec<Link>, CtlError> {
+    let api: Api<Link> = Api::namespaced(client.clone(), namespace);
+    api.list(&ListParams::default())
+        .await
+        .map(|l| l.items)
+        .map_err(|e| CtlError::Fetch {
+            what: format!("Links in {namespace}"),
+            message: error_chain(&e),
+        })
+}
+
 async fn fetch<K>(api: &Api<K>, name: &str) -> Fetched<K>
 where
     K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,

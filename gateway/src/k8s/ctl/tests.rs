@@ -1065,3 +1065,55 @@ async fn the_probe_asks_over_udp_and_tcp_and_never_hangs() {
     i.dns = Some(probe);
     assert_check(&i, "dns", Status::Fail, "no answer");
 }
+
+#[test]
+fn gateways_table_lists_each_peer_alive_or_why_not() {
+    let link = |cluster: &str, connected: Option<(&str, &str, &str)>, imports: u32| {
+        let mut l = Link::new(
+            cluster,
+            LinkSpec {
+                cluster: cluster.into(),
+                addresses: vec![],
+                port: 4143,
+                transport: LinkTransport::Quic,
+                identity: None,
+                trust_bundle_secret: None,
+                accept: None,
+            },
+        );
+        l.status = connected.map(|(status, reason, message)| LinkStatus {
+            conditions: vec![Condition {
+                type_: "Connected".into(),
+                status: status.into(),
+                reason: reason.into(),
+                message: message.into(),
+                ..Default::default()
+            }],
+            last_rtt: (status == "True").then(|| "1.2ms".into()),
+            import_count: imports,
+            observed_generation: None,
+        });
+        l
+    };
+    let rows = gateway_rows(&[
+        link("north", None, 0),
+        link("east", Some(("True", "Connected", "tunnel up")), 3),
+        link("south", Some(("False", "Disconnected", "timed out")), 0),
+    ]);
+    let names: Vec<&str> = rows.iter().map(|r| r.cluster.as_str()).collect();
+    assert_eq!(names, ["east", "north", "south"]);
+    assert!(rows[0].alive && rows[0].imports == 3 && rows[0].detail.is_empty());
+    assert_eq!(rows[1].detail, "no status yet");
+    assert_eq!(rows[2].detail, "Disconnected: timed out");
+    let text = render_gateways(&rows);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].starts_with("CLUSTER") && lines[0].contains("ALIVE"),
+        "{text}"
+    );
+    assert!(
+        lines[1].starts_with("east") && lines[1].contains("True") && lines[1].contains("1.2ms"),
+        "{text}"
+    );
+    assert_eq!(lines.len(), 4);
+}
