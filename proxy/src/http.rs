@@ -374,7 +374,9 @@ impl H2Pool {
                     sender.ready().await.map_err(std::io::Error::other)?;
                     Ok::<_, std::io::Error>(sender)
                 };
-                let sender = tokio::time::timeout(connect_timeout, dial)
+                // Boxed: dialing is rare and its state would otherwise
+                // be carried by every request's future.
+                let sender = Box::pin(tokio::time::timeout(connect_timeout, dial))
                     .await
                     .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
                 self.conns

@@ -159,6 +159,19 @@ impl MeshClient {
                 return Ok(s);
             }
         }
+        // Dialing (TCP, TLS, HTTP/2 handshake) is rare and its state large:
+        // boxed, so the per-request future stays small.
+        Box::pin(self.dial(addr, peer, port, key)).await
+    }
+
+    /// Opens a new pooled HTTP/2 connection to a peer proxy.
+    async fn dial(
+        &self,
+        addr: SocketAddr,
+        peer: &SpiffeId,
+        port: u16,
+        key: (SocketAddr, u16, SpiffeId),
+    ) -> Result<SendRequest<Body>, MeshError> {
         let tls = self.connect(addr, peer, port, ProtocolHint::Http2).await?;
         let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())

@@ -214,7 +214,9 @@ impl Outbound {
         };
         if crate::http::is_upgrade(&req) {
             shared.http.requests.get_or_create(&labels).inc();
-            let rsp = self.upgrade(req, &authority, orig).await;
+            // Rare, and its TLS connect state is large: boxed, so every
+            // plain request's future stays small.
+            let rsp = Box::pin(self.upgrade(req, &authority, orig)).await;
             return Observed::wrap(rsp, shared.http.clone(), &labels, started);
         }
         let req = req.map(|b| b.boxed());
