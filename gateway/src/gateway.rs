@@ -117,6 +117,8 @@ pub struct Shared {
     pub peering_tx: mpsc::Sender<TunnelIo>,
     /// The connection each peer dialed to us.
     pub accepted: crate::state::Accepted,
+    /// Each peer's open TCP peering watches.
+    pub tcp_watches: crate::tunnel::io::WatchSlots,
     /// Endpoint balancers per exported service and port.
     pub balancers: crate::state::Balancers,
     /// The import table both the egress listeners and DNS last caught up
@@ -382,6 +384,7 @@ impl Gateway {
             realized: watch::channel(Arc::new(Realized::default())).0,
             peering_tx,
             accepted: Default::default(),
+            tcp_watches: Default::default(),
             balancers: Default::default(),
             egress_synced: watch::channel(Arc::new(ImportTable::new())).0,
             dns_synced: Arc::new(watch::channel(Arc::new(Realized::default())).0),

@@ -180,6 +180,7 @@ pub async fn run_tcp(
                 peer,
                 revoked: Some(Box::pin(revoked)),
                 aborted: false,
+                slot: None,
             }));
             handle_stream(io, shared, Arc::default()).await;
         });
@@ -211,7 +212,25 @@ async fn handle_stream(
     };
     match StreamKind::try_from(header.kind) {
         Ok(StreamKind::Peering) => {
-            // One catalog watch per connection is all a peer needs.
+            // One catalog watch per connection is all a peer needs; over
+            // TCP each watch is a connection of its own, so a peer may hold
+            // a couple at once (one being replaced), no more.
+            let slot = match &io {
+                TunnelIo::Tls(_) => match shared.tcp_watches.acquire(&io.peer().name) {
+                    Some(slot) => Some(slot),
+                    None => {
+                        refuse(&mut io, Refusal::Busy);
+                        shared
+                            .metrics
+                            .stream_done(&io.peer().name, "inbound", "busy");
+                        return;
+                    }
+                },
+                TunnelIo::Quic(_) => None,
+            };
+            if let (TunnelIo::Tls(t), Some(slot)) = (&mut io, slot) {
+                t.slot = Some(slot);
+            }
             if peering.swap(true, Ordering::AcqRel) {
                 refuse(&mut io, Refusal::Busy);
                 shared

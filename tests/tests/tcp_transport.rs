@@ -144,3 +144,45 @@ async fn auto_falls_back_to_tcp_when_udp_does_not_get_through() {
         .expect("east");
     assert_eq!(peer.transport, Some("tcp"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_holds_at_most_two_tcp_catalog_watches() {
+    use strait_gateway::tunnel::frame;
+    use strait_gateway::tunnel::io::PeerInfo;
+    use strait_gateway::tunnel::tcp::TcpDialer;
+    // East lets west in; nothing dials yet.
+    let bed = Testbed::new(&["west", "east"]);
+    let east = bed
+        .start(bed.config("east", None, &[("west", None, None)]))
+        .await;
+    let (_ep, client_tls) = bed.raw_client("west", "east");
+    let dialer = TcpDialer::new(
+        vec![east.tunnel_addr().to_string()],
+        std::sync::Arc::new(client_tls),
+        PeerInfo {
+            name: "east".into(),
+            identity: String::new(),
+        },
+    );
+    let west_id = "spiffe://west.strait.local/ns/strait-system/sa/strait-gateway";
+    let header = frame::encode(&frame::peering_header(west_id)).expect("header");
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(dialer.open(&header).await.expect("open"));
+    }
+    let busy = "strait_tunnel_streams_total{peer=\"west\",direction=\"inbound\",result=\"busy\"}";
+    eventually(WAIT, "the third watch refused", || async {
+        let m = metrics(&east).await;
+        (sample(&m, busy) == Some(1.0)).then_some(())
+    })
+    .await;
+    // Closing one frees its slot.
+    drop(held.pop());
+    drop(held.pop());
+    // (East sees the close when its peering server reads the EOF.)
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    held.push(dialer.open(&header).await.expect("open"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let m = metrics(&east).await;
+    assert_eq!(sample(&m, busy), Some(1.0), "{m}");
+}

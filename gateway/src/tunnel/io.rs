@@ -78,6 +78,50 @@ pub struct TlsIo {
     pub revoked: Option<Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
     /// Set once `revoked` has resolved.
     pub aborted: bool,
+    /// Held while this connection is a peering watch (see [`WatchSlots`]).
+    pub slot: Option<WatchSlot>,
+}
+
+/// Counts each peer's open TCP peering watches, capped.
+#[derive(Debug, Default)]
+pub struct WatchSlots(std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>);
+
+/// Most TCP peering watches one peer may hold at once.
+pub const MAX_TCP_WATCHES: usize = 2;
+
+impl WatchSlots {
+    /// A slot for `peer`, unless it holds [`MAX_TCP_WATCHES`] already.
+    pub fn acquire(&self, peer: &str) -> Option<WatchSlot> {
+        let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry(peer.to_string()).or_default();
+        if *n >= MAX_TCP_WATCHES {
+            return None;
+        }
+        *n += 1;
+        Some(WatchSlot {
+            slots: self.0.clone(),
+            peer: peer.to_string(),
+        })
+    }
+}
+
+/// One held peering watch; released when dropped (with its connection).
+#[derive(Debug)]
+pub struct WatchSlot {
+    slots: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    peer: String,
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut counts = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.peer);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for TlsIo {

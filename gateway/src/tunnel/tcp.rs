@@ -84,6 +84,7 @@ impl TcpDialer {
             peer: self.peer.clone(),
             revoked: None,
             aborted: false,
+            slot: None,
         })))
     }
 
