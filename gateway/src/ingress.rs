@@ -38,12 +38,9 @@ pub async fn run(shared: Arc<Shared>) {
     }
 }
 
-fn identify(conn: &quinn::Connection, shared: &Shared) -> Option<PeerInfo> {
-    let chain = conn
-        .peer_identity()?
-        .downcast::<Vec<CertificateDer<'static>>>()
-        .ok()?;
-    let id = identity_of(&chain)?;
+/// The linked peer a verified certificate chain belongs to, if any.
+fn linked_peer(chain: &[CertificateDer<'_>], shared: &Shared) -> Option<PeerInfo> {
+    let id = identity_of(chain)?;
     let name = shared
         .links_by_identity
         .read()
@@ -54,6 +51,14 @@ fn identify(conn: &quinn::Connection, shared: &Shared) -> Option<PeerInfo> {
         name,
         identity: id.to_string(),
     })
+}
+
+fn identify(conn: &quinn::Connection, shared: &Shared) -> Option<PeerInfo> {
+    let chain = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    linked_peer(&chain, shared)
 }
 
 async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
@@ -156,19 +161,7 @@ pub async fn run_tcp(
                 .get_ref()
                 .1
                 .peer_certificates()
-                .and_then(identity_of)
-                .and_then(|id| {
-                    let name = shared
-                        .links_by_identity
-                        .read()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .get(&id)?
-                        .clone();
-                    Some(PeerInfo {
-                        name,
-                        identity: id.to_string(),
-                    })
-                });
+                .and_then(|chain| linked_peer(chain, &shared));
             // The verifier admits only linked identities; defence in depth.
             let Some(peer) = peer else { return };
             let Some(generation) = crate::links::generation(&shared, &peer.name) else {

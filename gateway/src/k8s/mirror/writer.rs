@@ -256,6 +256,11 @@ fn key(ns: Option<String>, name: String) -> (String, String) {
     (ns.unwrap_or_default(), name)
 }
 
+/// The (namespace, name) of each object.
+fn keys<'a, K: Resource + 'a>(objects: impl Iterator<Item = &'a K>) -> BTreeSet<(String, String)> {
+    objects.map(|o| key(o.namespace(), o.name_any())).collect()
+}
+
 /// Each cached object's uid by (namespace, name).
 fn uids<K>(store: &kube::runtime::reflector::Store<K>) -> HashMap<(String, String), Option<String>>
 where
@@ -428,22 +433,14 @@ async fn sync_once(
         tracing::debug!("waiting for every linked peer's catalog before removing mirrors");
         return export_statuses(&mut s).await;
     }
-    let want_services: BTreeSet<(String, String)> = desired
-        .services
-        .iter()
-        .map(|x| key(x.namespace(), x.name_any()))
-        .collect();
+    let want_services = keys(desired.services.iter());
     for svc in services.iter().filter(|x| super::is_ours(x)) {
         let k = key(svc.namespace(), svc.name_any());
         if !want_services.contains(&k) {
             s.delete::<Service>(&k.0, &k.1).await;
         }
     }
-    let want_slices: BTreeSet<(String, String)> = desired
-        .slices
-        .iter()
-        .map(|(_, x)| key(x.namespace(), x.name_any()))
-        .collect();
+    let want_slices = keys(desired.slices.iter().map(|(_, x)| x));
     for slice in ctx.caches.slices.state().iter().filter(|x| {
         x.labels().get(labels::SLICE_MANAGED_BY).map(String::as_str) == Some(labels::SLICE_MANAGER)
     }) {
@@ -452,11 +449,7 @@ async fn sync_once(
             s.delete::<EndpointSlice>(&k.0, &k.1).await;
         }
     }
-    let want_imports: BTreeSet<(String, String)> = desired
-        .imports
-        .iter()
-        .map(|x| key(x.namespace(), x.name_any()))
-        .collect();
+    let want_imports = keys(desired.imports.iter());
     for si in ctx.caches.imports.state().iter() {
         let k = key(si.namespace(), si.name_any());
         if !want_imports.contains(&k) {
