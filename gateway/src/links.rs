@@ -385,26 +385,26 @@ pub async fn run(link: DialedLink, shared: Arc<Shared>) {
     loop {
         match dial(&link, &shared, &client_tls).await {
             Ok(dialed) => {
-                count(&shared, &link.name, "ok");
-                up.set(1);
-                backoff.reset();
                 let (conn, first) = match dialed {
-                    Dialed::Quic(c) => {
-                        tracing::info!(peer = %link.name, remote = %c.remote_address(), "tunnel up (QUIC)");
-                        (PeerConn::Quic(c), None)
-                    }
-                    Dialed::Tcp(d, first) => {
-                        tracing::info!(peer = %link.name, "tunnel up (TLS over TCP)");
-                        (PeerConn::Tcp(d), Some(first))
-                    }
+                    Dialed::Quic(c) => (PeerConn::Quic(c), None),
+                    Dialed::Tcp(d, first) => (PeerConn::Tcp(d), Some(first)),
                 };
-                shared.peers.connected(&link.name, conn.clone());
-                let (error, synced) = serve(&link, &shared, conn.clone(), first).await;
+                // "Up" only once the peer's first catalog arrives: a TLS 1.3
+                // client finishes its handshake before the server has
+                // judged the client's certificate, so a refused dial would
+                // otherwise look up for a moment.
+                let (error, synced) = serve(&link, &shared, conn.clone(), first, &up).await;
                 if let PeerConn::Quic(c) = &conn {
                     c.close(quinn::VarInt::from_u32(0), b"tunnel down");
                 }
                 up.set(0);
-                tracing::warn!(peer = %link.name, %error, "tunnel down");
+                if synced {
+                    backoff.reset();
+                    tracing::warn!(peer = %link.name, %error, "tunnel down");
+                } else {
+                    count(&shared, &link.name, "error");
+                    tracing::debug!(peer = %link.name, %error, "tunnel refused or lost before its catalog");
+                }
                 shared.peers.disconnected(&link.name, Some(error));
                 // The grace period runs from the last time the peer's
                 // catalog was current, not from every failed attempt.
@@ -447,6 +447,7 @@ async fn serve(
     shared: &Shared,
     conn: PeerConn,
     first: Option<TunnelIo>,
+    up: &prometheus_client::metrics::gauge::Gauge,
 ) -> (String, bool) {
     let rtt = shared
         .metrics
@@ -489,6 +490,7 @@ async fn serve(
             let imports = shared.imports.clone();
             let peers = shared.peers.clone();
             let name = link.name.clone();
+            let (status_conn, up, metrics) = (conn.clone(), up.clone(), shared.metrics.clone());
             let synced = &synced;
             let first = first.lock().unwrap_or_else(|e| e.into_inner()).take();
             let result = peering::watch_peer(
@@ -500,7 +502,17 @@ async fn serve(
                 &shared.metrics,
                 move |change| {
                     if !synced.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        tracing::info!(peer = %name, transport = status_conn.transport(), "tunnel up");
+                        peers.connected(&name, status_conn.clone());
                         peers.catalog_received(&name);
+                        up.set(1);
+                        metrics
+                            .peer_connects
+                            .get_or_create(&PeerResultLabels {
+                                peer: name.clone(),
+                                result: "ok",
+                            })
+                            .inc();
                     }
                     match change {
                         CatalogChange::Snapshot(exports) => imports.snapshot(&name, exports),
