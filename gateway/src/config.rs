@@ -97,6 +97,11 @@ pub struct ListenConfig {
     /// see [`crate::destination`]); default `0.0.0.0:8086`.
     #[serde(default = "default_destination")]
     pub destination: SocketAddr,
+    /// Serve destination discovery over mTLS only (proxies present their
+    /// workload certificate and pin the gateway's identity); default
+    /// false (plaintext inside the cluster).
+    #[serde(default)]
+    pub destination_mtls: bool,
 }
 
 fn default_tunnel() -> SocketAddr {
@@ -119,6 +124,7 @@ impl Default for ListenConfig {
             admin: default_admin(),
             dns: default_dns(),
             destination: default_destination(),
+            destination_mtls: false,
         }
     }
 }

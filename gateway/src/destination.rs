@@ -262,7 +262,8 @@ impl Destination for DestinationService {
     }
 }
 
-/// The destination listener: plain gRPC over TCP. Dropping it stops
+/// The destination listener: gRPC over TCP, plain or mTLS (any workload
+/// identity chained to the cluster's anchors may ask). Dropping it stops
 /// accepting, ends every open stream and lets the connections close.
 #[derive(Debug)]
 pub struct DestinationServer {
@@ -270,38 +271,164 @@ pub struct DestinationServer {
     stop: watch::Sender<bool>,
 }
 
+/// One mTLS connection to the destination service.
+struct TlsConn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
+
+impl tonic::transport::server::Connected for TlsConn {
+    type ConnectInfo = ();
+
+    fn connect_info(&self) {}
+}
+
+impl tokio::io::AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// The destination listener's mTLS config: this gateway's certificate, and
+/// any workload identity chained to `anchors` (its issuer bound to its
+/// trust domain) may ask.
+pub fn server_tls(
+    anchors: &strait_proxy::identity::TrustAnchors,
+    certs: Arc<strait_proxy::identity::CertStore>,
+    refusals: strait_proxy::identity::RefusalSink,
+) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+    let verifier = strait_proxy::identity::LinkedPeersVerifier::new(
+        anchors.roots(),
+        strait_proxy::identity::AllowedPeers::any(),
+        refusals,
+    )?;
+    Ok(Arc::new(strait_proxy::tls::server_config(
+        verifier,
+        certs,
+        &[strait_proxy::tls::DESTINATION_ALPN],
+    )?))
+}
+
+/// TLS handshakes in progress at once, at most.
+const MAX_HANDSHAKES: usize = 128;
+
+/// Accepts TCP connections and hands on those whose mTLS handshake
+/// succeeds (refusals are counted by the verifier).
+fn tls_incoming(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    mut stopping: watch::Receiver<bool>,
+) -> ReceiverStream<std::io::Result<TlsConn>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = stopping.wait_for(|s| *s) => return,
+            };
+            let Ok((tcp, remote)) = accepted else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let handshake =
+                    tokio::time::timeout(Duration::from_secs(5), acceptor.accept(tcp)).await;
+                drop(permit);
+                match handshake {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(TlsConn(stream))).await;
+                    }
+                    Ok(Err(error)) => {
+                        tracing::info!(%remote, %error, "destination TLS handshake failed")
+                    }
+                    Err(_) => tracing::info!(%remote, "destination TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
 impl DestinationServer {
-    /// Binds `addr` and serves `local` on it.
+    /// Binds `addr` and serves `local` on it, over mTLS with `tls` (see
+    /// [`server_tls`]) or in plaintext.
     pub async fn bind(
         addr: SocketAddr,
         local: watch::Receiver<Arc<ClusterState>>,
+        tls: Option<Arc<rustls::ServerConfig>>,
     ) -> std::io::Result<Self> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let bound = listener.local_addr()?;
-        let incoming = tonic::transport::server::TcpIncoming::from(listener)
-            .with_nodelay(Some(true))
-            .with_keepalive(Some(Duration::from_secs(60)));
+        let mtls = tls.is_some();
         let (stop, stopping) = watch::channel(false);
         let service = DestinationService::new(local, stopping.clone());
-        let mut shutdown = stopping;
-        tokio::spawn(async move {
-            let result = tonic::transport::Server::builder()
-                // One stream per name a proxy follows (a proxy follows at
-                // most 1000); bound what one connection can hold open.
-                .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-                // Notice proxies that vanished without closing.
-                .http2_keepalive_interval(Some(Duration::from_secs(30)))
-                .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-                .add_service(GrpcServer::new(service))
-                .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = shutdown.wait_for(|s| *s).await;
-                })
-                .await;
-            if let Err(error) = result {
-                tracing::warn!(%error, "destination server stopped");
+        let server = tonic::transport::Server::builder()
+            // One stream per name a proxy follows (a proxy follows at
+            // most 1000); bound what one connection can hold open.
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+            // Notice proxies that vanished without closing.
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(GrpcServer::new(service));
+        let mut shutdown = stopping.clone();
+        let stopped = async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        };
+        match tls {
+            Some(tls) => {
+                let incoming = tls_incoming(listener, tls, stopping);
+                tokio::spawn(async move {
+                    if let Err(error) = server.serve_with_incoming_shutdown(incoming, stopped).await
+                    {
+                        tracing::warn!(%error, "destination server stopped");
+                    }
+                });
             }
-        });
-        tracing::info!(addr = %bound, "destination discovery listening");
+            None => {
+                let incoming = tonic::transport::server::TcpIncoming::from(listener)
+                    .with_nodelay(Some(true))
+                    .with_keepalive(Some(Duration::from_secs(60)));
+                tokio::spawn(async move {
+                    if let Err(error) = server.serve_with_incoming_shutdown(incoming, stopped).await
+                    {
+                        tracing::warn!(%error, "destination server stopped");
+                    }
+                });
+            }
+        }
+        tracing::info!(addr = %bound, mtls, "destination discovery listening");
         Ok(Self { addr: bound, stop })
     }
 

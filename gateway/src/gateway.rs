@@ -497,9 +497,19 @@ impl Gateway {
         )));
         tasks.push(tokio::spawn(egress::run(shared.clone())));
 
+        let destination_tls = if config.listen.destination_mtls {
+            Some(crate::destination::server_tls(
+                &shared.anchors,
+                shared.certs.clone(),
+                metrics.tls.sink("destination"),
+            )?)
+        } else {
+            None
+        };
         let destination = crate::destination::DestinationServer::bind(
             config.listen.destination,
             shared.local.clone(),
+            destination_tls,
         )
         .await
         .map_err(|source| StartError::Destination {

@@ -102,6 +102,15 @@ struct RunArgs {
     /// http://host:port), e.g. strait-gateway.strait-system.svc:8086.
     #[arg(long, env = "STRAIT_PROXY_DESTINATION_ADDR")]
     destination_addr: Option<String>,
+    /// Speak mTLS to the destination service, which must present this
+    /// SPIFFE ID (the gateway's, e.g.
+    /// spiffe://west.strait.local/ns/strait-system/sa/strait-gateway).
+    #[arg(
+        long,
+        env = "STRAIT_PROXY_DESTINATION_IDENTITY",
+        requires = "destination_addr"
+    )]
+    destination_identity: Option<String>,
     /// Static destinations (YAML); DNS is the fallback.
     #[arg(long, env = "STRAIT_PROXY_DESTINATIONS")]
     destinations: Option<PathBuf>,
@@ -200,7 +209,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // nothing knows, the original destination).
     let mut resolvers: Vec<Box<dyn Resolve>> = Vec::new();
     if let Some(addr) = &args.destination_addr {
-        resolvers.push(Box::new(GrpcResolver::parse(addr)?));
+        let mut resolver = GrpcResolver::parse(addr)?;
+        if let Some(id) = &args.destination_identity {
+            let id = SpiffeId::parse(id).context("--destination-identity")?;
+            let sink: strait_proxy::identity::RefusalSink = Arc::new(|_| {});
+            let tls = strait_proxy::tls::client_config(
+                strait_proxy::identity::ExpectedPeerVerifier::new(anchors.roots(), id, sink),
+                store.clone(),
+                &[strait_proxy::tls::DESTINATION_ALPN],
+            )?;
+            resolver = resolver.with_tls(Arc::new(tls));
+        }
+        resolvers.push(Box::new(resolver));
     }
     if let Some(path) = &args.destinations {
         resolvers.push(Box::new(StaticResolver::load(path)?));

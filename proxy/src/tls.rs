@@ -10,6 +10,9 @@ use rustls::crypto::CryptoProvider;
 /// The ALPN protocol spoken on gateway tunnels.
 pub const TUNNEL_ALPN: &[u8] = b"strait/1";
 
+/// ALPN of the destination (discovery) service over mTLS: gRPC, HTTP/2.
+pub const DESTINATION_ALPN: &[u8] = b"h2";
+
 /// The protocol versions Strait accepts: TLS 1.3 and nothing else.
 pub static PROTOCOL_VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
 

@@ -137,3 +137,84 @@ async fn a_dead_control_plane_answers_none_within_a_second() {
     );
     assert!(started.elapsed() < Duration::from_secs(1));
 }
+
+/// A proxy's TLS config for the destination service: its own workload
+/// certificate from `cluster`'s issuer, the gateway's identity pinned.
+fn proxy_tls(
+    bed: &Testbed,
+    cluster: &str,
+    root: &str,
+    gateway: &str,
+) -> std::sync::Arc<rustls::ClientConfig> {
+    use strait_proxy::identity::{CertStore, ExpectedPeerVerifier, Issuer, SpiffeId, TrustAnchors};
+    let dir = bed.path();
+    let anchors = TrustAnchors::load(&dir.join(root)).expect("anchors");
+    let issuer = Issuer::load(
+        &dir.join(format!("{cluster}-issuer.pem")),
+        &dir.join(format!("{cluster}-issuer.key")),
+    )
+    .expect("issuer");
+    let me = SpiffeId::workload(&format!("{cluster}.strait.local"), "demo", "client").expect("id");
+    let store = CertStore::new(&issuer.issue(&me, Duration::from_secs(3600)).expect("leaf"))
+        .expect("store");
+    let gw = SpiffeId::parse(gateway).expect("gateway id");
+    std::sync::Arc::new(
+        strait_proxy::tls::client_config(
+            ExpectedPeerVerifier::new(anchors.roots(), gw, std::sync::Arc::new(|_| {})),
+            store,
+            &[strait_proxy::tls::DESTINATION_ALPN],
+        )
+        .expect("client tls"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_over_mtls_serves_meshed_proxies_only() {
+    let bed = Testbed::new(&["west", "north"]);
+    bed.write_cluster("west", &cluster(true));
+    let mut config = bed.config("west", None, &[]);
+    config.listen.destination_mtls = true;
+    let gw = bed.start(config).await;
+    let gateway_id = "spiffe://west.strait.local/ns/strait-system/sa/strait-gateway";
+
+    // A meshed proxy of the cluster, pinning the gateway: answered.
+    let meshed = GrpcResolver::for_addr(gw.destination_addr())
+        .with_tls(proxy_tls(&bed, "west", "root.pem", gateway_id));
+    let got = seen(&meshed.resolve(HELLO).await);
+    assert_eq!(got.len(), 2, "{got:?}");
+
+    // Plaintext gets nothing (the listener speaks TLS only).
+    let plain =
+        GrpcResolver::for_addr(gw.destination_addr()).with_timeout(Duration::from_millis(300));
+    assert_eq!(plain.resolve(HELLO).await, None);
+
+    // A proxy pinning another identity refuses the gateway.
+    let wrong = "spiffe://north.strait.local/ns/strait-system/sa/strait-gateway";
+    let pinned_wrong = GrpcResolver::for_addr(gw.destination_addr())
+        .with_timeout(Duration::from_millis(300))
+        .with_tls(proxy_tls(&bed, "west", "root.pem", wrong));
+    assert_eq!(pinned_wrong.resolve(HELLO).await, None);
+
+    // A client from an unknown root is refused by the gateway, and counted.
+    let other_root = strait_proxy::identity::generate_root("elsewhere").expect("root");
+    let other_issuer =
+        strait_proxy::identity::generate_issuer(&other_root, "west.strait.local").expect("issuer");
+    std::fs::write(bed.path().join("other-root.pem"), &other_root.cert_pem).expect("write");
+    std::fs::write(bed.path().join("west-issuer.pem"), &other_issuer.cert_pem).expect("write");
+    std::fs::write(bed.path().join("west-issuer.key"), &other_issuer.key_pem).expect("write");
+    let stranger = GrpcResolver::for_addr(gw.destination_addr())
+        .with_timeout(Duration::from_millis(300))
+        .with_tls(proxy_tls(&bed, "west", "root.pem", gateway_id));
+    assert_eq!(stranger.resolve(HELLO).await, None);
+    eventually(WAIT, "the stranger counted", || async {
+        let m = metrics(&gw).await;
+        m.lines()
+            .any(|l| {
+                l.starts_with("strait_tls_handshake_failures_total")
+                    && l.contains("destination")
+                    && l.contains("unknown_issuer")
+            })
+            .then_some(())
+    })
+    .await;
+}

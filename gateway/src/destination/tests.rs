@@ -218,7 +218,7 @@ async fn next(s: &mut tonic::Streaming<Update>) -> Result<Option<Update>, Status
 #[tokio::test]
 async fn streams_the_current_set_then_changes_until_stopped() {
     let (tx, rx) = watch::channel(Arc::new(state(CLUSTER)));
-    let server = DestinationServer::bind("127.0.0.1:0".parse().expect("addr"), rx)
+    let server = DestinationServer::bind("127.0.0.1:0".parse().expect("addr"), rx, None)
         .await
         .expect("bind");
     let mut client = DestinationClient::connect(format!("http://{}", server.local_addr()))

@@ -63,6 +63,9 @@ pub struct GrpcResolver {
     retry_after: Duration,
     idle_timeout: Duration,
     context_token: String,
+    /// mTLS to the control plane (its identity pinned by the config's
+    /// verifier); plaintext when `None`.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// What the cache knows of an authority.
@@ -122,7 +125,16 @@ impl GrpcResolver {
             retry_after: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(60),
             context_token: String::new(),
+            tls: None,
         }
+    }
+
+    /// Speaks mTLS to the control plane with `config` (which presents this
+    /// proxy's certificate and pins the control plane's identity, see
+    /// [`crate::tls::client_config`]).
+    pub fn with_tls(mut self, config: Arc<rustls::ClientConfig>) -> Self {
+        self.tls = Some(config);
+        self
     }
 
     /// A resolver asking the control plane at `addr`.
@@ -188,12 +200,40 @@ impl GrpcResolver {
     fn channel(&self) -> Channel {
         self.channel
             .get_or_init(|| {
-                GrpcEndpoint::from(self.uri.clone())
+                let endpoint = GrpcEndpoint::from(self.uri.clone())
                     .connect_timeout(self.timeout)
                     .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(30))
-                    .keep_alive_timeout(Duration::from_secs(10))
-                    .connect_lazy()
+                    .keep_alive_timeout(Duration::from_secs(10));
+                let Some(tls) = self.tls.clone() else {
+                    return endpoint.connect_lazy();
+                };
+                let timeout = self.timeout;
+                let connector = tower::service_fn(move |uri: http::Uri| {
+                    let tls = tokio_rustls::TlsConnector::from(tls.clone());
+                    async move {
+                        let host = uri
+                            .host()
+                            .unwrap_or_default()
+                            .trim_matches(['[', ']'])
+                            .to_string();
+                        let port = uri.port_u16().unwrap_or(8086);
+                        let connect = async {
+                            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+                            tcp.set_nodelay(true)?;
+                            // A constant name: the control plane is known by
+                            // its SPIFFE ID, pinned in the config.
+                            let name = rustls::pki_types::ServerName::try_from("strait-gateway")
+                                .map_err(std::io::Error::other)?;
+                            tls.connect(name, tcp).await
+                        };
+                        let stream = tokio::time::timeout(timeout, connect)
+                            .await
+                            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                    }
+                });
+                endpoint.connect_with_connector_lazy(connector)
             })
             .clone()
     }
