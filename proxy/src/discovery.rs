@@ -30,16 +30,28 @@ pub struct Endpoint {
 }
 
 /// What an authority resolves to.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Destination {
     /// The endpoints.
     pub endpoints: Vec<Endpoint>,
+    /// The port speaks an opaque protocol (the control plane's protocol
+    /// hint, from the Service port's `appProtocol`): connections to it are
+    /// forwarded as TCP without protocol detection, so server-speaks-first
+    /// protocols (MySQL, SMTP) are not held for the detection timeout.
+    pub opaque: bool,
 }
 
 /// Resolves authorities (`host:port`).
 pub trait Resolve: Send + Sync {
     /// The destination for `authority`, if known.
     fn resolve<'a>(&'a self, authority: &'a str) -> BoxFuture<'a, Option<Destination>>;
+
+    /// What is already known of `authority`, without waiting (and, where
+    /// answers come from a control plane, starting to ask so the next
+    /// connection knows). Default: nothing.
+    fn peek(&self, _authority: &str) -> Option<Destination> {
+        None
+    }
 }
 
 /// A fixed table of destinations.
@@ -59,6 +71,8 @@ struct File {
 struct FileDestination {
     authority: String,
     endpoints: Vec<FileEndpoint>,
+    #[serde(default)]
+    opaque: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -116,6 +130,9 @@ impl StaticResolver {
     ///   - authority: web.demo.svc.cluster.local:8080
     ///     endpoints:
     ///       - { addr: 10.0.0.7:8080, identity: "spiffe://east.strait.local/ns/demo/sa/web" }
+    ///   - authority: 10.0.0.9:3306
+    ///     opaque: true          # forwarded as TCP, never detected
+    ///     endpoints: [{ addr: 10.0.0.9:3306 }]
     /// ```
     pub fn parse(text: &str, path: &str) -> Result<Self, DiscoveryError> {
         let parse = |message: String| DiscoveryError::Parse {
@@ -140,7 +157,13 @@ impl StaticResolver {
                     weight: e.weight,
                 });
             }
-            table.insert(d.authority, Destination { endpoints });
+            table.insert(
+                d.authority,
+                Destination {
+                    endpoints,
+                    opaque: d.opaque,
+                },
+            );
         }
         Ok(Self::new(table))
     }
@@ -159,6 +182,10 @@ impl Resolve for StaticResolver {
     fn resolve<'a>(&'a self, authority: &'a str) -> BoxFuture<'a, Option<Destination>> {
         Box::pin(async move { self.table.get(authority).cloned() })
     }
+
+    fn peek(&self, authority: &str) -> Option<Destination> {
+        self.table.get(authority).cloned()
+    }
 }
 
 /// Resolves `host:port` with the system resolver; endpoints are unmeshed.
@@ -176,7 +203,10 @@ impl Resolve for DnsResolver {
                     weight: 1,
                 })
                 .collect();
-            (!endpoints.is_empty()).then_some(Destination { endpoints })
+            (!endpoints.is_empty()).then_some(Destination {
+                endpoints,
+                opaque: false,
+            })
         })
     }
 }
@@ -194,6 +224,10 @@ impl Resolve for Chain {
             }
             None
         })
+    }
+
+    fn peek(&self, authority: &str) -> Option<Destination> {
+        self.0.iter().find_map(|r| r.peek(authority))
     }
 }
 

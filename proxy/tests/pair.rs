@@ -200,6 +200,7 @@ async fn pair(server_id_expected: Option<SpiffeId>) -> Pair {
                 identity: Some(expected.clone()),
                 weight: 1,
             }],
+            opaque: false,
         },
     );
     table.insert(
@@ -210,6 +211,7 @@ async fn pair(server_id_expected: Option<SpiffeId>) -> Pair {
                 identity: Some(expected),
                 weight: 1,
             }],
+            opaque: false,
         },
     );
     table.insert(
@@ -220,6 +222,7 @@ async fn pair(server_id_expected: Option<SpiffeId>) -> Pair {
                 identity: None,
                 weight: 1,
             }],
+            opaque: false,
         },
     );
     let client_registry = Registry::default();
@@ -513,4 +516,85 @@ async fn a_request_to_the_proxy_itself_is_refused_not_looped() {
     )
     .await;
     assert!(rsp.starts_with("HTTP/1.1 508"), "{rsp}");
+}
+
+/// A server that speaks first: it sends a banner on connect.
+async fn banner() -> SocketAddr {
+    let l = TcpListener::bind(loopback()).await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let _ = s.write_all(b"220 hello\r\n").await;
+                let mut buf = [0u8; 64];
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    addr
+}
+
+/// How long a client of an outbound proxy (whose original destination is
+/// the banner server) waits for the banner.
+async fn banner_wait(opaque: bool) -> Duration {
+    strait_proxy::tls::install_default_provider();
+    let root = generate_root("test").expect("root");
+    let pem = generate_issuer(&root, TD).expect("issuer");
+    let issuer = Issuer::from_pem(pem.cert_pem.as_bytes(), pem.key_pem.as_bytes()).expect("issuer");
+    let anchors = TrustAnchors::from_pem(root.cert_pem.as_bytes(), "root").expect("anchors");
+    let target = banner().await;
+    let mut table = HashMap::new();
+    table.insert(
+        target.to_string(),
+        Destination {
+            endpoints: vec![Endpoint {
+                addr: target,
+                identity: None,
+                weight: 1,
+            }],
+            opaque,
+        },
+    );
+    let client = Proxy::start(
+        ProxyConfig {
+            outbound: loopback(),
+            inbound: loopback(),
+            admin: loopback(),
+            outbound_target: Some(target),
+            inbound_target: Some(target),
+            detect_timeout: Duration::from_millis(800),
+            ..Default::default()
+        },
+        identity(&issuer, "client"),
+        anchors,
+        Arc::new(StaticResolver::new(table)),
+        Registry::default(),
+    )
+    .await
+    .expect("client proxy");
+    let started = std::time::Instant::now();
+    let mut s = TcpStream::connect(client.outbound_addr())
+        .await
+        .expect("connect");
+    let mut buf = [0u8; 11];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
+        .await
+        .expect("the banner within 5 s")
+        .expect("read");
+    assert_eq!(&buf, b"220 hello\r\n");
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_marks_a_server_speaks_first_port_opaque() {
+    // Opaque by discovery: forwarded at once, never held for detection.
+    let fast = banner_wait(true).await;
+    assert!(fast < Duration::from_millis(500), "{fast:?}");
+    // Without the hint the proxy waits for the client's first bytes until
+    // the detection timeout, then forwards as TCP (the same bytes).
+    let slow = banner_wait(false).await;
+    assert!(slow >= Duration::from_millis(700), "{slow:?}");
 }

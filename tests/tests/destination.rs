@@ -218,3 +218,31 @@ async fn discovery_over_mtls_serves_meshed_proxies_only() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_ports_are_known_by_name_and_by_address() {
+    let bed = Testbed::new(&["west"]);
+    bed.write_cluster(
+        "west",
+        "services:
+  - namespace: demo
+    name: db
+    ports:
+      - { name: mysql, port: 3306, appProtocol: tcp }
+    endpoints:
+      - { name: db-0, ip: 127.0.0.9, ports: { mysql: 13306 } }
+",
+    );
+    let gw = bed.start(bed.config("west", None, &[])).await;
+    let grpc = GrpcResolver::for_addr(gw.destination_addr());
+    let by_name = grpc.resolve("db.demo:3306").await.expect("db");
+    assert!(by_name.opaque, "{by_name:?}");
+    // What a transparent proxy asks: the original destination's address.
+    // The first peek starts following it; once known, peeks answer at once.
+    assert!(grpc.peek("127.0.0.9:13306").is_none_or(|d| d.opaque));
+    let by_addr = eventually(WAIT, "the address known", || async {
+        grpc.peek("127.0.0.9:13306")
+    })
+    .await;
+    assert!(by_addr.opaque, "{by_addr:?}");
+}

@@ -39,6 +39,7 @@ use tonic::transport::{Channel, Endpoint as GrpcEndpoint};
 
 use super::{Destination, Endpoint, Resolve};
 use crate::identity::SpiffeId;
+use strait_proto::tunnel::v1::ProtocolHint;
 
 /// The most authorities one resolver follows at once.
 pub const MAX_WATCHES: usize = 1000;
@@ -384,8 +385,8 @@ async fn follow(
 /// endpoints, `None` an empty update (ignored). Endpoints with an invalid
 /// address or identity are left out (an unparsable identity never turns a
 /// meshed endpoint into a plaintext one); a set left empty is no
-/// endpoints. Weight 0 is the default, 1. The protocol hint is not carried
-/// yet: [`Endpoint`] has no field for it.
+/// endpoints. Weight 0 is the default, 1. The destination is opaque when
+/// every address carries the opaque protocol hint.
 fn answer(update: &Update) -> Option<Option<Destination>> {
     match update.update.as_ref()? {
         update::Update::NoEndpoints(_) => Some(None),
@@ -416,7 +417,13 @@ fn answer(update: &Update) -> Option<Option<Destination>> {
                     })
                 })
                 .collect();
-            Some((!endpoints.is_empty()).then_some(Destination { endpoints }))
+            // A port's hint is its Service port's: every endpoint agrees.
+            let opaque = !set.addrs.is_empty()
+                && set
+                    .addrs
+                    .iter()
+                    .all(|a| a.protocol_hint == ProtocolHint::Opaque as i32);
+            Some((!endpoints.is_empty()).then_some(Destination { endpoints, opaque }))
         }
     }
 }
@@ -429,6 +436,21 @@ fn has_port(authority: &str) -> bool {
 }
 
 impl Resolve for GrpcResolver {
+    fn peek(&self, authority: &str) -> Option<Destination> {
+        let key = authority.to_ascii_lowercase();
+        if !has_port(&key) {
+            return None;
+        }
+        // Starts following the name if nobody does yet: the next
+        // connection to it will know.
+        let rx = self.watch(&key)?;
+        let state = rx.borrow();
+        match &*state {
+            State::Current(d) => d.clone(),
+            State::Pending | State::NotServed => None,
+        }
+    }
+
     fn resolve<'a>(&'a self, authority: &'a str) -> BoxFuture<'a, Option<Destination>> {
         Box::pin(async move {
             let key = authority.to_ascii_lowercase();

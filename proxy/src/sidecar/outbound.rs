@@ -150,7 +150,16 @@ impl Outbound {
             tls: "false",
         };
         shared.tcp.opens.get_or_create(&labels).inc();
-        let opaque = orig.is_some_and(|o| shared.config.opaque_ports.contains(&o.port()));
+        // Opaque by configuration, or because discovery already says so
+        // for the original destination (never waited for: a name not yet
+        // known is detected as usual, and asked about for next time).
+        let opaque = orig.is_some_and(|o| {
+            shared.config.opaque_ports.contains(&o.port())
+                || shared
+                    .resolver
+                    .peek(&o.to_string())
+                    .is_some_and(|d| d.opaque)
+        });
         let mut tcp = tcp;
         let (proto, prefix) = if opaque {
             (Detected::Opaque, bytes::Bytes::new())
