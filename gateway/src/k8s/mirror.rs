@@ -134,13 +134,23 @@ pub fn parse_egress_ports(s: &str) -> BTreeMap<u16, u16> {
         .collect()
 }
 
-/// Whether a Service is one Strait wrote for an import.
+/// Whether a Service is one Strait wrote for an import: Strait's labels,
+/// and — where the server tracks field managers, as every real one does —
+/// fields written by the `strait` manager (labels alone could be copied
+/// onto any Service by whoever may create one, and feed it allocations).
 pub fn is_ours(svc: &Service) -> bool {
     let l = svc.metadata.labels.as_ref();
-    l.and_then(|l| l.get(labels::MANAGED_BY))
+    let labelled = l
+        .and_then(|l| l.get(labels::MANAGED_BY))
         .map(String::as_str)
         == Some(labels::MANAGER)
-        && l.is_some_and(|l| l.contains_key(labels::MIRROR))
+        && l.is_some_and(|l| l.contains_key(labels::MIRROR));
+    let managed = svc.metadata.managed_fields.as_ref().is_none_or(|m| {
+        m.is_empty()
+            || m.iter()
+                .any(|f| f.manager.as_deref() == Some(labels::MANAGER))
+    });
+    labelled && managed
 }
 
 /// What the mirror Services in the cluster say: their allocations and the

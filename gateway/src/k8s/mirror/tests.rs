@@ -267,3 +267,26 @@ fn colliding_mirror_names_are_written_once_and_reported() {
         d.collisions
     );
 }
+
+#[test]
+fn strait_labels_written_by_someone_else_do_not_make_a_mirror() {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
+    let t = table(vec![import("shop", "web", &[("http", 80, &["east"])])]);
+    let (alloc, _) = allocate(&BTreeMap::new(), &wanted(&t), 20_000..=20_999);
+    let d = plan(&t, &alloc, &BTreeMap::new(), &[]);
+    let mut svc = d.services[0].clone();
+    assert!(is_ours(&svc), "no field managers tracked: labels decide");
+    let entry = |manager: &str| ManagedFieldsEntry {
+        manager: Some(manager.into()),
+        operation: Some("Apply".into()),
+        ..Default::default()
+    };
+    svc.metadata.managed_fields = Some(vec![entry("kubectl")]);
+    assert!(!is_ours(&svc), "labels copied by kubectl");
+    assert!(
+        observe([&svc]).allocations.is_empty(),
+        "and no allocation read from it"
+    );
+    svc.metadata.managed_fields = Some(vec![entry("kubectl-edit"), entry("strait")]);
+    assert!(is_ours(&svc), "ours, edited by hand since");
+}
