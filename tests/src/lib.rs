@@ -176,6 +176,20 @@ tunnel:
         GatewayConfig::load(&path).expect("valid config")
     }
 
+    /// Starts east exporting `demo/hello` (one endpoint, `hello-0`) and
+    /// letting west in.
+    pub async fn start_hello_east(&self) -> Gateway {
+        let endpoint = spawn_hello_endpoint("east", "hello-0")
+            .await
+            .expect("endpoint");
+        self.write_cluster(
+            "east",
+            &hello_cluster_yaml(&[("hello-0".to_string(), endpoint)], true),
+        );
+        self.start(self.config("east", None, &[("west", None, None)]))
+            .await
+    }
+
     /// Starts a gateway.
     pub async fn start(&self, config: GatewayConfig) -> Gateway {
         Gateway::start(config).await.expect("gateway starts")

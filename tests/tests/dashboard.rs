@@ -34,16 +34,7 @@ fn chromium_dom(url: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_peers_imports_and_exports_in_a_browser() {
     let bed = Testbed::new(&["west", "east"]);
-    let endpoint = spawn_hello_endpoint("east", "hello-0")
-        .await
-        .expect("endpoint");
-    bed.write_cluster(
-        "east",
-        &hello_cluster_yaml(&[("hello-0".to_string(), endpoint)], true),
-    );
-    let east = bed
-        .start(bed.config("east", None, &[("west", None, None)]))
-        .await;
+    let east = bed.start_hello_east().await;
     let west = bed
         .start(bed.config("west", None, &[("east", Some(east.tunnel_addr()), None)]))
         .await;

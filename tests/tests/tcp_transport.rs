@@ -21,16 +21,7 @@ async fn linked(
     identity: Option<&str>,
 ) -> (Testbed, Gateway, Gateway) {
     let bed = Testbed::new(&["west", "east"]);
-    let endpoint = spawn_hello_endpoint("east", "hello-0")
-        .await
-        .expect("endpoint");
-    bed.write_cluster(
-        "east",
-        &hello_cluster_yaml(&[("hello-0".to_string(), endpoint)], true),
-    );
-    let east = bed
-        .start(bed.config("east", None, &[("west", None, None)]))
-        .await;
+    let east = bed.start_hello_east().await;
     let mut config = bed.config("west", None, &[("east", Some(address(&east)), identity)]);
     config.links[0].transport = transport;
     let west = bed.start(config).await;

@@ -70,6 +70,25 @@ fn apply_params() -> PatchParams {
     PatchParams::apply(labels::MANAGER).force()
 }
 
+/// The namespaced kinds the writer reads and writes.
+trait Kind:
+    Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+    + Clone
+    + Serialize
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+{
+}
+
+impl<K> Kind for K where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+{
+}
+
 /// Last applied content per object, so unchanged objects are not written.
 #[derive(Default)]
 struct Applied(HashMap<String, serde_json::Value>);
@@ -103,12 +122,7 @@ impl Sync<'_> {
     /// returns its uid.
     async fn apply<K>(&mut self, obj: &K, cached_uid: Option<String>) -> Option<String>
     where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
-            + Clone
-            + Serialize
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
-        K::DynamicType: Default,
+        K: Kind,
     {
         let (ns, name) = (obj.namespace().unwrap_or_default(), obj.name_any());
         let kind = K::kind(&K::DynamicType::default()).to_string();
@@ -150,11 +164,7 @@ impl Sync<'_> {
     /// an error counts as foreign, to be safe, and is reported).
     async fn foreign<K>(&mut self, k: &(String, String)) -> bool
     where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
-        K::DynamicType: Default,
+        K: Kind,
     {
         let api: Api<K> = Api::namespaced(self.ctx.client.clone(), &k.0);
         match api.get_opt(&k.1).await {
@@ -187,11 +197,7 @@ impl Sync<'_> {
 
     async fn apply_status<K>(&mut self, ns: &str, name: &str, status: serde_json::Value)
     where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
-        K::DynamicType: Default,
+        K: Kind,
     {
         if !self.leading() {
             return;
@@ -218,11 +224,7 @@ impl Sync<'_> {
 
     async fn delete<K>(&mut self, ns: &str, name: &str)
     where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
-        K::DynamicType: Default,
+        K: Kind,
     {
         let kind = K::kind(&K::DynamicType::default()).to_string();
         if !self.leading() {
