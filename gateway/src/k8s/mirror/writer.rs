@@ -125,7 +125,7 @@ impl Sync<'_> {
         K: Kind,
     {
         let (ns, name) = (obj.namespace().unwrap_or_default(), obj.name_any());
-        let kind = K::kind(&K::DynamicType::default()).to_string();
+        let kind = K::kind(&()).to_string();
         let id = format!("{kind}/{ns}/{name}");
         if !self.leading() {
             return cached_uid;
@@ -174,7 +174,7 @@ impl Sync<'_> {
                 let ours = l.get(labels::MANAGED_BY).map(String::as_str) == Some(labels::MANAGER)
                     && l.contains_key(labels::MIRROR);
                 if !ours {
-                    let kind = K::kind(&K::DynamicType::default()).to_string();
+                    let kind = K::kind(&()).to_string();
                     self.fail(
                         "conflict",
                         format!(
@@ -202,10 +202,9 @@ impl Sync<'_> {
         if !self.leading() {
             return;
         }
-        let dt = K::DynamicType::default();
         let body = serde_json::json!({
-            "apiVersion": K::api_version(&dt),
-            "kind": K::kind(&dt),
+            "apiVersion": K::api_version(&()),
+            "kind": K::kind(&()),
             "metadata": {"name": name, "namespace": ns},
             "status": status,
         });
@@ -217,7 +216,7 @@ impl Sync<'_> {
             Ok(_) => self.ctx.metrics.write("status"),
             Err(e) => self.fail(
                 "status",
-                format!("{}/{ns}/{name}: status: {e}", K::kind(&dt)),
+                format!("{}/{ns}/{name}: status: {e}", K::kind(&())),
             ),
         }
     }
@@ -226,7 +225,7 @@ impl Sync<'_> {
     where
         K: Kind,
     {
-        let kind = K::kind(&K::DynamicType::default()).to_string();
+        let kind = K::kind(&()).to_string();
         if !self.leading() {
             return;
         }
