@@ -67,6 +67,8 @@ pub mod objects {
     pub const COREDNS_NAMESPACE: &str = "kube-system";
     /// CoreDNS's ConfigMap.
     pub const COREDNS_CONFIG_MAP: &str = "coredns";
+    /// Extra server blocks the Corefile imports (AKS, k3s).
+    pub const COREDNS_CUSTOM_CONFIG_MAP: &str = "coredns-custom";
     /// The Corefile key in [`COREDNS_CONFIG_MAP`].
     pub const COREFILE_KEY: &str = "Corefile";
     /// The name `strait check` asks the clusterset DNS for (TXT).
@@ -578,6 +580,9 @@ pub struct CheckInputs {
     pub dns: Option<DnsProbe>,
     /// ConfigMap `kube-system/coredns`.
     pub coredns: Fetched<ConfigMap>,
+    /// ConfigMap `kube-system/coredns-custom` (AKS, k3s: `*.server` files
+    /// the Corefile `import`s).
+    pub coredns_custom: Fetched<ConfigMap>,
 }
 
 fn fetch_failed(name: &'static str, what: &str, e: &str) -> CheckResult {
@@ -1176,7 +1181,21 @@ fn check_coredns(inputs: &CheckInputs, config: Option<&GatewayConfig>) -> CheckR
             format!("{what} has no {}; {add}", objects::COREFILE_KEY),
         );
     };
-    match corefile_clusterset_forwards(corefile) {
+    // The block may also sit in a `*.server` file of coredns-custom that
+    // the Corefile imports (AKS and k3s keep user blocks there).
+    let imports = corefile
+        .lines()
+        .any(|l| strip_comment(l).trim_start().starts_with("import "));
+    let custom = match (&inputs.coredns_custom, imports) {
+        (Ok(Some(cm)), true) => cm
+            .data
+            .iter()
+            .flatten()
+            .filter(|(k, _)| k.ends_with(".server"))
+            .find_map(|(_, v)| corefile_clusterset_forwards(v)),
+        _ => None,
+    };
+    match corefile_clusterset_forwards(corefile).or(custom) {
         None => CheckResult::new(
             "coredns",
             Status::Warn,
@@ -1431,11 +1450,12 @@ pub async fn gather(
         .await
         .map(|v| v.git_version)
         .map_err(|e| error_chain(&e));
-    let (crds, config, deployment, gateway_service, dns_service, links, issuer, coredns) =
+    let (crds, config, deployment, gateway_service, dns_service, links, issuer, coredns, custom) =
         if let Err(e) = &api {
             let e = format!("API server unreachable: {e}");
             (
                 Vec::new(),
+                Err(e.clone()),
                 Err(e.clone()),
                 Err(e.clone()),
                 Err(e.clone()),
@@ -1468,6 +1488,7 @@ pub async fn gather(
                 links,
                 fetch(&secrets, issuer_secret),
                 fetch(&system_config_maps, objects::COREDNS_CONFIG_MAP),
+                fetch(&system_config_maps, objects::COREDNS_CUSTOM_CONFIG_MAP),
             )
         };
     let server = dns_server.or_else(|| {
@@ -1500,6 +1521,7 @@ pub async fn gather(
         issuer,
         dns,
         coredns,
+        coredns_custom: custom,
     }
 }
 

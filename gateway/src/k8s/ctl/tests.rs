@@ -534,6 +534,7 @@ fn healthy() -> CheckInputs {
             objects::COREFILE_KEY,
             &corefile(&stub_domain_snippet(DNS_IP, 5)),
         ))),
+        coredns_custom: Ok(None),
     }
 }
 
@@ -1116,4 +1117,39 @@ fn gateways_table_lists_each_peer_alive_or_why_not() {
         "{text}"
     );
     assert_eq!(lines.len(), 4);
+}
+
+#[test]
+fn a_stub_domain_in_coredns_custom_counts_when_the_corefile_imports_it() {
+    let mut i = healthy();
+    let importing = ".:53 {\n    errors\n    import /etc/coredns/custom/*.server\n    forward . /etc/resolv.conf\n}\n";
+    i.coredns = Ok(Some(config_map(
+        objects::COREDNS_CONFIG_MAP,
+        objects::COREFILE_KEY,
+        importing,
+    )));
+    assert_check(
+        &i,
+        "coredns",
+        Status::Warn,
+        "no clusterset.local server block",
+    );
+    i.coredns_custom = Ok(Some(config_map(
+        objects::COREDNS_CUSTOM_CONFIG_MAP,
+        "strait.server",
+        &stub_domain_snippet(DNS_IP, 5),
+    )));
+    assert_check(&i, "coredns", Status::Pass, DNS_IP);
+    // Not imported: a custom file alone does nothing.
+    i.coredns = Ok(Some(config_map(
+        objects::COREDNS_CONFIG_MAP,
+        objects::COREFILE_KEY,
+        ".:53 {\n    forward . /etc/resolv.conf\n}\n",
+    )));
+    assert_check(
+        &i,
+        "coredns",
+        Status::Warn,
+        "no clusterset.local server block",
+    );
 }
