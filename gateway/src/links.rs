@@ -461,14 +461,21 @@ async fn serve(
         PeerConn::Tcp(_) => None,
     };
     let sample = async {
-        let Some(quic) = &quic else {
-            // TCP: the kernel keeps the path; nothing to sample here.
-            return std::future::pending().await;
-        };
         loop {
-            let stats = quic.stats();
-            rtt.observe(stats.path.rtt.as_secs_f64());
-            shared.peers.sample(&link.name, &stats);
+            match &conn {
+                PeerConn::Quic(c) => {
+                    let stats = c.stats();
+                    rtt.observe(stats.path.rtt.as_secs_f64());
+                    shared.peers.sample(&link.name, &stats);
+                }
+                // TCP: each stream's connect times one round trip.
+                PeerConn::Tcp(d) => {
+                    if let Some(r) = d.rtt() {
+                        rtt.observe(r.as_secs_f64());
+                        shared.peers.set_rtt(&link.name, r);
+                    }
+                }
+            }
             tokio::time::sleep(RTT_INTERVAL).await;
         }
     };

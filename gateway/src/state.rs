@@ -207,6 +207,11 @@ impl Peers {
         self.update(name, |p| p.status.catalog_received = true);
     }
 
+    /// Records a round-trip time measured outside QUIC (TCP tunnels).
+    pub fn set_rtt(&self, name: &str, rtt: std::time::Duration) {
+        self.update(name, |p| p.status.rtt_ms = Some(rtt.as_secs_f64() * 1000.0));
+    }
+
     /// Records a sample of the tunnel's path.
     pub fn sample(&self, name: &str, stats: &quinn::ConnectionStats) {
         self.update(name, |p| {

@@ -58,6 +58,15 @@ async fn tcp_links_carry_the_catalog_and_the_traffic() {
         .expect("east");
     assert!(peer.connected);
     assert_eq!(peer.transport, Some("tcp"));
+    // The round trip is measured from the streams' TCP connects.
+    eventually(WAIT, "an RTT for the TCP tunnel", || async {
+        west.peers()
+            .into_iter()
+            .find(|p| p.name == "east")
+            .and_then(|p| p.rtt_ms)
+            .filter(|ms| *ms > 0.0 && *ms < 1000.0)
+    })
+    .await;
     eventually(WAIT, "five streams counted on east", || async {
         let m = metrics(&east).await;
         let ok = "strait_tunnel_streams_total{peer=\"west\",direction=\"inbound\",result=\"ok\"}";

@@ -37,6 +37,8 @@ pub struct TcpDialer {
     /// The address that answered last: tried first, so a stream does not
     /// pay a DNS lookup.
     last: Mutex<Option<SocketAddr>>,
+    /// The last TCP connect time (SYN to SYN-ACK: one round trip).
+    rtt: Mutex<Option<Duration>>,
 }
 
 impl std::fmt::Debug for TcpDialer {
@@ -61,12 +63,20 @@ impl TcpDialer {
             connector: TlsConnector::from(client_tls),
             peer,
             last: Mutex::new(None),
+            rtt: Mutex::new(None),
         }
+    }
+
+    /// The round-trip time the last connection's TCP handshake took.
+    pub fn rtt(&self) -> Option<Duration> {
+        *self.rtt.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn handshake(&self, addr: SocketAddr) -> std::io::Result<TunnelIo> {
         let connect = async {
+            let started = std::time::Instant::now();
             let tcp = TcpStream::connect(addr).await?;
+            *self.rtt.lock().unwrap_or_else(|e| e.into_inner()) = Some(started.elapsed());
             let _ = tcp.set_nodelay(true);
             keepalive(&tcp);
             // A constant name: the peer is authenticated by its SPIFFE ID.
