@@ -85,16 +85,12 @@ enum Command {
         /// Link's name and spec.cluster.
         #[arg(long, value_parser = label)]
         name: String,
-        /// The namespace of Strait here, and of the Link in the peer.
-        #[arg(long, short = 'n', default_value = ctl::objects::NAMESPACE, value_parser = label)]
-        namespace: String,
+        #[command(flatten)]
+        cluster: ClusterArgs,
         /// An address peers dial, HOST[:PORT] (repeatable); default: the
         /// strait-gateway Service's load balancer addresses.
         #[arg(long = "address", value_name = "HOST[:PORT]", value_parser = address)]
         addresses: Vec<String>,
-        /// The kubeconfig context of THIS cluster (default: the current one).
-        #[arg(long)]
-        context: Option<String>,
         /// The peer imports only this namespace's exports (repeatable;
         /// default: all).
         #[arg(long = "accept-namespace", value_name = "NS", value_parser = label)]
@@ -110,12 +106,8 @@ enum Command {
     /// The linked peer gateways as this cluster sees them: alive, imports,
     /// round-trip time (from the Links' status).
     Gateways {
-        /// The namespace of Strait.
-        #[arg(long, short = 'n', default_value = ctl::objects::NAMESPACE, value_parser = label)]
-        namespace: String,
-        /// The kubeconfig context (default: the current one).
-        #[arg(long)]
-        context: Option<String>,
+        #[command(flatten)]
+        cluster: ClusterArgs,
         /// text or json.
         #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
         output: Output,
@@ -124,12 +116,8 @@ enum Command {
     /// certificates, clusterset DNS, CoreDNS stub domain. Exits 1 if a
     /// check fails (warnings are fine).
     Check {
-        /// The namespace of Strait.
-        #[arg(long, short = 'n', default_value = ctl::objects::NAMESPACE, value_parser = label)]
-        namespace: String,
-        /// The kubeconfig context (default: the current one).
-        #[arg(long)]
-        context: Option<String>,
+        #[command(flatten)]
+        cluster: ClusterArgs,
         /// `text` or `json` (an array of {name, status, detail}).
         #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
         output: Output,
@@ -150,6 +138,17 @@ enum Command {
 
 /// How `strait check` prints.
 /// `--transport` of `strait link`.
+/// Which cluster's Strait install a command reads.
+#[derive(clap::Args, Debug)]
+struct ClusterArgs {
+    /// The namespace of Strait (for `link`, also the Link's in the peer).
+    #[arg(long, short = 'n', default_value = ctl::objects::NAMESPACE, value_parser = label)]
+    namespace: String,
+    /// The kubeconfig context of this cluster (default: the current one).
+    #[arg(long)]
+    context: Option<String>,
+}
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 enum TransportFlag {
     Quic,
@@ -387,13 +386,9 @@ async fn link(req: ctl::LinkRequest, context: Option<String>) -> anyhow::Result<
     Ok(())
 }
 
-async fn gateways(
-    namespace: String,
-    context: Option<String>,
-    output: Output,
-) -> anyhow::Result<()> {
-    let client = ctl::client(context.as_deref()).await?;
-    let rows = ctl::gateway_rows(&ctl::gather_gateways(&client, &namespace).await?);
+async fn gateways(cluster: ClusterArgs, output: Output) -> anyhow::Result<()> {
+    let client = ctl::client(cluster.context.as_deref()).await?;
+    let rows = ctl::gateway_rows(&ctl::gather_gateways(&client, &cluster.namespace).await?);
     match output {
         Output::Text => print!("{}", ctl::render_gateways(&rows)),
         Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
@@ -402,15 +397,14 @@ async fn gateways(
 }
 
 async fn check(
-    namespace: String,
-    context: Option<String>,
+    cluster: ClusterArgs,
     output: Output,
     min_cert_days: u64,
     dns_server: Option<SocketAddr>,
     issuer_secret: String,
 ) -> anyhow::Result<()> {
-    let client = ctl::client(context.as_deref()).await?;
-    let inputs = ctl::gather(&client, &namespace, &issuer_secret, dns_server).await;
+    let client = ctl::client(cluster.context.as_deref()).await?;
+    let inputs = ctl::gather(&client, &cluster.namespace, &issuer_secret, dns_server).await;
     let results = ctl::evaluate(&inputs, std::time::SystemTime::now(), min_cert_days);
     match output {
         Output::Text => print!("{}", ctl::render_text(&results)),
@@ -448,16 +442,15 @@ fn main() -> ExitCode {
             .context("rendering the CRDs"),
         Command::Link {
             name,
-            namespace,
+            cluster,
             addresses,
-            context,
             accept_namespaces,
             transport,
             issuer_secret,
         } => {
             let req = ctl::LinkRequest {
                 name,
-                namespace,
+                namespace: cluster.namespace,
                 addresses,
                 accept_namespaces,
                 transport: match transport {
@@ -467,30 +460,20 @@ fn main() -> ExitCode {
                 },
                 issuer_secret,
             };
-            strait_proxy::cli::run_async(Some(2), link(req, context))
+            strait_proxy::cli::run_async(Some(2), link(req, cluster.context))
         }
-        Command::Gateways {
-            namespace,
-            context,
-            output,
-        } => strait_proxy::cli::run_async(Some(2), gateways(namespace, context, output)),
+        Command::Gateways { cluster, output } => {
+            strait_proxy::cli::run_async(Some(2), gateways(cluster, output))
+        }
         Command::Check {
-            namespace,
-            context,
+            cluster,
             output,
             min_cert_days,
             dns_server,
             issuer_secret,
         } => strait_proxy::cli::run_async(
             Some(2),
-            check(
-                namespace,
-                context,
-                output,
-                min_cert_days,
-                dns_server,
-                issuer_secret,
-            ),
+            check(cluster, output, min_cert_days, dns_server, issuer_secret),
         ),
         Command::Gateway { config, threads } => {
             strait_proxy::cli::run_async(threads.map(usize::from), gateway(config))
