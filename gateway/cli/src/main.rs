@@ -97,8 +97,8 @@ enum Command {
         accept_namespaces: Vec<String>,
         /// How the peer's gateway reaches this one: quic, tcp (TLS over
         /// TCP, where UDP is blocked) or auto (QUIC, else TCP).
-        #[arg(long, value_enum, default_value_t = TransportFlag::Quic)]
-        transport: TransportFlag,
+        #[arg(long, value_enum, default_value_t = LinkTransport::Quic)]
+        transport: LinkTransport,
         /// The issuer Secret (tls.crt, tls.key, ca.crt), if not the chart's.
         #[arg(long, default_value = ctl::objects::ISSUER_SECRET)]
         issuer_secret: String,
@@ -136,8 +136,6 @@ enum Command {
     },
 }
 
-/// How `strait check` prints.
-/// `--transport` of `strait link`.
 /// Which cluster's Strait install a command reads.
 #[derive(clap::Args, Debug)]
 struct ClusterArgs {
@@ -149,13 +147,7 @@ struct ClusterArgs {
     context: Option<String>,
 }
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-enum TransportFlag {
-    Quic,
-    Tcp,
-    Auto,
-}
-
+/// How `strait check` and `strait gateways` print.
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 enum Output {
     /// Aligned lines for people.
@@ -453,11 +445,7 @@ fn main() -> ExitCode {
                 namespace: cluster.namespace,
                 addresses,
                 accept_namespaces,
-                transport: match transport {
-                    TransportFlag::Quic => LinkTransport::Quic,
-                    TransportFlag::Tcp => LinkTransport::Tcp,
-                    TransportFlag::Auto => LinkTransport::Auto,
-                },
+                transport,
                 issuer_secret,
             };
             strait_proxy::cli::run_async(Some(2), link(req, cluster.context))

@@ -18,7 +18,9 @@ pub const GROUP: &str = "strait.io";
 pub const MCS_GROUP: &str = "multicluster.x-k8s.io";
 
 /// How a link's tunnel travels.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum LinkTransport {
     /// QUIC over UDP.
