@@ -67,8 +67,7 @@ struct Running {
 /// Resolves once link `name` is no longer the one of `generation` (changed
 /// or removed): connections accepted under it end then.
 pub async fn revoked(shared: &Shared, name: &str, generation: u64) {
-    let mut rx = shared.link_generations.subscribe();
-    let _ = rx.wait_for(|g| g.get(name) != Some(&generation)).await;
+    revocation(shared, name.to_string(), generation).await;
 }
 
 /// [`revoked`] as an owned future, for connections handed elsewhere.
