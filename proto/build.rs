@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/strait/tunnel/v1/tunnel.proto",
         "proto/strait/peer/v1/peer.proto",
         "proto/strait/destination/v1/destination.proto",
+        "proto/strait/identity/v1/identity.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

@@ -12,6 +12,7 @@
 //!   admin: 0.0.0.0:4191
 //!   dns: 0.0.0.0:5353
 //!   destination: 0.0.0.0:8086
+//!   identity: 0.0.0.0:8080
 //! source:
 //!   file: west-cluster.yaml
 //! links:
@@ -71,9 +72,24 @@ pub struct IdentityConfig {
     pub issuer_cert: PathBuf,
     /// The cluster issuer's PKCS#8 PEM key.
     pub issuer_key: PathBuf,
-    /// Leaf certificate lifetime in seconds (default 86400).
+    /// Leaf certificate lifetime in seconds (default 86400), for the
+    /// gateway's own leaf and those it issues to sidecars.
     #[serde(default = "default_leaf_lifetime")]
     pub leaf_lifetime_seconds: u64,
+    /// Outside Kubernetes: a YAML list of bearer tokens, each for one
+    /// service account (`- {token, namespace, serviceAccount}`); enables
+    /// the identity service there (see [`crate::identity`]). In
+    /// Kubernetes, tokens are checked with TokenReview instead.
+    #[serde(default)]
+    pub tokens_file: Option<PathBuf>,
+    /// The audience sidecars' tokens must be issued for (in Kubernetes,
+    /// the projected token's `audience`); default `identity.strait.io`.
+    #[serde(default = "default_token_audience")]
+    pub token_audience: String,
+}
+
+fn default_token_audience() -> String {
+    crate::identity::TOKEN_AUDIENCE.into()
 }
 
 fn default_leaf_lifetime() -> u64 {
@@ -102,6 +118,11 @@ pub struct ListenConfig {
     /// false (plaintext inside the cluster).
     #[serde(default)]
     pub destination_mtls: bool,
+    /// The identity service for sidecar proxies (gRPC over server-auth
+    /// TLS, see [`crate::identity`]); default `0.0.0.0:8080`. Served in
+    /// Kubernetes, and outside it when `identity.tokensFile` is set.
+    #[serde(default = "default_identity")]
+    pub identity: SocketAddr,
 }
 
 fn default_tunnel() -> SocketAddr {
@@ -116,6 +137,9 @@ fn default_dns() -> SocketAddr {
 fn default_destination() -> SocketAddr {
     ([0, 0, 0, 0], 8086).into()
 }
+fn default_identity() -> SocketAddr {
+    ([0, 0, 0, 0], 8080).into()
+}
 
 impl Default for ListenConfig {
     fn default() -> Self {
@@ -125,6 +149,7 @@ impl Default for ListenConfig {
             dns: default_dns(),
             destination: default_destination(),
             destination_mtls: false,
+            identity: default_identity(),
         }
     }
 }
@@ -260,6 +285,7 @@ impl KubernetesConfig {
             ("admin", listen.admin),
             ("dns", listen.dns),
             ("destination", listen.destination),
+            ("identity", listen.identity),
         ] {
             if range.contains(&addr.port()) {
                 return Err(invalid(
@@ -490,6 +516,9 @@ impl GatewayConfig {
         fix(&mut self.identity.trust_anchors);
         fix(&mut self.identity.issuer_cert);
         fix(&mut self.identity.issuer_key);
+        if let Some(p) = &mut self.identity.tokens_file {
+            fix(p);
+        }
         if let Some(p) = &mut self.source.file {
             fix(p);
         }
@@ -506,6 +535,15 @@ impl GatewayConfig {
             return Err(invalid(
                 "identity.leafLifetimeSeconds",
                 "must be 60 to 2592000 (30 days)",
+            ));
+        }
+        if self.identity.token_audience.trim().is_empty() {
+            return Err(invalid("identity.tokenAudience", "must not be empty"));
+        }
+        if self.identity.tokens_file.is_some() && self.source.kubernetes.is_some() {
+            return Err(invalid(
+                "identity.tokensFile",
+                "is for outside Kubernetes (in Kubernetes, tokens are reviewed by the API server)",
             ));
         }
         let prefix = self.imports.vip_range.prefix_len();

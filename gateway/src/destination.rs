@@ -271,8 +271,8 @@ pub struct DestinationServer {
     stop: watch::Sender<bool>,
 }
 
-/// One mTLS connection to the destination service.
-struct TlsConn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
+/// One TLS connection to a control-plane gRPC service.
+pub(crate) struct TlsConn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
 
 impl tonic::transport::server::Connected for TlsConn {
     type ConnectInfo = ();
@@ -330,7 +330,7 @@ pub fn server_tls(
     Ok(Arc::new(strait_proxy::tls::server_config(
         verifier,
         certs,
-        &[strait_proxy::tls::DESTINATION_ALPN],
+        &[strait_proxy::tls::CONTROL_PLANE_ALPN],
     )?))
 }
 
@@ -339,7 +339,8 @@ const MAX_HANDSHAKES: usize = 128;
 
 /// Accepts TCP connections and hands on those whose mTLS handshake
 /// succeeds (refusals are counted by the verifier).
-fn tls_incoming(
+pub(crate) fn tls_incoming(
+    service: &'static str,
     listener: tokio::net::TcpListener,
     tls: Arc<rustls::ServerConfig>,
     mut stopping: watch::Receiver<bool>,
@@ -371,9 +372,9 @@ fn tls_incoming(
                         let _ = tx.send(Ok(TlsConn(stream))).await;
                     }
                     Ok(Err(error)) => {
-                        tracing::info!(%remote, %error, "destination TLS handshake failed")
+                        tracing::info!(service, %remote, %error, "TLS handshake failed")
                     }
-                    Err(_) => tracing::info!(%remote, "destination TLS handshake timed out"),
+                    Err(_) => tracing::info!(service, %remote, "TLS handshake timed out"),
                 }
             });
         }
@@ -408,7 +409,7 @@ impl DestinationServer {
         };
         match tls {
             Some(tls) => {
-                let incoming = tls_incoming(listener, tls, stopping);
+                let incoming = tls_incoming("destination", listener, tls, stopping);
                 tokio::spawn(async move {
                     if let Err(error) = server.serve_with_incoming_shutdown(incoming, stopped).await
                     {

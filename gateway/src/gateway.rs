@@ -74,6 +74,18 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// The identity service could not bind.
+    #[error("identity server on {addr}: {source}")]
+    IdentityServer {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The identity service's tokens file was refused.
+    #[error(transparent)]
+    Tokens(#[from] crate::identity::TokensFileError),
     /// The admin server could not bind.
     #[error("admin server on {addr}: {source}")]
     Admin {
@@ -161,6 +173,7 @@ pub struct Gateway {
     dns: Option<DnsServer>,
     admin: AdminServer,
     destination: crate::destination::DestinationServer,
+    identity: Option<crate::identity::IdentityServer>,
     tunnel_addr: SocketAddr,
     ready: Readiness,
     _source: Source,
@@ -269,7 +282,7 @@ impl Gateway {
         let expiry = metrics.cert_expiry.clone();
         let mut tasks = Tasks::default();
         tasks.push(spawn_rotation(
-            issuer,
+            issuer.clone(),
             certs.clone(),
             lifetime,
             Duration::from_secs(30),
@@ -517,6 +530,39 @@ impl Gateway {
             source,
         })?;
 
+        // Certificates for this cluster's sidecars: in Kubernetes their
+        // tokens are reviewed by the API server, outside it a tokens file
+        // lists them; with neither there is nobody to vouch for a caller.
+        let authenticator = match (&client, &config.identity.tokens_file) {
+            (Some(client), _) if config.source.kubernetes.is_some() => {
+                Some(crate::identity::Authenticator::TokenReview {
+                    client: client.clone(),
+                    audience: config.identity.token_audience.clone(),
+                })
+            }
+            (_, Some(path)) => Some(crate::identity::Authenticator::Static(
+                crate::identity::StaticTokens::load(path)?,
+            )),
+            _ => None,
+        };
+        let identity = match authenticator {
+            Some(authenticator) => {
+                let service = crate::identity::IdentityService::new(
+                    issuer,
+                    authenticator,
+                    lifetime,
+                    metrics.identity_requests.clone(),
+                );
+                let addr = config.listen.identity;
+                Some(
+                    crate::identity::IdentityServer::bind(addr, service, shared.certs.clone())
+                        .await
+                        .map_err(|source| StartError::IdentityServer { addr, source })?,
+                )
+            }
+            None => None,
+        };
+
         let ready = Readiness::default();
         let router = strait_proxy::admin::router(Arc::new(registry), ready.clone())
             .merge(admin::api(shared.clone(), tunnel_addr));
@@ -541,6 +587,7 @@ impl Gateway {
             dns: Some(dns),
             admin,
             destination,
+            identity,
             tunnel_addr,
             ready,
             _source: source,
@@ -567,6 +614,13 @@ impl Gateway {
     /// The destination discovery (gRPC) address, for sidecar proxies.
     pub fn destination_addr(&self) -> SocketAddr {
         self.destination.local_addr()
+    }
+
+    /// The identity service's address, when it is served.
+    pub fn identity_addr(&self) -> Option<SocketAddr> {
+        self.identity
+            .as_ref()
+            .map(crate::identity::IdentityServer::local_addr)
     }
 
     /// This gateway's identity.

@@ -16,6 +16,7 @@ pub mod config;
 pub mod destination;
 pub mod egress;
 pub mod gateway;
+pub mod identity;
 pub mod imports;
 pub mod ingress;
 pub mod k8s;

@@ -92,6 +92,9 @@ pub struct GatewayMetrics {
     pub egress_bind_errors: Counter,
     /// Expiry of the gateway's current leaf certificate.
     pub cert_expiry: Gauge,
+    /// Certificate requests from sidecars, by result (see
+    /// [`crate::identity`]).
+    pub identity_requests: Family<ResultLabels, Counter>,
     /// TLS refusals.
     pub tls: TlsMetrics,
     /// Kubernetes mirror metrics (registered in every mode; zero outside
@@ -180,6 +183,7 @@ impl GatewayMetrics {
             egress_listeners: Gauge::default(),
             egress_bind_errors: Counter::default(),
             cert_expiry: Gauge::default(),
+            identity_requests: Family::default(),
             tls: TlsMetrics::register(r),
             mirror: MirrorMetrics::register(r),
         };
@@ -242,6 +246,11 @@ impl GatewayMetrics {
             "strait_egress_bind_errors",
             "Egress listeners that could not be bound",
             m.egress_bind_errors.clone(),
+        );
+        r.register(
+            "strait_identity_certify_requests",
+            "Certificate requests from sidecar proxies, by result (ok, unauthenticated, forbidden, invalid, unavailable, error)",
+            m.identity_requests.clone(),
         );
         r.register(
             "strait_identity_cert_expiry_timestamp_seconds",

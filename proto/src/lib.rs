@@ -3,7 +3,8 @@
 //! every QUIC stream between gateways, the [`peer::v1`] `Peering`
 //! service through which gateways exchange export catalogs, and the
 //! [`destination::v1`] `Destination` service through which sidecar proxies
-//! learn endpoints from their cluster's gateway.
+//! learn endpoints from their cluster's gateway, and the [`identity::v1`]
+//! `Identity` service from which they get their certificates.
 #![forbid(unsafe_code)]
 #![allow(missing_docs)]
 
@@ -29,5 +30,15 @@ pub mod destination {
     /// Version 1 of the destination API.
     pub mod v1 {
         tonic::include_proto!("strait.destination.v1");
+    }
+}
+
+/// The `Identity` gRPC service: sidecar proxies send a certificate signing
+/// request and a token and get a leaf certificate from their cluster's
+/// gateway.
+pub mod identity {
+    /// Version 1 of the identity API.
+    pub mod v1 {
+        tonic::include_proto!("strait.identity.v1");
     }
 }

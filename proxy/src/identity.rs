@@ -2,13 +2,15 @@
 //!
 //! A clusterset has one trust anchor (root CA); each cluster has an issuer
 //! (intermediate CA) whose own URI SAN is `spiffe://<trust-domain>`; every
-//! gateway or proxy mints itself a short-lived leaf from that issuer with its
-//! SPIFFE ID (`spiffe://<trust-domain>/ns/<ns>/sa/<sa>`) in the URI SAN, and
-//! renews it at two thirds of its life. Peers are verified against the
+//! gateway mints itself a short-lived leaf from that issuer with its SPIFFE
+//! ID (`spiffe://<trust-domain>/ns/<ns>/sa/<sa>`) in the URI SAN, and renews
+//! it at two thirds of its life; sidecar proxies get theirs from the
+//! gateway's identity service ([`Certifier`]) without holding the issuer. Peers are verified against the
 //! anchor, and additionally the leaf's trust domain must be the one its
 //! issuer is bound to, so one cluster's issuer cannot mint another cluster's
 //! identities.
 
+mod certify;
 mod certs;
 mod spiffe;
 mod store;
@@ -17,8 +19,9 @@ mod verify;
 #[cfg(test)]
 mod tests;
 
+pub use certify::{spawn_certify, Certifier, CertifyError};
 pub use certs::{
-    generate_issuer, generate_root, CertError, Issuer, Leaf, PemPair, TrustAnchors,
+    generate_issuer, generate_root, CertError, CertRequest, Issuer, Leaf, PemPair, TrustAnchors,
     DEFAULT_LEAF_LIFETIME,
 };
 pub use spiffe::{SpiffeId, SpiffeIdError};

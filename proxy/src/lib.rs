@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod balance;
 pub mod cli;
+pub mod control;
 pub mod detect;
 pub mod discovery;
 pub mod forward;

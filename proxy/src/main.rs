@@ -12,7 +12,10 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use prometheus_client::registry::Registry;
 use strait_proxy::discovery::{Chain, DnsResolver, GrpcResolver, Resolve, StaticResolver};
-use strait_proxy::identity::{spawn_rotation, CertStore, Issuer, Leaf, SpiffeId, TrustAnchors};
+use strait_proxy::identity::{
+    spawn_certify, spawn_rotation, CertStore, Certifier, Issuer, Leaf, SpiffeId, TrustAnchors,
+};
+use strait_proxy::metrics::IdentityMetrics;
 use strait_proxy::sidecar::{Proxy, ProxyConfig};
 use strait_proxy::transparent::{apply, InitConfig};
 
@@ -43,6 +46,7 @@ fn ms(s: &str) -> Result<Duration, String> {
 }
 
 #[derive(Args, Debug)]
+#[command(group = clap::ArgGroup::new("identity_source").args(["identity_addr", "issuer_cert"]))]
 struct RunArgs {
     /// Outbound listener.
     #[arg(
@@ -123,14 +127,50 @@ struct RunArgs {
     /// ...and its key (PKCS#8 PEM).
     #[arg(long, env = "STRAIT_PROXY_IDENTITY_KEY")]
     identity_key: Option<PathBuf>,
-    /// Or: mint and rotate our own 24 h leaf for this SPIFFE ID...
-    #[arg(long, env = "STRAIT_PROXY_IDENTITY", conflicts_with = "identity_cert", requires_all = ["issuer_cert", "issuer_key"])]
+    /// Or: this SPIFFE ID (spiffe://<trust-domain>/ns/<ns>/sa/<sa>),
+    /// certified by the control plane (--identity-addr) or minted from an
+    /// issuer held locally (--issuer-cert/--issuer-key; tests and hosts
+    /// outside a cluster).
+    #[arg(
+        long,
+        env = "STRAIT_PROXY_IDENTITY",
+        conflicts_with = "identity_cert",
+        requires = "identity_source"
+    )]
     identity: Option<String>,
-    /// ...from this issuer certificate...
-    #[arg(long, env = "STRAIT_PROXY_ISSUER_CERT")]
+    /// The gateway's identity service (host:port), e.g.
+    /// strait-gateway-identity.strait-system.svc:8080...
+    #[arg(
+        long,
+        env = "STRAIT_PROXY_IDENTITY_ADDR",
+        requires_all = ["identity", "identity_token_file"],
+        conflicts_with = "issuer_cert"
+    )]
+    identity_addr: Option<String>,
+    /// ...with this bearer token, re-read at every renewal (in Kubernetes,
+    /// a projected service account token for the audience
+    /// identity.strait.io)...
+    #[arg(
+        long,
+        env = "STRAIT_PROXY_IDENTITY_TOKEN_FILE",
+        requires = "identity_addr"
+    )]
+    identity_token_file: Option<PathBuf>,
+    /// ...and pinned on this SPIFFE ID (default: the gateway's in the
+    /// proxy's trust domain,
+    /// spiffe://<trust-domain>/ns/strait-system/sa/strait-gateway).
+    #[arg(
+        long,
+        env = "STRAIT_PROXY_IDENTITY_SERVER_ID",
+        requires = "identity_addr"
+    )]
+    identity_server_id: Option<String>,
+    /// Or mint and rotate our own 24 h leaf from this issuer
+    /// certificate...
+    #[arg(long, env = "STRAIT_PROXY_ISSUER_CERT", requires_all = ["identity", "issuer_key"])]
     issuer_cert: Option<PathBuf>,
     /// ...and key.
-    #[arg(long, env = "STRAIT_PROXY_ISSUER_KEY")]
+    #[arg(long, env = "STRAIT_PROXY_ISSUER_KEY", requires = "issuer_cert")]
     issuer_key: Option<PathBuf>,
 }
 
@@ -159,29 +199,70 @@ struct InitArgs {
     ipv6: bool,
 }
 
+/// The gateway's SPIFFE ID in the trust domain of `id`.
+fn default_gateway_id(id: &SpiffeId) -> anyhow::Result<SpiffeId> {
+    Ok(SpiffeId::workload(
+        id.trust_domain(),
+        "strait-system",
+        "strait-gateway",
+    )?)
+}
+
+/// This proxy's certificate store, with what keeps it current: nothing
+/// (files), a local rotation, or the control plane's identity service (the
+/// store starts pending; the proxy is not ready until it is certified).
 fn identity(
     args: &RunArgs,
+    anchors: &TrustAnchors,
+    metrics: &IdentityMetrics,
 ) -> anyhow::Result<(Arc<CertStore>, Option<tokio::task::JoinHandle<()>>)> {
     if let (Some(cert), Some(key)) = (&args.identity_cert, &args.identity_key) {
         let read =
             |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
         let leaf = Leaf::from_pem(&read(cert)?, &read(key)?)?;
+        metrics.renewed(leaf.not_after);
         return Ok((CertStore::new(&leaf)?, None));
     }
-    let (Some(id), Some(cert), Some(key)) = (&args.identity, &args.issuer_cert, &args.issuer_key)
-    else {
-        bail!("an identity is required: --identity-cert/--identity-key, or --identity with --issuer-cert/--issuer-key");
+    let Some(id) = &args.identity else {
+        bail!("an identity is required: --identity-cert/--identity-key, or --identity with --identity-addr/--identity-token-file or --issuer-cert/--issuer-key");
     };
-    let id = SpiffeId::parse(id)?;
+    let id = SpiffeId::parse(id).context("--identity")?;
+    if let (Some(addr), Some(token)) = (&args.identity_addr, &args.identity_token_file) {
+        let uri = strait_proxy::control::parse_addr(addr).context("--identity-addr")?;
+        let server = match &args.identity_server_id {
+            Some(s) => SpiffeId::parse(s).context("--identity-server-id")?,
+            None => default_gateway_id(&id)?,
+        };
+        let store = CertStore::pending(id.clone());
+        let sink: strait_proxy::identity::RefusalSink = Arc::new(|_| {});
+        let tls = strait_proxy::tls::client_config(
+            strait_proxy::identity::ExpectedPeerVerifier::new(anchors.roots(), server, sink),
+            store.clone(),
+            &[strait_proxy::tls::CONTROL_PLANE_ALPN],
+        )?;
+        let certifier = Certifier::new(id, &uri, Arc::new(tls), token.clone(), anchors);
+        let metrics = metrics.clone();
+        let task = spawn_certify(certifier, store.clone(), move |r| match r {
+            Ok(t) => metrics.renewed(t),
+            Err(e) => metrics.failed(e.kind()),
+        });
+        return Ok((store, Some(task)));
+    }
+    let (Some(cert), Some(key)) = (&args.issuer_cert, &args.issuer_key) else {
+        bail!("--identity needs --identity-addr and --identity-token-file (the control plane), or --issuer-cert and --issuer-key");
+    };
     let issuer = Arc::new(Issuer::load(cert, key)?);
     let lifetime = Duration::from_secs(24 * 3600);
-    let store = CertStore::new(&issuer.issue(&id, lifetime)?)?;
+    let leaf = issuer.issue(&id, lifetime)?;
+    metrics.renewed(leaf.not_after);
+    let store = CertStore::new(&leaf)?;
+    let metrics = metrics.clone();
     let task = spawn_rotation(
         issuer,
         store.clone(),
         lifetime,
         Duration::from_secs(30),
-        |_| {},
+        move |t| metrics.renewed(t),
     );
     Ok((store, Some(task)))
 }
@@ -204,7 +285,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     config.validate()?;
     let anchors = TrustAnchors::load(&args.trust_anchors)?;
-    let (store, _rotation) = identity(&args)?;
+    let mut registry = Registry::default();
+    let identity_metrics = IdentityMetrics::register(&mut registry);
+    let (store, _rotation) = identity(&args, &anchors, &identity_metrics)?;
     // Discovery first, then the static file, then DNS (and, for a name
     // nothing knows, the original destination).
     let mut resolvers: Vec<Box<dyn Resolve>> = Vec::new();
@@ -216,7 +299,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             let tls = strait_proxy::tls::client_config(
                 strait_proxy::identity::ExpectedPeerVerifier::new(anchors.roots(), id, sink),
                 store.clone(),
-                &[strait_proxy::tls::DESTINATION_ALPN],
+                &[strait_proxy::tls::CONTROL_PLANE_ALPN],
             )?;
             resolver = resolver.with_tls(Arc::new(tls));
         }
@@ -226,14 +309,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         resolvers.push(Box::new(StaticResolver::load(path)?));
     }
     resolvers.push(Box::new(DnsResolver));
-    let proxy = Proxy::start(
-        config,
-        store,
-        anchors,
-        Arc::new(Chain(resolvers)),
-        Registry::default(),
-    )
-    .await?;
+    let proxy = Proxy::start(config, store, anchors, Arc::new(Chain(resolvers)), registry).await?;
     println!(
         "strait-proxy up: outbound {}, inbound {}, admin http://{}",
         proxy.outbound_addr(),

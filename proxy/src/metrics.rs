@@ -7,6 +7,7 @@ use std::sync::Arc;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::identity::{RefusalReason, RefusalSink};
@@ -60,6 +61,56 @@ impl TlsMetrics {
                 reason: reason.as_str(),
             })
             .get()
+    }
+}
+
+/// Labels of a certification attempt.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertifyLabels {
+    /// `ok`, or [`crate::identity::CertifyError::kind`].
+    pub result: &'static str,
+}
+
+/// The proxy's own certificate: its expiry and how renewals went.
+#[derive(Clone, Debug, Default)]
+pub struct IdentityMetrics {
+    expiry: Gauge,
+    renewals: Family<CertifyLabels, Counter>,
+}
+
+impl IdentityMetrics {
+    /// Registers the families in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "strait_identity_cert_expiry_timestamp_seconds",
+            "Expiry of the proxy's current leaf certificate (Unix time)",
+            m.expiry.clone(),
+        );
+        registry.register(
+            "strait_identity_renewals",
+            "Attempts to get a certificate, by result (ok, token, request, unreachable, refused, invalid)",
+            m.renewals.clone(),
+        );
+        m
+    }
+
+    /// A new leaf expiring at `not_after` is in use.
+    pub fn renewed(&self, not_after: std::time::SystemTime) {
+        let secs = not_after
+            .duration_since(std::time::SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        self.expiry.set(secs);
+        self.renewals
+            .get_or_create(&CertifyLabels { result: "ok" })
+            .inc();
+    }
+
+    /// An attempt failed with this [`crate::identity::CertifyError::kind`].
+    pub fn failed(&self, kind: &'static str) {
+        self.renewals
+            .get_or_create(&CertifyLabels { result: kind })
+            .inc();
     }
 }
 

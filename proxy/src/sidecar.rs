@@ -281,7 +281,18 @@ impl Proxy {
                 addr: config.admin,
                 source,
             })?;
-        ready.set(true);
+        // Ready once this proxy has a certificate (at once, unless the
+        // control plane has yet to certify it).
+        let mut tasks = tasks;
+        let certified = shared.identity.clone();
+        let readiness = ready.clone();
+        tasks.push(tokio::spawn(async move {
+            certified.certified().await;
+            readiness.set(true);
+        }));
+        if shared.identity.is_certified() {
+            ready.set(true);
+        }
         tracing::info!(%outbound_addr, %inbound_addr, admin = %admin.local_addr(), identity = %shared.identity.id(), "proxy started");
         Ok(Self {
             shared,

@@ -10,8 +10,9 @@ use rustls::crypto::CryptoProvider;
 /// The ALPN protocol spoken on gateway tunnels.
 pub const TUNNEL_ALPN: &[u8] = b"strait/1";
 
-/// ALPN of the destination (discovery) service over mTLS: gRPC, HTTP/2.
-pub const DESTINATION_ALPN: &[u8] = b"h2";
+/// ALPN of the control plane's gRPC services over TLS (destination
+/// discovery, identity): HTTP/2.
+pub const CONTROL_PLANE_ALPN: &[u8] = b"h2";
 
 /// The protocol versions Strait accepts: TLS 1.3 and nothing else.
 pub static PROTOCOL_VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
@@ -66,5 +67,20 @@ pub fn server_config(
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
+    Ok(config)
+}
+
+/// A TLS 1.3 server config presenting `identity` to clients that need not
+/// have a certificate yet (the identity service: proxies come to it to get
+/// one).
+pub fn server_auth_only_config(
+    identity: Arc<crate::identity::CertStore>,
+    alpn: &[&[u8]],
+) -> Result<rustls::ServerConfig, rustls::Error> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(PROTOCOL_VERSIONS)?
+        .with_no_client_auth()
+        .with_cert_resolver(identity);
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)
 }

@@ -58,7 +58,63 @@ fn bad_flags_and_missing_identity_are_clear_errors() {
     assert_eq!(
         out.status.code(),
         Some(2),
-        "identity needs the issuer flags"
+        "identity needs the issuer flags or the control plane"
+    );
+    for (args, why) in [
+        (
+            &[
+                "--identity",
+                "spiffe://t/ns/a/sa/b",
+                "--identity-addr",
+                "gw:8080",
+            ][..],
+            "the control plane needs a token",
+        ),
+        (
+            &[
+                "--identity",
+                "spiffe://t/ns/a/sa/b",
+                "--identity-addr",
+                "gw:8080",
+                "--identity-token-file",
+                "/t",
+                "--issuer-cert",
+                "/c",
+                "--issuer-key",
+                "/k",
+            ][..],
+            "one source of certificates",
+        ),
+        (
+            &["--identity-token-file", "/t"][..],
+            "a token needs an address",
+        ),
+    ] {
+        let out = bin()
+            .args(["run", "--trust-anchors", "/nonexistent"])
+            .args(args)
+            .output()
+            .expect("runs");
+        assert_eq!(out.status.code(), Some(2), "{why}");
+    }
+    let out = bin()
+        .args(["run", "--inbound-target", "127.0.0.1:1", "--trust-anchors"])
+        .arg(dir.path().join("root.pem"))
+        .args([
+            "--identity",
+            "spiffe://t/ns/a/sa/b",
+            "--identity-addr",
+            "not an address",
+            "--identity-token-file",
+            "/t",
+        ])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--identity-addr"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 

@@ -9,7 +9,8 @@
 //! (bookmarks, 410 after compaction, streaming lists), create, update with
 //! optimistic concurrency, merge/JSON patch, server-side apply with field
 //! ownership, status subresources, delete/deletecollection, owner
-//! garbage collection and ClusterIP allocation.
+//! garbage collection and ClusterIP allocation; and TokenReview for
+//! service account tokens it issued ([`FakeKube::issue_token`]).
 //!
 //! Simplifications: namespaces need not exist before objects are created
 //! in them (deleting one still deletes its objects, at once); deletion is
@@ -74,6 +75,7 @@ impl FakeKube {
         let shared = Arc::new(Shared {
             store: Mutex::new(Store::new()),
             bookmark_ms: AtomicU64::new(1000),
+            tokens: Mutex::default(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -131,6 +133,45 @@ impl FakeKube {
             .into_iter()
             .map(|(_, v)| v)
             .collect()
+    }
+
+    /// Issues a bearer token for a service account, valid for `audiences`
+    /// (the API server's own audience when empty), as the TokenRequest API
+    /// would; TokenReview accepts it until [`Self::revoke_token`].
+    pub fn issue_token(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        audiences: &[&str],
+    ) -> String {
+        let token = format!("fake.{:032x}", rand::random::<u128>());
+        let audiences = if audiences.is_empty() {
+            vec![http::API_AUDIENCE.to_string()]
+        } else {
+            audiences.iter().map(|a| a.to_string()).collect()
+        };
+        self.shared
+            .tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                token.clone(),
+                http::IssuedToken {
+                    namespace: namespace.to_string(),
+                    service_account: service_account.to_string(),
+                    audiences,
+                },
+            );
+        token
+    }
+
+    /// Makes a token invalid (its pod or service account was deleted).
+    pub fn revoke_token(&self, token: &str) {
+        self.shared
+            .tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(token);
     }
 
     /// The current resourceVersion.

@@ -246,6 +246,7 @@ listen:
   admin: 127.0.0.1:0
   dns: 127.0.0.1:0
   destination: 127.0.0.1:0
+  identity: 127.0.0.1:0
 "
     )
 }

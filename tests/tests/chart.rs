@@ -739,6 +739,7 @@ fn config_file_has_the_gateway_shape() {
                 "admin": "0.0.0.0:4191",
                 "dns": "0.0.0.0:5353",
                 "destination": "0.0.0.0:8086",
+                "identity": "0.0.0.0:8080",
             },
             "source": {
                 "kubernetes": {
@@ -791,6 +792,7 @@ fn services_expose_the_documented_ports() {
         [json!([53, "UDP"]), json!([53, "TCP"])]
     );
     assert_eq!(ports("strait-destination"), [json!([8086, "TCP"])]);
+    assert_eq!(ports("strait-identity"), [json!([8080, "TCP"])]);
     let admin = find(&docs, "Service", "strait-admin");
     assert_eq!(admin["spec"]["type"], "ClusterIP");
     assert_eq!(
@@ -816,6 +818,7 @@ fn services_expose_the_documented_ports() {
         ("strait-admin", 4191),
         ("strait-dns", 5353),
         ("strait-destination", 8086),
+        ("strait-identity", 8080),
     ] {
         for p in find(&docs, "Service", service)["spec"]["ports"]
             .as_array()
@@ -855,6 +858,7 @@ fn rbac_is_least_privilege() {
             {"apiGroups": ["strait.io"], "resources": ["links"], "verbs": read},
             {"apiGroups": ["strait.io"], "resources": ["links/status"], "verbs": status},
             {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["get", "list"]},
+            {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
             {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
         ])
     );

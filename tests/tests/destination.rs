@@ -162,7 +162,7 @@ fn proxy_tls(
         strait_proxy::tls::client_config(
             ExpectedPeerVerifier::new(anchors.roots(), gw, std::sync::Arc::new(|_| {})),
             store,
-            &[strait_proxy::tls::DESTINATION_ALPN],
+            &[strait_proxy::tls::CONTROL_PLANE_ALPN],
         )
         .expect("client tls"),
     )

@@ -999,3 +999,53 @@ async fn a_dropped_server_is_gone() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(api.list(&ListParams::default()).await.is_err());
 }
+
+#[tokio::test]
+async fn token_reviews_know_issued_tokens_their_audiences_and_revocations() {
+    use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+    let kube = FakeKube::start().await.expect("fake");
+    let api: Api<TokenReview> = Api::all(kube.client());
+    let review = |token: &str, audiences: Option<Vec<&str>>| {
+        let api = api.clone();
+        let request = TokenReview {
+            spec: TokenReviewSpec {
+                token: token.to_string(),
+                audiences: audiences.map(|a| a.into_iter().map(String::from).collect()),
+            },
+            ..TokenReview::default()
+        };
+        async move {
+            api.create(&PostParams::default(), &request)
+                .await
+                .expect("a review is always answered")
+                .status
+                .expect("with a status")
+        }
+    };
+    let token = kube.issue_token("demo", "web", &["identity.strait.io"]);
+    let ok = review(&token, Some(vec!["identity.strait.io", "other"])).await;
+    assert_eq!(ok.authenticated, Some(true));
+    assert_eq!(
+        ok.user.and_then(|u| u.username).as_deref(),
+        Some("system:serviceaccount:demo:web")
+    );
+    assert_eq!(ok.audiences, Some(vec!["identity.strait.io".to_string()]));
+    assert!(ok.error.is_none());
+
+    // Another audience, the API server's default, an unknown token, and
+    // the token once revoked: not authenticated, with a reason.
+    for status in [
+        review(&token, Some(vec!["vault"])).await,
+        review(&token, None).await,
+        review("nope", Some(vec!["identity.strait.io"])).await,
+    ] {
+        assert_ne!(status.authenticated, Some(true));
+        assert!(status.error.is_some_and(|e| !e.is_empty()));
+    }
+    let plain = kube.issue_token("demo", "web", &[]);
+    assert_eq!(review(&plain, None).await.authenticated, Some(true));
+    kube.revoke_token(&token);
+    let revoked = review(&token, Some(vec!["identity.strait.io"])).await;
+    assert_ne!(revoked.authenticated, Some(true));
+    assert_eq!(kube.requests().count_for("create", "tokenreviews"), 6);
+}

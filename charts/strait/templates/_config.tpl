@@ -16,6 +16,7 @@ listen:
   admin: 0.0.0.0:4191
   dns: 0.0.0.0:5353
   destination: 0.0.0.0:8086
+  identity: 0.0.0.0:8080
 source:
   kubernetes:
     namespace: {{ .Release.Namespace }}

@@ -35,7 +35,7 @@ use futures::future::BoxFuture;
 use strait_proto::destination::v1::destination_client::DestinationClient;
 use strait_proto::destination::v1::{update, GetDestination, Update};
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint as GrpcEndpoint};
+use tonic::transport::Channel;
 
 use super::{Destination, Endpoint, Resolve};
 use crate::identity::SpiffeId;
@@ -44,14 +44,7 @@ use strait_proto::tunnel::v1::ProtocolHint;
 /// The most authorities one resolver follows at once.
 pub const MAX_WATCHES: usize = 1000;
 
-/// Why a control-plane address was refused.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ControlPlaneAddrError {
-    /// Not `host:port` nor `http://host:port`.
-    #[error("{0:?} is not host:port or http://host:port")]
-    Invalid(String),
-}
+pub use crate::control::ControlPlaneAddrError;
 
 /// Resolves authorities through the control plane's `Destination` service,
 /// caching one watch per authority. Clones share the cache and connection.
@@ -150,21 +143,7 @@ impl GrpcResolver {
     /// `http://host:port` (a command-line flag's value); the host may be a
     /// DNS name, resolved at every (re)connect.
     pub fn parse(addr: &str) -> Result<Self, ControlPlaneAddrError> {
-        let invalid = || ControlPlaneAddrError::Invalid(addr.to_string());
-        let text = if addr.contains("://") {
-            addr.to_string()
-        } else {
-            format!("http://{addr}")
-        };
-        let uri: http::Uri = text.parse().map_err(|_| invalid())?;
-        let ok = uri.scheme_str() == Some("http")
-            && uri.port_u16().is_some_and(|p| p > 0)
-            && uri.host().is_some_and(|h| !h.is_empty())
-            && uri.path_and_query().is_none_or(|p| p.as_str() == "/");
-        if !ok {
-            return Err(invalid());
-        }
-        Ok(Self::new(uri))
+        Ok(Self::new(crate::control::parse_addr(addr)?))
     }
 
     /// How long a resolve waits for the control plane's first answer about
@@ -200,42 +179,7 @@ impl GrpcResolver {
 
     fn channel(&self) -> Channel {
         self.channel
-            .get_or_init(|| {
-                let endpoint = GrpcEndpoint::from(self.uri.clone())
-                    .connect_timeout(self.timeout)
-                    .tcp_nodelay(true)
-                    .http2_keep_alive_interval(Duration::from_secs(30))
-                    .keep_alive_timeout(Duration::from_secs(10));
-                let Some(tls) = self.tls.clone() else {
-                    return endpoint.connect_lazy();
-                };
-                let timeout = self.timeout;
-                let connector = tower::service_fn(move |uri: http::Uri| {
-                    let tls = tokio_rustls::TlsConnector::from(tls.clone());
-                    async move {
-                        let host = uri
-                            .host()
-                            .unwrap_or_default()
-                            .trim_matches(['[', ']'])
-                            .to_string();
-                        let port = uri.port_u16().unwrap_or(8086);
-                        let connect = async {
-                            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
-                            tcp.set_nodelay(true)?;
-                            // A constant name: the control plane is known by
-                            // its SPIFFE ID, pinned in the config.
-                            let name = rustls::pki_types::ServerName::try_from("strait-gateway")
-                                .map_err(std::io::Error::other)?;
-                            tls.connect(name, tcp).await
-                        };
-                        let stream = tokio::time::timeout(timeout, connect)
-                            .await
-                            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-                    }
-                });
-                endpoint.connect_with_connector_lazy(connector)
-            })
+            .get_or_init(|| crate::control::channel(&self.uri, self.tls.clone(), self.timeout))
             .clone()
     }
 

@@ -55,6 +55,14 @@ pub enum CertError {
     /// rustls refused the key.
     #[error("private key refused: {0}")]
     Key(#[from] rustls::Error),
+    /// A certificate signing request was malformed, badly signed, or asked
+    /// for a name other than the identity.
+    #[error("certificate signing request refused: {0}")]
+    Request(String),
+    /// An issued certificate is not the one asked for (another identity,
+    /// or another key).
+    #[error("issued certificate does not match the request: {0}")]
+    Mismatch(String),
 }
 
 /// A certificate and its private key, both PEM-encoded, as written to files.
@@ -240,6 +248,51 @@ impl Issuer {
     /// `lifetime` (never past the issuer's own expiry).
     pub fn issue(&self, id: &SpiffeId, lifetime: Duration) -> Result<Leaf, CertError> {
         let now = SystemTime::now();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let (chain, not_after) = self.sign(id, &key, lifetime)?;
+        Ok(Leaf {
+            id: id.clone(),
+            chain,
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+            not_before: now,
+            not_after,
+        })
+    }
+
+    /// Signs a leaf for `id` over the public key of a PKCS#10 request
+    /// (DER) whose signature proves the caller holds the key; valid for
+    /// `lifetime`, never past the issuer's expiry. Only the key is taken
+    /// from the request: URI SANs in it must name `id` and nothing else,
+    /// and every other field is the issuer's. Returns the chain (leaf,
+    /// issuer) and the leaf's expiry.
+    pub fn certify(
+        &self,
+        id: &SpiffeId,
+        csr_der: &[u8],
+        lifetime: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, SystemTime), CertError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_der(&csr_der.into())
+            .map_err(|e| CertError::Request(e.to_string()))?;
+        for san in &csr.params.subject_alt_names {
+            match san {
+                SanType::URI(uri) if uri.as_str() == id.as_str() => {}
+                other => {
+                    return Err(CertError::Request(format!(
+                        "asks for {other:?}, not only {id}"
+                    )))
+                }
+            }
+        }
+        self.sign(id, &csr.public_key, lifetime)
+    }
+
+    fn sign(
+        &self,
+        id: &SpiffeId,
+        key: &impl rcgen::PublicKeyData,
+        lifetime: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, SystemTime), CertError> {
+        let now = SystemTime::now();
         if now >= self.not_after {
             return Err(CertError::IssuerExpired);
         }
@@ -250,7 +303,6 @@ impl Issuer {
             )));
         }
         let not_after = (now + lifetime).min(self.not_after);
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut p = CertificateParams::default();
         p.distinguished_name = rcgen::DistinguishedName::new();
         p.not_before = offset(now - BACKDATE);
@@ -263,14 +315,66 @@ impl Issuer {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         p.use_authority_key_identifier_extension = true;
-        let cert = p.signed_by(&key, &self.signer)?;
-        Ok(Leaf {
+        let cert = p.signed_by(key, &self.signer)?;
+        Ok((vec![cert.der().clone(), self.cert.clone()], not_after))
+    }
+}
+
+/// A fresh key pair and a certificate signing request for one identity:
+/// what a proxy sends its control plane (the key never leaves it).
+pub struct CertRequest {
+    id: SpiffeId,
+    key: KeyPair,
+    csr: Vec<u8>,
+}
+
+impl std::fmt::Debug for CertRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertRequest")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CertRequest {
+    /// Makes an ECDSA P-256 key and a request for `id` (its URI SAN)
+    /// signed with it.
+    pub fn new(id: &SpiffeId) -> Result<Self, CertError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut p = CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
+        let csr = p.serialize_request(&key)?;
+        Ok(Self {
             id: id.clone(),
-            chain: vec![cert.der().clone(), self.cert.clone()],
-            key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
-            not_before: now,
-            not_after,
+            key,
+            csr: csr.der().to_vec(),
         })
+    }
+
+    /// The request, DER.
+    pub fn csr_der(&self) -> &[u8] {
+        &self.csr
+    }
+
+    /// The leaf for this request from its issued chain (leaf first): the
+    /// leaf must name this request's identity and carry its public key.
+    pub fn into_leaf(self, chain: Vec<CertificateDer<'static>>) -> Result<Leaf, CertError> {
+        let key: PrivateKeyDer<'static> = PrivatePkcs8KeyDer::from(self.key.serialize_der()).into();
+        let leaf = Leaf::from_parts(chain, key)?;
+        if leaf.id != self.id {
+            return Err(CertError::Mismatch(format!(
+                "names {}, asked for {}",
+                leaf.id, self.id
+            )));
+        }
+        let first = leaf.chain.first().map(|c| c.as_ref()).unwrap_or_default();
+        let (_, parsed) = x509_parser::parse_x509_certificate(first)
+            .map_err(|e| CertError::Malformed(e.to_string()))?;
+        if parsed.public_key().subject_public_key.data.as_ref() != self.key.public_key_raw() {
+            return Err(CertError::Mismatch("another public key".into()));
+        }
+        Ok(leaf)
     }
 }
 
@@ -297,11 +401,20 @@ impl Leaf {
         let chain = CertificateDer::pem_slice_iter(chain_pem)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| CertError::Malformed(e.to_string()))?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem)
+            .map_err(|_| CertError::NoKey("identity key".into()))?;
+        Self::from_parts(chain, key)
+    }
+
+    /// A leaf from its DER chain (leaf first) and key; the identity and
+    /// validity are read from the leaf.
+    pub fn from_parts(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<Self, CertError> {
         let first = chain
             .first()
             .ok_or_else(|| CertError::NoCertificate("identity certificate".into()))?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem)
-            .map_err(|_| CertError::NoKey("identity key".into()))?;
         let (_, parsed) = x509_parser::parse_x509_certificate(first)
             .map_err(|e| CertError::Malformed(e.to_string()))?;
         let id = super::verify::uri_sans(&parsed)

@@ -4,38 +4,64 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use arc_swap::ArcSwap;
+use arc_swap::ArcSwapOption;
 use rustls::client::ResolvesClientCert;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::SignatureScheme;
+use tokio::sync::watch;
 
 use super::certs::{CertError, Issuer, Leaf};
 use super::spiffe::SpiffeId;
 
 /// Holds the current certified key for one identity; usable as both the
-/// server and the client certificate resolver of rustls configs.
+/// server and the client certificate resolver of rustls configs. A store
+/// may start [`pending`](Self::pending) (the proxy is still waiting for
+/// its control plane): until the first leaf arrives it offers no
+/// certificate, so every handshake that needs one fails.
 #[derive(Debug)]
 pub struct CertStore {
     id: SpiffeId,
-    current: ArcSwap<CertifiedKey>,
-    not_after: ArcSwap<SystemTime>,
+    current: ArcSwapOption<Current>,
+    certified: watch::Sender<bool>,
+}
+
+#[derive(Debug)]
+struct Current {
+    key: Arc<CertifiedKey>,
+    not_after: SystemTime,
 }
 
 impl CertStore {
     /// A store holding `leaf`.
     pub fn new(leaf: &Leaf) -> Result<Arc<Self>, CertError> {
-        Ok(Arc::new(Self {
-            id: leaf.id.clone(),
-            current: ArcSwap::new(leaf.certified_key()?),
-            not_after: ArcSwap::new(Arc::new(leaf.not_after)),
-        }))
+        let store = Self::pending(leaf.id.clone());
+        store.store(leaf)?;
+        Ok(store)
     }
 
-    /// Replaces the current leaf.
+    /// A store for `id` without a certificate yet.
+    pub fn pending(id: SpiffeId) -> Arc<Self> {
+        Arc::new(Self {
+            id,
+            current: ArcSwapOption::empty(),
+            certified: watch::Sender::new(false),
+        })
+    }
+
+    /// Replaces the current leaf (which must be for this store's identity).
     pub fn store(&self, leaf: &Leaf) -> Result<(), CertError> {
-        self.current.store(leaf.certified_key()?);
-        self.not_after.store(Arc::new(leaf.not_after));
+        if leaf.id != self.id {
+            return Err(CertError::Mismatch(format!(
+                "a leaf for {} offered to the store of {}",
+                leaf.id, self.id
+            )));
+        }
+        self.current.store(Some(Arc::new(Current {
+            key: leaf.certified_key()?,
+            not_after: leaf.not_after,
+        })));
+        self.certified.send_replace(true);
         Ok(())
     }
 
@@ -44,15 +70,33 @@ impl CertStore {
         &self.id
     }
 
-    /// When the current leaf expires.
+    /// When the current leaf expires (the Unix epoch while pending).
     pub fn not_after(&self) -> SystemTime {
-        **self.not_after.load()
+        self.current
+            .load()
+            .as_ref()
+            .map_or(SystemTime::UNIX_EPOCH, |c| c.not_after)
+    }
+
+    /// Whether a leaf has arrived.
+    pub fn is_certified(&self) -> bool {
+        *self.certified.borrow()
+    }
+
+    /// Resolves once a leaf has arrived.
+    pub async fn certified(&self) {
+        let mut rx = self.certified.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    fn key(&self) -> Option<Arc<CertifiedKey>> {
+        self.current.load().as_ref().map(|c| c.key.clone())
     }
 }
 
 impl ResolvesServerCert for CertStore {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.load_full())
+        self.key()
     }
 }
 
@@ -62,11 +106,11 @@ impl ResolvesClientCert for CertStore {
         _root_hint_subjects: &[&[u8]],
         _sigschemes: &[SignatureScheme],
     ) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.load_full())
+        self.key()
     }
 
     fn has_certs(&self) -> bool {
-        true
+        self.is_certified()
     }
 }
 

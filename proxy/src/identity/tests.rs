@@ -372,3 +372,105 @@ fn a_peer_with_its_own_trust_bundle_must_chain_to_it_alone() {
         "with a bundle, our own root no longer vouches for east"
     );
 }
+
+/// A client with no certificate of its own expecting `id`.
+fn certless_client(root: &PemPair, id: &SpiffeId) -> ClientConnection {
+    let (sink, _) = recorder();
+    let client = tls::client_config(
+        ExpectedPeerVerifier::new(anchors(root).roots(), id.clone(), sink),
+        CertStore::pending(id.clone()),
+        &[b"t"],
+    )
+    .expect("client");
+    ClientConnection::new(Arc::new(client), "x".try_into().expect("name")).expect("client conn")
+}
+
+#[tokio::test]
+async fn a_pending_store_offers_nothing_until_its_first_leaf() {
+    let root = generate_root("test").expect("root");
+    let west = cluster(&root, "west.strait.local");
+    let store = CertStore::pending(west.id.clone());
+    assert!(!store.is_certified());
+    assert!(!rustls::client::ResolvesClientCert::has_certs(&*store));
+    assert_eq!(store.not_after(), std::time::SystemTime::UNIX_EPOCH);
+    // A handshake needing its certificate fails while pending.
+    let server = tls::server_auth_only_config(store.clone(), &[b"t"]).expect("server");
+    let mut c = certless_client(&root, &west.id);
+    let mut s = ServerConnection::new(Arc::new(server)).expect("server conn");
+    assert!(handshake(&mut c, &mut s).is_err());
+
+    // A leaf for another identity is refused; its own is taken.
+    let other = SpiffeId::workload("west.strait.local", "demo", "web").expect("id");
+    let wrong = west
+        .issuer
+        .issue(&other, Duration::from_secs(60))
+        .expect("leaf");
+    assert!(matches!(store.store(&wrong), Err(CertError::Mismatch(_))));
+    let waiter = tokio::spawn({
+        let store = store.clone();
+        async move { store.certified().await }
+    });
+    let leaf = west
+        .issuer
+        .issue(&west.id, Duration::from_secs(60))
+        .expect("leaf");
+    store.store(&leaf).expect("stored");
+    tokio::time::timeout(Duration::from_secs(1), waiter)
+        .await
+        .expect("woken")
+        .expect("task");
+    assert!(store.is_certified());
+    assert_eq!(store.not_after(), leaf.not_after);
+    let mut s = ServerConnection::new(Arc::new(
+        tls::server_auth_only_config(store.clone(), &[b"t"]).expect("server"),
+    ))
+    .expect("server conn");
+    let mut c = certless_client(&root, &west.id);
+    handshake(&mut c, &mut s).expect("server-auth handshake once certified");
+}
+
+#[test]
+fn a_signing_request_is_certified_only_for_its_own_name() {
+    let root = generate_root("test").expect("root");
+    let west = cluster(&root, "west.strait.local");
+    let web = SpiffeId::workload("west.strait.local", "demo", "web").expect("id");
+    let req = CertRequest::new(&web).expect("request");
+    let (chain, not_after) = west
+        .issuer
+        .certify(&web, req.csr_der(), Duration::from_secs(600))
+        .expect("certified");
+    let leaf = req.into_leaf(chain).expect("leaf");
+    assert_eq!(leaf.id, web);
+    // Certificates keep whole seconds.
+    let gap = not_after.duration_since(leaf.not_after).expect("not later");
+    assert!(gap < Duration::from_secs(1), "{gap:?}");
+    // Its SAN names web: not certified as api, nor from another domain.
+    let api = SpiffeId::workload("west.strait.local", "demo", "api").expect("id");
+    let req = CertRequest::new(&web).expect("request");
+    assert!(matches!(
+        west.issuer
+            .certify(&api, req.csr_der(), Duration::from_secs(600)),
+        Err(CertError::Request(_))
+    ));
+    let east_web = SpiffeId::workload("east.strait.local", "demo", "web").expect("id");
+    let req = CertRequest::new(&east_web).expect("request");
+    assert!(west
+        .issuer
+        .certify(&east_web, req.csr_der(), Duration::from_secs(600))
+        .is_err());
+    // Garbage is a clean error.
+    for junk in [&b""[..], b"\x30\x00", b"not DER at all"] {
+        assert!(matches!(
+            west.issuer.certify(&web, junk, Duration::from_secs(600)),
+            Err(CertError::Request(_))
+        ));
+    }
+    // A chain issued for another request's key is refused by the asker.
+    let mine = CertRequest::new(&web).expect("request");
+    let theirs = CertRequest::new(&web).expect("request");
+    let (chain, _) = west
+        .issuer
+        .certify(&web, theirs.csr_der(), Duration::from_secs(600))
+        .expect("certified");
+    assert!(matches!(mine.into_leaf(chain), Err(CertError::Mismatch(_))));
+}

@@ -25,6 +25,76 @@ pub(crate) struct Shared {
     pub store: Mutex<Store>,
     /// Bookmark period of watches started from now on, in milliseconds.
     pub bookmark_ms: AtomicU64,
+    /// Service account tokens handed out, for TokenReview.
+    pub tokens: Mutex<HashMap<String, IssuedToken>>,
+}
+
+/// A service account token the fake has issued.
+#[derive(Clone, Debug)]
+pub(crate) struct IssuedToken {
+    /// The service account's namespace.
+    pub namespace: String,
+    /// The service account.
+    pub service_account: String,
+    /// The audiences it was issued for.
+    pub audiences: Vec<String>,
+}
+
+/// The API server's own audience, assumed when a review names none.
+pub(crate) const API_AUDIENCE: &str = "https://kubernetes.default.svc.cluster.local";
+
+/// `POST /apis/authentication.k8s.io/v1/tokenreviews`: authenticated when
+/// the token was issued here and not revoked, and issued for one of the
+/// audiences asked for (the API server's own when none are); the status
+/// names the service account user and the audiences that matched, as the
+/// real server does.
+fn token_review(shared: &Shared, body: &[u8]) -> ApiResult<(u16, Value)> {
+    let review = parse_json(body)?;
+    if review["kind"] != "TokenReview" {
+        return Err(ApiError::bad_request("expected a TokenReview"));
+    }
+    let token = review["spec"]["token"].as_str().unwrap_or_default();
+    let asked: Vec<String> = match review["spec"]["audiences"].as_array() {
+        Some(a) if !a.is_empty() => a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
+        _ => vec![API_AUDIENCE.to_string()],
+    };
+    let issued = shared
+        .tokens
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(token)
+        .cloned();
+    let status = match issued {
+        None => json!({"user": {}, "error": "invalid bearer token"}),
+        Some(t) => {
+            let matched: Vec<&String> = t.audiences.iter().filter(|a| asked.contains(a)).collect();
+            if matched.is_empty() {
+                json!({"user": {}, "error": format!(
+                    "token audiences {:?} is invalid for the target audiences {:?}",
+                    t.audiences, asked
+                )})
+            } else {
+                json!({
+                    "authenticated": true,
+                    "user": {
+                        "username": format!("system:serviceaccount:{}:{}", t.namespace, t.service_account),
+                        "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{}", t.namespace), "system:authenticated"],
+                    },
+                    "audiences": matched,
+                })
+            }
+        }
+    };
+    let mut out = review;
+    out["status"] = status;
+    if let Some(spec) = out["spec"].as_object_mut() {
+        // The real server echoes the spec; keep the token out of logs.
+        spec.remove("token");
+    }
+    Ok((201, out))
 }
 
 impl Shared {
@@ -125,6 +195,15 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         header_str(header::USER_AGENT),
         header_str(header::CONTENT_TYPE),
     );
+    if parts.method == Method::POST
+        && parts.uri.path() == "/apis/authentication.k8s.io/v1/tokenreviews"
+    {
+        count(&shared, "create", "tokenreviews");
+        return match token_review(&shared, &body) {
+            Ok((code, v)) => json_response(code, &v),
+            Err(e) => error_response(&e),
+        };
+    }
     let target = match route(parts.uri.path()) {
         Ok(Route::Discovery(v)) => {
             count(&shared, "discovery", "");
