@@ -122,6 +122,13 @@ pub fn encode(registry: &Registry) -> String {
     out
 }
 
+/// Labels of a per-direction gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+}
+
 /// Labels of a request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -192,6 +199,9 @@ pub struct HttpMetrics {
     pub errors: Family<ErrorLabels, Counter>,
     /// Retries made, or refused by the budget.
     pub retries: Family<RetryLabels, Counter>,
+    /// Idle HTTP/1 connections parked (hyper's buffers freed), by
+    /// direction.
+    pub parked: Family<DirectionLabels, Gauge>,
     authorities: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
@@ -208,6 +218,7 @@ impl HttpMetrics {
             }),
             errors: Family::default(),
             retries: Family::default(),
+            parked: Family::default(),
             authorities: Arc::default(),
         };
         registry.register(
@@ -229,6 +240,11 @@ impl HttpMetrics {
             "strait_proxy_retries",
             "Retries of idempotent requests, by result (retried, budget_exhausted)",
             m.retries.clone(),
+        );
+        registry.register(
+            "strait_proxy_parked_connections",
+            "Idle HTTP/1 keep-alive connections waiting for a request without HTTP state, by direction",
+            m.parked.clone(),
         );
         registry.register(
             "strait_proxy_errors",

@@ -10,6 +10,9 @@
 
 mod inbound;
 mod outbound;
+mod serve;
+
+pub(crate) use serve::{serve_http, Version as HttpVersion};
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -404,16 +407,6 @@ pub(crate) const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// HTTP/1 clients get 431 and HTTP/2 clients a stream error.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
-/// The HTTP server both directions use: HTTP/1 and HTTP/2 (detected by
-/// hyper from the replayed first bytes), bounded header sizes.
-pub(crate) fn http_server() -> hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>
-{
-    let mut b = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-    b.http1().max_buf_size(MAX_HEADER_BYTES);
-    b.http2().max_header_list_size(MAX_HEADER_BYTES as u32);
-    b
-}
-
 /// A bounded metric reason for a failed HTTP connection.
 pub(crate) fn http_error_reason(error: &(dyn std::error::Error + 'static)) -> &'static str {
     match error.downcast_ref::<hyper::Error>() {
@@ -422,48 +415,6 @@ pub(crate) fn http_error_reason(error: &(dyn std::error::Error + 'static)) -> &'
         Some(e) if e.is_timeout() => "http_timeout",
         Some(_) => "http_connection",
         None => "http_connection",
-    }
-}
-
-/// Serves one HTTP connection (HTTP/1 or HTTP/2) with `handle`, until it
-/// ends or a drain asks it to finish its requests and close. Returns
-/// whether it ended cleanly; failures are counted by reason.
-pub(crate) async fn serve_http<I, F, Fut>(
-    io: I,
-    shared: &Shared,
-    direction: &'static str,
-    handle: F,
-) -> bool
-where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Send + Sync + Clone + 'static,
-    Fut: std::future::Future<Output = http::Response<crate::http::Body>> + Send + 'static,
-{
-    // hyper keeps a box sized for the service's future on every
-    // connection, in flight or not: the request handler's (large) state
-    // is boxed per request instead, so an idle keep-alive connection
-    // costs its buffers and not a whole handler's worth of memory.
-    let service = hyper::service::service_fn(move |req| {
-        let fut = Box::pin(handle(req));
-        async move { Ok::<_, std::convert::Infallible>(fut.await) }
-    });
-    let mut draining = shared.draining.clone();
-    let builder = http_server();
-    let conn = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(io), service);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => match r {
-            Ok(()) => true,
-            Err(error) => {
-                tracing::debug!(direction, %error, "HTTP connection failed");
-                shared.http.error(direction, http_error_reason(&*error));
-                false
-            }
-        },
-        () = drained(&mut draining) => {
-            conn.as_mut().graceful_shutdown();
-            conn.await.is_ok()
-        }
     }
 }
 

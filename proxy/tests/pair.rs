@@ -598,3 +598,96 @@ async fn discovery_marks_a_server_speaks_first_port_opaque() {
     let slow = banner_wait(false).await;
     assert!(slow >= Duration::from_millis(700), "{slow:?}");
 }
+
+/// Reads one HTTP/1 response (head and content-length body) from `s`.
+async fn read_response(s: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|v| v.trim().parse().ok())
+                .expect("a content-length");
+            if buf.len() >= end + 4 + len {
+                let rsp = String::from_utf8_lossy(&buf[..end + 4 + len]).into_owned();
+                buf.drain(..end + 4 + len);
+                assert!(buf.is_empty(), "one response at a time");
+                return rsp;
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .expect("a response in time")
+            .expect("read");
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&buf));
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+async fn parked(proxy: &Proxy, n: u32) {
+    let needle = format!("strait_proxy_parked_connections{{direction=\"outbound\"}} {n}\n");
+    let m = metrics_containing(proxy, &needle).await;
+    assert!(m.contains(&needle), "{needle}: {m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_are_parked_and_resumed() {
+    let p = pair(None).await;
+    let mut s = TcpStream::connect(p.client.outbound_addr())
+        .await
+        .expect("connect");
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nhost: web.demo\r\n\r\n");
+    s.write_all(get("/one").as_bytes()).await.expect("write");
+    let rsp = read_response(&mut s).await;
+    assert!(rsp.ends_with("/one host=web.demo body=0"), "{rsp}");
+
+    // Idle past PARK_AFTER: hyper's state is dropped, the socket kept.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    parked(&p.client, 1).await;
+    s.write_all(get("/two").as_bytes()).await.expect("write");
+    let rsp = read_response(&mut s).await;
+    assert!(rsp.ends_with("/two host=web.demo body=0"), "{rsp}");
+
+    // A request head cut in two around a park: what hyper had read is
+    // replayed into the next connection.
+    let three = get("/three");
+    let (a, b) = three.split_at(10);
+    s.write_all(a.as_bytes()).await.expect("write");
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    parked(&p.client, 1).await;
+    s.write_all(b.as_bytes()).await.expect("write");
+    let rsp = read_response(&mut s).await;
+    assert!(rsp.ends_with("/three host=web.demo body=0"), "{rsp}");
+
+    // Pipelined requests after a park are answered in order; keep-alive
+    // is never refused.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    parked(&p.client, 1).await;
+    s.write_all(format!("{}{}", get("/four"), get("/five")).as_bytes())
+        .await
+        .expect("write");
+    let four = read_response(&mut s).await;
+    let five = read_response(&mut s).await;
+    assert!(four.ends_with("/four host=web.demo body=0"), "{four}");
+    assert!(five.ends_with("/five host=web.demo body=0"), "{five}");
+    for rsp in [&four, &five] {
+        assert!(
+            !rsp.to_ascii_lowercase().contains("connection: close"),
+            "{rsp}"
+        );
+    }
+    // Closed while parked: the connection ends cleanly.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    parked(&p.client, 1).await;
+    drop(s);
+    parked(&p.client, 0).await;
+    let m = metrics(&p.client).await;
+    assert!(
+        !m.contains("strait_proxy_errors_total{direction=\"outbound\""),
+        "{m}"
+    );
+    let _ = (&p.app, &p.client_registry);
+}

@@ -16,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::LazyConfigAcceptor;
 
-use super::{Active, PlainClient, Shared, StartError, UpstreamError};
+use super::{Active, HttpVersion, PlainClient, Shared, StartError, UpstreamError};
 use crate::detect::{detect, Detected, PrefixedIo};
 use crate::http::{authority_of, error_response, from_mesh, Body, Observed};
 use crate::identity::{identity_of, AllowedPeers, LinkedPeersVerifier};
@@ -96,8 +96,13 @@ impl Inbound {
             false
         } else {
             match (proto, orig) {
-                (Detected::Http1 | Detected::Http2, Some(orig)) => {
-                    self.serve_http(io, orig.port(), "false").await
+                (Detected::Http1, Some(orig)) => {
+                    self.serve_http(io, HttpVersion::Http1, orig.port(), "false")
+                        .await
+                }
+                (Detected::Http2, Some(orig)) => {
+                    self.serve_http(io, HttpVersion::Http2, orig.port(), "false")
+                        .await
                 }
                 (_, Some(orig)) => self.forward_tcp(io, orig.port(), "false").await,
                 (_, None) => false,
@@ -167,19 +172,20 @@ impl Inbound {
         match ProtocolHint::try_from(header.protocol) {
             Ok(ProtocolHint::Http2) => {
                 let buffered = tokio::io::BufWriter::with_capacity(crate::mesh::WRITE_BUFFER, tls);
-                self.serve_http(buffered, port, "true").await
+                self.serve_http(buffered, HttpVersion::Http2, port, "true")
+                    .await
             }
             _ => self.forward_tcp(tls, port, "true").await,
         }
     }
 
-    async fn serve_http<I>(&self, io: I, port: u16, tls: &'static str) -> bool
+    async fn serve_http<I>(&self, io: I, version: HttpVersion, port: u16, tls: &'static str) -> bool
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let this = self.clone();
         let shared = self.0.shared.clone();
-        super::serve_http(io, &shared, DIRECTION, move |req| {
+        super::serve_http(io, version, &shared, DIRECTION, move |req| {
             let this = this.clone();
             async move { this.handle(req, port, tls).await }
         })

@@ -14,7 +14,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::net::TcpStream;
 
-use super::{Active, PlainClient, Shared, StartError, UpstreamError};
+use super::{Active, HttpVersion, PlainClient, Shared, StartError, UpstreamError};
 use crate::balance::{BalanceConfig, Balancer};
 use crate::detect::{detect, Detected, PrefixedIo};
 use crate::discovery::Endpoint;
@@ -178,7 +178,8 @@ impl Outbound {
             // Boxed: a connection's task then holds only the branch it
             // takes, not the largest of both (it is alive as long as the
             // connection, often idle).
-            Detected::Http1 | Detected::Http2 => Box::pin(self.serve_http(io, orig)).await,
+            Detected::Http1 => Box::pin(self.serve_http(io, HttpVersion::Http1, orig)).await,
+            Detected::Http2 => Box::pin(self.serve_http(io, HttpVersion::Http2, orig)).await,
             Detected::Tls | Detected::Opaque => Box::pin(self.forward_tcp(io, orig)).await,
         };
         self.closed(&labels, started, if result { "ok" } else { "error" });
@@ -198,10 +199,15 @@ impl Outbound {
             .observe(started.elapsed().as_secs_f64());
     }
 
-    async fn serve_http(&self, io: PrefixedIo<TcpStream>, orig: Option<SocketAddr>) -> bool {
+    async fn serve_http(
+        &self,
+        io: PrefixedIo<TcpStream>,
+        version: HttpVersion,
+        orig: Option<SocketAddr>,
+    ) -> bool {
         let this = self.clone();
         let shared = self.0.shared.clone();
-        super::serve_http(io, &shared, DIRECTION, move |req| {
+        super::serve_http(io, version, &shared, DIRECTION, move |req| {
             let this = this.clone();
             async move { this.handle(req, orig).await }
         })

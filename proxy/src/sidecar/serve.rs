@@ -1,0 +1,378 @@
+//! Serving one accepted HTTP connection with hyper, and parking idle
+//! HTTP/1 keep-alive connections.
+//!
+//! hyper holds two buffers on every HTTP/1 server connection for as long
+//! as it lives — a read buffer of 8 to 16 KiB and an 8 KiB write buffer —
+//! even while the connection waits, idle, for a next request that may
+//! never come. Applications keep many such connections open (pools of
+//! keep-alive connections to their sidecar), so a proxy holding 10,000 of
+//! them would spend most of its memory on empty buffers.
+//!
+//! So an HTTP/1 connection that has answered every request it received
+//! and then seen nothing for [`PARK_AFTER`] is handed back by hyper (a
+//! graceful shutdown of an idle connection closes nothing on the wire and
+//! writes nothing: keep-alive was never refused) and waits for its next
+//! byte holding only the socket. When the client speaks again, the byte
+//! and anything hyper had read ahead are replayed into a fresh hyper
+//! connection. The client cannot tell.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use http_body_util::BodyExt;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+
+use super::{drained, http_error_reason, Shared, MAX_HEADER_BYTES};
+use crate::metrics::DirectionLabels;
+
+/// How long an HTTP/1 connection must be idle (every response sent,
+/// nothing read or written) before its hyper state is dropped.
+pub(crate) const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// Which HTTP a connection speaks (from protocol detection, or the mesh
+/// transport header).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Version {
+    /// HTTP/1.x.
+    Http1,
+    /// HTTP/2 (prior knowledge: the preface was seen, or the peer is a
+    /// proxy).
+    Http2,
+}
+
+/// What one connection's I/O wrapper and service tell the task serving it.
+#[derive(Debug, Default)]
+struct Idle {
+    /// Bumped by every read or write that moved bytes, and every request.
+    activity: AtomicU64,
+    /// `activity` when a read last found nothing to read with no request
+    /// in flight.
+    idle_at: AtomicU64,
+    /// Requests whose response has not been sent in full.
+    in_flight: AtomicUsize,
+    /// Whether a request has been received (a fresh connection is never
+    /// parked: hyper would answer its first request with `close`).
+    served: AtomicBool,
+    /// Set while a park is in progress: hyper's shutdown of the socket is
+    /// skipped.
+    parking: AtomicBool,
+    notify: Notify,
+}
+
+impl Idle {
+    fn active(&self) {
+        self.activity.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn read_pending(&self) {
+        if self.in_flight.load(Ordering::Relaxed) == 0 && self.served.load(Ordering::Relaxed) {
+            self.idle_at
+                .store(self.activity.load(Ordering::Relaxed), Ordering::Relaxed);
+            self.notify.notify_one();
+        }
+    }
+
+    /// Resolves once the connection has been idle for `after`: nothing in
+    /// flight and no bytes moved since a read found nothing.
+    async fn parkable(&self, after: Duration) {
+        loop {
+            self.notify.notified().await;
+            let at = self.idle_at.load(Ordering::Relaxed);
+            tokio::time::sleep(after).await;
+            if self.activity.load(Ordering::Relaxed) == at
+                && self.in_flight.load(Ordering::Relaxed) == 0
+            {
+                return;
+            }
+        }
+    }
+}
+
+/// A request in flight until its response body has been sent (or
+/// dropped).
+struct InFlight(Arc<Idle>);
+
+impl InFlight {
+    fn new(idle: Arc<Idle>) -> Self {
+        idle.in_flight.fetch_add(1, Ordering::Relaxed);
+        idle.served.store(true, Ordering::Relaxed);
+        idle.active();
+        Self(idle)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.active();
+        // The last response sent: idle from now unless bytes move (hyper
+        // may have polled for the next request before dropping the body).
+        if self.0.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.0.read_pending();
+        }
+    }
+}
+
+/// A response body holding its request's [`InFlight`].
+struct Tracked {
+    inner: crate::http::Body,
+    _in_flight: InFlight,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The connection's I/O as hyper sees it: replays bytes read while parked,
+/// reports activity, and keeps the socket open when hyper shuts down a
+/// connection being parked.
+struct ParkIo<I> {
+    io: I,
+    replay: Bytes,
+    idle: Arc<Idle>,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for ParkIo<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.replay.is_empty() {
+            let n = self.replay.len().min(buf.remaining());
+            buf.put_slice(&self.replay[..n]);
+            self.replay.advance(n);
+            self.idle.active();
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        match &polled {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => self.idle.active(),
+            Poll::Pending => self.idle.read_pending(),
+            _ => {}
+        }
+        polled
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for ParkIo<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.idle.active();
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.idle.active();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.idle.parking.load(Ordering::Relaxed) {
+            // Parking, not closing: hyper is done with the socket, we are
+            // not.
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Counts a parked connection while alive.
+struct Parked(prometheus_client::metrics::gauge::Gauge);
+
+impl Parked {
+    fn new(
+        family: &prometheus_client::metrics::family::Family<
+            DirectionLabels,
+            prometheus_client::metrics::gauge::Gauge,
+        >,
+        direction: &'static str,
+    ) -> Self {
+        let gauge = family.get_or_create(&DirectionLabels { direction }).clone();
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+fn http1() -> hyper::server::conn::http1::Builder {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.max_buf_size(MAX_HEADER_BYTES);
+    b
+}
+
+fn http2() -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    b.max_header_list_size(MAX_HEADER_BYTES as u32);
+    b
+}
+
+/// How one hyper connection ended.
+enum Ended {
+    /// For good (closed, failed, upgraded or drained): whether cleanly.
+    Done(bool),
+    /// Parked: waiting for the client's next request.
+    Parked,
+}
+
+/// Serves one HTTP connection with `handle`, until it ends or a drain asks
+/// it to finish its requests and close. Returns whether it ended cleanly;
+/// failures are counted by reason. Idle HTTP/1 connections are parked
+/// (see the module documentation).
+pub(crate) async fn serve_http<I, F, Fut>(
+    io: I,
+    version: Version,
+    shared: &Shared,
+    direction: &'static str,
+    handle: F,
+) -> bool
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Send + Sync + Clone + 'static,
+    Fut: std::future::Future<Output = http::Response<crate::http::Body>> + Send + 'static,
+{
+    let idle = Arc::new(Idle::default());
+    // hyper keeps a box sized for the service's future on every
+    // connection, in flight or not: the request handler's (large) state is
+    // boxed per request instead.
+    let service = {
+        let idle = idle.clone();
+        hyper::service::service_fn(move |req| {
+            let in_flight = InFlight::new(idle.clone());
+            let fut = Box::pin(handle(req));
+            async move {
+                let rsp = fut.await;
+                Ok::<_, std::convert::Infallible>(rsp.map(|inner| {
+                    Tracked {
+                        inner,
+                        _in_flight: in_flight,
+                    }
+                    .boxed()
+                }))
+            }
+        })
+    };
+    let mut draining = shared.draining.clone();
+    let failed = |error: &(dyn std::error::Error + 'static)| {
+        tracing::debug!(direction, %error, "HTTP connection failed");
+        shared.http.error(direction, http_error_reason(error));
+        false
+    };
+    let mut io = ParkIo {
+        io,
+        replay: Bytes::new(),
+        idle: idle.clone(),
+    };
+    if version == Version::Http2 {
+        let conn = http2().serve_connection(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        return tokio::select! {
+            r = conn.as_mut() => r.map_or_else(|e| failed(&e), |()| true),
+            () = drained(&mut draining) => {
+                conn.as_mut().graceful_shutdown();
+                conn.await.is_ok()
+            }
+        };
+    }
+    loop {
+        idle.parking.store(false, Ordering::Relaxed);
+        // Boxed: a parked connection's task then holds no hyper state.
+        let mut conn = Box::pin(
+            http1()
+                .serve_connection(TokioIo::new(io), service.clone())
+                .with_upgrades(),
+        );
+        let ended = tokio::select! {
+            r = conn.as_mut() => Ended::Done(r.map_or_else(|e| failed(&e), |()| true)),
+            () = drained(&mut draining) => {
+                conn.as_mut().graceful_shutdown();
+                Ended::Done(conn.as_mut().await.is_ok())
+            }
+            () = idle.parkable(PARK_AFTER) => {
+                idle.parking.store(true, Ordering::Relaxed);
+                // Idle: hyper closes it at once, writing nothing.
+                conn.as_mut().graceful_shutdown();
+                match conn.as_mut().await {
+                    Ok(()) => Ended::Parked,
+                    Err(e) => Ended::Done(failed(&e)),
+                }
+            }
+        };
+        match ended {
+            Ended::Done(clean) => return clean,
+            Ended::Parked => {}
+        }
+        // The socket back, with whatever hyper read and did not use.
+        let Some(parts) = Pin::into_inner(conn).into_parts() else {
+            return true;
+        };
+        io = parts.io.into_inner();
+        // (A slow client's partial request head, kept to replay.)
+        let unread = parts.read_buf;
+        idle.parking.store(false, Ordering::Relaxed);
+        let parked = Parked::new(&shared.http.parked, direction);
+        let mut next = [0u8; 1];
+        let woken = tokio::select! {
+            r = io.io.read(&mut next) => matches!(r, Ok(1)),
+            () = drained(&mut draining) => false,
+        };
+        drop(parked);
+        if !woken {
+            // Closed (or reset) while idle, or draining: done, cleanly.
+            return true;
+        }
+        io.replay = if unread.is_empty() {
+            Bytes::copy_from_slice(&next)
+        } else {
+            [&unread[..], &next[..]].concat().into()
+        };
+    }
+}
