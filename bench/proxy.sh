@@ -6,7 +6,8 @@
 #   - requests/s at 50 connections, HTTP/1.1 (wrk) and HTTP/2 (h2load);
 #   - p50/p99 latency at a fixed 1000 requests/s (strait-loadgen http),
 #     and the latency each pair adds;
-#   - the client proxy's RSS idle and holding 10,000 idle connections.
+#   - the client proxy's RSS idle and holding 10,000 idle keep-alive
+#     connections (HAProxy's with 9,000, for comparison).
 #
 #   bench/proxy.sh [SECONDS]        default 10 s per throughput run
 #
@@ -37,7 +38,9 @@ cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 cd "$WORK"
 
-BACKEND=127.0.0.1:45080
+# Ports below the ephemeral range: the idle-connection runs leave thousands
+# of client sockets (and TIME_WAITs) on ephemeral ports.
+BACKEND=127.0.0.1:25080
 "$BIN/strait-loadgen" http-server $BACKEND & PIDS+=($!)
 
 # Strait pair.
@@ -52,13 +55,13 @@ YAML
 common=(--trust-anchors root.pem --issuer-cert bench-issuer.pem --issuer-key bench-issuer.key)
 STRAIT_LOG=warn STRAIT_THREADS=$THREADS "$BIN/strait-proxy" run "${common[@]}" \
   --identity spiffe://bench.strait.local/ns/bench/sa/server \
-  --outbound-listen 127.0.0.1:46140 --inbound-listen 127.0.0.1:46143 --admin-listen 127.0.0.1:46191 \
+  --outbound-listen 127.0.0.1:26140 --inbound-listen 127.0.0.1:26143 --admin-listen 127.0.0.1:26191 \
   --inbound-target $BACKEND >server.log 2>&1 & PIDS+=($!)
 STRAIT_LOG=warn STRAIT_THREADS=$THREADS "$BIN/strait-proxy" run "${common[@]}" \
   --identity spiffe://bench.strait.local/ns/bench/sa/client \
-  --outbound-listen 127.0.0.1:47140 --inbound-listen 127.0.0.1:47143 --admin-listen 127.0.0.1:47191 \
+  --outbound-listen 127.0.0.1:27140 --inbound-listen 127.0.0.1:27143 --admin-listen 127.0.0.1:27191 \
   --inbound-target 127.0.0.1:9 \
-  --peer-inbound-port 46143 --destinations destinations.yaml >client.log 2>&1 & PIDS+=($!)
+  --peer-inbound-port 26143 --destinations destinations.yaml >client.log 2>&1 & PIDS+=($!)
 CLIENT_PID=$!
 
 # HAProxy pair: h2 over TLS 1.3 with client certificates between.
@@ -68,7 +71,7 @@ cat tls.crt tls.key > tls.pem
 cat > haproxy.cfg <<CFG
 global
   nbthread 1
-  maxconn 8000
+  maxconn 9500
   ssl-default-bind-options ssl-min-ver TLSv1.3
   ssl-default-server-options ssl-min-ver TLSv1.3
 defaults
@@ -78,32 +81,37 @@ defaults
   timeout server 60s
   http-reuse always
 frontend client_side
-  bind 127.0.0.1:48140 proto h2
-  bind 127.0.0.1:48141
+  bind 127.0.0.1:28140 proto h2
+  bind 127.0.0.1:28141
   default_backend to_server_side
 backend to_server_side
-  server peer 127.0.0.1:48143 ssl crt $WORK/tls.pem ca-file $WORK/tls.crt verify required alpn h2
+  server peer 127.0.0.1:28143 ssl crt $WORK/tls.pem ca-file $WORK/tls.crt verify required alpn h2
 frontend server_side
-  bind 127.0.0.1:48143 ssl crt $WORK/tls.pem ca-file $WORK/tls.crt verify required alpn h2
+  bind 127.0.0.1:28143 ssl crt $WORK/tls.pem ca-file $WORK/tls.crt verify required alpn h2
   default_backend app
 backend app
   server app $BACKEND
 CFG
 haproxy -f haproxy.cfg -db >haproxy.log 2>&1 & PIDS+=($!)
+HAPROXY_PID=$!
 
 # Wait until all three paths answer.
 for _ in $(seq 1 100); do
   ok=0
   curl -sf -H "Host: bench" http://$BACKEND/ >/dev/null && ok=$((ok+1))
-  curl -sf -H "Host: bench" http://127.0.0.1:47140/ >/dev/null && ok=$((ok+1))
-  curl -sf -H "Host: bench" http://127.0.0.1:48141/ >/dev/null && ok=$((ok+1))
+  curl -sf -H "Host: bench" http://127.0.0.1:27140/ >/dev/null && ok=$((ok+1))
+  curl -sf -H "Host: bench" http://127.0.0.1:28141/ >/dev/null && ok=$((ok+1))
   [ $ok = 3 ] && break
   sleep 0.1
 done
 [ $ok = 3 ] || { echo "not all paths answer"; cat client.log server.log haproxy.log; exit 1; }
 
 rss_kib() { awk '/VmRSS/ {print $2}' /proc/$1/status; }
+# Private memory: what the process alone holds (RSS also counts the pages
+# of the executable it maps, shared with every other strait-proxy).
+private_kib() { awk '/^(Private_Clean|Private_Dirty):/ {s += $2} END {print s}' /proc/$1/smaps_rollup; }
 IDLE_RSS=$(rss_kib $CLIENT_PID)
+IDLE_PRIVATE=$(private_kib $CLIENT_PID)
 
 wrk_rps() { wrk -t1 -c50 -d"${SECS}s" -H "Host: bench" "http://$1/" | awk '/Requests\/sec/ {print $2}'; }
 h2_rps() { h2load -c50 -m10 -t1 -D "$SECS" -H ":authority: bench" "http://$1/" 2>/dev/null | awk '/^finished in/ {gsub(",",""); print $4}'; }
@@ -111,17 +119,17 @@ lat() { "$BIN/strait-loadgen" http "$1" --rate 1000 --seconds 5 --connections 8 
 field() { python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
 
 echo "== HTTP/1.1, 50 connections, ${SECS}s (wrk) =="
-D=$(wrk_rps $BACKEND); S=$(wrk_rps 127.0.0.1:47140); H=$(wrk_rps 127.0.0.1:48141)
+D=$(wrk_rps $BACKEND); S=$(wrk_rps 127.0.0.1:27140); H=$(wrk_rps 127.0.0.1:28141)
 printf "%-14s %10s req/s\n" direct "$D" "strait pair" "$S" "haproxy pair" "$H"
 python3 -c "print('strait/haproxy = %.2f   strait/direct = %.2f' % ($S/$H, $S/$D))"
 
 echo "== HTTP/2, 50 connections x 10 streams, ${SECS}s (h2load) =="
-D2=$(h2_rps $BACKEND); S2=$(h2_rps 127.0.0.1:47140); H2=$(h2_rps 127.0.0.1:48140)
+D2=$(h2_rps $BACKEND); S2=$(h2_rps 127.0.0.1:27140); H2=$(h2_rps 127.0.0.1:28140)
 printf "%-14s %10s req/s\n" direct "$D2" "strait pair" "$S2" "haproxy pair" "$H2"
 python3 -c "print('strait/haproxy = %.2f   strait/direct = %.2f' % ($S2/$H2, $S2/$D2))"
 
 echo "== latency at 1000 req/s, HTTP/1.1 keep-alive, 8 connections, 5s =="
-LD=$(lat $BACKEND); LS=$(lat 127.0.0.1:47140); LH=$(lat 127.0.0.1:48141)
+LD=$(lat $BACKEND); LS=$(lat 127.0.0.1:27140); LH=$(lat 127.0.0.1:28141)
 show() { printf "%-14s p50 %8s us   p99 %8s us\n" "$1" "$(echo "$2" | field p50_us)" "$(echo "$2" | field p99_us)"; }
 show direct "$LD"; show "strait pair" "$LS"; show "haproxy pair" "$LH"
 python3 - "$LD" "$LS" "$LH" <<'PY'
@@ -132,9 +140,22 @@ print("added p50: strait %.0f us, haproxy %.0f us;  added p99: strait %.0f us, h
 PY
 
 echo "== client proxy memory =="
-"$BIN/strait-loadgen" idle 127.0.0.1:47140 --connections 10000 --seconds 30 >idle.log 2>&1 & IDLER=$!
-for _ in $(seq 1 250); do grep -q idle_connections idle.log && break; sleep 0.1; done
-grep -q idle_connections idle.log || { echo "idle connections not established:"; cat idle.log; }
-HELD_RSS=$(rss_kib $CLIENT_PID)
-kill $IDLER 2>/dev/null || true
-printf "RSS idle: %.1f MiB; with 10000 idle connections: %.1f MiB (%.1f KB per connection)\n" "$(echo "$IDLE_RSS/1024" | bc -l)" "$(echo "$HELD_RSS/1024" | bc -l)" "$(echo "($HELD_RSS-$IDLE_RSS)*1.024/10000" | bc -l)"
+# RSS (KiB) of process $3 while $2 idle connections to $1 are held. Idle
+# means idle: the last connections opened get the second after which an
+# idle HTTP/1 connection is parked.
+rss_holding() {
+  "$BIN/strait-loadgen" idle "$1" --connections "$2" --seconds 30 >"idle-$1.log" 2>&1 & local idler=$!
+  for _ in $(seq 1 250); do grep -q idle_connections "idle-$1.log" && break; sleep 0.1; done
+  grep -q idle_connections "idle-$1.log" || { echo "idle connections to $1 not established:" >&2; cat "idle-$1.log" >&2; }
+  sleep 2
+  rss_kib "$3"
+  kill $idler 2>/dev/null || true
+}
+AFTER_RSS=$(rss_kib $CLIENT_PID)
+HELD_RSS=$(rss_holding 127.0.0.1:27140 10000 $CLIENT_PID)
+printf "RSS idle: %.1f MiB (private %.1f MiB), %.1f MiB after the runs; with 10000 idle connections: %.1f MiB (%.1f KB per connection)\n" "$(echo "$IDLE_RSS/1024" | bc -l)" "$(echo "$IDLE_PRIVATE/1024" | bc -l)" "$(echo "$AFTER_RSS/1024" | bc -l)" "$(echo "$HELD_RSS/1024" | bc -l)" "$(echo "($HELD_RSS-$AFTER_RSS)*1.024/10000" | bc -l)"
+# (9,000: HAProxy sizes its descriptors for twice its maxconn, and the hard
+# limit here is 20,000.)
+HA_IDLE_RSS=$(rss_kib $HAPROXY_PID)
+HA_HELD_RSS=$(rss_holding 127.0.0.1:28141 9000 $HAPROXY_PID)
+printf "HAProxy (one process, both sides) RSS after the runs: %.1f MiB; with 9000 idle connections: %.1f MiB (%.1f KB per connection)\n" "$(echo "$HA_IDLE_RSS/1024" | bc -l)" "$(echo "$HA_HELD_RSS/1024" | bc -l)" "$(echo "($HA_HELD_RSS-$HA_IDLE_RSS)*1.024/9000" | bc -l)"

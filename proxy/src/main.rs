@@ -19,6 +19,14 @@ use strait_proxy::metrics::IdentityMetrics;
 use strait_proxy::sidecar::{Proxy, ProxyConfig};
 use strait_proxy::transparent::{apply, InitConfig};
 
+// jemalloc: the buffers idle connections give back are returned to the
+// system (glibc's heap keeps them as holes between live allocations: 12 KB
+// per parked connection instead of 7), and requests are a few per cent
+// faster (bench/proxy.sh).
+#[cfg(all(target_os = "linux", not(target_env = "musl")))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// The Strait sidecar proxy.
 #[derive(Parser, Debug)]
 #[command(name = "strait-proxy", version, about)]
