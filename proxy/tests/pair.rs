@@ -627,10 +627,28 @@ async fn read_response(s: &mut TcpStream) -> String {
     }
 }
 
+/// Waits (up to 3 s) for the client proxy to have `n` parked connections
+/// (no sample at all counts as none).
 async fn parked(proxy: &Proxy, n: u32) {
-    let needle = format!("strait_proxy_parked_connections{{direction=\"outbound\"}} {n}\n");
-    let m = metrics_containing(proxy, &needle).await;
-    assert!(m.contains(&needle), "{needle}: {m}");
+    let prefix = "strait_proxy_parked_connections{direction=\"outbound\"} ";
+    let count = |m: &str| {
+        m.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let m = metrics(proxy).await;
+        if count(&m) == n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "expected {n} parked: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -689,5 +707,30 @@ async fn idle_keep_alive_connections_are_parked_and_resumed() {
         !m.contains("strait_proxy_errors_total{direction=\"outbound\""),
         "{m}"
     );
+    let _ = (&p.app, &p.client_registry);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_whose_last_request_had_a_body_is_not_parked() {
+    let p = pair(None).await;
+    let mut s = TcpStream::connect(p.client.outbound_addr())
+        .await
+        .expect("connect");
+    let post = "POST /p HTTP/1.1\r\nhost: web.demo\r\ncontent-length: 3\r\n\r\nabc";
+    s.write_all(post.as_bytes()).await.expect("write");
+    let rsp = read_response(&mut s).await;
+    assert!(rsp.ends_with("/p host=web.demo body=3"), "{rsp}");
+    // Its body may not have been read to the end (hyper would close the
+    // connection then): it stays with hyper, and keeps working.
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    parked(&p.client, 0).await;
+    s.write_all(b"GET /after HTTP/1.1\r\nhost: web.demo\r\n\r\n")
+        .await
+        .expect("write");
+    let rsp = read_response(&mut s).await;
+    assert!(rsp.ends_with("/after host=web.demo body=0"), "{rsp}");
+    // After a bodiless request it is parked again.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    parked(&p.client, 1).await;
     let _ = (&p.app, &p.client_registry);
 }

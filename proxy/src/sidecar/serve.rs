@@ -8,8 +8,9 @@
 //! keep-alive connections to their sidecar), so a proxy holding 10,000 of
 //! them would spend most of its memory on empty buffers.
 //!
-//! So an HTTP/1 connection that has answered every request it received
-//! and then seen nothing for [`PARK_AFTER`] is handed back by hyper (a
+//! So an HTTP/1 connection that has answered every request it received,
+//! the last of them without a body, and then seen nothing for
+//! [`PARK_AFTER`] is handed back by hyper (a
 //! graceful shutdown of an idle connection closes nothing on the wire and
 //! writes nothing: keep-alive was never refused) and waits for its next
 //! byte holding only the socket. When the client speaks again, the byte
@@ -56,9 +57,13 @@ struct Idle {
     idle_at: AtomicU64,
     /// Requests whose response has not been sent in full.
     in_flight: AtomicUsize,
-    /// Whether a request has been received (a fresh connection is never
-    /// parked: hyper would answer its first request with `close`).
-    served: AtomicBool,
+    /// Whether the last request received came without a body. Only then
+    /// is an idle connection parked: a fresh connection never is (hyper
+    /// would answer its first request with `close`), nor one whose last
+    /// request body may not have been read to its end (hyper then closes
+    /// the connection itself, and what is left of the body must never be
+    /// read as a next request).
+    parkable: AtomicBool,
     /// Set while a park is in progress: hyper's shutdown of the socket is
     /// skipped.
     parking: AtomicBool,
@@ -71,7 +76,7 @@ impl Idle {
     }
 
     fn read_pending(&self) {
-        if self.in_flight.load(Ordering::Relaxed) == 0 && self.served.load(Ordering::Relaxed) {
+        if self.in_flight.load(Ordering::Relaxed) == 0 && self.parkable.load(Ordering::Relaxed) {
             self.idle_at
                 .store(self.activity.load(Ordering::Relaxed), Ordering::Relaxed);
             self.notify.notify_one();
@@ -99,9 +104,9 @@ impl Idle {
 struct InFlight(Arc<Idle>);
 
 impl InFlight {
-    fn new(idle: Arc<Idle>) -> Self {
+    fn new(idle: Arc<Idle>, bodiless: bool) -> Self {
         idle.in_flight.fetch_add(1, Ordering::Relaxed);
-        idle.served.store(true, Ordering::Relaxed);
+        idle.parkable.store(bodiless, Ordering::Relaxed);
         idle.active();
         Self(idle)
     }
@@ -285,8 +290,9 @@ where
     // boxed per request instead.
     let service = {
         let idle = idle.clone();
-        hyper::service::service_fn(move |req| {
-            let in_flight = InFlight::new(idle.clone());
+        hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            use hyper::body::Body as _;
+            let in_flight = InFlight::new(idle.clone(), req.body().is_end_stream());
             let fut = Box::pin(handle(req));
             async move {
                 let rsp = fut.await;
