@@ -535,10 +535,10 @@ impl Gateway {
         // lists them; with neither there is nobody to vouch for a caller.
         let authenticator = match (&client, &config.identity.tokens_file) {
             (Some(client), _) if config.source.kubernetes.is_some() => {
-                Some(crate::identity::Authenticator::TokenReview {
-                    client: client.clone(),
-                    audience: config.identity.token_audience.clone(),
-                })
+                Some(crate::identity::Authenticator::token_review(
+                    client.clone(),
+                    config.identity.token_audience.clone(),
+                ))
             }
             (_, Some(path)) => Some(crate::identity::Authenticator::Static(
                 crate::identity::StaticTokens::load(path)?,
@@ -549,6 +549,7 @@ impl Gateway {
             Some(authenticator) => {
                 let service = crate::identity::IdentityService::new(
                     issuer,
+                    shared.certs.id().clone(),
                     authenticator,
                     lifetime,
                     metrics.identity_requests.clone(),

@@ -46,6 +46,10 @@ const MAX_CONCURRENT_PER_CONNECTION: usize = 8;
 /// How long a token review may take.
 const REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Token reviews in flight at once, at most (callers need no credentials
+/// to reach the service: the API server is not theirs to load).
+const MAX_REVIEWS: usize = 16;
+
 /// A Kubernetes service account: whom a token belongs to.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -227,6 +231,8 @@ pub enum Authenticator {
         client: kube::Client,
         /// The audience the token must be issued for.
         audience: String,
+        /// Bounds the reviews in flight.
+        reviews: Arc<tokio::sync::Semaphore>,
     },
     /// Outside Kubernetes: a tokens file.
     Static(StaticTokens),
@@ -245,6 +251,15 @@ impl std::fmt::Debug for Authenticator {
 }
 
 impl Authenticator {
+    /// Kubernetes: reviews tokens for `audience` with `client`.
+    pub fn token_review(client: kube::Client, audience: String) -> Self {
+        Self::TokenReview {
+            client,
+            audience,
+            reviews: Arc::new(tokio::sync::Semaphore::new(MAX_REVIEWS)),
+        }
+    }
+
     /// The service account `token` belongs to.
     pub async fn authenticate(&self, token: &[u8]) -> Result<ServiceAccount, Refusal> {
         match self {
@@ -252,9 +267,17 @@ impl Authenticator {
                 .lookup(token)
                 .cloned()
                 .ok_or_else(|| Refusal::Unauthenticated("unknown token".into())),
-            Self::TokenReview { client, audience } => {
+            Self::TokenReview {
+                client,
+                audience,
+                reviews,
+            } => {
                 let token = std::str::from_utf8(token)
                     .map_err(|_| Refusal::Unauthenticated("token is not text".into()))?;
+                let _permit = tokio::time::timeout(REVIEW_TIMEOUT, reviews.acquire())
+                    .await
+                    .map_err(|_| Refusal::Unavailable("too many token reviews".into()))?
+                    .map_err(|_| Refusal::Unavailable("token reviews stopped".into()))?;
                 review(client, token.trim(), audience).await
             }
         }
@@ -285,7 +308,8 @@ async fn review(
 }
 
 /// What a TokenReview's status says about the token (pure): authenticated,
-/// for `audience` (when the API server reports audiences), and a service
+/// for `audience` (the API server must say so: a review answered without
+/// audiences vouches only for the API server's own), and a service
 /// account's.
 pub fn judge_review(
     status: Option<&k8s_openapi::api::authentication::v1::TokenReviewStatus>,
@@ -301,12 +325,10 @@ pub fn judge_review(
             .unwrap_or_else(|| "not authenticated".into());
         return Err(Refusal::Unauthenticated(why));
     }
-    if let Some(audiences) = &status.audiences {
-        if !audiences.iter().any(|a| a == audience) {
-            return Err(Refusal::Unauthenticated(format!(
-                "token is not for the audience {audience}"
-            )));
-        }
+    if !status.audiences.iter().flatten().any(|a| a == audience) {
+        return Err(Refusal::Unauthenticated(format!(
+            "token is not for the audience {audience}"
+        )));
     }
     let username = status
         .user
@@ -320,6 +342,7 @@ pub fn judge_review(
 /// The `Identity` service.
 pub struct IdentityService {
     issuer: Arc<Issuer>,
+    gateway: SpiffeId,
     authenticator: Authenticator,
     lifetime: Duration,
     requests: Family<ResultLabels, Counter>,
@@ -336,15 +359,20 @@ impl std::fmt::Debug for IdentityService {
 
 impl IdentityService {
     /// Issues leaves of `lifetime` from `issuer` to callers `authenticator`
-    /// vouches for, counting requests in `requests`.
+    /// vouches for, except the gateway's own identity `gateway` (a
+    /// workload running as the gateway's service account must not become
+    /// the control plane its proxies pin), counting requests in
+    /// `requests`.
     pub fn new(
         issuer: Arc<Issuer>,
+        gateway: SpiffeId,
         authenticator: Authenticator,
         lifetime: Duration,
         requests: Family<ResultLabels, Counter>,
     ) -> Self {
         Self {
             issuer,
+            gateway,
             authenticator,
             lifetime,
             requests,
@@ -358,6 +386,11 @@ impl IdentityService {
         }
         let account = self.authenticator.authenticate(&request.token).await?;
         let id = authorize(&request.identity, self.issuer.trust_domain(), &account)?;
+        if id == self.gateway {
+            return Err(Refusal::Forbidden(format!(
+                "{id} is the gateway's own identity"
+            )));
+        }
         let (chain, not_after) = self
             .issuer
             .certify(&id, &request.certificate_signing_request, self.lifetime)

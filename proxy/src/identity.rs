@@ -19,7 +19,7 @@ mod verify;
 #[cfg(test)]
 mod tests;
 
-pub use certify::{spawn_certify, Certifier, CertifyError};
+pub use certify::{renew_after, spawn_certify, Certifier, CertifyError};
 pub use certs::{
     generate_issuer, generate_root, CertError, CertRequest, Issuer, Leaf, PemPair, TrustAnchors,
     DEFAULT_LEAF_LIFETIME,

@@ -284,14 +284,29 @@ impl Proxy {
                 addr: config.admin,
                 source,
             })?;
-        // Ready once this proxy has a certificate (at once, unless the
-        // control plane has yet to certify it).
+        // Ready while this proxy has an unexpired certificate (at once,
+        // unless the control plane has yet to certify it).
         let mut tasks = tasks;
         let certified = shared.identity.clone();
         let readiness = ready.clone();
         tasks.push(tokio::spawn(async move {
-            certified.certified().await;
-            readiness.set(true);
+            loop {
+                certified.certified().await;
+                let left = certified
+                    .not_after()
+                    .duration_since(std::time::SystemTime::now());
+                match left {
+                    Ok(left) => {
+                        readiness.set(true);
+                        tokio::time::sleep(left.min(Duration::from_secs(60))).await;
+                    }
+                    Err(_) => {
+                        // Expired: renewals are failing.
+                        readiness.set(false);
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
         }));
         if shared.identity.is_certified() {
             ready.set(true);
@@ -333,11 +348,11 @@ impl Proxy {
     /// Drains: not ready, listeners closed, in-flight connections given
     /// until `shutdown_grace` to finish. Returns how many were cut off.
     pub async fn shutdown(self) -> usize {
-        self.ready.set(false);
-        let _ = self.drain.send(true);
         for t in &self.tasks {
             t.abort();
         }
+        self.ready.set(false);
+        let _ = self.drain.send(true);
         let deadline = tokio::time::Instant::now() + self.shared.config.shutdown_grace;
         while self.shared.active.load(Ordering::Acquire) > 0
             && tokio::time::Instant::now() < deadline

@@ -734,3 +734,39 @@ async fn a_connection_whose_last_request_had_a_body_is_not_parked() {
     parked(&p.client, 1).await;
     let _ = (&p.app, &p.client_registry);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_certificate_makes_the_proxy_unready() {
+    strait_proxy::tls::install_default_provider();
+    let root = generate_root("test").expect("root");
+    let pem = generate_issuer(&root, TD).expect("issuer");
+    let issuer = Issuer::from_pem(pem.cert_pem.as_bytes(), pem.key_pem.as_bytes()).expect("issuer");
+    let id = SpiffeId::workload(TD, "demo", "short").expect("id");
+    let leaf = issuer.issue(&id, Duration::from_secs(2)).expect("leaf");
+    let proxy = Proxy::start(
+        ProxyConfig {
+            outbound: loopback(),
+            inbound: loopback(),
+            admin: loopback(),
+            inbound_target: Some(loopback()),
+            ..Default::default()
+        },
+        CertStore::new(&leaf).expect("store"),
+        TrustAnchors::from_pem(root.cert_pem.as_bytes(), "root").expect("anchors"),
+        Arc::new(StaticResolver::default()),
+        Registry::default(),
+    )
+    .await
+    .expect("proxy");
+    let ready = || async {
+        raw_http1(
+            proxy.admin_addr(),
+            "GET /ready HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+        )
+        .await
+    };
+    assert!(ready().await.starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let rsp = ready().await;
+    assert!(rsp.starts_with("HTTP/1.1 503"), "{rsp}");
+}

@@ -9,6 +9,9 @@ const TOKENS: &str = r#"
 - token: "web-token-0123456789"
   namespace: demo
   serviceAccount: web
+- token: "gw-token-0123456789"
+  namespace: strait-system
+  serviceAccount: strait-gateway
 - token: "api-token-0123456789"
   namespace: prod
   serviceAccount: api
@@ -35,6 +38,7 @@ fn service() -> (PemPair, IdentityService) {
     let tokens = StaticTokens::parse(TOKENS, Path::new("tokens.yaml")).expect("tokens");
     let service = IdentityService::new(
         issuer,
+        SpiffeId::workload("west.strait.local", "strait-system", "strait-gateway").expect("id"),
         Authenticator::Static(tokens),
         Duration::from_secs(3600),
         Family::default(),
@@ -119,8 +123,14 @@ fn token_reviews_are_judged_by_authentication_audience_and_user() {
         ),
         Ok(account("demo", "web"))
     );
-    // An API server that does not report audiences has checked them.
-    assert!(judge_review(Some(&status(Some(true), None, sa)), TOKEN_AUDIENCE).is_ok());
+    // A review answered without audiences vouches for the API server's
+    // own audience only.
+    assert_eq!(
+        judge_review(Some(&status(Some(true), None, sa)), TOKEN_AUDIENCE)
+            .expect_err("no audience")
+            .as_str(),
+        "unauthenticated"
+    );
     let refused = |s: Option<&TokenReviewStatus>| {
         judge_review(s, TOKEN_AUDIENCE)
             .expect_err("refused")
@@ -140,7 +150,11 @@ fn token_reviews_are_judged_by_authentication_audience_and_user() {
         "unauthenticated"
     );
     assert_eq!(
-        refused(Some(&status(Some(true), None, "system:node:worker-1"))),
+        refused(Some(&status(
+            Some(true),
+            Some(vec![TOKEN_AUDIENCE]),
+            "system:node:worker-1"
+        ))),
         "forbidden"
     );
     assert_eq!(refused(None), "unavailable");
@@ -185,7 +199,7 @@ fn tokens_files_are_checked_when_read() {
         let e = StaticTokens::parse(bad, Path::new("t.yaml")).expect_err(bad);
         assert!(e.to_string().contains(why), "{bad}: {e}");
     }
-    assert!(format!("{tokens:?}").contains("count: 2"));
+    assert!(format!("{tokens:?}").contains("count: 3"));
     assert!(!format!("{tokens:?}").contains("web-token"));
 }
 
@@ -312,6 +326,16 @@ async fn bad_requests_are_refused_with_the_right_code_and_counted() {
             CertifyRequest {
                 identity: "spiffe://west.strait.local/ns/demo/sa/web/extra".into(),
                 ..ok.clone()
+            },
+            tonic::Code::PermissionDenied,
+            "forbidden",
+        ),
+        (
+            // The gateway's own service account may not be the gateway.
+            {
+                let gw = "spiffe://west.strait.local/ns/strait-system/sa/strait-gateway";
+                let (_, m) = request(gw, "gw-token-0123456789");
+                m
             },
             tonic::Code::PermissionDenied,
             "forbidden",

@@ -182,13 +182,11 @@ pub fn spawn_certify(
                         tracing::info!(id = %store.id(), not_after = ?leaf.not_after, "certified by the control plane");
                         report(Ok(leaf.not_after));
                         backoff = Duration::from_millis(250);
-                        // Two thirds of the life left as received (not as
-                        // stamped: the leaf is backdated for clock skew).
                         let left = leaf
                             .not_after
                             .duration_since(SystemTime::now())
                             .unwrap_or_default();
-                        (left * 2 / 3).max(Duration::from_secs(1))
+                        renew_after(left, rand::random::<f64>())
                     }
                     Err(error) => {
                         let error = CertifyError::Invalid(error.to_string());
@@ -206,6 +204,16 @@ pub fn spawn_certify(
             tokio::time::sleep(wait).await;
         }
     })
+}
+
+/// When to renew a leaf with `left` to live: two thirds of it as received
+/// (not as stamped: leaves are backdated for clock skew), ±10 % by `r`
+/// (0 to 1) so that proxies started together do not renew together; at
+/// least 30 s (or all the life left, if less), so that leaves shortened by
+/// an expiring issuer do not make every proxy ask ever faster (pure).
+pub fn renew_after(left: Duration, r: f64) -> Duration {
+    let wait = (left * 2 / 3).mul_f64(0.9 + 0.2 * r.clamp(0.0, 1.0));
+    wait.max(Duration::from_secs(30).min(left))
 }
 
 fn next_backoff(backoff: &mut Duration) -> Duration {

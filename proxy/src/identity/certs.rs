@@ -261,16 +261,19 @@ impl Issuer {
 
     /// Signs a leaf for `id` over the public key of a PKCS#10 request
     /// (DER) whose signature proves the caller holds the key; valid for
-    /// `lifetime`, never past the issuer's expiry. Only the key is taken
-    /// from the request: URI SANs in it must name `id` and nothing else,
-    /// and every other field is the issuer's. Returns the chain (leaf,
-    /// issuer) and the leaf's expiry.
+    /// `lifetime`, never past the issuer's expiry. The key must be ECDSA
+    /// P-256 and the request signed with ECDSA-SHA256 (what
+    /// [`CertRequest`] makes). Only the key is taken from the request: URI
+    /// SANs in it must name `id` and nothing else, and every other field is
+    /// the issuer's. Returns the chain (leaf, issuer) and the leaf's
+    /// expiry.
     pub fn certify(
         &self,
         id: &SpiffeId,
         csr_der: &[u8],
         lifetime: Duration,
     ) -> Result<(Vec<CertificateDer<'static>>, SystemTime), CertError> {
+        check_p256_request(csr_der)?;
         let csr = rcgen::CertificateSigningRequestParams::from_der(&csr_der.into())
             .map_err(|e| CertError::Request(e.to_string()))?;
         for san in &csr.params.subject_alt_names {
@@ -318,6 +321,39 @@ impl Issuer {
         let cert = p.signed_by(key, &self.signer)?;
         Ok((vec![cert.der().clone(), self.cert.clone()], not_after))
     }
+}
+
+/// Refuses a request whose key is not ECDSA P-256 or whose signature is not
+/// ECDSA-SHA256 (rcgen would take the key's algorithm from the signature's,
+/// and label another curve's key P-256).
+fn check_p256_request(csr_der: &[u8]) -> Result<(), CertError> {
+    use x509_parser::certification_request::X509CertificationRequest;
+    use x509_parser::oid_registry::{
+        OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_SIG_ECDSA_WITH_SHA256,
+    };
+    use x509_parser::prelude::FromDer;
+    let (rest, req) = X509CertificationRequest::from_der(csr_der)
+        .map_err(|e| CertError::Request(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(CertError::Request(
+            "trailing bytes after the request".into(),
+        ));
+    }
+    let spki = &req.certification_request_info.subject_pki;
+    let curve = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok());
+    if spki.algorithm.algorithm != OID_KEY_TYPE_EC_PUBLIC_KEY || curve != Some(OID_EC_P256) {
+        return Err(CertError::Request("the key must be ECDSA P-256".into()));
+    }
+    if req.signature_algorithm.algorithm != OID_SIG_ECDSA_WITH_SHA256 {
+        return Err(CertError::Request(
+            "the request must be signed with ECDSA-SHA256".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// A fresh key pair and a certificate signing request for one identity:

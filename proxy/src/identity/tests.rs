@@ -458,6 +458,18 @@ fn a_signing_request_is_certified_only_for_its_own_name() {
         .issuer
         .certify(&east_web, req.csr_der(), Duration::from_secs(600))
         .is_err());
+    // Keys other than P-256 are refused (the leaf would mislabel them).
+    for alg in [&rcgen::PKCS_ECDSA_P384_SHA384, &rcgen::PKCS_ED25519] {
+        let key = rcgen::KeyPair::generate_for(alg).expect("key");
+        let mut p = rcgen::CertificateParams::default();
+        p.subject_alt_names = vec![rcgen::SanType::URI(web.as_str().try_into().expect("uri"))];
+        let csr = p.serialize_request(&key).expect("csr");
+        assert!(matches!(
+            west.issuer
+                .certify(&web, csr.der(), Duration::from_secs(600)),
+            Err(CertError::Request(_))
+        ));
+    }
     // Garbage is a clean error.
     for junk in [&b""[..], b"\x30\x00", b"not DER at all"] {
         assert!(matches!(
@@ -473,4 +485,21 @@ fn a_signing_request_is_certified_only_for_its_own_name() {
         .certify(&web, theirs.csr_der(), Duration::from_secs(600))
         .expect("certified");
     assert!(matches!(mine.into_leaf(chain), Err(CertError::Mismatch(_))));
+}
+
+#[test]
+fn renewals_are_spread_and_never_hot() {
+    let near = |a: Duration, secs: f64| (a.as_secs_f64() - secs).abs() < 0.001;
+    let day = 24.0 * 3600.0;
+    let left = Duration::from_secs_f64(day);
+    assert!(near(renew_after(left, 0.0), day * 2.0 / 3.0 * 0.9));
+    assert!(near(renew_after(left, 1.0), day * 2.0 / 3.0 * 1.1));
+    // Short leaves (an issuer about to expire): at least 30 s, or all that
+    // is left.
+    assert!(near(renew_after(Duration::from_secs(60), 0.5), 40.0));
+    assert!(near(renew_after(Duration::from_secs(40), 0.0), 30.0));
+    assert!(near(renew_after(Duration::from_secs(46), 1.0), 33.733));
+    assert!(near(renew_after(Duration::from_secs(20), 0.0), 20.0));
+    assert!(near(renew_after(Duration::from_secs(2), 1.0), 2.0));
+    assert_eq!(renew_after(Duration::ZERO, 0.3), Duration::ZERO);
 }

@@ -17,6 +17,7 @@
 //! and anything hyper had read ahead are replayed into a fresh hyper
 //! connection. The client cannot tell.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -57,12 +58,13 @@ struct Idle {
     idle_at: AtomicU64,
     /// Requests whose response has not been sent in full.
     in_flight: AtomicUsize,
-    /// Whether the last request received came without a body. Only then
-    /// is an idle connection parked: a fresh connection never is (hyper
-    /// would answer its first request with `close`), nor one whose last
-    /// request body may not have been read to its end (hyper then closes
-    /// the connection itself, and what is left of the body must never be
-    /// read as a next request).
+    /// Whether the last request received came without a body, as HTTP/1.1
+    /// and with neither it nor its response asking to close. Only then is
+    /// an idle connection parked: a fresh connection never is (hyper would
+    /// answer its first request with `close`), nor one whose last request
+    /// body may not have been read to its end (hyper then closes the
+    /// connection itself, and what is left of the body must never be read
+    /// as a next request), nor one hyper is closing anyway.
     parkable: AtomicBool,
     /// Set while a park is in progress: hyper's shutdown of the socket is
     /// skipped.
@@ -248,6 +250,16 @@ impl Drop for Parked {
     }
 }
 
+/// Whether headers ask for the connection to close after this message.
+fn closes(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("close"))
+}
+
 fn http1() -> hyper::server::conn::http1::Builder {
     let mut b = hyper::server::conn::http1::Builder::new();
     b.max_buf_size(MAX_HEADER_BYTES);
@@ -292,10 +304,14 @@ where
         let idle = idle.clone();
         hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
             use hyper::body::Body as _;
-            let in_flight = InFlight::new(idle.clone(), req.body().is_end_stream());
+            let keeps_alive = req.version() == http::Version::HTTP_11 && !closes(req.headers());
+            let in_flight = InFlight::new(idle.clone(), keeps_alive && req.body().is_end_stream());
             let fut = Box::pin(handle(req));
             async move {
                 let rsp = fut.await;
+                if closes(rsp.headers()) {
+                    in_flight.0.parkable.store(false, Ordering::Relaxed);
+                }
                 Ok::<_, std::convert::Infallible>(rsp.map(|inner| {
                     Tracked {
                         inner,
@@ -330,6 +346,8 @@ where
     }
     loop {
         idle.parking.store(false, Ordering::Relaxed);
+        // A fresh hyper connection is busy until it has answered a request.
+        idle.parkable.store(false, Ordering::Relaxed);
         // Boxed: a parked connection's task then holds no hyper state.
         let mut conn = Box::pin(
             http1()
@@ -344,12 +362,21 @@ where
             }
             () = idle.parkable(PARK_AFTER) => {
                 idle.parking.store(true, Ordering::Relaxed);
-                // Idle: hyper closes it at once, writing nothing.
                 conn.as_mut().graceful_shutdown();
-                match conn.as_mut().await {
-                    Ok(()) => Ended::Parked,
-                    Err(e) => Ended::Done(failed(&e)),
-                }
+                // Idle, hyper closes it at once, writing nothing. If it
+                // does not (still flushing to a slow reader, or closing on
+                // its own), it was not idle: let it close for real.
+                let first = std::future::poll_fn(|cx| Poll::Ready(conn.as_mut().poll(cx))).await;
+                let ended = match first {
+                    Poll::Ready(Ok(())) => Ended::Parked,
+                    Poll::Ready(Err(e)) => Ended::Done(failed(&e)),
+                    Poll::Pending => {
+                        idle.parking.store(false, Ordering::Relaxed);
+                        Ended::Done(conn.as_mut().await.is_ok())
+                    }
+                };
+                idle.parking.store(false, Ordering::Relaxed);
+                ended
             }
         };
         match ended {
@@ -363,7 +390,6 @@ where
         io = parts.io.into_inner();
         // (A slow client's partial request head, kept to replay.)
         let unread = parts.read_buf;
-        idle.parking.store(false, Ordering::Relaxed);
         let parked = Parked::new(&shared.http.parked, direction);
         let mut next = [0u8; 1];
         let woken = tokio::select! {
