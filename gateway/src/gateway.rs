@@ -540,9 +540,15 @@ impl Gateway {
                     config.identity.token_audience.clone(),
                 ))
             }
-            (_, Some(path)) => Some(crate::identity::Authenticator::Static(
-                crate::identity::StaticTokens::load(path)?,
-            )),
+            (_, Some(path)) => {
+                let (tx, rx) = watch::channel(crate::identity::StaticTokens::load(path)?);
+                tasks.push(crate::identity::spawn_tokens_reload(
+                    path.clone(),
+                    tx,
+                    Duration::from_secs(1),
+                ));
+                Some(crate::identity::Authenticator::Static(rx))
+            }
             _ => None,
         };
         let identity = match authenticator {

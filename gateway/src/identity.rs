@@ -222,6 +222,39 @@ impl StaticTokens {
     }
 }
 
+/// Re-reads the tokens file at `path` every `every`: a changed file that
+/// parses replaces the tokens (new workloads without a gateway restart, a
+/// removed token refused from then on); one that does not is logged and
+/// the last good tokens kept.
+pub fn spawn_tokens_reload(
+    path: std::path::PathBuf,
+    tokens: watch::Sender<StaticTokens>,
+    every: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut last = tokio::fs::read_to_string(&path).await.ok();
+        loop {
+            tokio::time::sleep(every).await;
+            let Ok(text) = tokio::fs::read_to_string(&path).await else {
+                continue;
+            };
+            if last.as_deref() == Some(text.as_str()) {
+                continue;
+            }
+            match StaticTokens::parse(&text, &path) {
+                Ok(new) => {
+                    tracing::info!(path = %path.display(), tokens = new.0.len(), "tokens file reloaded");
+                    tokens.send_replace(new);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "tokens file refused; keeping the last tokens");
+                }
+            }
+            last = Some(text);
+        }
+    })
+}
+
 /// Finds out whom a bearer token belongs to.
 #[derive(Clone)]
 pub enum Authenticator {
@@ -234,8 +267,9 @@ pub enum Authenticator {
         /// Bounds the reviews in flight.
         reviews: Arc<tokio::sync::Semaphore>,
     },
-    /// Outside Kubernetes: a tokens file.
-    Static(StaticTokens),
+    /// Outside Kubernetes: a tokens file, as last read (see
+    /// [`spawn_tokens_reload`]).
+    Static(watch::Receiver<StaticTokens>),
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -245,7 +279,7 @@ impl std::fmt::Debug for Authenticator {
                 .debug_struct("TokenReview")
                 .field("audience", audience)
                 .finish_non_exhaustive(),
-            Self::Static(t) => t.fmt(f),
+            Self::Static(t) => t.borrow().fmt(f),
         }
     }
 }
@@ -264,6 +298,7 @@ impl Authenticator {
     pub async fn authenticate(&self, token: &[u8]) -> Result<ServiceAccount, Refusal> {
         match self {
             Self::Static(tokens) => tokens
+                .borrow()
                 .lookup(token)
                 .cloned()
                 .ok_or_else(|| Refusal::Unauthenticated("unknown token".into())),

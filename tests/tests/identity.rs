@@ -226,6 +226,32 @@ async fn sidecars_certified_by_their_gateway_speak_mtls() {
         .is_none(),
         "a missing token never reaches the gateway"
     );
+
+    // The tokens file changes while the gateway runs: a new workload is
+    // certified, a removed token refused, a broken file ignored.
+    std::fs::write(
+        bed.path().join("tokens.yaml"),
+        "- {token: api-token-0123456789, namespace: demo, serviceAccount: api}\n\
+         - {token: db-token-01234567890, namespace: demo, serviceAccount: db}\n",
+    )
+    .expect("tokens");
+    let db = certifier(
+        &bed,
+        &gw,
+        &id("db"),
+        GATEWAY,
+        write_token(bed.path(), "db-token", "db-token-01234567890"),
+    );
+    let leaf = eventually(WAIT, "the new token accepted", || async {
+        db.certify().await.ok()
+    })
+    .await;
+    assert_eq!(leaf.id, id("db"));
+    let web_again = certifier(&bed, &gw, &id("web"), GATEWAY, bed.path().join("web-token"));
+    assert_eq!(attempt(&web_again).await.err(), Some("refused"));
+    std::fs::write(bed.path().join("tokens.yaml"), "- {token: short}\n").expect("tokens");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(db.certify().await.is_ok(), "the last good tokens kept");
 }
 
 /// One attempt's outcome, as its error kind.

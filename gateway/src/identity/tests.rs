@@ -39,7 +39,7 @@ fn service() -> (PemPair, IdentityService) {
     let service = IdentityService::new(
         issuer,
         SpiffeId::workload("west.strait.local", "strait-system", "strait-gateway").expect("id"),
-        Authenticator::Static(tokens),
+        Authenticator::Static(watch::channel(tokens).1),
         Duration::from_secs(3600),
         Family::default(),
     );
