@@ -135,6 +135,22 @@ pub async fn detect<I: AsyncRead + Unpin>(
     }
 }
 
+/// Moves what `buf` has room for from `prefix` into it; whether there was
+/// anything to move. An emptied prefix's buffer is freed at once, not when
+/// the (possibly long-lived, idle) connection closes.
+pub(crate) fn replay(prefix: &mut Bytes, buf: &mut ReadBuf<'_>) -> bool {
+    if prefix.is_empty() {
+        return false;
+    }
+    let n = prefix.len().min(buf.remaining());
+    buf.put_slice(&prefix[..n]);
+    prefix.advance(n);
+    if prefix.is_empty() {
+        *prefix = Bytes::new();
+    }
+    true
+}
+
 /// An I/O object that first replays bytes already read from it.
 #[derive(Debug)]
 pub struct PrefixedIo<I> {
@@ -160,15 +176,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for PrefixedIo<I> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            if self.prefix.is_empty() {
-                // Free the detection buffer now, not when the (possibly
-                // long-lived, idle) connection closes.
-                self.prefix = Bytes::new();
-            }
+        if replay(&mut self.prefix, buf) {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.io).poll_read(cx, buf)

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
@@ -166,10 +166,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for ParkIo<I> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        if !self.replay.is_empty() {
-            let n = self.replay.len().min(buf.remaining());
-            buf.put_slice(&self.replay[..n]);
-            self.replay.advance(n);
+        if crate::detect::replay(&mut self.replay, buf) {
             self.idle.active();
             return Poll::Ready(Ok(()));
         }
@@ -401,10 +398,8 @@ where
             // Closed (or reset) while idle, or draining: done, cleanly.
             return true;
         }
-        io.replay = if unread.is_empty() {
-            Bytes::copy_from_slice(&next)
-        } else {
-            [&unread[..], &next[..]].concat().into()
-        };
+        // What hyper read ahead, then anything it never got to of an
+        // earlier replay, then the new byte.
+        io.replay = [&unread[..], &io.replay[..], &next[..]].concat().into();
     }
 }
