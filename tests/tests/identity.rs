@@ -70,34 +70,6 @@ fn certified_store(bed: &Testbed, gw: &Gateway, sa: &str, token_file: PathBuf) -
     store
 }
 
-async fn echo_app() -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = l.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    |req: http::Request<hyper::body::Incoming>| async move {
-                        let text = format!("hello from {}", req.uri().path());
-                        Ok::<_, std::convert::Infallible>(http::Response::new(
-                            http_body_util::Full::new(bytes::Bytes::from(text)),
-                        ))
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
-    });
-    addr
-}
-
 fn loopback() -> SocketAddr {
     "127.0.0.1:0".parse().expect("addr")
 }
@@ -125,7 +97,7 @@ async fn sidecars_certified_by_their_gateway_speak_mtls() {
     // ready and offers no certificate.
     let api_token = bed.path().join("api-token");
     let api = certified_store(&bed, &gw, "api", api_token.clone());
-    let app = echo_app().await;
+    let app = spawn_hello_endpoint("west", "api-0").await.expect("app");
     let server = Proxy::start(
         ProxyConfig {
             outbound: loopback(),
@@ -206,7 +178,7 @@ async fn sidecars_certified_by_their_gateway_speak_mtls() {
     let body = http_get(client.outbound_addr(), "api.demo:80")
         .await
         .expect("a response through the pair");
-    assert!(body.contains("hello from /"), "{body}");
+    assert!(body.contains("hello from west/api-0"), "{body}");
     let server_metrics = http_get_path(server.admin_addr(), "admin", "/metrics")
         .await
         .expect("metrics");
@@ -274,16 +246,20 @@ async fn in_kubernetes_tokens_are_reviewed_by_the_api_server() {
         .expect("gateway");
     let dir = bed.path();
     let aud = strait_gateway::identity::TOKEN_AUDIENCE;
+    // A certifier for demo/web presenting `token` (written to `file`).
+    let web_with = |file: &str, token: &str| {
+        certifier(
+            &bed,
+            &gw,
+            &id("web"),
+            GATEWAY,
+            write_token(dir, file, token),
+        )
+    };
 
     // A projected token for demo/web with the identity audience.
     let good = kube.issue_token("demo", "web", &[aud]);
-    let web = certifier(
-        &bed,
-        &gw,
-        &id("web"),
-        GATEWAY,
-        write_token(dir, "good", &good),
-    );
+    let web = web_with("good", &good);
     let leaf = attempt(&web).await.expect("certified");
     assert_eq!(leaf.id, id("web"));
     assert!(leaf.chain.len() == 2, "leaf and issuer");
@@ -291,36 +267,18 @@ async fn in_kubernetes_tokens_are_reviewed_by_the_api_server() {
 
     // The same account's token for the API server's audience: refused.
     let api_aud = kube.issue_token("demo", "web", &[]);
-    let c = certifier(
-        &bed,
-        &gw,
-        &id("web"),
-        GATEWAY,
-        write_token(dir, "aud", &api_aud),
-    );
+    let c = web_with("aud", &api_aud);
     assert_eq!(attempt(&c).await.err(), Some("refused"));
 
     // Another account's token asking for web: refused.
     let api = kube.issue_token("demo", "api", &[aud]);
-    let c = certifier(
-        &bed,
-        &gw,
-        &id("web"),
-        GATEWAY,
-        write_token(dir, "api", &api),
-    );
+    let c = web_with("api", &api);
     assert_eq!(attempt(&c).await.err(), Some("refused"));
 
     // A revoked token: refused; an unknown one too.
     kube.revoke_token(&good);
     assert_eq!(attempt(&web).await.err(), Some("refused"));
-    let c = certifier(
-        &bed,
-        &gw,
-        &id("web"),
-        GATEWAY,
-        write_token(dir, "junk", "not-a-token"),
-    );
+    let c = web_with("junk", "not-a-token");
     assert_eq!(attempt(&c).await.err(), Some("refused"));
 
     // A proxy pinning another control plane never sends its token.
@@ -348,13 +306,7 @@ async fn in_kubernetes_tokens_are_reviewed_by_the_api_server() {
     // Without the API server, tokens cannot be checked: unavailable, and
     // the proxy keeps its leaf and retries.
     let fresh = kube.issue_token("demo", "web", &[aud]);
-    let c = certifier(
-        &bed,
-        &gw,
-        &id("web"),
-        GATEWAY,
-        write_token(dir, "fresh", &fresh),
-    );
+    let c = web_with("fresh", &fresh);
     drop(kube);
     assert_eq!(attempt(&c).await.err(), Some("unreachable"));
     let m = metrics(&gw).await;
