@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use prometheus_client::registry::Registry;
 use strait_dns::{
@@ -195,12 +195,6 @@ impl std::fmt::Debug for Gateway {
     }
 }
 
-fn unix_seconds(t: SystemTime) -> i64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 /// The DNS records for an import table, each import answered with the
 /// address `ip` gives it; an import without one is left out (pure).
 pub fn dns_records(
@@ -278,7 +272,9 @@ impl Gateway {
         let lifetime = Duration::from_secs(config.identity.leaf_lifetime_seconds);
         let leaf = issuer.issue(&own_id, lifetime)?;
         let certs = CertStore::new(&leaf)?;
-        metrics.cert_expiry.set(unix_seconds(leaf.not_after));
+        metrics
+            .cert_expiry
+            .set(strait_proxy::metrics::unix_seconds(leaf.not_after));
         let expiry = metrics.cert_expiry.clone();
         let mut tasks = Tasks::default();
         tasks.push(spawn_rotation(
@@ -287,7 +283,7 @@ impl Gateway {
             lifetime,
             Duration::from_secs(30),
             move |t| {
-                expiry.set(unix_seconds(t));
+                expiry.set(strait_proxy::metrics::unix_seconds(t));
             },
         ));
 

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use prometheus_client::metrics::counter::Counter;
@@ -435,10 +435,7 @@ impl IdentityService {
             })?;
         let mut chain = chain.into_iter().map(|c| c.to_vec());
         let leaf_certificate = chain.next().unwrap_or_default();
-        let valid_until_unix_seconds = not_after
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-            .unwrap_or(0);
+        let valid_until_unix_seconds = strait_proxy::metrics::unix_seconds(not_after);
         tracing::info!(%id, "issued a workload certificate");
         Ok(CertifyResponse {
             leaf_certificate,

@@ -97,10 +97,7 @@ impl IdentityMetrics {
 
     /// A new leaf expiring at `not_after` is in use.
     pub fn renewed(&self, not_after: std::time::SystemTime) {
-        let secs = not_after
-            .duration_since(std::time::SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-        self.expiry.set(secs);
+        self.expiry.set(unix_seconds(not_after));
         self.renewals
             .get_or_create(&CertifyLabels { result: "ok" })
             .inc();
@@ -112,6 +109,13 @@ impl IdentityMetrics {
             .get_or_create(&CertifyLabels { result: kind })
             .inc();
     }
+}
+
+/// Whole seconds since the Unix epoch (0 before it): timestamp gauges and
+/// wire fields.
+pub fn unix_seconds(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// Encodes a registry in the OpenMetrics text format.

@@ -212,10 +212,7 @@ async fn a_valid_request_gets_a_leaf_for_its_key_chained_to_the_root() {
     );
     let response = service.handle(msg).await.expect("issued");
     assert_eq!(response.intermediate_certificates.len(), 1);
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs() as i64;
+    let now = strait_proxy::metrics::unix_seconds(std::time::SystemTime::now());
     assert!((now + 3500..=now + 3700).contains(&response.valid_until_unix_seconds));
     let mut chain = vec![rustls_pki_types::CertificateDer::from(
         response.leaf_certificate.clone(),
