@@ -45,7 +45,26 @@ pub fn run_async(
         .enable_all()
         .build()
         .map_err(|e| anyhow::anyhow!("starting the runtime: {e}"))?;
-    runtime.block_on(f)
+    runtime.block_on(async {
+        tokio::spawn(timer_floor());
+        f.await
+    })
+}
+
+/// Keeps a timer at most a second away in tokio's timer wheel, for the
+/// life of the runtime.
+///
+/// A new timer wakes the runtime's driver (a write to its eventfd, and one
+/// more turn of its event loop) whenever it is due before every timer the
+/// driver last went to sleep with, and always when there was none. Each
+/// proxied request sets a timeout of seconds; on a proxy with no other
+/// timer pending (an inbound proxy serving HTTP/2) that was one wake-up for
+/// nearly every request. With this tick pending, deadlines beyond a second
+/// are inserted silently.
+async fn timer_floor() {
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }
 
 /// The exit code of an outcome; errors are printed with their causes.

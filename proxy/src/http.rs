@@ -16,8 +16,24 @@ use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
 use crate::metrics::{HttpMetrics, RequestLabels, ResponseLabels};
 
+/// The error of a body (hyper's, h2's, or a client's).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The body type everywhere in the proxy.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// Boxes any body with bytes as data into a [`Body`].
+pub fn boxed<B>(body: B) -> Body
+where
+    B: HttpBody<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(into_box_error).boxed()
+}
+
+fn into_box_error<E: Into<BoxError>>(e: E) -> BoxError {
+    e.into()
+}
 
 /// Marks an HTTP/1 request carried over the HTTP/2 connection between two
 /// proxies, so the receiving proxy sends it on as HTTP/1.
@@ -212,12 +228,12 @@ impl Drop for Observed {
 
 impl HttpBody for Observed {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -291,7 +307,7 @@ where
         let _ = conn.with_upgrades().await;
     });
     let (parts, body) = req.into_parts();
-    let mut fwd = Request::from_parts(parts, body.boxed());
+    let mut fwd = Request::from_parts(parts, boxed(body));
     if let Some(pq) = fwd.uri().path_and_query().cloned() {
         *fwd.uri_mut() = http::Uri::from(pq);
     }
@@ -310,7 +326,7 @@ where
             let _ = crate::forward::splice(&mut client, &mut server).await;
         });
     }
-    Ok(rsp.map(|b| b.boxed()))
+    Ok(rsp.map(boxed))
 }
 
 /// `1xx` ... `5xx`.
@@ -329,12 +345,7 @@ pub fn status_class(s: StatusCode) -> &'static str {
 /// they are sent to, which a URI-keyed client cannot do.
 #[derive(Debug, Default)]
 pub struct H2Pool {
-    conns: std::sync::Mutex<
-        std::collections::HashMap<
-            std::net::SocketAddr,
-            hyper::client::conn::http2::SendRequest<Body>,
-        >,
-    >,
+    conns: std::sync::Mutex<std::collections::HashMap<std::net::SocketAddr, crate::http2::Sender>>,
 }
 
 impl H2Pool {
@@ -345,7 +356,7 @@ impl H2Pool {
         addr: std::net::SocketAddr,
         req: Request<Body>,
         connect_timeout: std::time::Duration,
-    ) -> Result<Response<hyper::body::Incoming>, std::io::Error> {
+    ) -> Result<Response<Body>, std::io::Error> {
         let pooled = self
             .conns
             .lock()
@@ -353,7 +364,7 @@ impl H2Pool {
             .get(&addr)
             .cloned();
         let ready = match pooled {
-            Some(mut s) => s.ready().await.is_ok().then_some(s),
+            Some(s) => s.ready().await.ok(),
             None => None,
         };
         let mut sender = match ready {
@@ -362,17 +373,10 @@ impl H2Pool {
                 let dial = async {
                     let tcp = tokio::net::TcpStream::connect(addr).await?;
                     tcp.set_nodelay(true)?;
-                    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    )
-                    .handshake(hyper_util::rt::TokioIo::new(tcp))
-                    .await
-                    .map_err(std::io::Error::other)?;
-                    tokio::spawn(async move {
-                        let _ = conn.await;
-                    });
-                    sender.ready().await.map_err(std::io::Error::other)?;
-                    Ok::<_, std::io::Error>(sender)
+                    let max_header = crate::sidecar::MAX_HEADER_BYTES as u32;
+                    crate::http2::handshake(tcp, max_header, addr.to_string())
+                        .await
+                        .map_err(std::io::Error::other)
                 };
                 // Boxed: dialing is rare and its state would otherwise
                 // be carried by every request's future.
@@ -386,8 +390,7 @@ impl H2Pool {
                 sender
             }
         };
-        sender
-            .send_request(req)
+        crate::http2::send(&mut sender, req)
             .await
             .map_err(std::io::Error::other)
     }

@@ -10,9 +10,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
 use rustls::RootCertStore;
 use tokio::io::AsyncWriteExt;
@@ -21,11 +18,15 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::http::Body;
+use crate::http2::Sender;
 use crate::identity::{CertStore, ExpectedPeerVerifier, RefusalSink, SpiffeId};
 use crate::transport::{self, ProtocolHint};
 
 /// Write buffer between an HTTP/2 connection and its TLS stream.
 pub const WRITE_BUFFER: usize = 16 * 1024;
+
+/// Largest response head taken from a peer proxy (what it accepts too).
+const MAX_HEADER: u32 = crate::sidecar::MAX_HEADER_BYTES as u32;
 
 /// ALPN of proxy-to-proxy connections.
 pub const MESH_ALPN: &[u8] = b"strait-proxy/1";
@@ -50,7 +51,7 @@ pub enum MeshError {
         addr: SocketAddr,
         /// The cause.
         #[source]
-        source: hyper::Error,
+        source: h2::Error,
     },
 }
 
@@ -64,7 +65,7 @@ pub struct MeshClient {
     sink: RefusalSink,
     connect_timeout: Duration,
     configs: Mutex<HashMap<SpiffeId, Arc<rustls::ClientConfig>>>,
-    pool: Mutex<HashMap<PoolKey, SendRequest<Body>>>,
+    pool: Mutex<HashMap<PoolKey, Sender>>,
 }
 
 impl std::fmt::Debug for MeshClient {
@@ -148,14 +149,14 @@ impl MeshClient {
         addr: SocketAddr,
         peer: &SpiffeId,
         port: u16,
-    ) -> Result<SendRequest<Body>, MeshError> {
+    ) -> Result<Sender, MeshError> {
         let key = (addr, port, peer.clone());
         let pooled = {
             let pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
             pool.get(&key).cloned()
         };
-        if let Some(mut s) = pooled {
-            if s.ready().await.is_ok() {
+        if let Some(s) = pooled {
+            if let Ok(s) = s.ready().await {
                 return Ok(s);
             }
         }
@@ -171,26 +172,12 @@ impl MeshClient {
         peer: &SpiffeId,
         port: u16,
         key: (SocketAddr, u16, SpiffeId),
-    ) -> Result<SendRequest<Body>, MeshError> {
+    ) -> Result<Sender, MeshError> {
         let tls = self.connect(addr, peer, port, ProtocolHint::Http2).await?;
-        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(hyper_util::rt::TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(10))
-            // Frames are written into a buffer and flushed together: one
-            // TLS record and one send for a batch, not one per frame.
-            .handshake(TokioIo::new(tokio::io::BufWriter::with_capacity(
-                WRITE_BUFFER,
-                tls,
-            )))
-            .await
-            .map_err(|source| MeshError::Http { addr, source })?;
-        tokio::spawn(async move {
-            if let Err(error) = conn.await {
-                tracing::debug!(%addr, %error, "mesh connection closed");
-            }
-        });
-        sender
-            .ready()
+        // Frames are written into a buffer and flushed together: one TLS
+        // record and one send for a batch, not one per frame.
+        let io = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, tls);
+        let sender = crate::http2::handshake(io, MAX_HEADER, addr.to_string())
             .await
             .map_err(|source| MeshError::Http { addr, source })?;
         self.pool
@@ -208,10 +195,9 @@ impl MeshClient {
         peer: &SpiffeId,
         port: u16,
         req: Request<Body>,
-    ) -> Result<Response<Incoming>, MeshError> {
+    ) -> Result<Response<Body>, MeshError> {
         let mut sender = self.sender(addr, peer, port).await?;
-        sender
-            .send_request(req)
+        crate::http2::send(&mut sender, req)
             .await
             .map_err(|source| MeshError::Http { addr, source })
     }

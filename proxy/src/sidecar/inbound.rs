@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::{Request, Response, StatusCode};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -215,7 +214,7 @@ impl Inbound {
             });
             return Observed::wrap(rsp, shared.http.clone(), &labels, started);
         }
-        let req = from_mesh(req.map(|b| b.boxed()));
+        let req = from_mesh(req.map(crate::http::boxed));
         // The application is on loopback: the pod's own address would loop
         // back through the iptables redirect.
         let target: SocketAddr = ([127, 0, 0, 1], port).into();

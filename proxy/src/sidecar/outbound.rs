@@ -63,11 +63,15 @@ impl Replay {
             return Ok(Self::Once(Some(req)));
         }
         let (parts, body) = req.into_parts();
-        let body = http_body_util::Limited::new(body, MAX_BUFFERED_BODY)
+        // Bounded by its size hint, which the server connection enforces
+        // (a body longer than its content-length is an error).
+        let body = body
             .collect()
             .await
-            .map_err(|_| error_response(StatusCode::BAD_REQUEST, "request body failed"))?
-            .to_bytes();
+            .ok()
+            .map(|c| c.to_bytes())
+            .filter(|b| b.len() <= MAX_BUFFERED_BODY)
+            .ok_or_else(|| error_response(StatusCode::BAD_REQUEST, "request body failed"))?;
         Ok(Self::Buffered {
             method: parts.method,
             uri: parts.uri,
@@ -234,7 +238,7 @@ impl Outbound {
             let rsp = Box::pin(self.upgrade(req, &authority, orig)).await;
             return Observed::wrap(rsp, shared.http.clone(), &labels, started);
         }
-        let req = req.map(|b| b.boxed());
+        let req = req.map(crate::http::boxed);
         let rsp = match self.route(req, &authority, orig, started).await {
             Ok((rsp, tls)) => {
                 let labels = RequestLabels { tls, ..labels };
@@ -473,8 +477,7 @@ impl Outbound {
                 let peer = SocketAddr::new(endpoint.addr.ip(), shared.config.peer_inbound_port);
                 let f = self.0.mesh.send(peer, id, endpoint.addr.port(), req);
                 let sent = match tokio::time::timeout(timeout, f).await {
-                    Ok(Ok(rsp)) => {
-                        let mut rsp = rsp.map(|b| b.boxed());
+                    Ok(Ok(mut rsp)) => {
                         strip_hop_by_hop(rsp.headers_mut());
                         Ok(rsp)
                     }

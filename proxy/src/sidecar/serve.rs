@@ -133,12 +133,12 @@ struct Tracked {
 
 impl hyper::body::Body for Tracked {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = crate::http::BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 
