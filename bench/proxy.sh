@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Sidecar proxy benchmark: a client strait-proxy and a server strait-proxy
 # with mutual TLS between them, against a direct connection and against a
-# HAProxy pair (HTTP/2 over TLS 1.3 with client certificates between), in
-# one run, with ratios:
+# HAProxy pair (two processes, HTTP/2 over TLS 1.3 with client certificates
+# between), in one run, with ratios:
 #   - requests/s at 50 connections, HTTP/1.1 (wrk) and HTTP/2 (h2load);
 #   - p50/p99 latency at a fixed 1000 requests/s (strait-loadgen http),
 #     and the latency each pair adds;
 #   - the client proxy's RSS idle and holding 10,000 idle keep-alive
-#     connections (HAProxy's with 9,000, for comparison).
+#     connections (HAProxy client side's with 9,000, for comparison).
 #
 #   bench/proxy.sh [SECONDS]        default 10 s per throughput run
 #
@@ -64,12 +64,14 @@ STRAIT_LOG=warn STRAIT_THREADS=$THREADS "$BIN/strait-proxy" run "${common[@]}" \
   --peer-inbound-port 26143 --destinations destinations.yaml >client.log 2>&1 & PIDS+=($!)
 CLIENT_PID=$!
 
-# HAProxy pair: h2 over TLS 1.3 with client certificates between.
+# HAProxy pair: h2 over TLS 1.3 with client certificates between; two
+# processes, one per side, as two sidecars are (and as the strait pair is:
+# one process doing both sides would hand requests to itself without a
+# wake-up in between).
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
   -subj /CN=bench -keyout tls.key -out tls.crt 2>/dev/null
 cat tls.crt tls.key > tls.pem
-cat > haproxy.cfg <<CFG
-global
+haproxy_global="global
   nbthread 1
   maxconn 9500
   ssl-default-bind-options ssl-min-ver TLSv1.3
@@ -79,20 +81,26 @@ defaults
   timeout connect 5s
   timeout client 60s
   timeout server 60s
-  http-reuse always
+  http-reuse always"
+cat > haproxy-client.cfg <<CFG
+$haproxy_global
 frontend client_side
   bind 127.0.0.1:28140 proto h2
   bind 127.0.0.1:28141
   default_backend to_server_side
 backend to_server_side
   server peer 127.0.0.1:28143 ssl crt $WORK/tls.pem ca-file $WORK/tls.crt verify required alpn h2
+CFG
+cat > haproxy-server.cfg <<CFG
+$haproxy_global
 frontend server_side
   bind 127.0.0.1:28143 ssl crt $WORK/tls.pem ca-file $WORK/tls.crt verify required alpn h2
   default_backend app
 backend app
   server app $BACKEND
 CFG
-haproxy -f haproxy.cfg -db >haproxy.log 2>&1 & PIDS+=($!)
+haproxy -f haproxy-server.cfg -db >haproxy-server.log 2>&1 & PIDS+=($!)
+haproxy -f haproxy-client.cfg -db >haproxy-client.log 2>&1 & PIDS+=($!)
 HAPROXY_PID=$!
 
 # Wait until all three paths answer.
@@ -104,7 +112,7 @@ for _ in $(seq 1 100); do
   [ $ok = 3 ] && break
   sleep 0.1
 done
-[ $ok = 3 ] || { echo "not all paths answer"; cat client.log server.log haproxy.log; exit 1; }
+[ $ok = 3 ] || { echo "not all paths answer"; cat client.log server.log haproxy-*.log; exit 1; }
 
 rss_kib() { awk '/VmRSS/ {print $2}' /proc/$1/status; }
 # Private memory: what the process alone holds (RSS also counts the pages
@@ -158,4 +166,4 @@ printf "RSS idle: %.1f MiB (private %.1f MiB), %.1f MiB after the runs; with 100
 # limit here is 20,000.)
 HA_IDLE_RSS=$(rss_kib $HAPROXY_PID)
 HA_HELD_RSS=$(rss_holding 127.0.0.1:28141 9000 $HAPROXY_PID)
-printf "HAProxy (one process, both sides) RSS after the runs: %.1f MiB; with 9000 idle connections: %.1f MiB (%.1f KB per connection)\n" "$(echo "$HA_IDLE_RSS/1024" | bc -l)" "$(echo "$HA_HELD_RSS/1024" | bc -l)" "$(echo "($HA_HELD_RSS-$HA_IDLE_RSS)*1.024/9000" | bc -l)"
+printf "HAProxy client side RSS after the runs: %.1f MiB; with 9000 idle connections: %.1f MiB (%.1f KB per connection)\n" "$(echo "$HA_IDLE_RSS/1024" | bc -l)" "$(echo "$HA_HELD_RSS/1024" | bc -l)" "$(echo "($HA_HELD_RSS-$HA_IDLE_RSS)*1.024/9000" | bc -l)"

@@ -54,6 +54,11 @@ const HOP_BY_HOP: &[&str] = &[
 /// Removes hop-by-hop headers, and any header named in `Connection`.
 /// `te: trailers` is kept (gRPC needs it).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one look at each name instead of a lookup
+    // (and a removal attempt) per hop-by-hop name.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(http::header::CONNECTION)
         .iter()
@@ -73,6 +78,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if keep_te {
         headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
     }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(&name.as_str())
 }
 
 /// An empty body.

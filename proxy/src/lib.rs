@@ -16,6 +16,7 @@ pub mod detect;
 pub mod discovery;
 pub mod forward;
 pub mod http;
+pub mod http1;
 pub mod http2;
 pub mod identity;
 pub mod mesh;

@@ -471,26 +471,20 @@ pub(crate) enum UpstreamError {
 /// HTTP/1.1 over a bounded pool (the `Host` header carries the authority),
 /// HTTP/2 over one multiplexed connection per address (`:authority`).
 pub(crate) struct PlainClient {
-    http1: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        crate::http::Body,
-    >,
+    http1: crate::http1::Pool,
     http2: crate::http::H2Pool,
     connect_timeout: Duration,
 }
 
 impl PlainClient {
     pub(crate) fn new(config: &ProxyConfig) -> Self {
-        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        let http1 =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                // Bounded idle upstream connections: a burst of client
-                // connections must not leave thousands pooled.
-                .pool_max_idle_per_host(MAX_IDLE_PER_HOST)
-                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-                .build(connector);
+        let http1 = crate::http1::Pool::new(crate::http1::PoolConfig {
+            // Bounded idle upstream connections: a burst of client
+            // connections must not leave thousands pooled.
+            max_idle: MAX_IDLE_PER_HOST,
+            idle_timeout: POOL_IDLE_TIMEOUT,
+            connect_timeout: config.connect_timeout,
+        });
         Self {
             http1,
             http2: crate::http::H2Pool::default(),
@@ -516,19 +510,20 @@ impl PlainClient {
                 .await
                 .map(|r| r.map_err(|e| e.to_string()))
         } else {
-            crate::http::retarget(&mut req, &target.to_string())
-                .map_err(|_| UpstreamError::BadTarget)?;
+            // Origin form on the wire; the authority travels in `Host`.
+            let origin = req
+                .uri()
+                .path_and_query()
+                .map_or_else(|| http::Uri::from_static("/"), |p| p.clone().into());
+            *req.uri_mut() = origin;
             if !req.headers().contains_key(http::header::HOST) {
                 if let Ok(v) = http::HeaderValue::from_str(authority) {
                     req.headers_mut().insert(http::header::HOST, v);
                 }
             }
-            tokio::time::timeout(timeout, self.http1.request(req))
+            tokio::time::timeout(timeout, self.http1.send(target, req))
                 .await
-                .map(|r| {
-                    r.map(|rsp| rsp.map(crate::http::boxed))
-                        .map_err(|e| e.to_string())
-                })
+                .map(|r| r.map_err(|e| e.to_string()))
         };
         match sent {
             Ok(Ok(mut rsp)) => {

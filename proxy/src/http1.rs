@@ -1,0 +1,258 @@
+//! Plaintext HTTP/1.1 connections to upstreams (the application behind an
+//! inbound proxy, unmeshed destinations), pooled by address.
+//!
+//! A request takes the connection used most recently (its socket and
+//! buffers are the warmest) or dials one; it goes back to the pool when its
+//! response body has been read to the end. Nothing is spawned per request
+//! and no connection is dialed while an idle one exists (hyper-util's pool
+//! races a dial against every checkout that finds none ready, and its
+//! connections come back through a task of their own per response).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+
+use crate::http::{Body, BoxError};
+
+/// Why a request got no response.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Http1Error {
+    /// Connecting failed or timed out.
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        /// The upstream.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The connection failed before a response head arrived.
+    #[error("http/1.1 to {addr}: {source}")]
+    Http {
+        /// The upstream.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: hyper::Error,
+    },
+}
+
+/// Limits of a [`Pool`].
+#[derive(Debug, Clone, Copy)]
+pub struct PoolConfig {
+    /// Idle connections kept per address.
+    pub max_idle: usize,
+    /// How long an idle connection may wait for its next request.
+    pub idle_timeout: Duration,
+    /// How long a dial may take.
+    pub connect_timeout: Duration,
+}
+
+struct Idle {
+    sender: SendRequest<Body>,
+    since: Instant,
+}
+
+struct Shared {
+    config: PoolConfig,
+    idle: Mutex<HashMap<SocketAddr, VecDeque<Idle>>>,
+}
+
+impl Shared {
+    /// The most recent idle connection to `addr` still open, if any.
+    fn checkout(&self, addr: SocketAddr) -> Option<SendRequest<Body>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let conns = idle.get_mut(&addr)?;
+        let now = Instant::now();
+        while let Some(c) = conns.pop_back() {
+            if !c.sender.is_closed() && now.duration_since(c.since) < self.config.idle_timeout {
+                return Some(c.sender);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, addr: SocketAddr, sender: SendRequest<Body>) {
+        if sender.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let conns = idle.entry(addr).or_default();
+        // Oldest first: the expired ones are at the front.
+        while conns
+            .front()
+            .is_some_and(|c| now.duration_since(c.since) >= self.config.idle_timeout)
+        {
+            conns.pop_front();
+        }
+        if conns.len() < self.config.max_idle {
+            conns.push_back(Idle { sender, since: now });
+        }
+    }
+}
+
+/// HTTP/1.1 connections by address; cheap to clone.
+#[derive(Clone)]
+pub struct Pool(Arc<Shared>);
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("config", &self.0.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pool {
+    /// An empty pool.
+    pub fn new(config: PoolConfig) -> Self {
+        Self(Arc::new(Shared {
+            config,
+            idle: Mutex::default(),
+        }))
+    }
+
+    /// Sends `req` (origin-form URI, `Host` set) to `addr` on an idle
+    /// connection, or a new one. A request an idle connection closed
+    /// under before taking it is sent again on a new connection (it was
+    /// never written).
+    pub async fn send(
+        &self,
+        addr: SocketAddr,
+        req: Request<Body>,
+    ) -> Result<Response<Body>, Http1Error> {
+        let mut req = req;
+        while let Some(mut sender) = self.0.checkout(addr) {
+            if sender.ready().await.is_err() {
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(rsp) => return Ok(self.pooled(addr, sender, rsp)),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => req = unsent,
+                    None => {
+                        return Err(Http1Error::Http {
+                            addr,
+                            source: e.into_error(),
+                        })
+                    }
+                },
+            }
+        }
+        // Dialing is rare and its state large: boxed, so the per-request
+        // future stays small.
+        let mut sender = Box::pin(self.dial(addr)).await?;
+        match sender.send_request(req).await {
+            Ok(rsp) => Ok(self.pooled(addr, sender, rsp)),
+            Err(source) => Err(Http1Error::Http { addr, source }),
+        }
+    }
+
+    async fn dial(&self, addr: SocketAddr) -> Result<SendRequest<Body>, Http1Error> {
+        let err = |source| Http1Error::Connect { addr, source };
+        let tcp = tokio::time::timeout(
+            self.0.config.connect_timeout,
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        .map_err(|_| err(std::io::ErrorKind::TimedOut.into()))?
+        .map_err(err)?;
+        tcp.set_nodelay(true).map_err(err)?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|source| Http1Error::Http { addr, source })?;
+        tokio::spawn(async move {
+            if let Err(error) = conn.await {
+                tracing::debug!(%addr, %error, "upstream HTTP/1.1 connection closed");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// The response with a body that returns the connection to the pool
+    /// once read to the end.
+    fn pooled(
+        &self,
+        addr: SocketAddr,
+        sender: SendRequest<Body>,
+        rsp: Response<Incoming>,
+    ) -> Response<Body> {
+        rsp.map(|inner| {
+            let mut body = PooledBody {
+                inner,
+                slot: Some((self.0.clone(), addr, sender)),
+            };
+            if body.inner.is_end_stream() {
+                body.release();
+            }
+            crate::http::boxed(body)
+        })
+    }
+}
+
+/// A response body holding its connection until the body ends; a body
+/// dropped before its end takes the connection with it (hyper closes a
+/// connection whose response was not read through).
+struct PooledBody {
+    inner: Incoming,
+    slot: Option<(Arc<Shared>, SocketAddr, SendRequest<Body>)>,
+}
+
+impl PooledBody {
+    fn release(&mut self) {
+        if let Some((pool, addr, sender)) = self.slot.take() {
+            pool.checkin(addr, sender);
+        }
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // Read to the end without the final poll for `None`.
+        if self.inner.is_end_stream() {
+            self.release();
+        }
+    }
+}
+
+impl HttpBody for PooledBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        match &frame {
+            Some(Err(_)) => self.slot = None,
+            None => self.release(),
+            // The last frame: whoever reads the body may stop here.
+            Some(Ok(_)) if self.inner.is_end_stream() => self.release(),
+            Some(Ok(_)) => {}
+        }
+        Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests;
