@@ -12,6 +12,7 @@
 
 pub mod crd;
 pub mod ctl;
+pub mod inject;
 pub mod lease;
 pub mod links;
 pub mod mirror;

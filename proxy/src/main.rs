@@ -126,9 +126,21 @@ struct RunArgs {
     /// Static destinations (YAML); DNS is the fallback.
     #[arg(long, env = "STRAIT_PROXY_DESTINATIONS")]
     destinations: Option<PathBuf>,
-    /// Trust anchors (PEM bundle).
-    #[arg(long, env = "STRAIT_PROXY_TRUST_ANCHORS")]
-    trust_anchors: PathBuf,
+    /// Trust anchors (PEM bundle file)...
+    #[arg(
+        long,
+        env = "STRAIT_PROXY_TRUST_ANCHORS",
+        required_unless_present = "trust_anchors_pem"
+    )]
+    trust_anchors: Option<PathBuf>,
+    /// ...or the bundle itself (how `strait inject` hands a pod the
+    /// cluster's anchors without a ConfigMap in every namespace).
+    #[arg(
+        long,
+        env = "STRAIT_PROXY_TRUST_ANCHORS_PEM",
+        conflicts_with = "trust_anchors"
+    )]
+    trust_anchors_pem: Option<String>,
     /// This proxy's certificate chain (PEM, leaf first)...
     #[arg(long, env = "STRAIT_PROXY_IDENTITY_CERT", requires = "identity_key")]
     identity_cert: Option<PathBuf>,
@@ -147,7 +159,7 @@ struct RunArgs {
     )]
     identity: Option<String>,
     /// The gateway's identity service (host:port), e.g.
-    /// strait-gateway-identity.strait-system.svc:8080...
+    /// strait-identity.strait-system.svc:8080...
     #[arg(
         long,
         env = "STRAIT_PROXY_IDENTITY_ADDR",
@@ -292,7 +304,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         shutdown_grace: args.shutdown_grace_ms,
     };
     config.validate()?;
-    let anchors = TrustAnchors::load(&args.trust_anchors)?;
+    let anchors = match (&args.trust_anchors, &args.trust_anchors_pem) {
+        (Some(path), _) => TrustAnchors::load(path)?,
+        (None, Some(pem)) => {
+            TrustAnchors::from_pem(pem.as_bytes(), "STRAIT_PROXY_TRUST_ANCHORS_PEM")?
+        }
+        // clap requires one of them.
+        (None, None) => anyhow::bail!("--trust-anchors or --trust-anchors-pem is required"),
+    };
     let mut registry = Registry::default();
     let identity_metrics = IdentityMetrics::register(&mut registry);
     let (store, _rotation) = identity(&args, &anchors, &identity_metrics)?;

@@ -119,6 +119,48 @@ fn bad_flags_and_missing_identity_are_clear_errors() {
 }
 
 #[test]
+fn trust_anchors_come_from_exactly_one_place() {
+    for args in [
+        &["run", "--inbound-target", "127.0.0.1:1"][..],
+        &[
+            "run",
+            "--trust-anchors",
+            "a.pem",
+            "--trust-anchors-pem",
+            "x",
+        ][..],
+    ] {
+        let out = bin().args(args).output().expect("runs");
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--trust-anchors"));
+    }
+    let out = bin()
+        .args([
+            "run",
+            "--trust-anchors-pem",
+            "not a certificate",
+            "--inbound-target",
+            "127.0.0.1:1",
+        ])
+        .args([
+            "--identity",
+            "spiffe://t/ns/a/sa/b",
+            "--issuer-cert",
+            "i",
+            "--issuer-key",
+            "k",
+        ])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("STRAIT_PROXY_TRUST_ANCHORS_PEM"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn serves_then_drains_on_shutdown_and_on_sigterm() {
     let dir = tempfile::tempdir().expect("tmp");
     let root = generate_root("t").expect("root");
@@ -131,9 +173,18 @@ fn serves_then_drains_on_shutdown_and_on_sigterm() {
         std::fs::write(dir.path().join(f), c).expect("write");
     }
     for how in ["shutdown", "sigterm"] {
-        let mut child = bin()
+        let mut cmd = bin();
+        // The anchors from a file, or inline as `strait inject` passes them.
+        if how == "shutdown" {
+            cmd.arg("run")
+                .arg("--trust-anchors")
+                .arg(dir.path().join("root.pem"));
+        } else {
+            cmd.arg("run")
+                .env("STRAIT_PROXY_TRUST_ANCHORS_PEM", &root.cert_pem);
+        }
+        let mut child = cmd
             .args([
-                "run",
                 "--outbound-listen",
                 "127.0.0.1:0",
                 "--inbound-listen",
@@ -147,8 +198,6 @@ fn serves_then_drains_on_shutdown_and_on_sigterm() {
                 "--shutdown-grace-ms",
                 "2000",
             ])
-            .arg("--trust-anchors")
-            .arg(dir.path().join("root.pem"))
             .arg("--issuer-cert")
             .arg(dir.path().join("i.pem"))
             .arg("--issuer-key")

@@ -915,3 +915,61 @@ fn readme_documents_every_value() {
         assert!(documented, "README.md has no row for `{path}`");
     }
 }
+
+/// What `strait inject` writes passes the same strict validation as the
+/// chart: workloads of each kind that makes pods, one opted out, and an
+/// object left as it was.
+#[test]
+fn injected_workloads_pass_strict_validation() {
+    use strait_gateway::k8s::inject::{inject_yaml, InjectConfig, Outcome};
+    let root = strait_proxy::identity::generate_root("west").expect("root");
+    let config = InjectConfig {
+        image: "ghcr.io/strait/strait-proxy:0.1.0".into(),
+        trust_domain: "west.strait.local".into(),
+        trust_anchors_pem: root.cert_pem,
+        control_plane_namespace: NAMESPACE.into(),
+    };
+    let manifests = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: demo}
+spec:
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata:
+      labels: {app: web}
+      annotations: {strait.io/skip-inbound-ports: "9090"}
+    spec:
+      serviceAccountName: web
+      containers: [{name: web, image: "nginx:1.27", ports: [{containerPort: 80}]}]
+---
+apiVersion: batch/v1
+kind: CronJob
+metadata: {name: report, namespace: demo}
+spec:
+  schedule: "0 3 * * *"
+  jobTemplate:
+    spec:
+      template:
+        spec:
+          restartPolicy: OnFailure
+          containers: [{name: report, image: "busybox:1.36"}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: debug, namespace: demo, annotations: {strait.io/inject: disabled}}
+spec: {containers: [{name: debug, image: "busybox:1.36"}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec: {selector: {app: web}, ports: [{port: 80}]}
+"#;
+    let (out, reports) = inject_yaml(manifests, &config).expect("inject");
+    let injected = reports
+        .iter()
+        .filter(|r| r.outcome == Outcome::Injected)
+        .count();
+    assert_eq!(injected, 2, "{reports:?}");
+    validate_strictly(&out);
+}

@@ -103,6 +103,30 @@ enum Command {
         #[arg(long, default_value = ctl::objects::ISSUER_SECRET)]
         issuer_secret: String,
     },
+    /// Add the sidecar proxy to the pods of Kubernetes manifests (like
+    /// `linkerd inject`): `strait inject --cluster west --trust-anchors
+    /// root.pem deploy.yaml | kubectl apply -f -`. Prints what it did to
+    /// each object on stderr.
+    Inject {
+        /// Manifests (YAML, several documents allowed); `-` for stdin.
+        #[arg(default_value = "-")]
+        file: PathBuf,
+        /// This cluster's name (its trust domain is `<name>.strait.local`).
+        #[arg(long, value_parser = label, required_unless_present = "trust_domain")]
+        cluster: Option<String>,
+        /// The trust domain, if not `<cluster>.strait.local`.
+        #[arg(long, conflicts_with = "cluster")]
+        trust_domain: Option<String>,
+        /// The trust anchors (the root the chart was installed with).
+        #[arg(long)]
+        trust_anchors: PathBuf,
+        /// The `strait-proxy` image.
+        #[arg(long, default_value = concat!("ghcr.io/strait/strait-proxy:", env!("CARGO_PKG_VERSION")))]
+        image: String,
+        /// The gateway's namespace.
+        #[arg(long, default_value = "strait-system", value_parser = label)]
+        control_plane_namespace: String,
+    },
     /// The linked peer gateways as this cluster sees them: alive, imports,
     /// round-trip time (from the Links' status).
     Gateways {
@@ -134,6 +158,58 @@ enum Command {
         #[arg(long, default_value = ctl::objects::ISSUER_SECRET)]
         issuer_secret: String,
     },
+}
+
+/// `strait inject`: manifests from `file` (or stdin) to stdout, with the
+/// proxy added; a line per object on stderr.
+fn inject(
+    file: &std::path::Path,
+    cluster: Option<String>,
+    trust_domain: Option<String>,
+    trust_anchors: &std::path::Path,
+    image: String,
+    control_plane_namespace: String,
+) -> anyhow::Result<()> {
+    use std::io::Read;
+    use strait_gateway::k8s::inject::{inject_yaml, InjectConfig, Outcome};
+    let input = if file.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading stdin")?;
+        s
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+    };
+    let trust_anchors_pem = std::fs::read_to_string(trust_anchors)
+        .with_context(|| format!("reading {}", trust_anchors.display()))?;
+    // The proxy would refuse them at start; better now.
+    strait_proxy::identity::TrustAnchors::from_pem(
+        trust_anchors_pem.as_bytes(),
+        &trust_anchors.display().to_string(),
+    )?;
+    let trust_domain = match (trust_domain, cluster) {
+        (Some(td), _) => td,
+        (None, Some(c)) => strait_gateway::config::default_trust_domain(&c),
+        (None, None) => anyhow::bail!("--cluster or --trust-domain is required"),
+    };
+    strait_proxy::identity::SpiffeId::workload(&trust_domain, "ns", "sa")
+        .with_context(|| format!("trust domain {trust_domain:?}"))?;
+    let config = InjectConfig {
+        image,
+        trust_domain,
+        trust_anchors_pem,
+        control_plane_namespace,
+    };
+    let (yaml, reports) = inject_yaml(&input, &config)?;
+    print!("{yaml}");
+    for r in reports {
+        match r.outcome {
+            Outcome::Injected => eprintln!("{} injected", r.object),
+            Outcome::Skipped(why) => eprintln!("{} skipped: {why}", r.object),
+        }
+    }
+    Ok(())
 }
 
 /// Which cluster's Strait install a command reads.
@@ -429,6 +505,21 @@ fn main() -> ExitCode {
     strait_proxy::cli::init(default_filter);
     let result = match cli.command {
         Command::Certs { command } => certs(command),
+        Command::Inject {
+            file,
+            cluster,
+            trust_domain,
+            trust_anchors,
+            image,
+            control_plane_namespace,
+        } => inject(
+            &file,
+            cluster,
+            trust_domain,
+            &trust_anchors,
+            image,
+            control_plane_namespace,
+        ),
         Command::Crds => strait_gateway::k8s::crd::crds_yaml()
             .map(|y| print!("{y}"))
             .context("rendering the CRDs"),

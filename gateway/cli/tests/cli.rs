@@ -10,27 +10,30 @@ fn strait() -> Command {
 #[test]
 fn demo_once_makes_the_round_trip_and_exits_zero() {
     let started = Instant::now();
-    // Ports away from the defaults so a running demo does not interfere.
+    // Ports away from the defaults so a running demo does not interfere,
+    // and below the ephemeral range (32768 and up): a client connection
+    // that just closed there holds its port in TIME_WAIT, which a listener
+    // cannot bind.
     let out = strait()
         .args([
             "demo",
             "--once",
             "--west-dns",
-            "127.0.0.1:35353",
+            "127.0.0.1:21353",
             "--west-admin",
-            "127.0.0.1:34191",
+            "127.0.0.1:21191",
             "--west-tunnel",
-            "127.0.0.1:34143",
+            "127.0.0.1:21143",
             "--east-dns",
-            "127.0.0.1:45353",
+            "127.0.0.1:22353",
             "--east-admin",
-            "127.0.0.1:44191",
+            "127.0.0.1:22191",
             "--east-tunnel",
-            "127.0.0.1:44143",
+            "127.0.0.1:22143",
             "--west-destination",
-            "127.0.0.1:38086",
+            "127.0.0.1:21086",
             "--east-destination",
-            "127.0.0.1:48086",
+            "127.0.0.1:22086",
         ])
         .output()
         .expect("runs");
@@ -243,5 +246,62 @@ fn check_without_an_api_server_fails_fast_and_clearly() {
     assert!(
         stderr.contains("reading ConfigMap strait-gateway-config") && !stderr.contains("ERROR"),
         "{stderr}"
+    );
+}
+
+#[test]
+fn inject_adds_the_proxy_and_refuses_bad_anchors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = |args: &[&str]| {
+        strait()
+            .current_dir(dir.path())
+            .args(args)
+            .output()
+            .expect("runs")
+    };
+    assert!(run(&["certs", "root"]).status.success());
+    let manifest = dir.path().join("web.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: [{name: web, image: web}]}\n",
+    )
+    .expect("write");
+    let out = run(&[
+        "inject",
+        "--cluster",
+        "west",
+        "--trust-anchors",
+        "root.pem",
+        "web.yaml",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("name: strait-proxy")
+            && stdout.contains("spiffe://west.strait.local/ns/$(STRAIT_POD_NS)"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("deployment/web injected"), "{stderr}");
+
+    std::fs::write(dir.path().join("bad.pem"), "not a certificate").expect("write");
+    let out = run(&[
+        "inject",
+        "--cluster",
+        "west",
+        "--trust-anchors",
+        "bad.pem",
+        "web.yaml",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("bad.pem"),
+        "names the file"
+    );
+    let out = run(&["inject", "--trust-anchors", "root.pem", "web.yaml"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "--cluster or --trust-domain is required"
     );
 }

@@ -1,0 +1,391 @@
+//! `strait inject`: adds the sidecar proxy to the pods of Kubernetes
+//! manifests, as `linkerd inject` does.
+//!
+//! Every object that makes pods (Pod, Deployment, StatefulSet, DaemonSet,
+//! ReplicaSet, ReplicationController, Job, CronJob, and the items of a
+//! List) gets, in its pod spec:
+//! - an init container `strait-init` (`strait-proxy init`: the iptables
+//!   rules that send the pod's TCP through the proxy, skipping the proxy's
+//!   own UID);
+//! - a container `strait-proxy` (`strait-proxy run --transparent`),
+//!   certified by the gateway's identity service with a projected service
+//!   account token, discovering destinations from the gateway, trusting the
+//!   cluster's anchors (given inline: no ConfigMap needed per namespace);
+//! - a projected token volume for the audience `identity.strait.io`.
+//!
+//! Its SPIFFE ID comes from the pod itself (namespace and service account
+//! through the downward API), so one injected manifest serves any
+//! namespace. Pods annotated `strait.io/inject: disabled`, pods on the
+//! host's network and pods already injected are left as they are. The pod
+//! annotations `strait.io/skip-inbound-ports`, `strait.io/skip-outbound-ports`
+//! and `strait.io/opaque-ports` (comma-separated ports) are passed on.
+//!
+//! The transform is pure: YAML in, YAML out.
+
+use serde_json::{json, Map, Value};
+
+/// The annotation that opts a workload out (`disabled`).
+pub const INJECT_ANNOTATION: &str = "strait.io/inject";
+/// The annotation an injected pod carries: the proxy image injected.
+pub const INJECTED_ANNOTATION: &str = "strait.io/injected";
+/// The proxy container's name.
+pub const PROXY_CONTAINER: &str = "strait-proxy";
+/// The init container's name.
+pub const INIT_CONTAINER: &str = "strait-init";
+/// The UID the proxy runs as; its own traffic is not redirected.
+pub const PROXY_UID: i64 = 2102;
+/// Where the projected identity token is mounted.
+pub const TOKEN_DIR: &str = "/var/run/secrets/tokens";
+/// The audience of the identity token (the gateway's `identity.tokenAudience`).
+pub const TOKEN_AUDIENCE: &str = "identity.strait.io";
+
+const TOKEN_VOLUME: &str = "strait-identity";
+const INIT_RUN_VOLUME: &str = "strait-init-run";
+const ANNOTATION_PORTS: [(&str, &str); 3] = [
+    ("strait.io/skip-inbound-ports", "--skip-inbound-ports"),
+    ("strait.io/skip-outbound-ports", "--skip-outbound-ports"),
+    ("strait.io/opaque-ports", "STRAIT_PROXY_OPAQUE_PORTS"),
+];
+
+/// What the injected containers need to know about the cluster.
+#[derive(Debug, Clone)]
+pub struct InjectConfig {
+    /// The `strait-proxy` image (init and proxy).
+    pub image: String,
+    /// The cluster's SPIFFE trust domain.
+    pub trust_domain: String,
+    /// The cluster's trust anchors (PEM).
+    pub trust_anchors_pem: String,
+    /// Where the gateway runs (its `strait-identity` and
+    /// `strait-destination` Services).
+    pub control_plane_namespace: String,
+}
+
+/// What happened to one object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The proxy was added.
+    Injected,
+    /// Left alone, and why.
+    Skipped(&'static str),
+}
+
+/// One object's outcome, named `kind/name`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// `kind/name` of the object.
+    pub object: String,
+    /// What happened.
+    pub outcome: Outcome,
+}
+
+/// Why manifests could not be injected.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InjectError {
+    /// The input is not YAML.
+    #[error("reading the manifests: {0}")]
+    Parse(String),
+    /// An annotation's value is not a list of ports.
+    #[error("{object}: annotation {annotation}: {value:?} is not a comma-separated list of ports")]
+    BadPorts {
+        /// `kind/name` of the object.
+        object: String,
+        /// The annotation.
+        annotation: &'static str,
+        /// Its value.
+        value: String,
+    },
+    /// A pod spec field has the wrong shape (e.g. `containers` not a list).
+    #[error("{object}: {field} is not a {expected}")]
+    Shape {
+        /// `kind/name` of the object.
+        object: String,
+        /// The field.
+        field: &'static str,
+        /// What it should be.
+        expected: &'static str,
+    },
+    /// Writing YAML failed.
+    #[error("writing the manifests: {0}")]
+    Write(String),
+}
+
+/// Injects every document of a multi-document YAML stream; returns the
+/// documents (each object as it was when not injected) and what happened
+/// to each.
+pub fn inject_yaml(
+    input: &str,
+    config: &InjectConfig,
+) -> Result<(String, Vec<Report>), InjectError> {
+    let docs: Vec<Value> =
+        serde_saphyr::from_str_multiple(input).map_err(|e| InjectError::Parse(e.to_string()))?;
+    let mut out = Vec::with_capacity(docs.len());
+    let mut reports = Vec::new();
+    for mut doc in docs {
+        if doc.is_null() {
+            continue;
+        }
+        inject_object(&mut doc, config, &mut reports)?;
+        out.push(doc);
+    }
+    let yaml =
+        serde_saphyr::to_string_multiple(&out).map_err(|e| InjectError::Write(e.to_string()))?;
+    Ok((yaml, reports))
+}
+
+/// Injects one object (and the items of a List), appending to `reports`.
+pub fn inject_object(
+    obj: &mut Value,
+    config: &InjectConfig,
+    reports: &mut Vec<Report>,
+) -> Result<(), InjectError> {
+    let kind = obj
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    if kind == "List" || kind.ends_with("List") {
+        if let Some(items) = obj.get_mut("items").and_then(Value::as_array_mut) {
+            for item in items {
+                inject_object(item, config, reports)?;
+            }
+        }
+        return Ok(());
+    }
+    let name = obj
+        .pointer("/metadata/name")
+        .or_else(|| obj.pointer("/metadata/generateName"))
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let object = format!("{}/{name}", kind.to_ascii_lowercase());
+    let template = match kind.as_str() {
+        "Pod" => "",
+        "Deployment"
+        | "StatefulSet"
+        | "DaemonSet"
+        | "ReplicaSet"
+        | "ReplicationController"
+        | "Job" => "/spec/template",
+        "CronJob" => "/spec/jobTemplate/spec/template",
+        _ => {
+            reports.push(Report {
+                object,
+                outcome: Outcome::Skipped("makes no pods"),
+            });
+            return Ok(());
+        }
+    };
+    let disabled = |v: &Value| {
+        v.pointer("/metadata/annotations")
+            .and_then(|a| a.get(INJECT_ANNOTATION))
+            .and_then(Value::as_str)
+            == Some("disabled")
+    };
+    let outcome = if disabled(obj) {
+        Outcome::Skipped("annotated strait.io/inject: disabled")
+    } else {
+        match obj.pointer_mut(template) {
+            None => Outcome::Skipped("no pod template"),
+            Some(pod) if disabled(pod) => Outcome::Skipped("annotated strait.io/inject: disabled"),
+            Some(pod) => inject_pod(pod, config, &object)?,
+        }
+    };
+    reports.push(Report { object, outcome });
+    Ok(())
+}
+
+/// Injects a pod (or pod template): `{metadata, spec}`.
+fn inject_pod(
+    pod: &mut Value,
+    config: &InjectConfig,
+    object: &str,
+) -> Result<Outcome, InjectError> {
+    let shape = |field, expected| InjectError::Shape {
+        object: object.to_string(),
+        field,
+        expected,
+    };
+    let Some(pod) = pod.as_object_mut() else {
+        return Err(shape("the pod template", "mapping"));
+    };
+    let metadata = pod
+        .entry("metadata")
+        .or_insert_with(|| json!({}))
+        .as_object_mut()
+        .ok_or_else(|| shape("metadata", "mapping"))?;
+    let mut ports: Vec<(&'static str, String)> = Vec::new();
+    if let Some(annotations) = metadata.get("annotations").and_then(Value::as_object) {
+        for (annotation, flag) in ANNOTATION_PORTS {
+            if let Some(value) = annotations.get(annotation) {
+                let value = value
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| value.to_string());
+                ports.push((flag, checked_ports(&value, annotation, object)?));
+            }
+        }
+    }
+    let spec = pod
+        .get_mut("spec")
+        .and_then(Value::as_object_mut)
+        .ok_or_else(|| shape("spec", "mapping"))?;
+    if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
+        return Ok(Outcome::Skipped("on the host's network"));
+    }
+    let containers = list(spec, "containers").ok_or_else(|| shape("spec.containers", "list"))?;
+    let named = |c: &Value, n: &str| c.get("name").and_then(Value::as_str) == Some(n);
+    if containers.iter().any(|c| named(c, PROXY_CONTAINER)) {
+        return Ok(Outcome::Skipped("already injected"));
+    }
+    containers.push(proxy_container(config, &ports));
+    let inits = list(spec, "initContainers").ok_or_else(|| shape("spec.initContainers", "list"))?;
+    inits.retain(|c| !named(c, INIT_CONTAINER));
+    // First: the rules must be in place before any other init container
+    // makes a connection.
+    inits.insert(0, init_container(config, &ports));
+    let volumes = list(spec, "volumes").ok_or_else(|| shape("spec.volumes", "list"))?;
+    volumes.retain(|v| !named(v, TOKEN_VOLUME) && !named(v, INIT_RUN_VOLUME));
+    volumes.push(json!({
+        "name": TOKEN_VOLUME,
+        "projected": {"sources": [{"serviceAccountToken": {
+            "path": TOKEN_VOLUME,
+            "audience": TOKEN_AUDIENCE,
+            "expirationSeconds": 3600,
+        }}]},
+    }));
+    volumes.push(json!({"name": INIT_RUN_VOLUME, "emptyDir": {}}));
+    let metadata = pod
+        .get_mut("metadata")
+        .and_then(Value::as_object_mut)
+        .ok_or_else(|| shape("metadata", "mapping"))?;
+    let annotations = metadata
+        .entry("annotations")
+        .or_insert_with(|| json!({}))
+        .as_object_mut()
+        .ok_or_else(|| shape("metadata.annotations", "mapping"))?;
+    annotations.insert(
+        INJECTED_ANNOTATION.into(),
+        Value::String(config.image.clone()),
+    );
+    Ok(Outcome::Injected)
+}
+
+/// The list at `key` of `spec`, created empty when absent.
+fn list<'a>(spec: &'a mut Map<String, Value>, key: &str) -> Option<&'a mut Vec<Value>> {
+    let v = spec.entry(key).or_insert_with(|| json!([]));
+    if v.is_null() {
+        *v = json!([]);
+    }
+    v.as_array_mut()
+}
+
+/// `value` as a canonical comma-separated list of ports.
+fn checked_ports(
+    value: &str,
+    annotation: &'static str,
+    object: &str,
+) -> Result<String, InjectError> {
+    let ports: Result<Vec<u16>, _> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse::<u16>().ok().filter(|&n| n != 0).ok_or(()))
+        .collect();
+    match ports {
+        Ok(ports) if !ports.is_empty() => Ok(ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(",")),
+        _ => Err(InjectError::BadPorts {
+            object: object.to_string(),
+            annotation,
+            value: value.to_string(),
+        }),
+    }
+}
+
+fn proxy_container(config: &InjectConfig, ports: &[(&str, String)]) -> Value {
+    let ns = &config.control_plane_namespace;
+    let mut env = vec![
+        json!({"name": "STRAIT_POD_NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}),
+        json!({"name": "STRAIT_POD_SA", "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}}}),
+        json!({"name": "STRAIT_PROXY_IDENTITY", "value": format!(
+            "spiffe://{}/ns/$(STRAIT_POD_NS)/sa/$(STRAIT_POD_SA)", config.trust_domain)}),
+        json!({"name": "STRAIT_PROXY_IDENTITY_ADDR", "value": format!("strait-identity.{ns}.svc:8080")}),
+        json!({"name": "STRAIT_PROXY_IDENTITY_TOKEN_FILE", "value": format!("{TOKEN_DIR}/{TOKEN_VOLUME}")}),
+        json!({"name": "STRAIT_PROXY_DESTINATION_ADDR", "value": format!("strait-destination.{ns}.svc:8086")}),
+        json!({"name": "STRAIT_PROXY_TRUST_ANCHORS_PEM", "value": config.trust_anchors_pem}),
+    ];
+    for (flag, value) in ports {
+        if flag.starts_with("STRAIT_") {
+            env.push(json!({"name": flag, "value": value}));
+        }
+    }
+    json!({
+        "name": PROXY_CONTAINER,
+        "image": config.image,
+        "imagePullPolicy": "IfNotPresent",
+        "args": ["run", "--transparent"],
+        "env": env,
+        "ports": [
+            {"name": "strait-proxy", "containerPort": 4143, "protocol": "TCP"},
+            {"name": "strait-admin", "containerPort": 4191, "protocol": "TCP"},
+        ],
+        "readinessProbe": {"httpGet": {"path": "/ready", "port": 4191}, "periodSeconds": 2},
+        "livenessProbe": {"httpGet": {"path": "/live", "port": 4191}, "initialDelaySeconds": 10},
+        "resources": {
+            "requests": {"cpu": "10m", "memory": "20Mi"},
+            "limits": {"memory": "250Mi"},
+        },
+        "securityContext": {
+            "runAsUser": PROXY_UID,
+            "runAsNonRoot": true,
+            "readOnlyRootFilesystem": true,
+            "allowPrivilegeEscalation": false,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [{"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true}],
+    })
+}
+
+fn init_container(config: &InjectConfig, ports: &[(&str, String)]) -> Value {
+    let mut args = vec![
+        "init".to_string(),
+        "--proxy-uid".to_string(),
+        PROXY_UID.to_string(),
+    ];
+    for (flag, value) in ports {
+        if flag.starts_with("--") {
+            args.push((*flag).to_string());
+            args.push(value.clone());
+        }
+    }
+    json!({
+        "name": INIT_CONTAINER,
+        "image": config.image,
+        "imagePullPolicy": "IfNotPresent",
+        "args": args,
+        "resources": {
+            "requests": {"cpu": "10m", "memory": "10Mi"},
+            "limits": {"memory": "50Mi"},
+        },
+        // iptables needs root and these two capabilities, nothing more;
+        // its lock file goes to the emptyDir at /run.
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsNonRoot": false,
+            "readOnlyRootFilesystem": true,
+            "allowPrivilegeEscalation": false,
+            "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [{"name": INIT_RUN_VOLUME, "mountPath": "/run"}],
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,251 @@
+use serde_json::Value;
+
+use super::*;
+
+fn config() -> InjectConfig {
+    InjectConfig {
+        image: "example.test/strait-proxy:1".into(),
+        trust_domain: "west.strait.local".into(),
+        trust_anchors_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
+        control_plane_namespace: "strait-system".into(),
+    }
+}
+
+const DEPLOYMENT: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: demo}
+spec:
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata:
+      labels: {app: web}
+      annotations:
+        strait.io/skip-outbound-ports: "5432, 6379"
+        strait.io/opaque-ports: "3306"
+    spec:
+      initContainers:
+        - {name: migrate, image: migrate:1}
+      containers:
+        - {name: web, image: web:1}
+"#;
+
+fn inject(yaml: &str) -> (Vec<Value>, Vec<Report>) {
+    let (out, reports) = inject_yaml(yaml, &config()).expect("inject");
+    let docs: Vec<Value> = serde_saphyr::from_str_multiple(&out).expect("output is YAML");
+    (docs, reports)
+}
+
+fn names(list: &Value) -> Vec<&str> {
+    list.as_array()
+        .expect("a list")
+        .iter()
+        .map(|c| c["name"].as_str().expect("named"))
+        .collect()
+}
+
+fn env<'a>(container: &'a Value, name: &str) -> Option<&'a str> {
+    container["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == name)?["value"]
+        .as_str()
+}
+
+#[test]
+fn a_deployment_gets_the_init_container_the_proxy_and_its_token() {
+    let (docs, reports) = inject(DEPLOYMENT);
+    assert_eq!(
+        reports,
+        vec![Report {
+            object: "deployment/web".into(),
+            outcome: Outcome::Injected
+        }]
+    );
+    let pod = &docs[0]["spec"]["template"];
+    let spec = &pod["spec"];
+    assert_eq!(names(&spec["initContainers"]), ["strait-init", "migrate"]);
+    assert_eq!(names(&spec["containers"]), ["web", "strait-proxy"]);
+    assert_eq!(
+        names(&spec["volumes"]),
+        ["strait-identity", "strait-init-run"]
+    );
+    let token = &spec["volumes"][0]["projected"]["sources"][0]["serviceAccountToken"];
+    assert_eq!(token["audience"], TOKEN_AUDIENCE);
+    assert_eq!(
+        pod["metadata"]["annotations"][INJECTED_ANNOTATION],
+        "example.test/strait-proxy:1"
+    );
+    assert_eq!(pod["metadata"]["labels"]["app"], "web", "the rest is kept");
+
+    let proxy = &spec["containers"][1];
+    assert_eq!(proxy["args"], serde_json::json!(["run", "--transparent"]));
+    assert_eq!(
+        env(proxy, "STRAIT_PROXY_IDENTITY"),
+        Some("spiffe://west.strait.local/ns/$(STRAIT_POD_NS)/sa/$(STRAIT_POD_SA)")
+    );
+    // The variables it refers to come first (Kubernetes expands only
+    // those defined earlier).
+    assert_eq!(
+        names(&proxy["env"])[..2],
+        ["STRAIT_POD_NS", "STRAIT_POD_SA"]
+    );
+    assert_eq!(
+        env(proxy, "STRAIT_PROXY_IDENTITY_ADDR"),
+        Some("strait-identity.strait-system.svc:8080")
+    );
+    assert_eq!(
+        env(proxy, "STRAIT_PROXY_DESTINATION_ADDR"),
+        Some("strait-destination.strait-system.svc:8086")
+    );
+    assert_eq!(
+        env(proxy, "STRAIT_PROXY_IDENTITY_TOKEN_FILE"),
+        Some("/var/run/secrets/tokens/strait-identity")
+    );
+    assert!(env(proxy, "STRAIT_PROXY_TRUST_ANCHORS_PEM")
+        .is_some_and(|p| p.contains("BEGIN CERTIFICATE")));
+    assert_eq!(env(proxy, "STRAIT_PROXY_OPAQUE_PORTS"), Some("3306"));
+    assert_eq!(proxy["securityContext"]["runAsUser"], PROXY_UID);
+    assert_eq!(proxy["readinessProbe"]["httpGet"]["path"], "/ready");
+
+    let init = &spec["initContainers"][0];
+    assert_eq!(
+        init["args"],
+        serde_json::json!([
+            "init",
+            "--proxy-uid",
+            "2102",
+            "--skip-outbound-ports",
+            "5432,6379"
+        ])
+    );
+    assert_eq!(
+        init["securityContext"]["capabilities"]["add"],
+        serde_json::json!(["NET_ADMIN", "NET_RAW"])
+    );
+}
+
+#[test]
+fn injecting_twice_changes_nothing_more() {
+    let (once, _) = inject_yaml(DEPLOYMENT, &config()).expect("inject");
+    let (twice, reports) = inject_yaml(&once, &config()).expect("inject");
+    assert_eq!(once, twice);
+    assert_eq!(reports[0].outcome, Outcome::Skipped("already injected"));
+}
+
+#[test]
+fn every_kind_that_makes_pods_is_injected_and_others_are_left_alone() {
+    let yaml = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: one}
+spec: {containers: [{name: app, image: app:1}]}
+---
+apiVersion: batch/v1
+kind: CronJob
+metadata: {name: nightly}
+spec:
+  schedule: "0 3 * * *"
+  jobTemplate:
+    spec:
+      template:
+        spec:
+          restartPolicy: OnFailure
+          containers: [{name: job, image: job:1}]
+---
+apiVersion: v1
+kind: List
+items:
+  - apiVersion: apps/v1
+    kind: StatefulSet
+    metadata: {name: db}
+    spec:
+      serviceName: db
+      selector: {matchLabels: {app: db}}
+      template:
+        metadata: {labels: {app: db}}
+        spec: {containers: [{name: db, image: db:1}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {ports: [{port: 80}]}
+"#;
+    let (docs, reports) = inject(yaml);
+    let outcomes: Vec<(&str, &Outcome)> = reports
+        .iter()
+        .map(|r| (r.object.as_str(), &r.outcome))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("pod/one", &Outcome::Injected),
+            ("cronjob/nightly", &Outcome::Injected),
+            ("statefulset/db", &Outcome::Injected),
+            ("service/web", &Outcome::Skipped("makes no pods")),
+        ]
+    );
+    assert_eq!(
+        names(&docs[0]["spec"]["containers"]),
+        ["app", "strait-proxy"]
+    );
+    assert_eq!(
+        names(&docs[1]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]),
+        ["job", "strait-proxy"]
+    );
+    assert_eq!(
+        names(&docs[2]["items"][0]["spec"]["template"]["spec"]["containers"]),
+        ["db", "strait-proxy"]
+    );
+    assert!(docs[3].get("annotations").is_none() && docs[3]["spec"]["ports"][0]["port"] == 80);
+}
+
+#[test]
+fn opted_out_and_host_network_pods_are_left_alone() {
+    let yaml = r#"
+kind: Deployment
+metadata: {name: a, annotations: {strait.io/inject: disabled}}
+spec: {template: {spec: {containers: [{name: a}]}}}
+---
+kind: Deployment
+metadata: {name: b}
+spec: {template: {metadata: {annotations: {strait.io/inject: disabled}}, spec: {containers: [{name: b}]}}}
+---
+kind: DaemonSet
+metadata: {name: c}
+spec: {template: {spec: {hostNetwork: true, containers: [{name: c}]}}}
+"#;
+    let (docs, reports) = inject(yaml);
+    assert!(
+        reports
+            .iter()
+            .all(|r| matches!(r.outcome, Outcome::Skipped(_))),
+        "{reports:?}"
+    );
+    for doc in &docs {
+        assert_eq!(
+            names(&doc["spec"]["template"]["spec"]["containers"]).len(),
+            1
+        );
+    }
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let bad_ports = DEPLOYMENT.replace("\"3306\"", "\"3306,http\"");
+    let err = inject_yaml(&bad_ports, &config()).expect_err("a port that is not a number");
+    assert!(err.to_string().contains("strait.io/opaque-ports"), "{err}");
+    let zero = DEPLOYMENT.replace("\"3306\"", "\"0\"");
+    assert!(inject_yaml(&zero, &config()).is_err(), "port 0");
+
+    let not_a_list = "kind: Pod\nmetadata: {name: p}\nspec: {containers: web}\n";
+    let err = inject_yaml(not_a_list, &config()).expect_err("containers must be a list");
+    assert!(
+        err.to_string()
+            .contains("pod/p: spec.containers is not a list"),
+        "{err}"
+    );
+
+    let err = inject_yaml("kind: Pod\n  metadata: [", &config()).expect_err("not YAML");
+    assert!(matches!(err, InjectError::Parse(_)), "{err}");
+}
