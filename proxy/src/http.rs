@@ -383,7 +383,8 @@ impl H2Pool {
                     let tcp = tokio::net::TcpStream::connect(addr).await?;
                     tcp.set_nodelay(true)?;
                     let max_header = crate::sidecar::MAX_HEADER_BYTES as u32;
-                    crate::http2::handshake(tcp, max_header, addr.to_string())
+                    let keepalive = crate::http2::Keepalive::Off;
+                    crate::http2::handshake(tcp, max_header, keepalive, addr.to_string())
                         .await
                         .map_err(std::io::Error::other)
                 };

@@ -63,23 +63,42 @@ struct Idle {
     since: Instant,
 }
 
+#[derive(Default)]
+struct Conns {
+    by_addr: HashMap<SocketAddr, VecDeque<Idle>>,
+    last_sweep: Option<Instant>,
+}
+
 struct Shared {
     config: PoolConfig,
-    idle: Mutex<HashMap<SocketAddr, VecDeque<Idle>>>,
+    idle: Mutex<Conns>,
 }
 
 impl Shared {
-    /// The most recent idle connection to `addr` still open, if any.
+    /// The most recent idle connection to `addr` ready for a request, if
+    /// any. One still busy (the upstream answered before it had read the
+    /// whole request body, which hyper is still sending) is kept for later.
     fn checkout(&self, addr: SocketAddr) -> Option<SendRequest<Body>> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let conns = idle.get_mut(&addr)?;
+        let conns = idle.by_addr.get_mut(&addr)?;
         let now = Instant::now();
+        let mut busy = Vec::new();
+        let mut found = None;
         while let Some(c) = conns.pop_back() {
-            if !c.sender.is_closed() && now.duration_since(c.since) < self.config.idle_timeout {
-                return Some(c.sender);
+            if c.sender.is_closed() || now.duration_since(c.since) >= self.config.idle_timeout {
+                continue;
             }
+            if c.sender.is_ready() {
+                found = Some(c.sender);
+                break;
+            }
+            busy.push(c);
         }
-        None
+        // Back in their order (oldest at the front).
+        while let Some(c) = busy.pop() {
+            conns.push_back(c);
+        }
+        found
     }
 
     fn checkin(&self, addr: SocketAddr, sender: SendRequest<Body>) {
@@ -87,12 +106,25 @@ impl Shared {
             return;
         }
         let now = Instant::now();
+        let timeout = self.config.idle_timeout;
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let conns = idle.entry(addr).or_default();
+        // Now and then, every address: connections to upstreams no
+        // request goes to any more are closed, and the addresses forgotten.
+        if idle
+            .last_sweep
+            .is_none_or(|t| now.duration_since(t) >= timeout)
+        {
+            idle.last_sweep = Some(now);
+            idle.by_addr.retain(|_, conns| {
+                conns.retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < timeout);
+                !conns.is_empty()
+            });
+        }
+        let conns = idle.by_addr.entry(addr).or_default();
         // Oldest first: the expired ones are at the front.
         while conns
             .front()
-            .is_some_and(|c| now.duration_since(c.since) >= self.config.idle_timeout)
+            .is_some_and(|c| now.duration_since(c.since) >= timeout)
         {
             conns.pop_front();
         }
@@ -238,8 +270,9 @@ impl HttpBody for PooledBody {
         match &frame {
             Some(Err(_)) => self.slot = None,
             None => self.release(),
-            // The last frame: whoever reads the body may stop here.
-            Some(Ok(_)) if self.inner.is_end_stream() => self.release(),
+            // The last frame (data that ends the length, or trailers):
+            // whoever reads the body may stop here.
+            Some(Ok(f)) if f.is_trailers() || self.inner.is_end_stream() => self.release(),
             Some(Ok(_)) => {}
         }
         Poll::Ready(frame.map(|f| f.map_err(Into::into)))

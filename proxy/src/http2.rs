@@ -36,25 +36,54 @@ const CONN_WINDOW: u32 = 5 * 1024 * 1024;
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Streams opened before the server's SETTINGS say how many it takes
+/// (hyper's figure; h2's own default is unbounded, and a burst beyond the
+/// server's limit would be refused).
+const INITIAL_MAX_SEND_STREAMS: usize = 100;
+/// Request body bytes buffered per stream ahead of the peer's window.
+const MAX_SEND_BUFFER: usize = 1024 * 1024;
+
+/// Whether a connection pings its peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keepalive {
+    /// Every few seconds, dropping the connection when a ping goes
+    /// unanswered: for peers known to take it (another Strait proxy).
+    Ping,
+    /// Never: gRPC servers, among others, answer frequent pings with
+    /// GOAWAY `too_many_pings`.
+    Off,
+}
+
 /// Performs the HTTP/2 handshake on `io` and spawns the task that drives
-/// the connection (and pings the peer so a dead one is noticed); `max_header`
-/// bounds response heads. Returns once the connection is ready for requests.
-pub async fn handshake<I>(io: I, max_header: u32, name: String) -> Result<Sender, h2::Error>
+/// the connection (pinging the peer, if asked, so a dead one is noticed);
+/// `max_header` bounds response heads. Returns once the connection is ready
+/// for requests.
+pub async fn handshake<I>(
+    io: I,
+    max_header: u32,
+    keepalive: Keepalive,
+    name: String,
+) -> Result<Sender, h2::Error>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (sender, mut conn) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONN_WINDOW)
+        .initial_max_send_streams(INITIAL_MAX_SEND_STREAMS)
+        .max_send_buffer_size(MAX_SEND_BUFFER)
         .max_header_list_size(max_header)
         .enable_push(false)
         .handshake::<_, Bytes>(io)
         .await?;
-    let ping = conn.ping_pong();
+    let ping = match keepalive {
+        Keepalive::Ping => conn.ping_pong(),
+        Keepalive::Off => None,
+    };
     tokio::spawn(async move {
-        let keepalive = keepalive(ping);
-        tokio::pin!(keepalive);
-        match select(Batched::new(conn), keepalive).await {
+        let pings = pings(ping);
+        tokio::pin!(pings);
+        match select(Batched::new(conn), pings).await {
             Either::Left((Err(error), _)) => {
                 tracing::debug!(peer = %name, %error, "HTTP/2 connection closed");
             }
@@ -105,7 +134,7 @@ impl<F: Future + Unpin> Future for Batched<F> {
 }
 
 /// Resolves when the peer fails to answer a ping in time.
-async fn keepalive(ping: Option<h2::PingPong>) {
+async fn pings(ping: Option<h2::PingPong>) {
     let Some(mut ping) = ping else {
         return std::future::pending().await;
     };
@@ -125,6 +154,7 @@ async fn keepalive(ping: Option<h2::PingPong>) {
 /// peer.
 pub async fn send(sender: &mut Sender, req: Request<Body>) -> Result<Response<Body>, h2::Error> {
     let (parts, body) = req.into_parts();
+    let head = parts.method == http::Method::HEAD;
     let eos = body.is_end_stream();
     let (response, stream) = sender.send_request(Request::from_parts(parts, ()), eos)?;
     let response = if eos {
@@ -144,7 +174,13 @@ pub async fn send(sender: &mut Sender, req: Request<Body>) -> Result<Response<Bo
             Either::Right((Ok(()), response)) => response.await?,
         }
     };
-    let length = content_length(response.headers());
+    // A HEAD or 304 response carries the length of a body it has not.
+    let bodiless = head || response.status() == http::StatusCode::NOT_MODIFIED;
+    let length = if bodiless {
+        Some(0)
+    } else {
+        content_length(response.headers())
+    };
     Ok(response.map(|recv| {
         RecvBody {
             recv,
@@ -293,9 +329,11 @@ impl HttpBody for RecvBody {
     }
 
     fn size_hint(&self) -> SizeHint {
+        if self.is_end_stream() {
+            return SizeHint::with_exact(0);
+        }
         match self.length {
             Some(n) if !self.data_done => SizeHint::with_exact(n),
-            _ if self.is_end_stream() => SizeHint::with_exact(0),
             _ => SizeHint::default(),
         }
     }

@@ -177,7 +177,8 @@ impl MeshClient {
         // Frames are written into a buffer and flushed together: one TLS
         // record and one send for a batch, not one per frame.
         let io = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, tls);
-        let sender = crate::http2::handshake(io, MAX_HEADER, addr.to_string())
+        let keepalive = crate::http2::Keepalive::Ping;
+        let sender = crate::http2::handshake(io, MAX_HEADER, keepalive, addr.to_string())
             .await
             .map_err(|source| MeshError::Http { addr, source })?;
         self.pool

@@ -510,12 +510,15 @@ impl PlainClient {
                 .await
                 .map(|r| r.map_err(|e| e.to_string()))
         } else {
-            // Origin form on the wire; the authority travels in `Host`.
-            let origin = req
-                .uri()
-                .path_and_query()
-                .map_or_else(|| http::Uri::from_static("/"), |p| p.clone().into());
-            *req.uri_mut() = origin;
+            // Origin form on the wire, the authority in `Host` (CONNECT
+            // keeps its authority form).
+            if req.method() != http::Method::CONNECT {
+                let origin = req
+                    .uri()
+                    .path_and_query()
+                    .map_or_else(|| http::Uri::from_static("/"), |p| p.clone().into());
+                *req.uri_mut() = origin;
+            }
             if !req.headers().contains_key(http::header::HOST) {
                 if let Ok(v) = http::HeaderValue::from_str(authority) {
                     req.headers_mut().insert(http::header::HOST, v);

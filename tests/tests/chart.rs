@@ -928,6 +928,7 @@ fn injected_workloads_pass_strict_validation() {
         trust_domain: "west.strait.local".into(),
         trust_anchors_pem: root.cert_pem,
         control_plane_namespace: NAMESPACE.into(),
+        destination_mtls: true,
     };
     let manifests = r#"
 apiVersion: apps/v1

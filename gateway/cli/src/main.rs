@@ -126,6 +126,10 @@ enum Command {
         /// The gateway's namespace.
         #[arg(long, default_value = "strait-system", value_parser = label)]
         control_plane_namespace: String,
+        /// Speak mTLS to destination discovery (for a gateway with
+        /// `listen.destinationMtls`).
+        #[arg(long)]
+        destination_mtls: bool,
     },
     /// The linked peer gateways as this cluster sees them: alive, imports,
     /// round-trip time (from the Links' status).
@@ -164,11 +168,11 @@ enum Command {
 /// proxy added; a line per object on stderr.
 fn inject(
     file: &std::path::Path,
-    cluster: Option<String>,
-    trust_domain: Option<String>,
+    (cluster, trust_domain): (Option<String>, Option<String>),
     trust_anchors: &std::path::Path,
     image: String,
     control_plane_namespace: String,
+    destination_mtls: bool,
 ) -> anyhow::Result<()> {
     use std::io::Read;
     use strait_gateway::k8s::inject::{inject_yaml, InjectConfig, Outcome};
@@ -200,6 +204,7 @@ fn inject(
         trust_domain,
         trust_anchors_pem,
         control_plane_namespace,
+        destination_mtls,
     };
     let (yaml, reports) = inject_yaml(&input, &config)?;
     print!("{yaml}");
@@ -512,13 +517,14 @@ fn main() -> ExitCode {
             trust_anchors,
             image,
             control_plane_namespace,
+            destination_mtls,
         } => inject(
             &file,
-            cluster,
-            trust_domain,
+            (cluster, trust_domain),
             &trust_anchors,
             image,
             control_plane_namespace,
+            destination_mtls,
         ),
         Command::Crds => strait_gateway::k8s::crd::crds_yaml()
             .map(|y| print!("{y}"))

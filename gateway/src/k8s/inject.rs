@@ -4,13 +4,19 @@
 //! Every object that makes pods (Pod, Deployment, StatefulSet, DaemonSet,
 //! ReplicaSet, ReplicationController, Job, CronJob, and the items of a
 //! List) gets, in its pod spec:
-//! - an init container `strait-init` (`strait-proxy init`: the iptables
-//!   rules that send the pod's TCP through the proxy, skipping the proxy's
-//!   own UID);
-//! - a container `strait-proxy` (`strait-proxy run --transparent`),
-//!   certified by the gateway's identity service with a projected service
-//!   account token, discovering destinations from the gateway, trusting the
-//!   cluster's anchors (given inline: no ConfigMap needed per namespace);
+//! - a first init container `strait-init` (`strait-proxy init`: the
+//!   iptables rules that send the pod's TCP through the proxy, skipping the
+//!   proxy's own UID);
+//! - the proxy, `strait-proxy` (`strait-proxy run --transparent`), as a
+//!   native sidecar: the second init container, with `restartPolicy:
+//!   Always` and a startup probe on `/ready`, so the kubelet starts it
+//!   before any other init or application container and waits until it is
+//!   certified (every connection they make goes through it), and stops it
+//!   after them (a Job's pod completes). Native sidecars need Kubernetes
+//!   1.29 or later. It is certified by the gateway's identity service with
+//!   a projected service account token, discovers destinations from the
+//!   gateway, and trusts the cluster's anchors (given inline: no ConfigMap
+//!   needed per namespace);
 //! - a projected token volume for the audience `identity.strait.io`.
 //!
 //! Its SPIFFE ID comes from the pod itself (namespace and service account
@@ -48,7 +54,7 @@ const ANNOTATION_PORTS: [(&str, &str); 3] = [
 ];
 
 /// What the injected containers need to know about the cluster.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct InjectConfig {
     /// The `strait-proxy` image (init and proxy).
     pub image: String,
@@ -57,8 +63,12 @@ pub struct InjectConfig {
     /// The cluster's trust anchors (PEM).
     pub trust_anchors_pem: String,
     /// Where the gateway runs (its `strait-identity` and
-    /// `strait-destination` Services).
+    /// `strait-destination` Services). The gateway's own SPIFFE ID, which
+    /// proxies pin, names `strait-system` whatever this is.
     pub control_plane_namespace: String,
+    /// Speak mTLS to destination discovery (the gateway's
+    /// `listen.destinationMtls`).
+    pub destination_mtls: bool,
 }
 
 /// What happened to one object.
@@ -118,8 +128,10 @@ pub fn inject_yaml(
     input: &str,
     config: &InjectConfig,
 ) -> Result<(String, Vec<Report>), InjectError> {
-    let docs: Vec<Value> =
-        serde_saphyr::from_str_multiple(input).map_err(|e| InjectError::Parse(e.to_string()))?;
+    // Kubernetes reads YAML 1.1: `0644` is octal (a file mode), not 644.
+    let options = serde_saphyr::options! { legacy_octal_numbers: true };
+    let docs: Vec<Value> = serde_saphyr::from_str_multiple_with_options(input, options)
+        .map_err(|e| InjectError::Parse(e.to_string()))?;
     let mut out = Vec::with_capacity(docs.len());
     let mut reports = Vec::new();
     for mut doc in docs {
@@ -234,17 +246,20 @@ fn inject_pod(
     if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
         return Ok(Outcome::Skipped("on the host's network"));
     }
-    let containers = list(spec, "containers").ok_or_else(|| shape("spec.containers", "list"))?;
     let named = |c: &Value, n: &str| c.get("name").and_then(Value::as_str) == Some(n);
+    let containers = list(spec, "containers").ok_or_else(|| shape("spec.containers", "list"))?;
     if containers.iter().any(|c| named(c, PROXY_CONTAINER)) {
         return Ok(Outcome::Skipped("already injected"));
     }
-    containers.push(proxy_container(config, &ports));
     let inits = list(spec, "initContainers").ok_or_else(|| shape("spec.initContainers", "list"))?;
+    if inits.iter().any(|c| named(c, PROXY_CONTAINER)) {
+        return Ok(Outcome::Skipped("already injected"));
+    }
     inits.retain(|c| !named(c, INIT_CONTAINER));
-    // First: the rules must be in place before any other init container
-    // makes a connection.
+    // The rules, then the proxy (started, and certified, before anything
+    // else in the pod makes a connection through the rules).
     inits.insert(0, init_container(config, &ports));
+    inits.insert(1, proxy_container(config, &ports));
     let volumes = list(spec, "volumes").ok_or_else(|| shape("spec.volumes", "list"))?;
     volumes.retain(|v| !named(v, TOKEN_VOLUME) && !named(v, INIT_RUN_VOLUME));
     volumes.push(json!({
@@ -319,6 +334,15 @@ fn proxy_container(config: &InjectConfig, ports: &[(&str, String)]) -> Value {
         json!({"name": "STRAIT_PROXY_DESTINATION_ADDR", "value": format!("strait-destination.{ns}.svc:8086")}),
         json!({"name": "STRAIT_PROXY_TRUST_ANCHORS_PEM", "value": config.trust_anchors_pem}),
     ];
+    if config.destination_mtls {
+        let gateway = format!(
+            "spiffe://{}/ns/{}/sa/{}",
+            config.trust_domain,
+            crate::config::GATEWAY_NAMESPACE,
+            crate::config::GATEWAY_SERVICE_ACCOUNT
+        );
+        env.push(json!({"name": "STRAIT_PROXY_DESTINATION_IDENTITY", "value": gateway}));
+    }
     for (flag, value) in ports {
         if flag.starts_with("STRAIT_") {
             env.push(json!({"name": flag, "value": value}));
@@ -329,11 +353,16 @@ fn proxy_container(config: &InjectConfig, ports: &[(&str, String)]) -> Value {
         "image": config.image,
         "imagePullPolicy": "IfNotPresent",
         "args": ["run", "--transparent"],
+        // A native sidecar: runs beside the application containers.
+        "restartPolicy": "Always",
         "env": env,
         "ports": [
             {"name": "strait-proxy", "containerPort": 4143, "protocol": "TCP"},
             {"name": "strait-admin", "containerPort": 4191, "protocol": "TCP"},
         ],
+        // Up to two minutes to be certified before the pod's other
+        // containers start.
+        "startupProbe": {"httpGet": {"path": "/ready", "port": 4191}, "periodSeconds": 1, "failureThreshold": 120},
         "readinessProbe": {"httpGet": {"path": "/ready", "port": 4191}, "periodSeconds": 2},
         "livenessProbe": {"httpGet": {"path": "/live", "port": 4191}, "initialDelaySeconds": 10},
         "resources": {

@@ -32,6 +32,15 @@ async fn server() -> (SocketAddr, Arc<AtomicUsize>) {
                         .header("connection", "close")
                         .body(boxed(Full::new(Bytes::from_static(b"bye"))))
                         .expect("response"),
+                    "/trailers" => {
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", "0".parse().expect("value"));
+                        let frames = vec![
+                            Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"t"))),
+                            Ok(Frame::trailers(trailers)),
+                        ];
+                        Response::new(boxed(StreamBody::new(futures::stream::iter(frames))))
+                    }
                     "/sized" => {
                         Response::new(boxed(Full::new(Bytes::from(vec![b'y'; 256 * 1024]))))
                     }
@@ -78,6 +87,7 @@ fn idle(pool: &Pool, addr: SocketAddr) -> usize {
         .idle
         .lock()
         .expect("lock")
+        .by_addr
         .get(&addr)
         .map_or(0, |c| c.len())
 }
@@ -106,6 +116,19 @@ async fn a_connection_is_reused_once_its_response_is_read() {
     }
     drop(b);
     assert_eq!(n, 256 * 1024);
+    // A chunked one that may end in trailers, read up to them (a relay
+    // stops there).
+    let mut req = get("/trailers");
+    req.headers_mut()
+        .insert("te", "trailers".parse().expect("value"));
+    let rsp = pool.send(addr, req).await.expect("response");
+    let mut b = rsp.into_body();
+    while let Some(frame) = b.frame().await {
+        if frame.expect("ok").is_trailers() {
+            break;
+        }
+    }
+    drop(b);
     // A chunked one, read to its end.
     let rsp = pool.send(addr, get("/big")).await.expect("response");
     assert_eq!(body(rsp).await.len(), 64 * 64 * 1024);
@@ -171,4 +194,22 @@ async fn a_refused_connection_is_a_connect_error() {
     let pool = pool(8, Duration::from_secs(30));
     let err = pool.send(addr, get("/")).await.expect_err("nobody listens");
     assert!(matches!(err, super::Http1Error::Connect { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn connections_to_addresses_no_longer_used_are_swept() {
+    let (a, _) = server().await;
+    let (b, _) = server().await;
+    let pool = pool(8, Duration::from_millis(200));
+    let rsp = pool.send(a, get("/")).await.expect("response");
+    assert_eq!(body(rsp).await, "ok");
+    assert_eq!(idle(&pool, a), 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rsp = pool.send(b, get("/")).await.expect("response");
+    assert_eq!(body(rsp).await, "ok");
+    assert!(
+        !pool.0.idle.lock().expect("lock").by_addr.contains_key(&a),
+        "the expired address is forgotten"
+    );
+    assert_eq!(idle(&pool, b), 1);
 }

@@ -44,7 +44,7 @@ async fn echo(req: Request<Incoming>) -> Response<Body> {
 
 async fn client(addr: SocketAddr) -> Sender {
     let tcp = TcpStream::connect(addr).await.expect("connect");
-    handshake(tcp, 64 * 1024, addr.to_string())
+    handshake(tcp, 64 * 1024, super::Keepalive::Ping, addr.to_string())
         .await
         .expect("handshake")
 }
@@ -198,6 +198,12 @@ async fn response_trailers_and_length_are_kept() {
         .expect("response");
     use hyper::body::Body as _;
     assert_eq!(rsp.body().size_hint().exact(), Some(5));
+    // A HEAD response: the length, and no body.
+    let mut head = request(crate::http::empty());
+    *head.method_mut() = http::Method::HEAD;
+    let rsp = send(&mut sender, head).await.expect("response");
+    assert_eq!(rsp.headers()["content-length"], "5");
+    assert_eq!(rsp.body().size_hint().exact(), Some(0));
 }
 
 #[tokio::test]

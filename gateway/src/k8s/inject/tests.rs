@@ -8,6 +8,7 @@ fn config() -> InjectConfig {
         trust_domain: "west.strait.local".into(),
         trust_anchors_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
         control_plane_namespace: "strait-system".into(),
+        destination_mtls: false,
     }
 }
 
@@ -64,8 +65,13 @@ fn a_deployment_gets_the_init_container_the_proxy_and_its_token() {
     );
     let pod = &docs[0]["spec"]["template"];
     let spec = &pod["spec"];
-    assert_eq!(names(&spec["initContainers"]), ["strait-init", "migrate"]);
-    assert_eq!(names(&spec["containers"]), ["web", "strait-proxy"]);
+    // The rules, then the proxy as a native sidecar, before the pod's own
+    // init containers.
+    assert_eq!(
+        names(&spec["initContainers"]),
+        ["strait-init", "strait-proxy", "migrate"]
+    );
+    assert_eq!(names(&spec["containers"]), ["web"]);
     assert_eq!(
         names(&spec["volumes"]),
         ["strait-identity", "strait-init-run"]
@@ -78,8 +84,10 @@ fn a_deployment_gets_the_init_container_the_proxy_and_its_token() {
     );
     assert_eq!(pod["metadata"]["labels"]["app"], "web", "the rest is kept");
 
-    let proxy = &spec["containers"][1];
+    let proxy = &spec["initContainers"][1];
     assert_eq!(proxy["args"], serde_json::json!(["run", "--transparent"]));
+    assert_eq!(proxy["restartPolicy"], "Always");
+    assert_eq!(proxy["startupProbe"]["httpGet"]["path"], "/ready");
     assert_eq!(
         env(proxy, "STRAIT_PROXY_IDENTITY"),
         Some("spiffe://west.strait.local/ns/$(STRAIT_POD_NS)/sa/$(STRAIT_POD_SA)")
@@ -105,6 +113,7 @@ fn a_deployment_gets_the_init_container_the_proxy_and_its_token() {
     assert!(env(proxy, "STRAIT_PROXY_TRUST_ANCHORS_PEM")
         .is_some_and(|p| p.contains("BEGIN CERTIFICATE")));
     assert_eq!(env(proxy, "STRAIT_PROXY_OPAQUE_PORTS"), Some("3306"));
+    assert_eq!(env(proxy, "STRAIT_PROXY_DESTINATION_IDENTITY"), None);
     assert_eq!(proxy["securityContext"]["runAsUser"], PROXY_UID);
     assert_eq!(proxy["readinessProbe"]["httpGet"]["path"], "/ready");
 
@@ -185,17 +194,15 @@ spec: {ports: [{port: 80}]}
             ("service/web", &Outcome::Skipped("makes no pods")),
         ]
     );
+    let inits = |spec: &Value| names(&spec["initContainers"]).join(",");
+    assert_eq!(inits(&docs[0]["spec"]), "strait-init,strait-proxy");
     assert_eq!(
-        names(&docs[0]["spec"]["containers"]),
-        ["app", "strait-proxy"]
+        inits(&docs[1]["spec"]["jobTemplate"]["spec"]["template"]["spec"]),
+        "strait-init,strait-proxy"
     );
     assert_eq!(
-        names(&docs[1]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]),
-        ["job", "strait-proxy"]
-    );
-    assert_eq!(
-        names(&docs[2]["items"][0]["spec"]["template"]["spec"]["containers"]),
-        ["db", "strait-proxy"]
+        inits(&docs[2]["items"][0]["spec"]["template"]["spec"]),
+        "strait-init,strait-proxy"
     );
     assert!(docs[3].get("annotations").is_none() && docs[3]["spec"]["ports"][0]["port"] == 80);
 }
@@ -248,4 +255,37 @@ fn bad_input_is_a_clear_error() {
 
     let err = inject_yaml("kind: Pod\n  metadata: [", &config()).expect_err("not YAML");
     assert!(matches!(err, InjectError::Parse(_)), "{err}");
+}
+
+#[test]
+fn yaml_1_1_numbers_and_strings_keep_their_meaning() {
+    let yaml = r#"
+kind: Pod
+metadata: {name: p, annotations: {mode: "0644", flag: "yes"}}
+spec:
+  containers: [{name: app, env: [{name: A, value: "on"}]}]
+  volumes: [{name: s, secret: {secretName: s, defaultMode: 0644}}]
+"#;
+    let (out, _) = inject_yaml(yaml, &config()).expect("inject");
+    let docs: Vec<Value> = serde_saphyr::from_str_multiple(&out).expect("YAML");
+    let spec = &docs[0]["spec"];
+    assert_eq!(spec["volumes"][0]["secret"]["defaultMode"], 0o644, "{out}");
+    assert_eq!(docs[0]["metadata"]["annotations"]["mode"], "0644", "{out}");
+    assert_eq!(docs[0]["metadata"]["annotations"]["flag"], "yes", "{out}");
+    assert_eq!(spec["containers"][0]["env"][0]["value"], "on", "{out}");
+}
+
+#[test]
+fn destination_mtls_pins_the_gateway() {
+    let config = InjectConfig {
+        destination_mtls: true,
+        ..config()
+    };
+    let (out, _) = inject_yaml(DEPLOYMENT, &config).expect("inject");
+    let docs: Vec<Value> = serde_saphyr::from_str_multiple(&out).expect("YAML");
+    let proxy = &docs[0]["spec"]["template"]["spec"]["initContainers"][1];
+    assert_eq!(
+        env(proxy, "STRAIT_PROXY_DESTINATION_IDENTITY"),
+        Some("spiffe://west.strait.local/ns/strait-system/sa/strait-gateway")
+    );
 }
