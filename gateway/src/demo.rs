@@ -1,9 +1,10 @@
 //! `strait demo`: two clusters, west and east, linked on one machine with
 //! freshly made certificates. East runs a sample HTTP service `hello` in
 //! namespace `demo` (two endpoints, each answering with its cluster and
-//! name) and exports it; west imports it, resolves
+//! name, each behind its own sidecar proxy, which gets its certificate
+//! from east's identity service) and exports it; west imports it, resolves
 //! `hello.demo.svc.clusterset.local` through its own DNS and sends requests
-//! to the answer, through both gateways and the QUIC tunnel.
+//! to the answer, through both gateways, the QUIC tunnel and a sidecar.
 //!
 //! The pieces (certificate files, sample endpoints, a DNS lookup, an HTTP
 //! GET) are public so that tests and benchmarks build the same setup.
@@ -19,9 +20,13 @@ use hickory_proto::rr::{Name, RData, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
-use crate::config::{default_trust_domain, GatewayConfig};
+use crate::config::{default_trust_domain, gateway_identity, GatewayConfig};
 use crate::Gateway;
-use strait_proxy::identity::{generate_issuer, generate_root, PemPair};
+use strait_proxy::identity::{
+    generate_issuer, generate_root, spawn_certify, CertStore, Certifier, PemPair, SpiffeId,
+    TrustAnchors,
+};
+use strait_proxy::sidecar::{Proxy, ProxyConfig};
 
 /// Addresses of the demo.
 #[derive(Clone, Debug)]
@@ -173,6 +178,9 @@ pub struct DemoListen {
     pub dns: SocketAddr,
     /// Destination discovery (gRPC).
     pub destination: SocketAddr,
+    /// The identity service for sidecars, with the tokens in
+    /// `<cluster>-tokens.yaml`; none if not served.
+    pub identity: Option<SocketAddr>,
 }
 
 /// A gateway config for one demo cluster (YAML, relative file names).
@@ -186,9 +194,17 @@ pub fn gateway_yaml(
         admin,
         dns,
         destination,
+        identity,
     } = listen;
+    let (tokens, identity) = match identity {
+        Some(a) => (
+            format!("  tokensFile: {cluster}-tokens.yaml\n"),
+            format!("  identity: {a}\n"),
+        ),
+        None => (String::new(), String::new()),
+    };
     let mut y = format!(
-        "cluster: {cluster}\nidentity:\n  trustAnchors: root.pem\n  issuerCert: {cluster}-issuer.pem\n  issuerKey: {cluster}-issuer.key\nlisten:\n  tunnel: {tunnel}\n  admin: {admin}\n  dns: {dns}\n  destination: {destination}\nsource:\n  file: {cluster}-cluster.yaml\n  pollIntervalMs: 200\nimports:\n  stateFile: {cluster}-vips.json\nlinks:\n"
+        "cluster: {cluster}\nidentity:\n  trustAnchors: root.pem\n  issuerCert: {cluster}-issuer.pem\n  issuerKey: {cluster}-issuer.key\n{tokens}listen:\n  tunnel: {tunnel}\n  admin: {admin}\n  dns: {dns}\n  destination: {destination}\n{identity}source:\n  file: {cluster}-cluster.yaml\n  pollIntervalMs: 200\nimports:\n  stateFile: {cluster}-vips.json\nlinks:\n"
     );
     if links.is_empty() {
         y.push_str("  []\n");
@@ -217,6 +233,17 @@ pub fn hello_cluster_yaml(endpoints: &[(String, SocketAddr)], export: bool) -> S
     y
 }
 
+/// A sample endpoint's sidecar proxy in the demo.
+#[derive(Debug)]
+pub struct DemoSidecar {
+    /// The endpoint's name.
+    pub name: String,
+    /// The proxy (its inbound listener is the endpoint's address).
+    pub proxy: Proxy,
+    /// Its certificate store, kept current by east's identity service.
+    pub store: std::sync::Arc<CertStore>,
+}
+
 /// The running demo.
 #[derive(Debug)]
 pub struct Demo {
@@ -224,6 +251,8 @@ pub struct Demo {
     pub west: Gateway,
     /// East's gateway.
     pub east: Gateway,
+    /// The sidecars in front of east's `hello` endpoints.
+    pub sidecars: Vec<DemoSidecar>,
     /// Where the certificates and configs were written.
     pub dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
@@ -238,9 +267,13 @@ pub struct Summary {
     pub served: BTreeMap<String, usize>,
     /// Time from start to the first response.
     pub first_response: Duration,
+    /// Each sidecar's identity and the requests its inbound side served.
+    pub sidecars: Vec<(String, SpiffeId, u64)>,
 }
 
 const HELLO: &str = "hello.demo.svc.clusterset.local";
+/// The `hello` workload's token for east's identity service.
+const HELLO_TOKEN: &str = "demo-hello-token-6c1f0e2a";
 
 impl Demo {
     /// Writes certificates, configs and cluster files into a temporary
@@ -249,9 +282,40 @@ impl Demo {
         let tmp = tempfile::Builder::new().prefix("strait-demo-").tempdir()?;
         let dir = tmp.path().to_path_buf();
         write_certs(&dir, &["west", "east"])?;
+        // Each endpoint behind its own sidecar, which east's gateway
+        // reaches as the endpoint's address; certified once east's
+        // identity service is up (the tokens file stands in for
+        // Kubernetes' projected service account tokens).
+        std::fs::write(
+            dir.join("east-tokens.yaml"),
+            format!("- {{token: {HELLO_TOKEN}, namespace: demo, serviceAccount: hello}}\n"),
+        )?;
+        std::fs::write(dir.join("hello-token"), format!("{HELLO_TOKEN}\n"))?;
+        let anchors = TrustAnchors::load(&dir.join("root.pem"))?;
+        let hello_id = SpiffeId::workload(&default_trust_domain("east"), "demo", "hello")?;
         let mut endpoints = Vec::new();
+        let mut pending = Vec::new();
         for name in ["hello-east-0", "hello-east-1"] {
-            endpoints.push((name.to_string(), spawn_hello_endpoint("east", name).await?));
+            let app = spawn_hello_endpoint("east", name).await?;
+            let store = CertStore::pending(hello_id.clone());
+            let loopback: SocketAddr = (Ipv4Addr::LOCALHOST, 0).into();
+            let proxy = Proxy::start(
+                ProxyConfig {
+                    outbound: loopback,
+                    inbound: loopback,
+                    admin: loopback,
+                    inbound_target: Some(app),
+                    ..ProxyConfig::default()
+                },
+                store.clone(),
+                anchors.clone(),
+                std::sync::Arc::new(strait_proxy::discovery::StaticResolver::default()),
+                prometheus_client::registry::Registry::default(),
+            )
+            .await
+            .with_context(|| format!("starting {name}'s sidecar"))?;
+            endpoints.push((name.to_string(), proxy.inbound_addr()));
+            pending.push((name.to_string(), proxy, store));
         }
         std::fs::write(
             dir.join("east-cluster.yaml"),
@@ -267,6 +331,7 @@ impl Demo {
                     admin: opts.east_admin,
                     dns: opts.east_dns,
                     destination: opts.east_destination,
+                    identity: Some((Ipv4Addr::LOCALHOST, 0).into()),
                 },
                 &[("west", None)],
             ),
@@ -280,6 +345,7 @@ impl Demo {
                     admin: opts.west_admin,
                     dns: opts.west_dns,
                     destination: opts.west_destination,
+                    identity: None,
                 },
                 &[("east", Some(opts.east_tunnel))],
             ),
@@ -290,9 +356,28 @@ impl Demo {
         let west = Gateway::start(GatewayConfig::load(&dir.join("west.yaml"))?)
             .await
             .context("starting west")?;
+        let identity = east
+            .identity_addr()
+            .ok_or_else(|| anyhow!("east serves no identity service"))?;
+        let uri: http::Uri = format!("http://{identity}").parse()?;
+        let mut sidecars = Vec::new();
+        for (name, proxy, store) in pending {
+            // The certifier's own store is its TLS client identity, which
+            // the identity service does not ask for: it stays pending.
+            let (certifier, _) = Certifier::for_control_plane(
+                hello_id.clone(),
+                &uri,
+                gateway_identity(&default_trust_domain("east"))?,
+                dir.join("hello-token"),
+                &anchors,
+            )?;
+            spawn_certify(certifier, store.clone(), |_| {});
+            sidecars.push(DemoSidecar { name, proxy, store });
+        }
         Ok(Self {
             west,
             east,
+            sidecars,
             dir,
             _tmp: Some(tmp),
         })
@@ -338,10 +423,30 @@ impl Demo {
             let who = body.rsplit('/').next().unwrap_or(&body).to_string();
             *served.entry(who).or_insert(0) += 1;
         }
+        let mut sidecars = Vec::new();
+        for s in &self.sidecars {
+            let left = deadline.saturating_duration_since(Instant::now());
+            tokio::time::timeout(left, s.store.certified())
+                .await
+                .map_err(|_| anyhow!("{}'s sidecar was not certified within 20 s", s.name))?;
+            let metrics = http_get_path(s.proxy.admin_addr(), "admin", "/metrics").await?;
+            let inbound: f64 = metrics
+                .lines()
+                .filter(|l| l.starts_with("strait_proxy_requests_total{direction=\"inbound\""))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            let id = s.store.id().clone();
+            log(&format!(
+                "{}'s sidecar: certified by east's identity service as {id}; inbound requests: {inbound}",
+                s.name
+            ));
+            sidecars.push((s.name.clone(), id, inbound as u64));
+        }
         Ok(Summary {
             vip,
             served,
             first_response: first_response.unwrap_or_default(),
+            sidecars,
         })
     }
 }

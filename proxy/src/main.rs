@@ -253,14 +253,8 @@ fn identity(
             Some(s) => SpiffeId::parse(s).context("--identity-server-id")?,
             None => default_gateway_id(&id)?,
         };
-        let store = CertStore::pending(id.clone());
-        let sink: strait_proxy::identity::RefusalSink = Arc::new(|_| {});
-        let tls = strait_proxy::tls::client_config(
-            strait_proxy::identity::ExpectedPeerVerifier::new(anchors.roots(), server, sink),
-            store.clone(),
-            &[strait_proxy::tls::CONTROL_PLANE_ALPN],
-        )?;
-        let certifier = Certifier::new(id, &uri, Arc::new(tls), token.clone(), anchors);
+        let (certifier, store) =
+            Certifier::for_control_plane(id, &uri, server, token.clone(), anchors)?;
         let metrics = metrics.clone();
         let task = spawn_certify(certifier, store.clone(), move |r| match r {
             Ok(t) => metrics.renewed(t),

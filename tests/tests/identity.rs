@@ -14,8 +14,7 @@ use prometheus_client::registry::Registry;
 use strait_gateway::Gateway;
 use strait_proxy::discovery::{Destination, Endpoint, StaticResolver};
 use strait_proxy::identity::{
-    spawn_certify, CertStore, Certifier, CertifyError, ExpectedPeerVerifier, Leaf, SpiffeId,
-    TrustAnchors,
+    spawn_certify, CertStore, Certifier, CertifyError, Leaf, SpiffeId, TrustAnchors,
 };
 use strait_proxy::sidecar::{Proxy, ProxyConfig};
 use strait_tests::fake_kube::FakeKube;
@@ -38,19 +37,12 @@ fn certifier(
     token_file: PathBuf,
 ) -> Certifier {
     let anchors = TrustAnchors::load(&bed.path().join("root.pem")).expect("anchors");
-    let tls = strait_proxy::tls::client_config(
-        ExpectedPeerVerifier::new(
-            anchors.roots(),
-            SpiffeId::parse(pin).expect("pin"),
-            Arc::new(|_| {}),
-        ),
-        CertStore::pending(id.clone()),
-        &[strait_proxy::tls::CONTROL_PLANE_ALPN],
-    )
-    .expect("tls");
     let addr = gw.identity_addr().expect("identity service served");
     let uri = format!("http://{addr}").parse().expect("uri");
-    Certifier::new(id.clone(), &uri, Arc::new(tls), token_file, &anchors)
+    let pin = SpiffeId::parse(pin).expect("pin");
+    Certifier::for_control_plane(id.clone(), &uri, pin, token_file, &anchors)
+        .expect("tls")
+        .0
 }
 
 fn write_token(dir: &Path, name: &str, token: &str) -> PathBuf {

@@ -422,6 +422,13 @@ async fn demo(opts: DemoOptions, once: bool) -> anyhow::Result<()> {
     println!("  curl http://{}:8080/", summary.vip);
     println!("  curl http://{}/metrics", opts.west_admin);
     println!("  curl http://{}/api/imports", opts.west_admin);
+    for s in &demo.sidecars {
+        println!(
+            "  curl http://{}/metrics   ({}'s sidecar)",
+            s.proxy.admin_addr(),
+            s.name
+        );
+    }
     println!(
         "  open http://{}/ in a browser (the gateway dashboard)",
         opts.west_admin

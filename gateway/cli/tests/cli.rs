@@ -51,6 +51,13 @@ fn demo_once_makes_the_round_trip_and_exits_zero() {
         stdout.contains("hello-east-0=") && stdout.contains("hello-east-1="),
         "both endpoints served: {stdout}"
     );
+    assert_eq!(
+        stdout
+            .matches("sidecar: certified by east's identity service as spiffe://east.strait.local/ns/demo/sa/hello")
+            .count(),
+        2,
+        "both sidecars certified: {stdout}"
+    );
     assert!(started.elapsed() < Duration::from_secs(30));
 }
 

@@ -103,6 +103,28 @@ impl Certifier {
         }
     }
 
+    /// A certifier for `id` from the control plane at `uri`, which must
+    /// present the identity `server`, and the pending store it keeps
+    /// current once [`spawn_certify`]d (the same store is this client's
+    /// TLS identity: none until certified).
+    pub fn for_control_plane(
+        id: SpiffeId,
+        uri: &http::Uri,
+        server: SpiffeId,
+        token_file: PathBuf,
+        anchors: &TrustAnchors,
+    ) -> Result<(Self, Arc<CertStore>), rustls::Error> {
+        let store = CertStore::pending(id.clone());
+        let sink: super::RefusalSink = Arc::new(|_| {});
+        let tls = crate::tls::client_config(
+            ExpectedPeerVerifier::new(anchors.roots(), server, sink),
+            store.clone(),
+            &[crate::tls::CONTROL_PLANE_ALPN],
+        )?;
+        let certifier = Self::new(id, uri, Arc::new(tls), token_file, anchors);
+        Ok((certifier, store))
+    }
+
     /// One attempt: a fresh key, a request, the control plane's answer
     /// checked.
     pub async fn certify(&self) -> Result<Leaf, CertifyError> {
