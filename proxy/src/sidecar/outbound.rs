@@ -319,23 +319,28 @@ impl Outbound {
     ) -> Option<Endpoint> {
         let now = Instant::now();
         let mut balancers = self.0.balancers.lock().unwrap_or_else(|e| e.into_inner());
-        let b = balancers
-            .entry(authority.to_string())
-            .or_insert_with(|| Balancer::new(BalanceConfig::default(), rand::random()));
+        // Looked up by reference: the key is allocated only for a new name.
+        if !balancers.contains_key(authority) {
+            let b = Balancer::new(BalanceConfig::default(), rand::random());
+            balancers.insert(authority.to_string(), b);
+        }
+        let b = balancers.get_mut(authority)?;
         b.update(endpoints.iter().map(|e| e.addr), now);
-        let fresh: Vec<SocketAddr> = endpoints
-            .iter()
-            .map(|e| e.addr)
-            .filter(|a| !tried.contains(a))
-            .collect();
         let mut key = b.pick(now)?.key;
         // P2C may draw a tried endpoint again; a few more draws find another.
-        for _ in 0..4 {
-            if fresh.is_empty() || fresh.contains(&key) {
-                break;
+        if !tried.is_empty() {
+            let fresh: Vec<SocketAddr> = endpoints
+                .iter()
+                .map(|e| e.addr)
+                .filter(|a| !tried.contains(a))
+                .collect();
+            for _ in 0..4 {
+                if fresh.is_empty() || fresh.contains(&key) {
+                    break;
+                }
+                b.release(&key);
+                key = b.pick(now)?.key;
             }
-            b.release(&key);
-            key = b.pick(now)?.key;
         }
         endpoints.iter().find(|e| e.addr == key).cloned()
     }
@@ -442,10 +447,12 @@ impl Outbound {
 
     fn budget<T>(&self, authority: &str, f: impl FnOnce(&mut Budget) -> T) -> T {
         let mut budgets = self.0.budgets.lock().unwrap_or_else(|e| e.into_inner());
-        let b = budgets
+        if let Some(b) = budgets.get_mut(authority) {
+            return f(b);
+        }
+        f(budgets
             .entry(authority.to_string())
-            .or_insert_with(|| Budget::new(BudgetConfig::default()));
-        f(b)
+            .or_insert_with(|| Budget::new(BudgetConfig::default())))
     }
 
     fn retried(&self, result: &'static str) {
