@@ -203,11 +203,13 @@ impl Inbound {
         shared.http.requests.get_or_create(&labels).inc();
         if crate::http::is_upgrade(&req) {
             let target: SocketAddr = ([127, 0, 0, 1], port).into();
-            let rsp = match TcpStream::connect(target).await {
-                Ok(tcp) => crate::http::upgrade_via(req, tcp).await,
-                Err(e) => Err(e),
-            }
-            .unwrap_or_else(|error| {
+            // Rare, and its state large: boxed, so every plain request's
+            // future stays small.
+            let upgrade = Box::pin(async move {
+                let tcp = TcpStream::connect(target).await?;
+                crate::http::upgrade_via(req, tcp).await
+            });
+            let rsp = upgrade.await.unwrap_or_else(|error| {
                 tracing::info!(%target, %error, "upgrade to the application failed");
                 shared.http.error(DIRECTION, "upstream");
                 error_response(StatusCode::BAD_GATEWAY, "application unavailable")

@@ -493,11 +493,11 @@ impl Outbound {
                 };
                 (sent, "true")
             }
+            // Boxed: the plaintext client's state is twice the mesh
+            // client's, and every request's future (copied as it is built
+            // and boxed) would carry it.
             None => (
-                self.0
-                    .plain
-                    .send(req, authority, endpoint.addr, timeout)
-                    .await,
+                Box::pin(self.0.plain.send(req, authority, endpoint.addr, timeout)).await,
                 "false",
             ),
         };
