@@ -354,7 +354,7 @@ pub fn status_class(s: StatusCode) -> &'static str {
 /// they are sent to, which a URI-keyed client cannot do.
 #[derive(Debug, Default)]
 pub struct H2Pool {
-    conns: std::sync::Mutex<std::collections::HashMap<std::net::SocketAddr, crate::http2::Sender>>,
+    conns: crate::http2::Pool<std::net::SocketAddr>,
 }
 
 impl H2Pool {
@@ -366,20 +366,9 @@ impl H2Pool {
         req: Request<Body>,
         connect_timeout: std::time::Duration,
     ) -> Result<Response<Body>, std::io::Error> {
-        let pooled = self
-            .conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&addr)
-            .cloned();
-        let ready = match pooled {
-            Some(s) => s.ready().await.ok(),
-            None => None,
-        };
-        let mut sender = match ready {
-            Some(s) => s,
-            None => {
-                let dial = async {
+        let dial = || {
+            Box::pin(async move {
+                let connect = async {
                     let tcp = tokio::net::TcpStream::connect(addr).await?;
                     tcp.set_nodelay(true)?;
                     let max_header = crate::sidecar::MAX_HEADER_BYTES as u32;
@@ -388,18 +377,12 @@ impl H2Pool {
                         .await
                         .map_err(std::io::Error::other)
                 };
-                // Boxed: dialing is rare and its state would otherwise
-                // be carried by every request's future.
-                let sender = Box::pin(tokio::time::timeout(connect_timeout, dial))
+                tokio::time::timeout(connect_timeout, connect)
                     .await
-                    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-                self.conns
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(addr, sender.clone());
-                sender
-            }
+                    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+            })
         };
+        let mut sender = self.conns.get(&addr, dial).await?;
         crate::http2::send(&mut sender, req)
             .await
             .map_err(std::io::Error::other)

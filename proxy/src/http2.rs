@@ -133,6 +133,50 @@ impl<F: Future + Unpin> Future for Batched<F> {
     }
 }
 
+/// HTTP/2 connections by key, one multiplexed connection each: a request
+/// takes the pooled one while it is ready, else dials one, which replaces
+/// it.
+#[derive(Debug)]
+pub struct Pool<K> {
+    conns: std::sync::Mutex<std::collections::HashMap<K, Sender>>,
+}
+
+impl<K> Default for Pool<K> {
+    fn default() -> Self {
+        Self {
+            conns: std::sync::Mutex::default(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Pool<K> {
+    /// The connection for `key`: the pooled one if still ready, else
+    /// `dial`'s (which callers box: dialing is rare and its state large,
+    /// and every request's future would otherwise carry it).
+    pub async fn get<E, D>(&self, key: &K, dial: impl FnOnce() -> D) -> Result<Sender, E>
+    where
+        D: Future<Output = Result<Sender, E>>,
+    {
+        let pooled = self
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned();
+        if let Some(s) = pooled {
+            if let Ok(s) = s.ready().await {
+                return Ok(s);
+            }
+        }
+        let sender = dial().await?;
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone(), sender.clone());
+        Ok(sender)
+    }
+}
+
 /// Resolves when the peer fails to answer a ping in time.
 async fn pings(ping: Option<h2::PingPong>) {
     let Some(mut ping) = ping else {

@@ -65,7 +65,7 @@ pub struct MeshClient {
     sink: RefusalSink,
     connect_timeout: Duration,
     configs: Mutex<HashMap<SpiffeId, Arc<rustls::ClientConfig>>>,
-    pool: Mutex<HashMap<PoolKey, Sender>>,
+    pool: crate::http2::Pool<PoolKey>,
 }
 
 impl std::fmt::Debug for MeshClient {
@@ -91,7 +91,7 @@ impl MeshClient {
             sink,
             connect_timeout,
             configs: Mutex::default(),
-            pool: Mutex::default(),
+            pool: crate::http2::Pool::default(),
         }
     }
 
@@ -151,27 +151,19 @@ impl MeshClient {
         port: u16,
     ) -> Result<Sender, MeshError> {
         let key = (addr, port, peer.clone());
-        let pooled = {
-            let pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-            pool.get(&key).cloned()
-        };
-        if let Some(s) = pooled {
-            if let Ok(s) = s.ready().await {
-                return Ok(s);
-            }
-        }
         // Dialing (TCP, TLS, HTTP/2 handshake) is rare and its state large:
         // boxed, so the per-request future stays small.
-        Box::pin(self.dial(addr, peer, port, key)).await
+        self.pool
+            .get(&key, || Box::pin(self.dial(addr, peer, port)))
+            .await
     }
 
-    /// Opens a new pooled HTTP/2 connection to a peer proxy.
+    /// Opens a new HTTP/2 connection to a peer proxy.
     async fn dial(
         &self,
         addr: SocketAddr,
         peer: &SpiffeId,
         port: u16,
-        key: (SocketAddr, u16, SpiffeId),
     ) -> Result<Sender, MeshError> {
         let tls = self.connect(addr, peer, port, ProtocolHint::Http2).await?;
         // Frames are written into a buffer and flushed together: one TLS
@@ -181,10 +173,6 @@ impl MeshClient {
         let sender = crate::http2::handshake(io, MAX_HEADER, keepalive, addr.to_string())
             .await
             .map_err(|source| MeshError::Http { addr, source })?;
-        self.pool
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, sender.clone());
         Ok(sender)
     }
 
