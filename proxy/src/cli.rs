@@ -31,16 +31,25 @@ pub fn init(default_filter: &str) {
     crate::tls::install_default_provider();
 }
 
-/// Runs `f` on a multi-threaded runtime with `threads` workers (default:
-/// one per CPU).
+/// Runs `f` on a runtime with `threads` workers (default: one per CPU).
+///
+/// One thread means tokio's current-thread scheduler rather than a
+/// work-stealing pool of one (as linkerd2-proxy does with one core): no
+/// shared run queues to synchronise, no worker to unpark, every wake-up a
+/// push onto a local queue.
 pub fn run_async(
     threads: Option<usize>,
     f: impl std::future::Future<Output = anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = threads {
-        runtime.worker_threads(n);
-    }
+    let mut runtime = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n);
+            builder
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     let runtime = runtime
         .enable_all()
         .build()

@@ -107,7 +107,7 @@ struct RunArgs {
     /// Drain deadline after SIGTERM, ms.
     #[arg(long, env = "STRAIT_PROXY_SHUTDOWN_GRACE_MS", default_value = "30000", value_parser = ms)]
     shutdown_grace_ms: Duration,
-    /// Worker threads (default: one per CPU).
+    /// Worker threads (default: one per CPU; 1 runs the single-threaded scheduler).
     #[arg(long, env = "STRAIT_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: Option<u16>,
     /// The cluster gateway's destination service (host:port or

@@ -180,8 +180,11 @@ fn serves_then_drains_on_shutdown_and_on_sigterm() {
                 .arg("--trust-anchors")
                 .arg(dir.path().join("root.pem"));
         } else {
+            // On one thread (tokio's single-threaded scheduler), as
+            // `strait inject` runs it.
             cmd.arg("run")
-                .env("STRAIT_PROXY_TRUST_ANCHORS_PEM", &root.cert_pem);
+                .env("STRAIT_PROXY_TRUST_ANCHORS_PEM", &root.cert_pem)
+                .env("STRAIT_THREADS", "1");
         }
         let mut child = cmd
             .args([

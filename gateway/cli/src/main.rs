@@ -31,7 +31,7 @@ enum Command {
         /// The gateway config (YAML).
         #[arg(long, short)]
         config: PathBuf,
-        /// Worker threads (default: one per CPU).
+        /// Worker threads (default: one per CPU; 1 runs the single-threaded scheduler).
         #[arg(long, env = "STRAIT_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
         threads: Option<u16>,
     },

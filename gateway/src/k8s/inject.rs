@@ -24,7 +24,10 @@
 //! namespace. Pods annotated `strait.io/inject: disabled`, pods on the
 //! host's network and pods already injected are left as they are. The pod
 //! annotations `strait.io/skip-inbound-ports`, `strait.io/skip-outbound-ports`
-//! and `strait.io/opaque-ports` (comma-separated ports) are passed on.
+//! and `strait.io/opaque-ports` (comma-separated ports) are passed on;
+//! `strait.io/proxy-threads` sets the proxy's worker threads (default 1:
+//! tokio's single-threaded scheduler, the cheapest per request, as
+//! linkerd2-proxy runs with one core).
 //!
 //! The transform is pure: YAML in, YAML out.
 
@@ -47,6 +50,12 @@ pub const TOKEN_AUDIENCE: &str = "identity.strait.io";
 
 const TOKEN_VOLUME: &str = "strait-identity";
 const INIT_RUN_VOLUME: &str = "strait-init-run";
+/// The annotation that sets the proxy's worker threads.
+pub const THREADS_ANNOTATION: &str = "strait.io/proxy-threads";
+/// The proxy's worker threads unless annotated: one.
+const DEFAULT_THREADS: u16 = 1;
+/// At most this many worker threads may be asked for.
+const MAX_THREADS: u16 = 64;
 const ANNOTATION_PORTS: [(&str, &str); 3] = [
     ("strait.io/skip-inbound-ports", "--skip-inbound-ports"),
     ("strait.io/skip-outbound-ports", "--skip-outbound-ports"),
@@ -103,6 +112,14 @@ pub enum InjectError {
         object: String,
         /// The annotation.
         annotation: &'static str,
+        /// Its value.
+        value: String,
+    },
+    /// The threads annotation is not a number from 1 to 64.
+    #[error("{object}: annotation {THREADS_ANNOTATION}: {value:?} is not a number of threads from 1 to {MAX_THREADS}")]
+    BadThreads {
+        /// `kind/name` of the object.
+        object: String,
         /// Its value.
         value: String,
     },
@@ -228,15 +245,30 @@ fn inject_pod(
         .as_object_mut()
         .ok_or_else(|| shape("metadata", "mapping"))?;
     let mut ports: Vec<(&'static str, String)> = Vec::new();
+    let mut threads = DEFAULT_THREADS;
     if let Some(annotations) = metadata.get("annotations").and_then(Value::as_object) {
+        let text = |value: &Value| {
+            value
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| value.to_string())
+        };
         for (annotation, flag) in ANNOTATION_PORTS {
             if let Some(value) = annotations.get(annotation) {
-                let value = value
-                    .as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| value.to_string());
-                ports.push((flag, checked_ports(&value, annotation, object)?));
+                ports.push((flag, checked_ports(&text(value), annotation, object)?));
             }
+        }
+        if let Some(value) = annotations.get(THREADS_ANNOTATION) {
+            let value = text(value);
+            threads = value
+                .trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|n| (1..=MAX_THREADS).contains(n))
+                .ok_or_else(|| InjectError::BadThreads {
+                    object: object.to_string(),
+                    value,
+                })?;
         }
     }
     let spec = pod
@@ -259,7 +291,7 @@ fn inject_pod(
     // The rules, then the proxy (started, and certified, before anything
     // else in the pod makes a connection through the rules).
     inits.insert(0, init_container(config, &ports));
-    inits.insert(1, proxy_container(config, &ports));
+    inits.insert(1, proxy_container(config, &ports, threads));
     let volumes = list(spec, "volumes").ok_or_else(|| shape("spec.volumes", "list"))?;
     volumes.retain(|v| !named(v, TOKEN_VOLUME) && !named(v, INIT_RUN_VOLUME));
     volumes.push(json!({
@@ -322,7 +354,7 @@ fn checked_ports(
     }
 }
 
-fn proxy_container(config: &InjectConfig, ports: &[(&str, String)]) -> Value {
+fn proxy_container(config: &InjectConfig, ports: &[(&str, String)], threads: u16) -> Value {
     let ns = &config.control_plane_namespace;
     let mut env = vec![
         json!({"name": "STRAIT_POD_NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}),
@@ -333,6 +365,7 @@ fn proxy_container(config: &InjectConfig, ports: &[(&str, String)]) -> Value {
         json!({"name": "STRAIT_PROXY_IDENTITY_TOKEN_FILE", "value": format!("{TOKEN_DIR}/{TOKEN_VOLUME}")}),
         json!({"name": "STRAIT_PROXY_DESTINATION_ADDR", "value": format!("strait-destination.{ns}.svc:8086")}),
         json!({"name": "STRAIT_PROXY_TRUST_ANCHORS_PEM", "value": config.trust_anchors_pem}),
+        json!({"name": "STRAIT_THREADS", "value": threads.to_string()}),
     ];
     if config.destination_mtls {
         let gateway = format!(

@@ -114,6 +114,11 @@ fn a_deployment_gets_the_init_container_the_proxy_and_its_token() {
         .is_some_and(|p| p.contains("BEGIN CERTIFICATE")));
     assert_eq!(env(proxy, "STRAIT_PROXY_OPAQUE_PORTS"), Some("3306"));
     assert_eq!(env(proxy, "STRAIT_PROXY_DESTINATION_IDENTITY"), None);
+    assert_eq!(
+        env(proxy, "STRAIT_THREADS"),
+        Some("1"),
+        "one thread unless asked"
+    );
     assert_eq!(proxy["securityContext"]["runAsUser"], PROXY_UID);
     assert_eq!(proxy["readinessProbe"]["httpGet"]["path"], "/ready");
 
@@ -244,6 +249,18 @@ fn bad_input_is_a_clear_error() {
     assert!(err.to_string().contains("strait.io/opaque-ports"), "{err}");
     let zero = DEPLOYMENT.replace("\"3306\"", "\"0\"");
     assert!(inject_yaml(&zero, &config()).is_err(), "port 0");
+    for threads in ["0", "65", "two", "-1"] {
+        let bad = DEPLOYMENT.replace(
+            "strait.io/opaque-ports: \"3306\"",
+            &format!("strait.io/proxy-threads: \"{threads}\""),
+        );
+        let err = inject_yaml(&bad, &config()).expect_err(threads);
+        assert!(
+            err.to_string()
+                .contains("deployment/web: annotation strait.io/proxy-threads"),
+            "{err}"
+        );
+    }
 
     let not_a_list = "kind: Pod\nmetadata: {name: p}\nspec: {containers: web}\n";
     let err = inject_yaml(not_a_list, &config()).expect_err("containers must be a list");
@@ -288,4 +305,18 @@ fn destination_mtls_pins_the_gateway() {
         env(proxy, "STRAIT_PROXY_DESTINATION_IDENTITY"),
         Some("spiffe://west.strait.local/ns/strait-system/sa/strait-gateway")
     );
+}
+
+#[test]
+fn the_threads_annotation_sets_the_proxy_threads() {
+    // Quoted or, as YAML allows, a bare number.
+    for value in ["\"2\"", "2"] {
+        let yaml = DEPLOYMENT.replace(
+            "strait.io/opaque-ports: \"3306\"",
+            &format!("strait.io/proxy-threads: {value}"),
+        );
+        let (docs, _) = inject(&yaml);
+        let proxy = &docs[0]["spec"]["template"]["spec"]["initContainers"][1];
+        assert_eq!(env(proxy, "STRAIT_THREADS"), Some("2"), "{value}");
+    }
 }
