@@ -314,6 +314,7 @@ impl Gateway {
                     KubeSourceSettings {
                         export_label: k.export_label.clone(),
                         debounce: Duration::from_millis(100),
+                        trust_domain: config.trust_domain(),
                     },
                     metrics
                         .mirror

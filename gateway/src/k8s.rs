@@ -43,6 +43,10 @@ pub mod labels {
     /// On mirror Services: the egress port allocated on the gateway pods
     /// for each service port, `80=20001,443=20002`.
     pub const EGRESS_PORTS: &str = "strait.io/egress-ports";
+    /// On pods `strait inject` gave a sidecar proxy (`true`): their
+    /// endpoints are served to other sidecars with the pod's SPIFFE ID, so
+    /// connections to them are mutual TLS.
+    pub const MESHED: &str = "strait.io/meshed";
 }
 
 /// Object names derived from an imported service's name, kept to the 63

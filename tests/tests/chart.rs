@@ -858,6 +858,7 @@ fn rbac_is_least_privilege() {
             {"apiGroups": ["strait.io"], "resources": ["links"], "verbs": read},
             {"apiGroups": ["strait.io"], "resources": ["links/status"], "verbs": status},
             {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["get", "list"]},
+            {"apiGroups": [""], "resources": ["pods"], "verbs": read},
             {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
             {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
         ])
@@ -869,7 +870,6 @@ fn rbac_is_least_privilege() {
         json!([
             {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "list", "watch", "create", "update", "patch"]},
             {"apiGroups": [""], "resources": ["secrets"], "verbs": read},
-            {"apiGroups": [""], "resources": ["pods"], "verbs": read},
         ])
     );
     for kind in ["ClusterRoleBinding", "RoleBinding"] {

@@ -772,3 +772,63 @@ async fn removing_the_accepting_link_cuts_a_quic_tunnel() {
 async fn removing_the_accepting_link_cuts_a_tcp_tunnel() {
     removing_the_accepting_link_cuts_the_tunnel("tcp").await;
 }
+
+/// A pod `strait inject` meshed (label `strait.io/meshed=true`) serves
+/// its endpoints to sidecars with its service account's SPIFFE ID, so
+/// they reach it with mutual TLS; the label gone, the identity goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshed_pods_are_discovered_with_their_identity() {
+    use strait_proxy::discovery::{GrpcResolver, Resolve};
+
+    let backend: SocketAddr = "127.0.0.1:18480".parse().expect("addr");
+    let c = clusters(backend).await;
+    let pods: Api<Pod> = Api::namespaced(c.east.client(), "shop");
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web-18480", "namespace": "shop",
+            "labels": {"app": "web", "strait.io/meshed": "true"}},
+        "spec": {"serviceAccountName": "web-sa",
+            "containers": [{"name": "web", "image": "web"}]}}))
+    .expect("pod");
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("pod");
+    let grpc = GrpcResolver::for_addr(c.east_gw.destination_addr());
+    let identities = || async {
+        grpc.resolve("web.shop.svc.cluster.local:80")
+            .await
+            .map(|d| {
+                d.endpoints
+                    .iter()
+                    .map(|e| (e.addr, e.identity.as_ref().map(|i| i.as_str().to_string())))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    eventually(
+        WAIT,
+        "web's endpoint served with its pod's identity",
+        || async {
+            (identities().await
+                == vec![(
+                    backend,
+                    Some("spiffe://east.strait.local/ns/shop/sa/web-sa".to_string()),
+                )])
+            .then_some(())
+        },
+    )
+    .await;
+
+    // Uninjected: the label goes, and with it the identity.
+    pods.patch(
+        "web-18480",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"strait.io/meshed": null}}})),
+    )
+    .await
+    .expect("unlabel");
+    eventually(WAIT, "web's endpoint served without identity", || async {
+        (identities().await == vec![(backend, None)]).then_some(())
+    })
+    .await;
+}

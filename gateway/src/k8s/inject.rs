@@ -17,7 +17,10 @@
 //!   a projected service account token, discovers destinations from the
 //!   gateway, and trusts the cluster's anchors (given inline: no ConfigMap
 //!   needed per namespace);
-//! - a projected token volume for the audience `identity.strait.io`.
+//! - a projected token volume for the audience `identity.strait.io`;
+//! - the pod label `strait.io/meshed: "true"`, by which the gateway knows
+//!   the pod's endpoints are meshed and serves them to sidecars with the
+//!   pod's identity (they connect to it with mutual TLS).
 //!
 //! Its SPIFFE ID comes from the pod itself (namespace and service account
 //! through the downward API), so one injected manifest serves any
@@ -315,6 +318,17 @@ fn inject_pod(
     annotations.insert(
         INJECTED_ANNOTATION.into(),
         Value::String(config.image.clone()),
+    );
+    // What the gateway watches to serve the pod's endpoints with its
+    // identity (sidecars then reach it with mutual TLS).
+    let labels = metadata
+        .entry("labels")
+        .or_insert_with(|| json!({}))
+        .as_object_mut()
+        .ok_or_else(|| shape("metadata.labels", "mapping"))?;
+    labels.insert(
+        crate::k8s::labels::MESHED.into(),
+        Value::String("true".into()),
     );
     Ok(Outcome::Injected)
 }

@@ -27,6 +27,7 @@ use crate::catalog::{
     ServiceKey, ServiceType,
 };
 use crate::source::ClusterSource;
+use strait_proxy::identity::SpiffeId;
 
 /// Why a Service is left out of the cluster state (counted, logged once).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,13 +38,51 @@ pub struct Skipped {
     pub reason: String,
 }
 
+/// The SPIFFE IDs of meshed pods, by namespace and name: what a sidecar
+/// in pod `ns/name` presents (`spiffe://<td>/ns/<ns>/sa/<serviceAccount>`).
+pub type MeshedPods = BTreeMap<(String, String), SpiffeId>;
+
+/// The identities of `pods` (those [`labels::MESHED`]; pure). A pod
+/// without a service account name runs as `default`.
+pub fn meshed_pods<'a>(pods: impl IntoIterator<Item = &'a Pod>, trust_domain: &str) -> MeshedPods {
+    let mut out = MeshedPods::new();
+    for pod in pods {
+        let meta = &pod.metadata;
+        let meshed = meta
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(labels::MESHED))
+            .is_some_and(|v| v == "true");
+        let (Some(ns), Some(name), true) = (&meta.namespace, &meta.name, meshed) else {
+            continue;
+        };
+        let sa = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.as_deref())
+            .filter(|sa| !sa.is_empty())
+            .unwrap_or("default");
+        match SpiffeId::workload(trust_domain, ns, sa) {
+            Ok(id) => {
+                out.insert((ns.clone(), name.clone()), id);
+            }
+            Err(error) => {
+                tracing::debug!(pod = %name, %ns, %error, "no SPIFFE ID for a meshed pod")
+            }
+        }
+    }
+    out
+}
+
 /// Folds Services, EndpointSlices and ServiceExports into a cluster state
-/// (pure). Services that cannot be represented (ExternalName, invalid
-/// ports) are returned as [`Skipped`] instead of failing the whole state.
+/// (pure); endpoints that are `meshed` pods carry their identity. Services
+/// that cannot be represented (ExternalName, invalid ports) are returned as
+/// [`Skipped`] instead of failing the whole state.
 pub fn cluster_state<'a>(
     services: impl IntoIterator<Item = &'a Service>,
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
     exports: impl IntoIterator<Item = &'a ServiceExport>,
+    meshed: &MeshedPods,
     export_label: &str,
 ) -> (ClusterState, Vec<Skipped>) {
     let exported: BTreeSet<ServiceKey> = exports.into_iter().filter_map(key_of).collect();
@@ -71,7 +110,7 @@ pub fn cluster_state<'a>(
         }
         let wants_export = exported.contains(&key)
             || labels.and_then(|l| l.get(export_label)).map(String::as_str) == Some("true");
-        match local_service(svc, &key, by_service.get(&key).map(Vec::as_slice)) {
+        match local_service(svc, &key, by_service.get(&key).map(Vec::as_slice), meshed) {
             Ok(mut local) => {
                 local.exported = wants_export;
                 state.services.insert(key, local);
@@ -96,6 +135,7 @@ fn local_service(
     svc: &Service,
     key: &ServiceKey,
     slices: Option<&[&EndpointSlice]>,
+    meshed: &MeshedPods,
 ) -> Result<LocalService, String> {
     validate_label("namespace", &key.namespace).map_err(|e| e.to_string())?;
     validate_label("name", &key.name).map_err(|e| e.to_string())?;
@@ -158,6 +198,16 @@ fn local_service(
                     .and_then(|r| r.name.clone())
                     .or_else(|| ep.hostname.clone())
                     .unwrap_or_else(|| addr.clone());
+                // A pod's endpoint: the pod's namespace is the slice's.
+                let identity = ep
+                    .target_ref
+                    .as_ref()
+                    .filter(|r| r.kind.as_deref() == Some("Pod"))
+                    .and_then(|r| {
+                        let ns = r.namespace.as_ref().unwrap_or(&key.namespace);
+                        meshed.get(&(ns.clone(), r.name.clone()?))
+                    })
+                    .cloned();
                 // The same address in two slices (during a slice
                 // rebalance) is one endpoint; ready wins.
                 let entry = endpoints
@@ -167,7 +217,7 @@ fn local_service(
                         ip,
                         target_ports: target_ports.clone(),
                         ready,
-                        identity: None,
+                        identity,
                     });
                 entry.ready |= ready;
             }
@@ -190,6 +240,8 @@ pub struct KubeSourceSettings {
     /// Quiet time after a change before a new state is computed (a burst of
     /// events becomes one state).
     pub debounce: Duration,
+    /// The cluster's SPIFFE trust domain (meshed pods' identities).
+    pub trust_domain: String,
 }
 
 /// Aborts its tasks when dropped.
@@ -226,6 +278,9 @@ pub struct Caches {
     pub imports: Store<ServiceImport>,
     /// This gateway's pods (the endpoints of mirror slices).
     pub pods: Store<Pod>,
+    /// Meshed pods in every namespace ([`labels::MESHED`]), each cut down
+    /// to its name, namespace, labels and service account.
+    pub meshed: Store<Pod>,
     /// Links in the gateway's namespace.
     pub links: Store<Link>,
     /// Secrets in the gateway's namespace (Links' trust bundles).
@@ -234,6 +289,27 @@ pub struct Caches {
     pub changed: watch::Receiver<()>,
     /// Watch failures (counted once per failing streak and kind).
     pub watch_errors: prometheus_client::metrics::counter::Counter,
+}
+
+/// Stores an object as it came.
+fn keep<K>(_: &mut K) {}
+
+/// Keeps of a meshed pod what [`meshed_pods`] reads (a cluster's pods are
+/// many; their specs and statuses are large).
+fn trim_pod(pod: &mut Pod) {
+    let meta = &mut pod.metadata;
+    meta.annotations = None;
+    meta.managed_fields = None;
+    meta.owner_references = None;
+    let sa = pod
+        .spec
+        .as_mut()
+        .and_then(|s| s.service_account_name.take());
+    pod.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+        service_account_name: sa,
+        ..Default::default()
+    });
+    pod.status = None;
 }
 
 /// How long every cache may take to list for the first time.
@@ -251,10 +327,12 @@ where
     Box::pin(store.wait_until_ready())
 }
 
-/// Runs a reflector for `K`, bumping `changed` on every event.
+/// Runs a reflector for `K`, bumping `changed` on every event; `trim`
+/// cuts each object down to what is used before it is stored.
 fn reflect<K>(
     api: Api<K>,
     config: watcher::Config,
+    trim: fn(&mut K),
     changed: Arc<watch::Sender<()>>,
     errors: prometheus_client::metrics::counter::Counter,
     tasks: &mut TaskSet,
@@ -265,7 +343,7 @@ where
 {
     let (reader, writer) = reflector::store();
     let kind = K::kind(&K::DynamicType::default()).to_string();
-    let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
+    let stream = reflector::reflector(writer, watcher(api, config).modify(trim)).default_backoff();
     tasks.push(tokio::spawn(async move {
         futures::pin_mut!(stream);
         let mut failing = false;
@@ -304,6 +382,7 @@ impl Caches {
             services: reflect(
                 Api::all(client.clone()),
                 all(),
+                keep,
                 tx.clone(),
                 e.clone(),
                 tasks,
@@ -311,6 +390,7 @@ impl Caches {
             slices: reflect(
                 Api::all(client.clone()),
                 all().labels(labels::SERVICE_NAME_K8S),
+                keep,
                 tx.clone(),
                 e.clone(),
                 tasks,
@@ -318,6 +398,7 @@ impl Caches {
             exports: reflect(
                 Api::all(client.clone()),
                 all(),
+                keep,
                 tx.clone(),
                 e.clone(),
                 tasks,
@@ -325,6 +406,7 @@ impl Caches {
             imports: reflect(
                 Api::all(client.clone()),
                 all().labels(&format!("{}={}", labels::MANAGED_BY, labels::MANAGER)),
+                keep,
                 tx.clone(),
                 e.clone(),
                 tasks,
@@ -332,6 +414,15 @@ impl Caches {
             pods: reflect(
                 Api::namespaced(client.clone(), namespace),
                 all().labels(gateway_selector),
+                keep,
+                tx.clone(),
+                e.clone(),
+                tasks,
+            ),
+            meshed: reflect(
+                Api::all(client.clone()),
+                all().labels(&format!("{}=true", labels::MESHED)),
+                trim_pod,
                 tx.clone(),
                 e.clone(),
                 tasks,
@@ -339,6 +430,7 @@ impl Caches {
             links: reflect(
                 Api::namespaced(client.clone(), namespace),
                 all(),
+                keep,
                 tx.clone(),
                 e.clone(),
                 tasks,
@@ -346,6 +438,7 @@ impl Caches {
             secrets: reflect(
                 Api::namespaced(client, namespace),
                 all(),
+                keep,
                 tx,
                 e.clone(),
                 tasks,
@@ -362,6 +455,7 @@ impl Caches {
             ("ServiceExports", wait(&caches.exports)),
             ("ServiceImports", wait(&caches.imports)),
             ("gateway Pods", wait(&caches.pods)),
+            ("meshed Pods", wait(&caches.meshed)),
             ("Links", wait(&caches.links)),
             ("Secrets", wait(&caches.secrets)),
         ];
@@ -381,16 +475,22 @@ impl Caches {
     }
 
     /// The cluster state the caches hold now (and what was left out).
-    pub fn cluster_state(&self, export_label: &str) -> (ClusterState, Vec<Skipped>) {
+    pub fn cluster_state(
+        &self,
+        export_label: &str,
+        trust_domain: &str,
+    ) -> (ClusterState, Vec<Skipped>) {
         let (svcs, sls, exps) = (
             self.services.state(),
             self.slices.state(),
             self.exports.state(),
         );
+        let meshed = meshed_pods(self.meshed.state().iter().map(|p| &**p), trust_domain);
         cluster_state(
             svcs.iter().map(|s| &**s),
             sls.iter().map(|s| &**s),
             exps.iter().map(|s| &**s),
+            &meshed,
             export_label,
         )
     }
@@ -443,7 +543,7 @@ impl KubeSource {
         settings: KubeSourceSettings,
         skipped_total: prometheus_client::metrics::counter::Counter,
     ) -> Self {
-        let (first, skipped) = caches.cluster_state(&settings.export_label);
+        let (first, skipped) = caches.cluster_state(&settings.export_label, &settings.trust_domain);
         let (tx, rx) = watch::channel(Arc::new(first));
         let (skipped_tx, skipped_rx) = watch::channel(Arc::new(
             skipped.into_iter().map(|s| (s.key, s.reason)).collect(),
@@ -455,7 +555,7 @@ impl KubeSource {
             while changed.changed().await.is_ok() {
                 tokio::time::sleep(settings.debounce).await;
                 changed.borrow_and_update();
-                let (state, skipped) = caches.cluster_state(&settings.export_label);
+                let (state, skipped) = caches.cluster_state(&settings.export_label, &settings.trust_domain);
                 for s in &skipped {
                     if reported.insert((s.key.clone(), s.reason.clone())) {
                         tracing::warn!(service = %s.key, reason = %s.reason, "exported service left out");

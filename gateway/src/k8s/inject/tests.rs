@@ -83,6 +83,7 @@ fn a_deployment_gets_the_init_container_the_proxy_and_its_token() {
         "example.test/strait-proxy:1"
     );
     assert_eq!(pod["metadata"]["labels"]["app"], "web", "the rest is kept");
+    assert_eq!(pod["metadata"]["labels"]["strait.io/meshed"], "true");
 
     let proxy = &spec["initContainers"][1];
     assert_eq!(proxy["args"], serde_json::json!(["run", "--transparent"]));

@@ -107,6 +107,7 @@ fn services_are_exported_by_service_export_or_label() {
         &services,
         &[],
         &[export("shop", "cart")],
+        &MeshedPods::new(),
         "strait.io/export",
     );
     assert!(skipped.is_empty());
@@ -121,7 +122,10 @@ fn services_are_exported_by_service_export_or_label() {
 
 #[test]
 fn endpoints_come_from_slices_with_target_ports_and_readiness() {
-    let services = [service("shop", "cart", &[], &[("http", 80)])];
+    let services = [
+        service("shop", "cart", &[], &[("http", 80)]),
+        service("other", "cart", &[], &[("http", 80)]),
+    ];
     let slices = [
         slice(
             "shop",
@@ -149,10 +153,24 @@ fn endpoints_come_from_slices_with_target_ports_and_readiness() {
             ("http", 1),
         ),
     ];
+    // p1 and p9 are injected (p9 with the default service account), p2
+    // is not; a pod of the same name in another namespace is another pod.
+    let mut pods = [
+        pod("shop", "p1", true, Some("cart")),
+        pod("shop", "p2", false, Some("cart")),
+        pod("other", "p9", true, None),
+        pod("elsewhere", "p2", true, Some("x")),
+    ];
+    for p in &mut pods {
+        trim_pod(p);
+    }
+    let meshed = meshed_pods(&pods, "west.strait.local");
+    assert_eq!(meshed.len(), 3);
     let (state, _) = cluster_state(
         &services,
         &slices,
         &[export("shop", "cart")],
+        &meshed,
         "strait.io/export",
     );
     let cart = &state.services[&ServiceKey::new("shop", "cart")];
@@ -160,8 +178,60 @@ fn endpoints_come_from_slices_with_target_ports_and_readiness() {
     let p1 = cart.endpoints.iter().find(|e| e.name == "p1").expect("p1");
     assert!(p1.ready);
     assert_eq!(p1.target(&cart.ports[0]).port(), 8080);
+    assert_eq!(
+        p1.identity.as_ref().map(SpiffeId::as_str),
+        Some("spiffe://west.strait.local/ns/shop/sa/cart")
+    );
     let p2 = cart.endpoints.iter().find(|e| e.name == "p2").expect("p2");
     assert!(!p2.ready);
+    assert_eq!(p2.identity, None, "not injected");
+    let other = &state.services[&ServiceKey::new("other", "cart")];
+    assert_eq!(
+        other.endpoints[0].identity.as_ref().map(SpiffeId::as_str),
+        Some("spiffe://west.strait.local/ns/other/sa/default")
+    );
+}
+
+/// A pod, labelled meshed or not, as the API returns it (status, a
+/// container, annotations): [`trim_pod`] must keep what matters.
+fn pod(ns: &str, name: &str, meshed: bool, sa: Option<&str>) -> Pod {
+    let labels: &[(&str, &str)] = if meshed {
+        &[(labels::MESHED, "true")]
+    } else {
+        &[]
+    };
+    let mut metadata = meta(ns, name, labels);
+    metadata.annotations = Some([("big".to_string(), "x".repeat(1000))].into());
+    Pod {
+        metadata,
+        spec: Some(k8s_openapi::api::core::v1::PodSpec {
+            service_account_name: sa.map(String::from),
+            containers: vec![k8s_openapi::api::core::v1::Container {
+                name: "app".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        status: Some(Default::default()),
+    }
+}
+
+#[test]
+fn a_trimmed_pod_keeps_its_name_labels_and_service_account_only() {
+    let mut p = pod("shop", "p1", true, Some("cart"));
+    trim_pod(&mut p);
+    assert_eq!(p.metadata.annotations, None);
+    assert_eq!(p.status, None);
+    let spec = p.spec.expect("spec");
+    assert!(spec.containers.is_empty());
+    assert_eq!(spec.service_account_name.as_deref(), Some("cart"));
+    assert_eq!(
+        p.metadata
+            .labels
+            .and_then(|l| l.get(labels::MESHED).cloned())
+            .as_deref(),
+        Some("true")
+    );
 }
 
 #[test]
@@ -190,7 +260,13 @@ fn mirrors_are_never_exported_and_bad_services_are_reported() {
         export("shop", "web-east"),
         export("shop", "gone"),
     ];
-    let (state, skipped) = cluster_state(&services, &[], &exports, "strait.io/export");
+    let (state, skipped) = cluster_state(
+        &services,
+        &[],
+        &exports,
+        &MeshedPods::new(),
+        "strait.io/export",
+    );
     let keys: Vec<String> = state.catalog().keys().map(|k| k.to_string()).collect();
     assert_eq!(keys, ["shop/hl"]);
     assert_eq!(
