@@ -310,26 +310,30 @@ fn inject_pod(
         .get_mut("metadata")
         .and_then(Value::as_object_mut)
         .ok_or_else(|| shape("metadata", "mapping"))?;
-    let annotations = metadata
-        .entry("annotations")
-        .or_insert_with(|| json!({}))
-        .as_object_mut()
-        .ok_or_else(|| shape("metadata.annotations", "mapping"))?;
-    annotations.insert(
-        INJECTED_ANNOTATION.into(),
-        Value::String(config.image.clone()),
-    );
-    // What the gateway watches to serve the pod's endpoints with its
-    // identity (sidecars then reach it with mutual TLS).
-    let labels = metadata
-        .entry("labels")
-        .or_insert_with(|| json!({}))
-        .as_object_mut()
-        .ok_or_else(|| shape("metadata.labels", "mapping"))?;
-    labels.insert(
-        crate::k8s::labels::MESHED.into(),
-        Value::String("true".into()),
-    );
+    // The image injected; and the label the gateway watches to serve the
+    // pod's endpoints with its identity (sidecars then reach it with
+    // mutual TLS).
+    for (field, path, key, value) in [
+        (
+            "annotations",
+            "metadata.annotations",
+            INJECTED_ANNOTATION,
+            config.image.as_str(),
+        ),
+        (
+            "labels",
+            "metadata.labels",
+            crate::k8s::labels::MESHED,
+            "true",
+        ),
+    ] {
+        metadata
+            .entry(field)
+            .or_insert_with(|| json!({}))
+            .as_object_mut()
+            .ok_or_else(|| shape(path, "mapping"))?
+            .insert(key.into(), Value::String(value.into()));
+    }
     Ok(Outcome::Injected)
 }
 
