@@ -60,6 +60,33 @@ pub struct GatewayConfig {
     /// Tunnel transport tuning.
     #[serde(default)]
     pub tunnel: TunnelTuning,
+    /// How the gateway reaches meshed endpoints.
+    #[serde(default)]
+    pub mesh: MeshConfig,
+}
+
+/// How the gateway reaches endpoints with a sidecar proxy (those with an
+/// identity in the cluster source): mutual TLS to the proxy's inbound port,
+/// the gateway presenting its own identity, the endpoint's port named in
+/// the transport header.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MeshConfig {
+    /// The sidecars' inbound port (default 4143, `strait-proxy`'s).
+    #[serde(default = "default_proxy_inbound_port")]
+    pub proxy_inbound_port: u16,
+}
+
+fn default_proxy_inbound_port() -> u16 {
+    4143
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self {
+            proxy_inbound_port: default_proxy_inbound_port(),
+        }
+    }
 }
 
 /// Certificate files.
@@ -545,6 +572,9 @@ impl GatewayConfig {
                 "identity.tokensFile",
                 "is for outside Kubernetes (in Kubernetes, tokens are reviewed by the API server)",
             ));
+        }
+        if self.mesh.proxy_inbound_port == 0 {
+            return Err(invalid("mesh.proxyInboundPort", "must not be 0"));
         }
         let prefix = self.imports.vip_range.prefix_len();
         if !(8..=24).contains(&prefix) {

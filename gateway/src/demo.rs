@@ -220,12 +220,24 @@ pub fn gateway_yaml(
 
 /// The east cluster file: `hello` in `demo`, exported, with `endpoints`.
 pub fn hello_cluster_yaml(endpoints: &[(String, SocketAddr)], export: bool) -> String {
+    cluster_yaml(endpoints, export, None)
+}
+
+/// [`hello_cluster_yaml`], the endpoints meshed as `identity` when given.
+fn cluster_yaml(
+    endpoints: &[(String, SocketAddr)],
+    export: bool,
+    identity: Option<&SpiffeId>,
+) -> String {
     let mut y = format!(
         "services:\n  - namespace: demo\n    name: hello\n    export: {export}\n    ports:\n      - {{ name: http, port: 8080, appProtocol: http }}\n    endpoints:\n"
     );
+    let identity = identity
+        .map(|id| format!(", identity: \"{id}\""))
+        .unwrap_or_default();
     for (name, addr) in endpoints {
         y.push_str(&format!(
-            "      - {{ name: {name}, ip: {}, ports: {{ http: {} }} }}\n",
+            "      - {{ name: {name}, ip: {}, ports: {{ http: {} }}{identity} }}\n",
             addr.ip(),
             addr.port()
         ));
@@ -238,7 +250,9 @@ pub fn hello_cluster_yaml(endpoints: &[(String, SocketAddr)], export: bool) -> S
 pub struct DemoSidecar {
     /// The endpoint's name.
     pub name: String,
-    /// The proxy (its inbound listener is the endpoint's address).
+    /// The proxy: its inbound listener is on the endpoint's own loopback
+    /// address (127.0.0.2, 127.0.0.3: one per "pod"), at the port east's
+    /// gateway is told the sidecars listen on.
     pub proxy: Proxy,
     /// Its certificate store, kept current by east's identity service.
     pub store: std::sync::Arc<CertStore>,
@@ -267,7 +281,8 @@ pub struct Summary {
     pub served: BTreeMap<String, usize>,
     /// Time from start to the first response.
     pub first_response: Duration,
-    /// Each sidecar's identity and the requests its inbound side served.
+    /// Each sidecar's identity and the requests its inbound side served
+    /// over mutual TLS.
     pub sidecars: Vec<(String, SpiffeId, u64)>,
 }
 
@@ -282,10 +297,14 @@ impl Demo {
         let tmp = tempfile::Builder::new().prefix("strait-demo-").tempdir()?;
         let dir = tmp.path().to_path_buf();
         write_certs(&dir, &["west", "east"])?;
-        // Each endpoint behind its own sidecar, which east's gateway
-        // reaches as the endpoint's address; certified once east's
+        // Each endpoint behind its own sidecar, certified once east's
         // identity service is up (the tokens file stands in for
-        // Kubernetes' projected service account tokens).
+        // Kubernetes' projected service account tokens). Each "pod" has
+        // its own loopback address, where its sidecar listens on the port
+        // east's gateway knows as the proxies' inbound port; the cluster
+        // file names the endpoints meshed, so the gateway speaks mutual
+        // TLS to the sidecar, which hands the stream to the application
+        // (on the shared 127.0.0.1, at the endpoint's port).
         std::fs::write(
             dir.join("east-tokens.yaml"),
             format!("- {{token: {HELLO_TOKEN}, namespace: demo, serviceAccount: hello}}\n"),
@@ -295,14 +314,16 @@ impl Demo {
         let hello_id = SpiffeId::workload(&default_trust_domain("east"), "demo", "hello")?;
         let mut endpoints = Vec::new();
         let mut pending = Vec::new();
-        for name in ["hello-east-0", "hello-east-1"] {
+        let mut proxy_port = 0;
+        for (pod, name) in [(2, "hello-east-0"), (3, "hello-east-1")] {
             let app = spawn_hello_endpoint("east", name).await?;
             let store = CertStore::pending(hello_id.clone());
             let loopback: SocketAddr = (Ipv4Addr::LOCALHOST, 0).into();
+            let pod_ip = Ipv4Addr::new(127, 0, 0, pod);
             let proxy = Proxy::start(
                 ProxyConfig {
                     outbound: loopback,
-                    inbound: loopback,
+                    inbound: (pod_ip, proxy_port).into(),
                     admin: loopback,
                     inbound_target: Some(app),
                     ..ProxyConfig::default()
@@ -314,12 +335,13 @@ impl Demo {
             )
             .await
             .with_context(|| format!("starting {name}'s sidecar"))?;
-            endpoints.push((name.to_string(), proxy.inbound_addr()));
+            proxy_port = proxy.inbound_addr().port();
+            endpoints.push((name.to_string(), SocketAddr::new(pod_ip.into(), app.port())));
             pending.push((name.to_string(), proxy, store));
         }
         std::fs::write(
             dir.join("east-cluster.yaml"),
-            hello_cluster_yaml(&endpoints, true),
+            cluster_yaml(&endpoints, true, Some(&hello_id)),
         )?;
         std::fs::write(dir.join("west-cluster.yaml"), "services: []\n")?;
         std::fs::write(
@@ -334,7 +356,7 @@ impl Demo {
                     identity: Some((Ipv4Addr::LOCALHOST, 0).into()),
                 },
                 &[("west", None)],
-            ),
+            ) + &format!("mesh:\n  proxyInboundPort: {proxy_port}\n"),
         )?;
         std::fs::write(
             dir.join("west.yaml"),
@@ -407,6 +429,14 @@ impl Demo {
                 bail!("west did not import {HELLO} within 20 s; west's peers: {peers}");
             }
         }
+        // East's gateway reaches the endpoints through their sidecars,
+        // which need their certificates first.
+        for s in &self.sidecars {
+            let left = deadline.saturating_duration_since(Instant::now());
+            tokio::time::timeout(left, s.store.certified())
+                .await
+                .map_err(|_| anyhow!("{}'s sidecar was not certified within 20 s", s.name))?;
+        }
         let vip = resolve_a(self.west.dns_addr(), HELLO).await?;
         log(&format!(
             "{HELLO} -> {vip} (answered by west's DNS at {})",
@@ -425,19 +455,27 @@ impl Demo {
         }
         let mut sidecars = Vec::new();
         for s in &self.sidecars {
-            let left = deadline.saturating_duration_since(Instant::now());
-            tokio::time::timeout(left, s.store.certified())
-                .await
-                .map_err(|_| anyhow!("{}'s sidecar was not certified within 20 s", s.name))?;
-            let metrics = http_get_path(s.proxy.admin_addr(), "admin", "/metrics").await?;
-            let inbound: f64 = metrics
-                .lines()
-                .filter(|l| l.starts_with("strait_proxy_requests_total{direction=\"inbound\""))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum();
+            // Requests that came over mutual TLS (from east's gateway); a
+            // response is counted as its last byte goes, so the count may
+            // trail the client by a moment.
+            let want = served.get(&s.name).copied().unwrap_or(0) as f64;
+            let counted = Instant::now() + Duration::from_secs(2);
+            let inbound = loop {
+                let metrics = http_get_path(s.proxy.admin_addr(), "admin", "/metrics").await?;
+                let inbound: f64 = metrics
+                    .lines()
+                    .filter(|l| l.starts_with("strait_proxy_requests_total{direction=\"inbound\""))
+                    .filter(|l| l.contains("tls=\"true\""))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum();
+                if inbound >= want || Instant::now() > counted {
+                    break inbound;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
             let id = s.store.id().clone();
             log(&format!(
-                "{}'s sidecar: certified by east's identity service as {id}; inbound requests: {inbound}",
+                "{}'s sidecar: certified by east's identity service as {id}; inbound requests over mTLS from east's gateway: {inbound}",
                 s.name
             ));
             sidecars.push((s.name.clone(), id, inbound as u64));

@@ -19,7 +19,7 @@ use crate::catalog::ServiceKey;
 use crate::gateway::Shared;
 use crate::imports::{tcp_ports, ImportTable};
 use crate::tunnel::frame;
-use crate::tunnel::io::{relay, reset_tcp, PeerInfo};
+use crate::tunnel::io::{relay, reset_tcp, Local, PeerInfo};
 
 /// How often bind failures are retried even if imports do not change.
 const RETRY: Duration = Duration::from_secs(5);
@@ -160,7 +160,7 @@ async fn accept(listener: TcpListener, target: EgressTarget, shared: Arc<Shared>
 /// How long opening a stream (peer flow-control credit) may take.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 
-async fn forward(mut tcp: TcpStream, target: Arc<EgressTarget>, shared: Arc<Shared>) {
+async fn forward(tcp: TcpStream, target: Arc<EgressTarget>, shared: Arc<Shared>) {
     let (key, port) = (&target.key, target.port);
     // Only peers exporting this port: services merged from several
     // clusters may have ports that only some of them export.
@@ -213,5 +213,5 @@ async fn forward(mut tcp: TcpStream, target: Arc<EgressTarget>, shared: Arc<Shar
             return;
         }
     };
-    relay(&mut tcp, &mut io, &shared.metrics, "outbound").await;
+    relay(&mut Local::Tcp(tcp), &mut io, &shared.metrics, "outbound").await;
 }

@@ -133,6 +133,10 @@ pub struct Shared {
     pub tcp_watches: crate::tunnel::io::WatchSlots,
     /// Endpoint balancers per exported service and port.
     pub balancers: crate::state::Balancers,
+    /// Mutual TLS to meshed endpoints' proxies, as the gateway.
+    pub mesh: strait_proxy::mesh::MeshClient,
+    /// The meshed endpoints' proxies' inbound port.
+    pub proxy_inbound_port: u16,
     /// The import table both the egress listeners and DNS last caught up
     /// with (set by the egress task once DNS has it too).
     pub egress_synced: watch::Sender<Arc<ImportTable>>,
@@ -379,6 +383,12 @@ impl Gateway {
             metrics.clone(),
         ));
         let (peering_tx, peering_rx) = mpsc::channel(64);
+        let mesh = strait_proxy::mesh::MeshClient::new(
+            certs.clone(),
+            anchors.roots(),
+            metrics.tls.sink("endpoint"),
+            crate::ingress::CONNECT_TIMEOUT,
+        );
         let shared = Arc::new(Shared {
             cluster: config.cluster.clone(),
             anchors,
@@ -396,6 +406,8 @@ impl Gateway {
             accepted: Default::default(),
             tcp_watches: Default::default(),
             balancers: Default::default(),
+            mesh,
+            proxy_inbound_port: config.mesh.proxy_inbound_port,
             egress_synced: watch::channel(Arc::new(ImportTable::new())).0,
             dns_synced: Arc::new(watch::channel(Arc::new(Realized::default())).0),
             reconnect_min: Duration::from_millis(config.tunnel.reconnect_min_ms),

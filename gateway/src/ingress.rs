@@ -10,17 +10,19 @@ use std::time::Duration;
 
 use rustls::pki_types::CertificateDer;
 use strait_proto::tunnel::v1::{StreamHeader, StreamKind};
-use strait_proxy::identity::identity_of;
+use strait_proxy::identity::{identity_of, SpiffeId};
+use strait_proxy::transport::ProtocolHint;
 
 use crate::catalog::{Protocol, ServiceKey};
 use crate::gateway::Shared;
-use crate::tunnel::io::{relay, reset, PeerInfo, TlsIo};
+use crate::tunnel::io::{relay, reset, Local, PeerInfo, TlsIo};
 use crate::tunnel::{frame, QuicIo, Refusal, TunnelIo};
 
 /// How long a peer has to send a stream header.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long one endpoint connect may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long one endpoint connect may take (with the TLS handshake, to a
+/// meshed endpoint).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Endpoints tried per stream before giving up.
 const CONNECT_ATTEMPTS: usize = 3;
 
@@ -239,28 +241,75 @@ async fn handle_stream(
     }
 }
 
+/// An endpoint to connect to: its address and, when it is meshed, its
+/// proxy's identity.
+type Target = (SocketAddr, Option<SpiffeId>);
+
 /// Connects to one of `targets`: chosen by the shared P2C peak-EWMA
 /// balancer (cost: connect latency and open connections), trying another
-/// on failure, up to [`CONNECT_ATTEMPTS`]. Returns the connection and the
-/// endpoint to release when it closes.
+/// on failure, up to [`CONNECT_ATTEMPTS`]. A meshed endpoint is reached
+/// through its sidecar: mutual TLS to the proxy's inbound port, the
+/// gateway presenting its own identity and checking the proxy's, the
+/// endpoint's port in the transport header (the proxy detects the
+/// protocol, so it counts HTTP requests as it does any other client's).
+/// Returns the connection and the endpoint to release when it closes.
 async fn connect(
     key: &(ServiceKey, u16),
-    targets: &[SocketAddr],
+    targets: &[Target],
     shared: &Shared,
-) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+) -> Option<(Local, SocketAddr)> {
+    let addrs: Vec<SocketAddr> = targets.iter().map(|t| t.0).collect();
     let mut tried = Vec::new();
     for _ in 0..targets.len().min(CONNECT_ATTEMPTS) {
-        let target = shared.balancers.pick(key, targets, &tried)?;
+        let target = shared.balancers.pick(key, &addrs, &tried)?;
+        let identity = targets
+            .iter()
+            .find(|t| t.0 == target)
+            .and_then(|t| t.1.as_ref());
         let started = std::time::Instant::now();
-        match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(target)).await {
-            Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
-                shared.balancers.connected(key, target, started.elapsed());
-                return Some((s, target));
+        let (connected, tls) = match identity {
+            Some(id) => {
+                let proxy = SocketAddr::new(target.ip(), shared.proxy_inbound_port);
+                let dial = shared
+                    .mesh
+                    .connect(proxy, id, target.port(), ProtocolHint::Unknown);
+                let r = match tokio::time::timeout(CONNECT_TIMEOUT, dial).await {
+                    Ok(r) => Some(
+                        r.map(|tls| Local::Mesh(Box::new(tls)))
+                            .map_err(std::io::Error::other),
+                    ),
+                    Err(_) => None,
+                };
+                (r, "true")
             }
-            Ok(Err(error)) => tracing::info!(%target, %error, "endpoint connect failed"),
-            Err(_) => tracing::info!(%target, "endpoint connect timed out"),
-        }
+            None => {
+                let dial = tokio::net::TcpStream::connect(target);
+                let r = match tokio::time::timeout(CONNECT_TIMEOUT, dial).await {
+                    Ok(r) => Some(r.map(|s| {
+                        let _ = s.set_nodelay(true);
+                        Local::Tcp(s)
+                    })),
+                    Err(_) => None,
+                };
+                (r, "false")
+            }
+        };
+        let result = match connected {
+            Some(Ok(local)) => {
+                shared.balancers.connected(key, target, started.elapsed());
+                shared.metrics.endpoint_connect(tls, "ok");
+                return Some((local, target));
+            }
+            Some(Err(error)) => {
+                tracing::info!(%target, tls, %error, "endpoint connect failed");
+                "error"
+            }
+            None => {
+                tracing::info!(%target, tls, "endpoint connect timed out");
+                "timeout"
+            }
+        };
+        shared.metrics.endpoint_connect(tls, result);
         shared.balancers.failed(key, target);
         tried.push(target);
     }
@@ -270,7 +319,7 @@ async fn connect(
 async fn proxy(mut io: TunnelIo, header: StreamHeader, shared: Arc<Shared>) {
     let key = ServiceKey::new(&header.namespace, &header.service);
     let peer = io.peer().name.clone();
-    let targets: Result<Vec<SocketAddr>, Refusal> = {
+    let targets: Result<Vec<Target>, Refusal> = {
         let state = shared.local.borrow();
         match state.exported(&key) {
             None => Err(Refusal::NotExported),
@@ -281,11 +330,11 @@ async fn proxy(mut io: TunnelIo, header: StreamHeader, shared: Arc<Shared>) {
             {
                 None => Err(Refusal::NotExported),
                 Some(port) => {
-                    let t: Vec<SocketAddr> = svc
+                    let t: Vec<Target> = svc
                         .endpoints
                         .iter()
                         .filter(|e| e.ready)
-                        .map(|e| e.target(port))
+                        .map(|e| (e.target(port), e.identity.clone()))
                         .collect();
                     if t.is_empty() {
                         Err(Refusal::NoEndpoints)
@@ -306,13 +355,13 @@ async fn proxy(mut io: TunnelIo, header: StreamHeader, shared: Arc<Shared>) {
         }
     };
     let balance_key = (key.clone(), header.port as u16);
-    let Some((mut tcp, endpoint)) = connect(&balance_key, &targets, &shared).await else {
+    let Some((mut local, endpoint)) = connect(&balance_key, &targets, &shared).await else {
         refuse(&mut io, Refusal::ConnectFailed);
         shared
             .metrics
             .stream_done(&peer, "inbound", Refusal::ConnectFailed.as_str());
         return;
     };
-    relay(&mut tcp, &mut io, &shared.metrics, "inbound").await;
+    relay(&mut local, &mut io, &shared.metrics, "inbound").await;
     shared.balancers.release(&balance_key, endpoint);
 }

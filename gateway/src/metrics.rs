@@ -63,6 +63,15 @@ pub struct PeerResultLabels {
     pub result: &'static str,
 }
 
+/// A connection to a local endpoint.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointConnectLabels {
+    /// `true` (mutual TLS to the endpoint's proxy) or `false`.
+    pub tls: &'static str,
+    /// `ok`, `error` or `timeout`.
+    pub result: &'static str,
+}
+
 /// Every gateway metric family.
 #[derive(Clone, Debug)]
 pub struct GatewayMetrics {
@@ -95,6 +104,9 @@ pub struct GatewayMetrics {
     /// Certificate requests from sidecars, by result (see
     /// [`crate::identity`]).
     pub identity_requests: Family<ResultLabels, Counter>,
+    /// Connections to local endpoints for inbound streams, by mTLS (to a
+    /// meshed endpoint's proxy) and result.
+    pub endpoint_connects: Family<EndpointConnectLabels, Counter>,
     /// TLS refusals.
     pub tls: TlsMetrics,
     /// Kubernetes mirror metrics (registered in every mode; zero outside
@@ -184,6 +196,7 @@ impl GatewayMetrics {
             egress_bind_errors: Counter::default(),
             cert_expiry: Gauge::default(),
             identity_requests: Family::default(),
+            endpoint_connects: Family::default(),
             tls: TlsMetrics::register(r),
             mirror: MirrorMetrics::register(r),
         };
@@ -253,6 +266,11 @@ impl GatewayMetrics {
             m.identity_requests.clone(),
         );
         r.register(
+            "strait_endpoint_connects",
+            "Connections to this cluster's endpoints for streams from peers, by tls (true: mutual TLS to a meshed endpoint's proxy) and result",
+            m.endpoint_connects.clone(),
+        );
+        r.register(
             "strait_identity_cert_expiry_timestamp_seconds",
             "Expiry of the gateway's current leaf certificate (Unix time)",
             m.cert_expiry.clone(),
@@ -268,6 +286,13 @@ impl GatewayMetrics {
                 direction,
                 result,
             })
+            .inc();
+    }
+
+    /// Counts one connection attempt to a local endpoint.
+    pub fn endpoint_connect(&self, tls: &'static str, result: &'static str) {
+        self.endpoint_connects
+            .get_or_create(&EndpointConnectLabels { tls, result })
             .inc();
     }
 

@@ -58,6 +58,27 @@ fn demo_once_makes_the_round_trip_and_exits_zero() {
         2,
         "both sidecars certified: {stdout}"
     );
+    // East's gateway reached every endpoint through its sidecar, over
+    // mutual TLS: the sidecars counted every request the client made.
+    let requests: u64 = stdout
+        .split("ok: ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("the request count");
+    let over_mtls: Vec<u64> = stdout
+        .lines()
+        .filter_map(|l| {
+            l.split("inbound requests over mTLS from east's gateway: ")
+                .nth(1)?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert_eq!(over_mtls.len(), 2, "{stdout}");
+    assert!(over_mtls.iter().all(|n| *n > 0), "{stdout}");
+    assert_eq!(over_mtls.iter().sum::<u64>(), requests, "{stdout}");
     assert!(started.elapsed() < Duration::from_secs(30));
 }
 

@@ -259,8 +259,17 @@ pub async fn splice_tcp(
     tcp: &mut tokio::net::TcpStream,
     io: &mut QuicIo,
 ) -> std::io::Result<Spliced> {
+    let (rd, wr) = tcp.split();
+    splice_halves(rd, wr, io).await
+}
+
+/// [`splice_tcp`] for the two halves of any connection.
+pub async fn splice_halves<R, W>(mut rd: R, mut wr: W, io: &mut QuicIo) -> std::io::Result<Spliced>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (mut rd, mut wr) = tcp.split();
     let send = &mut io.send;
     let recv = &mut io.recv;
     let up = async {
@@ -343,12 +352,97 @@ pub fn refusal_of(error: &std::io::Error) -> Option<super::Refusal> {
     super::Refusal::from_code(code.into_inner())
 }
 
-/// Relays a TCP connection and a tunnel stream to the end with
-/// [`splice_tcp`], keeping the stream gauges and counters; on failure the
-/// stream is reset ([`Refusal::Aborted`](super::Refusal::Aborted)) and the
-/// TCP connection reset, so neither side mistakes a failure for an end.
+/// This cluster's end of a relayed stream: a TCP connection, or mutual TLS
+/// to a meshed endpoint's proxy.
+#[derive(Debug)]
+pub enum Local {
+    /// Plain TCP (an application's connection, or an unmeshed endpoint).
+    Tcp(tokio::net::TcpStream),
+    /// Mutual TLS to the sidecar proxy in front of the endpoint.
+    Mesh(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
+}
+
+impl Local {
+    /// The TCP connection underneath.
+    pub fn tcp(&self) -> &tokio::net::TcpStream {
+        match self {
+            Local::Tcp(t) => t,
+            Local::Mesh(m) => m.get_ref().0,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Local {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Local::Tcp(t) => std::pin::Pin::new(t).poll_read(cx, buf),
+            Local::Mesh(m) => std::pin::Pin::new(m).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Local {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Local::Tcp(t) => std::pin::Pin::new(t).poll_write(cx, buf),
+            Local::Mesh(m) => std::pin::Pin::new(m).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Local::Tcp(t) => std::pin::Pin::new(t).poll_write_vectored(cx, bufs),
+            Local::Mesh(m) => std::pin::Pin::new(m).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Local::Tcp(t) => t.is_write_vectored(),
+            Local::Mesh(m) => m.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Local::Tcp(t) => std::pin::Pin::new(t).poll_flush(cx),
+            Local::Mesh(m) => std::pin::Pin::new(m).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Local::Tcp(t) => std::pin::Pin::new(t).poll_shutdown(cx),
+            Local::Mesh(m) => std::pin::Pin::new(m).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Relays this cluster's end of a stream and a tunnel stream to the end
+/// with [`splice_tcp`] (or [`splice_halves`] over mutual TLS), keeping the
+/// stream gauges and counters; on failure the stream is reset
+/// ([`Refusal::Aborted`](super::Refusal::Aborted)) and the TCP connection
+/// reset, so neither side mistakes a failure for an end.
 pub async fn relay(
-    tcp: &mut tokio::net::TcpStream,
+    local: &mut Local,
     io: &mut TunnelIo,
     metrics: &crate::metrics::GatewayMetrics,
     direction: &'static str,
@@ -362,16 +456,20 @@ pub async fn relay(
         })
         .clone();
     open.inc();
-    let result = match io {
-        TunnelIo::Quic(q) => splice_tcp(tcp, q).await,
+    let result = match (&mut *local, &mut *io) {
+        (Local::Tcp(tcp), TunnelIo::Quic(q)) => splice_tcp(tcp, q).await,
+        (Local::Mesh(tls), TunnelIo::Quic(q)) => {
+            let (rd, wr) = tokio::io::split(tls);
+            splice_halves(rd, wr, q).await
+        }
         // TLS needs its bytes copied through rustls anyway; tokio's copy
         // keeps the half-close (EOF on one side shuts the other's write).
-        TunnelIo::Tls(t) => tokio::io::copy_bidirectional(tcp, &mut t.stream).await.map(
-            |(into_tunnel, out_of_tunnel)| Spliced {
+        (local, TunnelIo::Tls(t)) => tokio::io::copy_bidirectional(local, &mut t.stream)
+            .await
+            .map(|(into_tunnel, out_of_tunnel)| Spliced {
                 into_tunnel,
                 out_of_tunnel,
-            },
-        ),
+            }),
     };
     open.dec();
     match result {
@@ -383,7 +481,7 @@ pub async fn relay(
             let result = refusal_of(&error).map_or("error", super::Refusal::as_str);
             tracing::info!(%peer, direction, %error, result, "tunnel stream failed");
             reset(io, super::Refusal::Aborted);
-            reset_tcp(tcp);
+            reset_tcp(local.tcp());
             metrics.stream_done(&peer, direction, result);
         }
     }

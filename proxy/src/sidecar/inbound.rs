@@ -174,6 +174,24 @@ impl Inbound {
                 self.serve_http(buffered, HttpVersion::Http2, port, "true")
                     .await
             }
+            // The client does not know what it carries (a gateway relaying
+            // a peer cluster's stream): detected here, as a plaintext
+            // client's connection is, unless the port is opaque.
+            Ok(ProtocolHint::Unknown) if !shared.config.opaque_ports.contains(&port) => {
+                let (proto, prefix) = match detect(&mut tls, shared.config.detect_timeout).await {
+                    Ok(d) => d,
+                    Err(error) => {
+                        tracing::debug!(%client, %error, "detection in a mesh stream failed");
+                        return false;
+                    }
+                };
+                let io = PrefixedIo::new(prefix, tls);
+                match proto {
+                    Detected::Http1 => self.serve_http(io, HttpVersion::Http1, port, "true").await,
+                    Detected::Http2 => self.serve_http(io, HttpVersion::Http2, port, "true").await,
+                    _ => self.forward_tcp(io, port, "true").await,
+                }
+            }
             _ => self.forward_tcp(tls, port, "true").await,
         }
     }
