@@ -269,16 +269,21 @@ async fn connect(
         let started = std::time::Instant::now();
         let (connected, tls) = match identity {
             Some(id) => {
+                // The mesh client keeps to CONNECT_TIMEOUT itself (TCP and
+                // TLS handshake together).
                 let proxy = SocketAddr::new(target.ip(), shared.proxy_inbound_port);
-                let dial = shared
+                let r = match shared
                     .mesh
-                    .connect(proxy, id, target.port(), ProtocolHint::Unknown);
-                let r = match tokio::time::timeout(CONNECT_TIMEOUT, dial).await {
-                    Ok(r) => Some(
-                        r.map(|tls| Local::Mesh(Box::new(tls)))
-                            .map_err(std::io::Error::other),
-                    ),
-                    Err(_) => None,
+                    .connect(proxy, id, target.port(), ProtocolHint::Unknown)
+                    .await
+                {
+                    Ok(tls) => Some(Ok(Local::Mesh(Box::new(tls)))),
+                    Err(strait_proxy::mesh::MeshError::Connect { source, .. })
+                        if source.kind() == std::io::ErrorKind::TimedOut =>
+                    {
+                        None
+                    }
+                    Err(e) => Some(Err(std::io::Error::other(e))),
                 };
                 (r, "true")
             }

@@ -156,6 +156,40 @@ struct Pair {
     client_registry: Registry,
 }
 
+/// Every listener on a free loopback port.
+fn local_config() -> ProxyConfig {
+    ProxyConfig {
+        outbound: loopback(),
+        inbound: loopback(),
+        admin: loopback(),
+        ..Default::default()
+    }
+}
+
+/// A proxy with no discovery, as the server side of a test.
+async fn server_proxy(config: ProxyConfig, id: &Arc<CertStore>, anchors: &TrustAnchors) -> Proxy {
+    Proxy::start(
+        config,
+        id.clone(),
+        anchors.clone(),
+        Arc::new(StaticResolver::default()),
+        Registry::default(),
+    )
+    .await
+    .expect("server proxy")
+}
+
+/// A fresh root and issuer for the test trust domain: the issuer and the
+/// anchors.
+fn trust() -> (Issuer, TrustAnchors) {
+    strait_proxy::tls::install_default_provider();
+    let root = generate_root("test").expect("root");
+    let pem = generate_issuer(&root, TD).expect("issuer");
+    let issuer = Issuer::from_pem(pem.cert_pem.as_bytes(), pem.key_pem.as_bytes()).expect("issuer");
+    let anchors = TrustAnchors::from_pem(root.cert_pem.as_bytes(), "root").expect("anchors");
+    (issuer, anchors)
+}
+
 fn loopback() -> SocketAddr {
     "127.0.0.1:0".parse().expect("addr")
 }
@@ -168,28 +202,19 @@ async fn pair(server_id_expected: Option<SpiffeId>) -> Pair {
             .with_test_writer()
             .try_init();
     }
-    let root = generate_root("test").expect("root");
-    let pem = generate_issuer(&root, TD).expect("issuer");
-    let issuer = Issuer::from_pem(pem.cert_pem.as_bytes(), pem.key_pem.as_bytes()).expect("issuer");
-    let anchors = TrustAnchors::from_pem(root.cert_pem.as_bytes(), "root").expect("anchors");
+    let (issuer, anchors) = trust();
     let app = app().await;
     let echo = echo().await;
     let server_identity = identity(&issuer, "web");
-    let server = Proxy::start(
+    let server = server_proxy(
         ProxyConfig {
-            outbound: loopback(),
-            inbound: loopback(),
-            admin: loopback(),
             inbound_target: Some(app),
-            ..Default::default()
+            ..local_config()
         },
-        server_identity.clone(),
-        anchors.clone(),
-        Arc::new(StaticResolver::default()),
-        Registry::default(),
+        &server_identity,
+        &anchors,
     )
-    .await
-    .expect("server proxy");
+    .await;
     let expected = server_id_expected.unwrap_or_else(|| server_identity.id().clone());
     let mut table = HashMap::new();
     table.insert(
@@ -540,11 +565,7 @@ async fn banner() -> SocketAddr {
 /// How long a client of an outbound proxy (whose original destination is
 /// the banner server) waits for the banner.
 async fn banner_wait(opaque: bool) -> Duration {
-    strait_proxy::tls::install_default_provider();
-    let root = generate_root("test").expect("root");
-    let pem = generate_issuer(&root, TD).expect("issuer");
-    let issuer = Issuer::from_pem(pem.cert_pem.as_bytes(), pem.key_pem.as_bytes()).expect("issuer");
-    let anchors = TrustAnchors::from_pem(root.cert_pem.as_bytes(), "root").expect("anchors");
+    let (issuer, anchors) = trust();
     let target = banner().await;
     let mut table = HashMap::new();
     table.insert(
@@ -769,4 +790,87 @@ async fn an_expired_certificate_makes_the_proxy_unready() {
     tokio::time::sleep(Duration::from_millis(3500)).await;
     let rsp = ready().await;
     assert!(rsp.starts_with("HTTP/1.1 503"), "{rsp}");
+}
+
+/// A mesh connection whose client does not know the protocol (a gateway
+/// relaying a peer cluster's stream): the server proxy detects HTTP inside
+/// the TLS and serves and counts it as requests; on an opaque port it
+/// forwards at once (a server-speaks-first banner is not held).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_stream_of_unknown_protocol_is_detected_unless_its_port_is_opaque() {
+    use strait_proxy::mesh::MeshClient;
+    use strait_proxy::metrics::TlsMetrics;
+    use strait_proxy::transport::ProtocolHint;
+
+    let (issuer, anchors) = trust();
+    let app = app().await;
+    let banner = banner().await;
+    let server_identity = identity(&issuer, "web");
+    let server = server_proxy(
+        ProxyConfig {
+            inbound_target: Some(app),
+            opaque_ports: vec![banner.port()],
+            detect_timeout: Duration::from_secs(3),
+            ..local_config()
+        },
+        &server_identity,
+        &anchors,
+    )
+    .await;
+    let mesh = MeshClient::new(
+        identity(&issuer, "gateway"),
+        anchors.roots(),
+        TlsMetrics::register(&mut Registry::default()).sink("test"),
+        Duration::from_secs(3),
+    );
+
+    let mut tls = mesh
+        .connect(
+            server.inbound_addr(),
+            server_identity.id(),
+            app.port(),
+            ProtocolHint::Unknown,
+        )
+        .await
+        .expect("mesh connect");
+    tls.write_all(b"GET /hello HTTP/1.1\r\nhost: web.demo\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    tls.flush().await.expect("flush");
+    let mut rsp = Vec::new();
+    let _ = tls.read_to_end(&mut rsp).await;
+    let rsp = String::from_utf8_lossy(&rsp);
+    assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
+    let m = metrics_containing(&server, r#"tls="true""#).await;
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("strait_proxy_requests_total{")
+                && l.contains(r#"direction="inbound""#)
+                && l.contains(r#"tls="true""#)),
+        "an HTTP request, counted: {m}"
+    );
+
+    // The opaque port: the banner arrives long before the detection
+    // timeout (3 s) would have let it through.
+    let started = std::time::Instant::now();
+    let mut tls = mesh
+        .connect(
+            server.inbound_addr(),
+            server_identity.id(),
+            banner.port(),
+            ProtocolHint::Unknown,
+        )
+        .await
+        .expect("mesh connect");
+    let mut buf = [0u8; 11];
+    tokio::time::timeout(Duration::from_secs(5), tls.read_exact(&mut buf))
+        .await
+        .expect("the banner within 5 s")
+        .expect("read");
+    assert_eq!(&buf, b"220 hello\r\n");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
 }

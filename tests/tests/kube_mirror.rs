@@ -773,9 +773,10 @@ async fn removing_the_accepting_link_cuts_a_tcp_tunnel() {
     removing_the_accepting_link_cuts_the_tunnel("tcp").await;
 }
 
-/// A pod `strait inject` meshed (label `strait.io/meshed=true`) serves
-/// its endpoints to sidecars with its service account's SPIFFE ID, so
-/// they reach it with mutual TLS; the label gone, the identity goes.
+/// A running pod `strait inject` meshed (label `strait.io/meshed=true`)
+/// serves the endpoints at its address to sidecars with its service
+/// account's SPIFFE ID, so they reach it with mutual TLS; the label gone,
+/// the identity goes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meshed_pods_are_discovered_with_their_identity() {
     use strait_proxy::discovery::{GrpcResolver, Resolve};
@@ -793,6 +794,12 @@ async fn meshed_pods_are_discovered_with_their_identity() {
     pods.create(&PostParams::default(), &pod)
         .await
         .expect("pod");
+    // Its address (the endpoint's) is known once it runs.
+    let status = json!({"status": {"phase": "Running", "podIP": "127.0.0.1",
+        "podIPs": [{"ip": "127.0.0.1"}]}});
+    pods.patch_status("web-18480", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("pod status");
     let grpc = GrpcResolver::for_addr(c.east_gw.destination_addr());
     let identities = || async {
         grpc.resolve("web.shop.svc.cluster.local:80")

@@ -38,12 +38,20 @@ pub struct Skipped {
     pub reason: String,
 }
 
-/// The SPIFFE IDs of meshed pods, by namespace and name: what a sidecar
-/// in pod `ns/name` presents (`spiffe://<td>/ns/<ns>/sa/<serviceAccount>`).
-pub type MeshedPods = BTreeMap<(String, String), SpiffeId>;
+/// The SPIFFE IDs of meshed pods' sidecars, by pod IP
+/// (`spiffe://<td>/ns/<ns>/sa/<serviceAccount>`).
+///
+/// Keyed by address, not by an EndpointSlice's `targetRef`: whoever may
+/// write a slice in some namespace can list any address under any name,
+/// but an address belongs to one running pod, and a connection to it
+/// reaches that pod's sidecar.
+pub type MeshedPods = BTreeMap<IpAddr, SpiffeId>;
 
-/// The identities of `pods` (those [`labels::MESHED`]; pure). A pod
-/// without a service account name runs as `default`.
+/// The identities of `pods` (pure): those labelled [`labels::MESHED`],
+/// running or about to (a finished pod's address may already be another
+/// pod's), off the host's network (their address is the node's), by each
+/// of their addresses. A pod without a service account name runs as
+/// `default`.
 pub fn meshed_pods<'a>(pods: impl IntoIterator<Item = &'a Pod>, trust_domain: &str) -> MeshedPods {
     let mut out = MeshedPods::new();
     for pod in pods {
@@ -53,21 +61,38 @@ pub fn meshed_pods<'a>(pods: impl IntoIterator<Item = &'a Pod>, trust_domain: &s
             .as_ref()
             .and_then(|l| l.get(labels::MESHED))
             .is_some_and(|v| v == "true");
-        let (Some(ns), Some(name), true) = (&meta.namespace, &meta.name, meshed) else {
+        let spec = pod.spec.as_ref();
+        let status = pod.status.as_ref();
+        let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
+        let finished = matches!(
+            status.and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        );
+        let (Some(ns), Some(name), true, false, false) =
+            (&meta.namespace, &meta.name, meshed, host_network, finished)
+        else {
             continue;
         };
-        let sa = pod
-            .spec
-            .as_ref()
+        let sa = spec
             .and_then(|s| s.service_account_name.as_deref())
             .filter(|sa| !sa.is_empty())
             .unwrap_or("default");
-        match SpiffeId::workload(trust_domain, ns, sa) {
-            Ok(id) => {
-                out.insert((ns.clone(), name.clone()), id);
-            }
+        let id = match SpiffeId::workload(trust_domain, ns, sa) {
+            Ok(id) => id,
             Err(error) => {
-                tracing::debug!(pod = %name, %ns, %error, "no SPIFFE ID for a meshed pod")
+                tracing::debug!(pod = %name, %ns, %error, "no SPIFFE ID for a meshed pod");
+                continue;
+            }
+        };
+        let ips = status
+            .and_then(|s| s.pod_ips.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|i| i.ip.as_str())
+            .chain(status.and_then(|s| s.pod_ip.as_deref()));
+        for ip in ips {
+            if let Ok(ip) = ip.parse::<IpAddr>() {
+                out.insert(ip, id.clone());
             }
         }
     }
@@ -75,7 +100,7 @@ pub fn meshed_pods<'a>(pods: impl IntoIterator<Item = &'a Pod>, trust_domain: &s
 }
 
 /// Folds Services, EndpointSlices and ServiceExports into a cluster state
-/// (pure); endpoints that are `meshed` pods carry their identity. Services
+/// (pure); endpoints at a `meshed` pod's address carry its identity. Services
 /// that cannot be represented (ExternalName, invalid ports) are returned as
 /// [`Skipped`] instead of failing the whole state.
 pub fn cluster_state<'a>(
@@ -198,16 +223,7 @@ fn local_service(
                     .and_then(|r| r.name.clone())
                     .or_else(|| ep.hostname.clone())
                     .unwrap_or_else(|| addr.clone());
-                // A pod's endpoint: the pod's namespace is the slice's.
-                let identity = ep
-                    .target_ref
-                    .as_ref()
-                    .filter(|r| r.kind.as_deref() == Some("Pod"))
-                    .and_then(|r| {
-                        let ns = r.namespace.as_ref().unwrap_or(&key.namespace);
-                        meshed.get(&(ns.clone(), r.name.clone()?))
-                    })
-                    .cloned();
+                let identity = meshed.get(&ip).cloned();
                 // The same address in two slices (during a slice
                 // rebalance) is one endpoint; ready wins.
                 let entry = endpoints
@@ -279,7 +295,8 @@ pub struct Caches {
     /// This gateway's pods (the endpoints of mirror slices).
     pub pods: Store<Pod>,
     /// Meshed pods in every namespace ([`labels::MESHED`]), each cut down
-    /// to its name, namespace, labels and service account.
+    /// to its name, namespace, labels, service account, host networking,
+    /// phase and addresses.
     pub meshed: Store<Pod>,
     /// Links in the gateway's namespace.
     pub links: Store<Link>,
@@ -297,19 +314,24 @@ fn keep<K>(_: &mut K) {}
 /// Keeps of a meshed pod what [`meshed_pods`] reads (a cluster's pods are
 /// many; their specs and statuses are large).
 fn trim_pod(pod: &mut Pod) {
+    use k8s_openapi::api::core::v1::{PodSpec, PodStatus};
     let meta = &mut pod.metadata;
     meta.annotations = None;
     meta.managed_fields = None;
     meta.owner_references = None;
-    let sa = pod
-        .spec
-        .as_mut()
-        .and_then(|s| s.service_account_name.take());
-    pod.spec = Some(k8s_openapi::api::core::v1::PodSpec {
-        service_account_name: sa,
+    let spec = pod.spec.take().unwrap_or_default();
+    pod.spec = Some(PodSpec {
+        service_account_name: spec.service_account_name,
+        host_network: spec.host_network,
         ..Default::default()
     });
-    pod.status = None;
+    let status = pod.status.take().unwrap_or_default();
+    pod.status = Some(PodStatus {
+        phase: status.phase,
+        pod_ip: status.pod_ip,
+        pod_ips: status.pod_ips,
+        ..Default::default()
+    });
 }
 
 /// How long every cache may take to list for the first time.

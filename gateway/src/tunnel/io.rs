@@ -305,6 +305,10 @@ where
                 }
                 std::io::IoSlice::advance_slices(&mut rest, written);
             }
+            // A TLS writer takes bytes into its buffer and sends them
+            // only when flushed (a no-op on TCP): without this, the tail of
+            // a burst would wait for the next chunk from the tunnel.
+            wr.flush().await?;
         }
         wr.shutdown().await?;
         Ok::<u64, std::io::Error>(n)

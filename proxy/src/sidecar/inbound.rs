@@ -182,13 +182,19 @@ impl Inbound {
                     Ok(d) => d,
                     Err(error) => {
                         tracing::debug!(%client, %error, "detection in a mesh stream failed");
+                        shared.http.error(DIRECTION, "detect");
                         return false;
                     }
                 };
                 let io = PrefixedIo::new(prefix, tls);
                 match proto {
                     Detected::Http1 => self.serve_http(io, HttpVersion::Http1, port, "true").await,
-                    Detected::Http2 => self.serve_http(io, HttpVersion::Http2, port, "true").await,
+                    Detected::Http2 => {
+                        let buffered =
+                            tokio::io::BufWriter::with_capacity(crate::mesh::WRITE_BUFFER, io);
+                        self.serve_http(buffered, HttpVersion::Http2, port, "true")
+                            .await
+                    }
                     _ => self.forward_tcp(io, port, "true").await,
                 }
             }

@@ -154,18 +154,36 @@ fn endpoints_come_from_slices_with_target_ports_and_readiness() {
         ),
     ];
     // p1 and p9 are injected (p9 with the default service account), p2
-    // is not; a pod of the same name in another namespace is another pod.
+    // is not; a finished pod and a pod on the host's network claim p2's
+    // address, which belongs to neither.
     let mut pods = [
-        pod("shop", "p1", true, Some("cart")),
-        pod("shop", "p2", false, Some("cart")),
-        pod("other", "p9", true, None),
-        pod("elsewhere", "p2", true, Some("x")),
+        pod("shop", "p1", true, Some("cart"), "10.0.0.1"),
+        pod("shop", "p2", false, Some("cart"), "10.0.0.2"),
+        pod("other", "p9", true, None, "10.9.9.9"),
+        pod("shop", "old-job", true, Some("x"), "10.0.0.2"),
+        pod("kube-system", "node-agent", true, Some("x"), "10.0.0.2"),
     ];
+    if let Some(status) = pods[3].status.as_mut() {
+        status.phase = Some("Succeeded".into());
+    }
+    if let Some(spec) = pods[4].spec.as_mut() {
+        spec.host_network = Some(true);
+    }
     for p in &mut pods {
         trim_pod(p);
     }
     let meshed = meshed_pods(&pods, "west.strait.local");
-    assert_eq!(meshed.len(), 3);
+    assert_eq!(meshed.len(), 2, "{meshed:?}");
+    // Another slice names p1's address as something else: the address
+    // still leads to p1's sidecar, and keeps its identity.
+    let mut slices = slices.to_vec();
+    slices.push(slice(
+        "shop",
+        "cart",
+        "cart-c",
+        &[("not-p1", "10.0.0.1", Some(true))],
+        ("http", 8080),
+    ));
     let (state, _) = cluster_state(
         &services,
         &slices,
@@ -174,14 +192,18 @@ fn endpoints_come_from_slices_with_target_ports_and_readiness() {
         "strait.io/export",
     );
     let cart = &state.services[&ServiceKey::new("shop", "cart")];
-    assert_eq!(cart.endpoints.len(), 2, "{:?}", cart.endpoints);
+    assert_eq!(cart.endpoints.len(), 3, "{:?}", cart.endpoints);
     let p1 = cart.endpoints.iter().find(|e| e.name == "p1").expect("p1");
     assert!(p1.ready);
     assert_eq!(p1.target(&cart.ports[0]).port(), 8080);
-    assert_eq!(
-        p1.identity.as_ref().map(SpiffeId::as_str),
-        Some("spiffe://west.strait.local/ns/shop/sa/cart")
-    );
+    let cart_sa = Some("spiffe://west.strait.local/ns/shop/sa/cart");
+    assert_eq!(p1.identity.as_ref().map(SpiffeId::as_str), cart_sa);
+    let alias = cart
+        .endpoints
+        .iter()
+        .find(|e| e.name == "not-p1")
+        .expect("alias");
+    assert_eq!(alias.identity.as_ref().map(SpiffeId::as_str), cart_sa);
     let p2 = cart.endpoints.iter().find(|e| e.name == "p2").expect("p2");
     assert!(!p2.ready);
     assert_eq!(p2.identity, None, "not injected");
@@ -192,9 +214,11 @@ fn endpoints_come_from_slices_with_target_ports_and_readiness() {
     );
 }
 
-/// A pod, labelled meshed or not, as the API returns it (status, a
-/// container, annotations): [`trim_pod`] must keep what matters.
-fn pod(ns: &str, name: &str, meshed: bool, sa: Option<&str>) -> Pod {
+/// A pod at `ip`, labelled meshed or not, as the API returns it (a
+/// container, annotations, conditions): [`trim_pod`] must keep what
+/// matters.
+fn pod(ns: &str, name: &str, meshed: bool, sa: Option<&str>, ip: &str) -> Pod {
+    use k8s_openapi::api::core::v1::{Container, PodCondition, PodIP, PodSpec, PodStatus};
     let labels: &[(&str, &str)] = if meshed {
         &[(labels::MESHED, "true")]
     } else {
@@ -204,24 +228,38 @@ fn pod(ns: &str, name: &str, meshed: bool, sa: Option<&str>) -> Pod {
     metadata.annotations = Some([("big".to_string(), "x".repeat(1000))].into());
     Pod {
         metadata,
-        spec: Some(k8s_openapi::api::core::v1::PodSpec {
+        spec: Some(PodSpec {
             service_account_name: sa.map(String::from),
-            containers: vec![k8s_openapi::api::core::v1::Container {
+            containers: vec![Container {
                 name: "app".into(),
                 ..Default::default()
             }],
             ..Default::default()
         }),
-        status: Some(Default::default()),
+        status: Some(PodStatus {
+            phase: Some("Running".into()),
+            pod_ip: Some(ip.into()),
+            pod_ips: Some(vec![PodIP { ip: ip.into() }]),
+            conditions: Some(vec![PodCondition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
     }
 }
 
 #[test]
-fn a_trimmed_pod_keeps_its_name_labels_and_service_account_only() {
-    let mut p = pod("shop", "p1", true, Some("cart"));
+fn a_trimmed_pod_keeps_what_identifies_it_only() {
+    let mut p = pod("shop", "p1", true, Some("cart"), "10.0.0.1");
     trim_pod(&mut p);
     assert_eq!(p.metadata.annotations, None);
-    assert_eq!(p.status, None);
+    let status = p.status.expect("status");
+    assert_eq!(status.conditions, None);
+    assert_eq!(status.phase.as_deref(), Some("Running"));
+    assert_eq!(status.pod_ip.as_deref(), Some("10.0.0.1"));
+    assert_eq!(status.pod_ips.map(|i| i.len()), Some(1));
     let spec = p.spec.expect("spec");
     assert!(spec.containers.is_empty());
     assert_eq!(spec.service_account_name.as_deref(), Some("cart"));
