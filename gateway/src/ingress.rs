@@ -250,12 +250,14 @@ type Target = (SocketAddr, Option<SpiffeId>);
 /// on failure, up to [`CONNECT_ATTEMPTS`]. A meshed endpoint is reached
 /// through its sidecar: mutual TLS to the proxy's inbound port, the
 /// gateway presenting its own identity and checking the proxy's, the
-/// endpoint's port in the transport header (the proxy detects the
-/// protocol, so it counts HTTP requests as it does any other client's).
-/// Returns the connection and the endpoint to release when it closes.
+/// endpoint's port in the transport header with `hint` (unknown: the
+/// proxy detects the protocol, so it counts HTTP requests as it does any
+/// other client's; opaque: it forwards the bytes at once). Returns the
+/// connection and the endpoint to release when it closes.
 async fn connect(
     key: &(ServiceKey, u16),
     targets: &[Target],
+    hint: ProtocolHint,
     shared: &Shared,
 ) -> Option<(Local, SocketAddr)> {
     let addrs: Vec<SocketAddr> = targets.iter().map(|t| t.0).collect();
@@ -272,11 +274,7 @@ async fn connect(
                 // The mesh client keeps to CONNECT_TIMEOUT itself (TCP and
                 // TLS handshake together).
                 let proxy = SocketAddr::new(target.ip(), shared.proxy_inbound_port);
-                let r = match shared
-                    .mesh
-                    .connect(proxy, id, target.port(), ProtocolHint::Unknown)
-                    .await
-                {
+                let r = match shared.mesh.connect(proxy, id, target.port(), hint).await {
                     Ok(tls) => Some(Ok(Local::Mesh(Box::new(tls)))),
                     Err(strait_proxy::mesh::MeshError::Connect { source, .. })
                         if source.kind() == std::io::ErrorKind::TimedOut =>
@@ -324,7 +322,7 @@ async fn connect(
 async fn proxy(mut io: TunnelIo, header: StreamHeader, shared: Arc<Shared>) {
     let key = ServiceKey::new(&header.namespace, &header.service);
     let peer = io.peer().name.clone();
-    let targets: Result<Vec<Target>, Refusal> = {
+    let targets: Result<(Vec<Target>, ProtocolHint), Refusal> = {
         let state = shared.local.borrow();
         match state.exported(&key) {
             None => Err(Refusal::NotExported),
@@ -341,16 +339,24 @@ async fn proxy(mut io: TunnelIo, header: StreamHeader, shared: Arc<Shared>) {
                         .filter(|e| e.ready)
                         .map(|e| (e.target(port), e.identity.clone()))
                         .collect();
+                    // A port its Service calls opaque (or TLS) is not
+                    // worth a detection (a server-speaks-first protocol
+                    // would wait it out); anything else is detected by
+                    // the endpoint's proxy.
+                    let hint = match crate::destination::protocol_hint(port) {
+                        ProtocolHint::Opaque => ProtocolHint::Opaque,
+                        _ => ProtocolHint::Unknown,
+                    };
                     if t.is_empty() {
                         Err(Refusal::NoEndpoints)
                     } else {
-                        Ok(t)
+                        Ok((t, hint))
                     }
                 }
             },
         }
     };
-    let targets = match targets {
+    let (targets, hint) = match targets {
         Ok(t) => t,
         Err(why) => {
             tracing::info!(%peer, service = %key, port = header.port, reason = why.as_str(), "refusing stream");
@@ -360,7 +366,7 @@ async fn proxy(mut io: TunnelIo, header: StreamHeader, shared: Arc<Shared>) {
         }
     };
     let balance_key = (key.clone(), header.port as u16);
-    let Some((mut local, endpoint)) = connect(&balance_key, &targets, &shared).await else {
+    let Some((mut local, endpoint)) = connect(&balance_key, &targets, hint, &shared).await else {
         refuse(&mut io, Refusal::ConnectFailed);
         shared
             .metrics

@@ -211,6 +211,9 @@ fn inject(
     for r in reports {
         match r.outcome {
             Outcome::Injected => eprintln!("{} injected", r.object),
+            Outcome::Updated => {
+                eprintln!("{} injected again (its proxy was out of date)", r.object)
+            }
             Outcome::Skipped(why) => eprintln!("{} skipped: {why}", r.object),
         }
     }

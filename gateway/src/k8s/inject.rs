@@ -24,8 +24,10 @@
 //!
 //! Its SPIFFE ID comes from the pod itself (namespace and service account
 //! through the downward API), so one injected manifest serves any
-//! namespace. Pods annotated `strait.io/inject: disabled`, pods on the
-//! host's network and pods already injected are left as they are. The pod
+//! namespace. Pods annotated `strait.io/inject: disabled` and pods on the
+//! host's network are left as they are; pods already injected are left as
+//! they are when current, else injected again (an older injector's proxy,
+//! changed annotations). The pod
 //! annotations `strait.io/skip-inbound-ports`, `strait.io/skip-outbound-ports`
 //! and `strait.io/opaque-ports` (comma-separated ports) are passed on;
 //! `strait.io/proxy-threads` sets the proxy's worker threads (default 1:
@@ -88,6 +90,9 @@ pub struct InjectConfig {
 pub enum Outcome {
     /// The proxy was added.
     Injected,
+    /// The proxy was there, injected with other settings (an older
+    /// injector, other annotations): it was injected again.
+    Updated,
     /// Left alone, and why.
     Skipped(&'static str),
 }
@@ -281,16 +286,18 @@ fn inject_pod(
     if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
         return Ok(Outcome::Skipped("on the host's network"));
     }
+    // An injected pod is injected again from scratch (the old proxy, as
+    // an init container or, from older injectors, a regular one, taken
+    // out): what this injector adds is then current, and nothing changes
+    // when it already was.
+    let before = spec.clone();
     let named = |c: &Value, n: &str| c.get("name").and_then(Value::as_str) == Some(n);
     let containers = list(spec, "containers").ok_or_else(|| shape("spec.containers", "list"))?;
-    if containers.iter().any(|c| named(c, PROXY_CONTAINER)) {
-        return Ok(Outcome::Skipped("already injected"));
-    }
+    let mut already = containers.iter().any(|c| named(c, PROXY_CONTAINER));
+    containers.retain(|c| !named(c, PROXY_CONTAINER));
     let inits = list(spec, "initContainers").ok_or_else(|| shape("spec.initContainers", "list"))?;
-    if inits.iter().any(|c| named(c, PROXY_CONTAINER)) {
-        return Ok(Outcome::Skipped("already injected"));
-    }
-    inits.retain(|c| !named(c, INIT_CONTAINER));
+    already |= inits.iter().any(|c| named(c, PROXY_CONTAINER));
+    inits.retain(|c| !named(c, INIT_CONTAINER) && !named(c, PROXY_CONTAINER));
     // The rules, then the proxy (started, and certified, before anything
     // else in the pod makes a connection through the rules).
     inits.insert(0, init_container(config, &ports));
@@ -306,10 +313,12 @@ fn inject_pod(
         }}]},
     }));
     volumes.push(json!({"name": INIT_RUN_VOLUME, "emptyDir": {}}));
+    let unchanged = already && *spec == before;
     let metadata = pod
         .get_mut("metadata")
         .and_then(Value::as_object_mut)
         .ok_or_else(|| shape("metadata", "mapping"))?;
+    let metadata_before = metadata.clone();
     // The image injected; and the label the gateway watches to serve the
     // pod's endpoints with its identity (sidecars then reach it with
     // mutual TLS).
@@ -334,7 +343,11 @@ fn inject_pod(
             .ok_or_else(|| shape(path, "mapping"))?
             .insert(key.into(), Value::String(value.into()));
     }
-    Ok(Outcome::Injected)
+    Ok(match (already, unchanged && *metadata == metadata_before) {
+        (false, _) => Outcome::Injected,
+        (true, true) => Outcome::Skipped("already injected"),
+        (true, false) => Outcome::Updated,
+    })
 }
 
 /// The list at `key` of `spec`, created empty when absent.

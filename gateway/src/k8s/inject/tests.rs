@@ -149,6 +149,31 @@ fn injecting_twice_changes_nothing_more() {
 }
 
 #[test]
+fn a_pod_injected_by_an_older_injector_is_brought_up_to_date() {
+    let (once, _) = inject_yaml(DEPLOYMENT, &config()).expect("inject");
+    // What an older injector wrote: the proxy as a regular container, no
+    // meshed label, other settings.
+    let mut docs: Vec<Value> = serde_saphyr::from_str_multiple(&once).expect("yaml");
+    let template = &mut docs[0]["spec"]["template"];
+    let spec = template["spec"].as_object_mut().expect("spec");
+    let inits = spec["initContainers"].as_array_mut().expect("inits");
+    let mut old_proxy = inits.remove(1);
+    old_proxy["image"] = "example.test/strait-proxy:0".into();
+    spec["containers"]
+        .as_array_mut()
+        .expect("containers")
+        .push(old_proxy);
+    template["metadata"]["labels"]
+        .as_object_mut()
+        .expect("labels")
+        .remove("strait.io/meshed");
+    let old = serde_json::to_string(&docs[0]).expect("json");
+    let (again, reports) = inject_yaml(&old, &config()).expect("inject");
+    assert_eq!(reports[0].outcome, Outcome::Updated);
+    assert_eq!(again, once, "as if injected today");
+}
+
+#[test]
 fn every_kind_that_makes_pods_is_injected_and_others_are_left_alone() {
     let yaml = r#"
 apiVersion: v1
