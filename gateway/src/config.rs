@@ -63,6 +63,37 @@ pub struct GatewayConfig {
     /// How the gateway reaches meshed endpoints.
     #[serde(default)]
     pub mesh: MeshConfig,
+    /// The sidecar injector webhook (off unless set).
+    #[serde(default)]
+    pub injector: Option<InjectorConfig>,
+}
+
+/// The sidecar injector: a mutating admission webhook the API server calls
+/// for every Pod created in an opted-in namespace
+/// ([`crate::k8s::webhook`]).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct InjectorConfig {
+    /// HTTPS listener (default `0.0.0.0:8443`).
+    #[serde(default = "default_injector_listen")]
+    pub listen: SocketAddr,
+    /// Its certificate chain (PEM), for the name the webhook configuration
+    /// calls it by.
+    pub cert_file: PathBuf,
+    /// Its private key (PEM).
+    pub key_file: PathBuf,
+    /// The `strait-proxy` image injected.
+    #[serde(default = "default_proxy_image")]
+    pub image: String,
+}
+
+fn default_injector_listen() -> SocketAddr {
+    ([0, 0, 0, 0], 8443).into()
+}
+
+/// The `strait-proxy` image of this release.
+pub fn default_proxy_image() -> String {
+    concat!("ghcr.io/strait/strait-proxy:", env!("CARGO_PKG_VERSION")).to_string()
 }
 
 /// How the gateway reaches endpoints with a sidecar proxy (those with an
@@ -546,6 +577,10 @@ impl GatewayConfig {
         if let Some(p) = &mut self.identity.tokens_file {
             fix(p);
         }
+        if let Some(i) = &mut self.injector {
+            fix(&mut i.cert_file);
+            fix(&mut i.key_file);
+        }
         if let Some(p) = &mut self.source.file {
             fix(p);
         }
@@ -575,6 +610,13 @@ impl GatewayConfig {
         }
         if self.mesh.proxy_inbound_port == 0 {
             return Err(invalid("mesh.proxyInboundPort", "must not be 0"));
+        }
+        if self
+            .injector
+            .as_ref()
+            .is_some_and(|i| i.image.trim().is_empty())
+        {
+            return Err(invalid("injector.image", "must not be empty"));
         }
         let prefix = self.imports.vip_range.prefix_len();
         if !(8..=24).contains(&prefix) {

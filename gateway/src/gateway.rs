@@ -86,6 +86,10 @@ pub enum StartError {
     /// The identity service's tokens file was refused.
     #[error(transparent)]
     Tokens(#[from] crate::identity::TokensFileError),
+    /// The sidecar injector could not start (its certificate, its
+    /// listener, the trust anchors it injects).
+    #[error("injector: {0}")]
+    Injector(String),
     /// The admin server could not bind.
     #[error("admin server on {addr}: {source}")]
     Admin {
@@ -178,6 +182,7 @@ pub struct Gateway {
     admin: AdminServer,
     destination: crate::destination::DestinationServer,
     identity: Option<crate::identity::IdentityServer>,
+    injector: Option<SocketAddr>,
     tunnel_addr: SocketAddr,
     ready: Readiness,
     _source: Source,
@@ -579,6 +584,40 @@ impl Gateway {
             None => None,
         };
 
+        let injector = match &config.injector {
+            Some(i) => {
+                let failed = |e: &dyn std::fmt::Display| StartError::Injector(e.to_string());
+                let tls = crate::k8s::webhook::tls_config(&i.cert_file, &i.key_file)
+                    .map_err(|e| failed(&e))?;
+                let anchors =
+                    std::fs::read_to_string(&config.identity.trust_anchors).map_err(|e| {
+                        failed(&format!("{}: {e}", config.identity.trust_anchors.display()))
+                    })?;
+                let inject = crate::k8s::inject::InjectConfig {
+                    image: i.image.clone(),
+                    trust_domain: config.trust_domain(),
+                    trust_anchors_pem: anchors,
+                    control_plane_namespace: config.source.kubernetes.as_ref().map_or_else(
+                        || crate::config::GATEWAY_NAMESPACE.to_string(),
+                        |k| k.namespace(),
+                    ),
+                    destination_mtls: config.listen.destination_mtls,
+                };
+                let listener = tokio::net::TcpListener::bind(i.listen)
+                    .await
+                    .map_err(|e| failed(&format!("{}: {e}", i.listen)))?;
+                let addr = listener.local_addr().map_err(|e| failed(&e))?;
+                tasks.push(tokio::spawn(crate::k8s::webhook::serve(
+                    listener,
+                    Arc::new(tls),
+                    Arc::new(inject),
+                    metrics.injector_requests.clone(),
+                )));
+                Some(addr)
+            }
+            None => None,
+        };
+
         let ready = Readiness::default();
         let router = strait_proxy::admin::router(Arc::new(registry), ready.clone())
             .merge(admin::api(shared.clone(), tunnel_addr));
@@ -604,6 +643,7 @@ impl Gateway {
             admin,
             destination,
             identity,
+            injector,
             tunnel_addr,
             ready,
             _source: source,
@@ -637,6 +677,11 @@ impl Gateway {
         self.identity
             .as_ref()
             .map(crate::identity::IdentityServer::local_addr)
+    }
+
+    /// The sidecar injector's HTTPS address, when it is served.
+    pub fn injector_addr(&self) -> Option<SocketAddr> {
+        self.injector
     }
 
     /// This gateway's identity.

@@ -17,6 +17,7 @@ pub mod lease;
 pub mod links;
 pub mod mirror;
 pub mod source;
+pub mod webhook;
 
 /// Label and annotation keys Strait reads and writes.
 pub mod labels {

@@ -104,6 +104,8 @@ pub struct GatewayMetrics {
     /// Certificate requests from sidecars, by result (see
     /// [`crate::identity`]).
     pub identity_requests: Family<ResultLabels, Counter>,
+    /// Sidecar injector reviews, by result (see [`crate::k8s::webhook`]).
+    pub injector_requests: Family<ResultLabels, Counter>,
     /// Connections to local endpoints for inbound streams, by mTLS (to a
     /// meshed endpoint's proxy) and result.
     pub endpoint_connects: Family<EndpointConnectLabels, Counter>,
@@ -197,6 +199,7 @@ impl GatewayMetrics {
             cert_expiry: Gauge::default(),
             identity_requests: Family::default(),
             endpoint_connects: Family::default(),
+            injector_requests: Family::default(),
             tls: TlsMetrics::register(r),
             mirror: MirrorMetrics::register(r),
         };
@@ -264,6 +267,11 @@ impl GatewayMetrics {
             "strait_identity_certify_requests",
             "Certificate requests from sidecar proxies, by result (ok, unauthenticated, forbidden, invalid, unavailable, error)",
             m.identity_requests.clone(),
+        );
+        r.register(
+            "strait_injector_requests",
+            "Pods reviewed by the sidecar injector webhook, by result (injected, updated, skipped, refused: admitted unchanged with a warning, invalid: not a review)",
+            m.injector_requests.clone(),
         );
         r.register(
             "strait_endpoint_connects",

@@ -1,0 +1,234 @@
+//! The sidecar injector as a mutating admission webhook (what
+//! `linkerd-proxy-injector` is to `linkerd inject`): the API server sends
+//! every Pod being created in an opted-in namespace as an `AdmissionReview`
+//! (`admission.k8s.io/v1`) over HTTPS; the answer is the same injection
+//! `strait inject` makes, as a JSON Patch (RFC 6902).
+//!
+//! The decision is the pure [`review`]; [`serve`] is the HTTPS listener
+//! around it. A pod the injector leaves alone (opted out, on the host
+//! network, already current) is admitted unchanged; a pod whose annotations
+//! are wrong is admitted unchanged with a warning the client sees (`kubectl`
+//! prints it), never refused: a broken annotation must not stop a rollout.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use kube::core::DynamicObject;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::Value;
+use tokio::net::TcpListener;
+
+use super::inject::{inject_object, InjectConfig, Outcome};
+use crate::metrics::ResultLabels;
+
+/// Where the API server posts reviews.
+pub const PATH: &str = "/inject";
+/// The largest review body read (the API server's own request limit is
+/// 3 MiB; a review carries the object once).
+const MAX_BODY: usize = 4 * 1024 * 1024;
+
+/// Why a review could not be answered (HTTP 400; the API server then
+/// applies the webhook's failure policy).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReviewError {
+    /// The body is not an `AdmissionReview` with a request.
+    #[error("not an AdmissionReview request: {0}")]
+    Invalid(String),
+}
+
+/// What became of one review: the answer and its result for
+/// `strait_injector_requests_total` (`injected`, `updated`, `skipped`,
+/// `refused`: admitted unchanged with a warning).
+#[derive(Debug)]
+pub struct Answer {
+    /// The `AdmissionReview` to send back (JSON).
+    pub body: Vec<u8>,
+    /// The result label.
+    pub result: &'static str,
+}
+
+/// Answers one `AdmissionReview` body (pure).
+pub fn review(body: &[u8], config: &InjectConfig) -> Result<Answer, ReviewError> {
+    let invalid = |e: &dyn std::fmt::Display| ReviewError::Invalid(e.to_string());
+    let review: AdmissionReview<DynamicObject> =
+        serde_json::from_slice(body).map_err(|e| invalid(&e))?;
+    let request: AdmissionRequest<DynamicObject> = review.try_into().map_err(|e| invalid(&e))?;
+    let response = AdmissionResponse::from(&request);
+    let pod = match (
+        &request.object,
+        &request.operation,
+        request.kind.kind.as_str(),
+    ) {
+        (Some(object), Operation::Create, "Pod") if request.kind.group.is_empty() => object,
+        _ => return answer(response, "skipped"),
+    };
+    let mut before = serde_json::to_value(pod).map_err(|e| invalid(&e))?;
+    // The object as sent may leave out its type; injection goes by kind.
+    if let Some(obj) = before.as_object_mut() {
+        obj.insert("apiVersion".into(), "v1".into());
+        obj.insert("kind".into(), "Pod".into());
+    }
+    let mut after = before.clone();
+    let mut reports = Vec::new();
+    if let Err(error) = inject_object(&mut after, config, &mut reports) {
+        let mut response = response;
+        response.warnings = Some(vec![format!("strait: sidecar not injected: {error}")]);
+        return answer(response, "refused");
+    }
+    let result = match reports.first().map(|r| &r.outcome) {
+        Some(Outcome::Injected) => "injected",
+        Some(Outcome::Updated) => "updated",
+        _ => return answer(response, "skipped"),
+    };
+    let patch = json_patch::diff(&before, &after);
+    let response = response.with_patch(patch).map_err(|e| invalid(&e))?;
+    answer(response, result)
+}
+
+fn answer(response: AdmissionResponse, result: &'static str) -> Result<Answer, ReviewError> {
+    let error = |e: serde_json::Error| ReviewError::Invalid(e.to_string());
+    let mut review = serde_json::to_value(response.into_review()).map_err(error)?;
+    // The API wants the patch as base64 (a Go `[]byte`); kube-core writes
+    // it as an array of numbers (kube-rs issue 1781).
+    if let Some(patch) = review.pointer_mut("/response/patch") {
+        let bytes: Vec<u8> = serde_json::from_value(patch.take()).map_err(error)?;
+        *patch = Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
+    }
+    let body = serde_json::to_vec(&review).map_err(error)?;
+    Ok(Answer { body, result })
+}
+
+/// The webhook's server certificate and key (PEM files, as a
+/// `kubernetes.io/tls` Secret mounts them).
+pub fn tls_config(cert: &Path, key: &Path) -> anyhow::Result<rustls::ServerConfig> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        anyhow::bail!("{}: no certificate", cert.display());
+    }
+    let key =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(strait_proxy::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// The injector's counters: reviews by result (`injected`, `updated`,
+/// `skipped`, `refused`, `invalid`).
+pub type Requests = Family<ResultLabels, Counter>;
+
+/// Serves reviews on `listener` over TLS until the task is dropped.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    config: Arc<InjectConfig>,
+    requests: Requests,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(a) => a,
+            Err(error) => {
+                tracing::warn!(%error, "injector accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (acceptor, config, requests) = (acceptor.clone(), config.clone(), requests.clone());
+        tokio::spawn(async move {
+            let handshake =
+                tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp));
+            let tls = match handshake.await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(error)) => {
+                    tracing::info!(%remote, %error, "injector TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let service = hyper::service::service_fn(move |req| {
+                handle(req, config.clone(), requests.clone(), remote)
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+            if let Err(error) = conn.await {
+                tracing::debug!(%remote, %error, "injector connection ended");
+            }
+        });
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    config: Arc<InjectConfig>,
+    requests: Requests,
+    remote: SocketAddr,
+) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    let reply = |status: StatusCode, body: Vec<u8>, json: bool| {
+        let mut rsp = Response::new(Full::new(Bytes::from(body)));
+        *rsp.status_mut() = status;
+        if json {
+            rsp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+        }
+        Ok(rsp)
+    };
+    if req.uri().path() != PATH {
+        return reply(StatusCode::NOT_FOUND, b"not found\n".to_vec(), false);
+    }
+    if req.method() != Method::POST {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            b"POST only\n".to_vec(),
+            false,
+        );
+    }
+    let count = |result: &'static str| requests.get_or_create(&ResultLabels { result }).inc();
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(error) => {
+            count("invalid");
+            tracing::info!(%remote, %error, "injector: unreadable review");
+            return reply(
+                StatusCode::BAD_REQUEST,
+                b"unreadable body\n".to_vec(),
+                false,
+            );
+        }
+    };
+    match review(&body, &config) {
+        Ok(answer) => {
+            count(answer.result);
+            reply(StatusCode::OK, answer.body, true)
+        }
+        Err(error) => {
+            count("invalid");
+            tracing::info!(%remote, %error, "injector: bad review");
+            reply(
+                StatusCode::BAD_REQUEST,
+                format!("{error}\n").into_bytes(),
+                false,
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,146 @@
+use serde_json::{json, Value};
+
+use super::*;
+
+fn config() -> InjectConfig {
+    InjectConfig {
+        image: "example.test/strait-proxy:1".into(),
+        trust_domain: "west.strait.local".into(),
+        trust_anchors_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
+        control_plane_namespace: "strait-system".into(),
+        destination_mtls: false,
+    }
+}
+
+/// A review of `object` (as the API server sends it: no type in the
+/// object itself) for `operation` on `kind`.
+fn review_of(object: Value, kind: &str, operation: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "b8e1a7e4-1",
+            "kind": {"group": "", "version": "v1", "kind": kind},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "requestKind": {"group": "", "version": "v1", "kind": kind},
+            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "demo",
+            "operation": operation,
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+            "object": object,
+            "oldObject": null,
+            "dryRun": false,
+        }
+    }))
+    .expect("json")
+}
+
+fn pod(annotations: Value) -> Value {
+    json!({
+        "metadata": {"generateName": "web-5d9c-", "namespace": "demo",
+            "labels": {"app": "web"}, "annotations": annotations},
+        "spec": {"serviceAccountName": "web",
+            "containers": [{"name": "web", "image": "web:1"}]},
+    })
+}
+
+/// The response of an answer.
+fn response(answer: &Answer) -> Value {
+    let v: Value = serde_json::from_slice(&answer.body).expect("json");
+    assert_eq!(v["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(v["kind"], "AdmissionReview");
+    assert_eq!(v["response"]["uid"], "b8e1a7e4-1", "the request's uid");
+    assert_eq!(v["response"]["allowed"], true, "never refused");
+    v["response"].clone()
+}
+
+#[test]
+fn a_created_pod_is_patched_into_what_strait_inject_makes() {
+    let original = pod(json!({}));
+    let answer = review(&review_of(original.clone(), "Pod", "CREATE"), &config()).expect("review");
+    assert_eq!(answer.result, "injected");
+    let rsp = response(&answer);
+    assert_eq!(rsp["patchType"], "JSONPatch");
+    // The patch, applied by the API server to the object it sent, gives
+    // exactly `strait inject`'s pod.
+    let patch: json_patch::Patch = {
+        use base64::Engine as _;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(rsp["patch"].as_str().expect("base64 patch"))
+            .expect("base64");
+        serde_json::from_slice(&raw).expect("a JSON Patch")
+    };
+    let mut patched = original.clone();
+    json_patch::patch(&mut patched, &patch).expect("applies");
+    let mut expected = original;
+    expected["kind"] = "Pod".into();
+    expected["apiVersion"] = "v1".into();
+    let mut reports = Vec::new();
+    inject_object(&mut expected, &config(), &mut reports).expect("inject");
+    let expected = expected.as_object().expect("object").clone();
+    let mut patched = patched.as_object().expect("object").clone();
+    // The type the injector added to read the object is not patched in.
+    patched.insert("kind".into(), "Pod".into());
+    patched.insert("apiVersion".into(), "v1".into());
+    assert_eq!(patched, expected);
+    let inits = &patched["spec"]["initContainers"];
+    assert_eq!(inits[0]["name"], "strait-init");
+    assert_eq!(inits[1]["name"], "strait-proxy");
+    assert_eq!(patched["metadata"]["labels"]["strait.io/meshed"], "true");
+}
+
+#[test]
+fn opted_out_other_kinds_and_other_operations_are_admitted_unchanged() {
+    let cases = [
+        (
+            pod(json!({"strait.io/inject": "disabled"})),
+            "Pod",
+            "CREATE",
+        ),
+        (pod(json!({})), "Pod", "UPDATE"),
+        (pod(json!({})), "Pod", "DELETE"),
+        (json!({"metadata": {"name": "x"}}), "ConfigMap", "CREATE"),
+    ];
+    for (object, kind, operation) in cases {
+        let answer = review(&review_of(object, kind, operation), &config()).expect("review");
+        assert_eq!(answer.result, "skipped", "{kind} {operation}");
+        let rsp = response(&answer);
+        assert!(rsp.get("patch").is_none(), "{kind} {operation}: {rsp}");
+    }
+    // Already injected (by the webhook or `strait inject`): unchanged.
+    let mut injected = pod(json!({}));
+    injected["kind"] = "Pod".into();
+    inject_object(&mut injected, &config(), &mut Vec::new()).expect("inject");
+    let answer = review(&review_of(injected, "Pod", "CREATE"), &config()).expect("review");
+    assert_eq!(answer.result, "skipped");
+}
+
+#[test]
+fn a_bad_annotation_admits_the_pod_unchanged_with_a_warning() {
+    let bad = pod(json!({"strait.io/proxy-threads": "lots"}));
+    let answer = review(&review_of(bad, "Pod", "CREATE"), &config()).expect("review");
+    assert_eq!(answer.result, "refused");
+    let rsp = response(&answer);
+    assert!(rsp.get("patch").is_none());
+    let warning = rsp["warnings"][0].as_str().expect("a warning");
+    assert!(
+        warning.contains("strait.io/proxy-threads") && warning.contains("not injected"),
+        "{warning}"
+    );
+}
+
+#[test]
+fn what_is_not_a_review_is_an_error() {
+    for body in [
+        &b"not json"[..],
+        br#"{"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}"#,
+        br#"{"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {"uid": 7}}"#,
+        br#"[]"#,
+    ] {
+        assert!(
+            matches!(review(body, &config()), Err(ReviewError::Invalid(_))),
+            "{}",
+            String::from_utf8_lossy(body)
+        );
+    }
+}
