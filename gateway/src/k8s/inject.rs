@@ -480,5 +480,18 @@ fn init_container(config: &InjectConfig, ports: &[(&str, String)]) -> Value {
     })
 }
 
+/// A config for tests: a fixed image, trust domain `west.strait.local`,
+/// a placeholder anchor.
+#[cfg(test)]
+pub(crate) fn test_config() -> InjectConfig {
+    InjectConfig {
+        image: "example.test/strait-proxy:1".into(),
+        trust_domain: "west.strait.local".into(),
+        trust_anchors_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
+        control_plane_namespace: "strait-system".into(),
+        destination_mtls: false,
+    }
+}
+
 #[cfg(test)]
 mod tests;

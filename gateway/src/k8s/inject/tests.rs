@@ -3,13 +3,7 @@ use serde_json::Value;
 use super::*;
 
 fn config() -> InjectConfig {
-    InjectConfig {
-        image: "example.test/strait-proxy:1".into(),
-        trust_domain: "west.strait.local".into(),
-        trust_anchors_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
-        control_plane_namespace: "strait-system".into(),
-        destination_mtls: false,
-    }
+    test_config()
 }
 
 const DEPLOYMENT: &str = r#"
