@@ -364,7 +364,13 @@ fn existing_issuer_secret_is_mounted_and_none_rendered() {
     ])
     .expect_ok();
     let docs = documents(&rendered);
-    assert!(!has(&docs, "Secret"), "a Secret was rendered:\n{rendered}");
+    let secrets: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "Secret").collect();
+    assert!(
+        secrets
+            .iter()
+            .all(|s| s["metadata"]["name"] == "strait-injector-tls"),
+        "an issuer Secret was rendered:\n{rendered}"
+    );
     let deployment = find(&docs, "Deployment", "strait-gateway");
     let volumes = deployment["spec"]["template"]["spec"]["volumes"]
         .as_array()
@@ -674,6 +680,7 @@ fn deployment_is_locked_down_and_complete() {
             {"name": "config", "mountPath": "/etc/strait", "readOnly": true},
             {"name": "issuer", "mountPath": "/var/run/strait/issuer", "readOnly": true},
             {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "injector-tls", "mountPath": "/var/run/strait/injector", "readOnly": true},
         ])
     );
     let volumes = &spec["volumes"];
@@ -754,6 +761,12 @@ fn config_file_has_the_gateway_shape() {
                 },
             },
             "imports": {"gracePeriodSeconds": 60, "dnsTtlSeconds": 5},
+            "injector": {
+                "listen": "0.0.0.0:8443",
+                "certFile": "/var/run/strait/injector/tls.crt",
+                "keyFile": "/var/run/strait/injector/tls.key",
+                "image": "ghcr.io/strait/strait-proxy:0.1.0",
+            },
         })
     );
     // A config change rolls the pods.
@@ -973,4 +986,96 @@ spec: {selector: {app: web}, ports: [{port: 80}]}
         .count();
     assert_eq!(injected, 2, "{reports:?}");
     validate_strictly(&out);
+}
+
+/// The injector webhook: the API server calls `strait-injector` at
+/// `/inject` for Pod creations in opted-in namespaces (never the gateway's
+/// own), trusting the CA that signed the certificate the gateway serves,
+/// which names the Service; turned off, none of it is rendered.
+#[test]
+fn the_injector_webhook_is_wired_to_the_gateway() {
+    use base64::Engine as _;
+    use rustls::client::danger::ServerCertVerifier as _;
+    let docs = documents(&render(&[]));
+    let webhook = find(
+        &docs,
+        "MutatingWebhookConfiguration",
+        &format!("strait-injector-{NAMESPACE}"),
+    );
+    let hook = &webhook["webhooks"][0];
+    assert_eq!(
+        hook["clientConfig"]["service"],
+        json!({"name": "strait-injector", "namespace": NAMESPACE, "path": "/inject", "port": 443})
+    );
+    assert_eq!(hook["failurePolicy"], "Ignore");
+    assert_eq!(hook["sideEffects"], "None");
+    assert_eq!(hook["admissionReviewVersions"], json!(["v1"]));
+    assert_eq!(hook["rules"][0]["operations"], json!(["CREATE"]));
+    assert_eq!(hook["rules"][0]["resources"], json!(["pods"]));
+    assert_eq!(
+        hook["namespaceSelector"],
+        json!({"matchLabels": {"strait.io/inject": "enabled"}})
+    );
+    assert_eq!(
+        hook["objectSelector"]["matchExpressions"][0],
+        json!({"key": "app.kubernetes.io/part-of", "operator": "NotIn", "values": ["strait"]})
+    );
+    let svc = find(&docs, "Service", "strait-injector");
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], "injector");
+    let deployment = find(&docs, "Deployment", "strait-gateway");
+    let ports = &deployment["spec"]["template"]["spec"]["containers"][0]["ports"];
+    assert!(ports
+        .as_array()
+        .expect("ports")
+        .iter()
+        .any(|p| p["name"] == "injector" && p["containerPort"] == 8443));
+
+    // The certificate names the Service and chains to the caBundle.
+    let b64 = |v: &Value| {
+        base64::engine::general_purpose::STANDARD
+            .decode(v.as_str().expect("base64"))
+            .expect("base64")
+    };
+    let secret = find(&docs, "Secret", "strait-injector-tls");
+    assert_eq!(secret["type"], "kubernetes.io/tls");
+    let ca_pem = b64(&hook["clientConfig"]["caBundle"]);
+    assert_eq!(ca_pem, b64(&secret["data"]["ca.crt"]));
+    let der = |pem: &[u8]| {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_slice(pem).expect("PEM")
+    };
+    let ca = der(&ca_pem);
+    let leaf = der(&b64(&secret["data"]["tls.crt"]));
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca).expect("root");
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        strait_proxy::tls::provider(),
+    )
+    .build()
+    .expect("verifier");
+    let name = format!("strait-injector.{NAMESPACE}.svc");
+    verifier
+        .verify_server_cert(
+            &leaf,
+            &[],
+            &rustls::pki_types::ServerName::try_from(name.as_str()).expect("name"),
+            &[],
+            rustls::pki_types::UnixTime::now(),
+        )
+        .expect("the leaf is valid for the Service name under the caBundle");
+
+    let off = documents(&render(&["--set", "injector.enabled=false"]));
+    assert!(!has(&off, "MutatingWebhookConfiguration"));
+    assert!(off
+        .iter()
+        .all(|d| d["metadata"]["name"] != "strait-injector"
+            && d["metadata"]["name"] != "strait-injector-tls"));
+    let config: Value = serde_saphyr::from_str(
+        find(&off, "ConfigMap", "strait-gateway-config")["data"]["config.yaml"]
+            .as_str()
+            .expect("config.yaml"),
+    )
+    .expect("config");
+    assert!(config.get("injector").is_none());
 }

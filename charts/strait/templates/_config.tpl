@@ -28,4 +28,11 @@ source:
 imports:
   gracePeriodSeconds: {{ int .Values.config.gracePeriodSeconds }}
   dnsTtlSeconds: {{ int .Values.config.dnsTtlSeconds }}
+{{- if .Values.injector.enabled }}
+injector:
+  listen: 0.0.0.0:8443
+  certFile: /var/run/strait/injector/tls.crt
+  keyFile: /var/run/strait/injector/tls.key
+  image: {{ printf "%s:%s" .Values.injector.proxyImage.repository (default .Chart.AppVersion .Values.injector.proxyImage.tag) }}
+{{- end }}
 {{- end -}}
