@@ -587,8 +587,13 @@ impl Gateway {
         let injector = match &config.injector {
             Some(i) => {
                 let failed = |e: &dyn std::fmt::Display| StartError::Injector(e.to_string());
-                let tls = crate::k8s::webhook::tls_config(&i.cert_file, &i.key_file)
+                let cert = crate::k8s::webhook::ReloadingCert::load(&i.cert_file, &i.key_file)
                     .map_err(|e| failed(&e))?;
+                let tls = cert.server_config()?;
+                tasks.push(tokio::spawn(crate::k8s::webhook::watch_cert(
+                    cert,
+                    Duration::from_secs(10),
+                )));
                 let anchors =
                     std::fs::read_to_string(&config.identity.trust_anchors).map_err(|e| {
                         failed(&format!("{}: {e}", config.identity.trust_anchors.display()))

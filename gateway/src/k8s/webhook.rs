@@ -109,23 +109,102 @@ fn answer(response: AdmissionResponse, result: &'static str) -> Result<Answer, R
 }
 
 /// The webhook's server certificate and key (PEM files, as a
-/// `kubernetes.io/tls` Secret mounts them).
-pub fn tls_config(cert: &Path, key: &Path) -> anyhow::Result<rustls::ServerConfig> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", cert.display()))?
+/// `kubernetes.io/tls` Secret mounts them), read again whenever they change
+/// on disk (a renewed Secret reaches a running gateway without a restart).
+#[derive(Debug)]
+pub struct ReloadingCert {
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    current: arc_swap::ArcSwap<rustls::sign::CertifiedKey>,
+    /// The PEM text `current` was made from.
+    loaded: std::sync::Mutex<(Vec<u8>, Vec<u8>)>,
+}
+
+impl ReloadingCert {
+    /// Loads `cert` and `key`; an error names the file at fault.
+    pub fn load(cert: &Path, key: &Path) -> anyhow::Result<Arc<Self>> {
+        let (cert_pem, key_pem) = read_pair(cert, key)?;
+        let certified = certified_key(&cert_pem, &key_pem, cert, key)?;
+        Ok(Arc::new(Self {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            current: arc_swap::ArcSwap::from_pointee(certified),
+            loaded: std::sync::Mutex::new((cert_pem, key_pem)),
+        }))
+    }
+
+    /// Reads the files again; when they changed and make a valid pair,
+    /// serves them from the next handshake on. Whether it changed.
+    pub fn reload(&self) -> anyhow::Result<bool> {
+        let (cert_pem, key_pem) = read_pair(&self.cert, &self.key)?;
+        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        if loaded.0 == cert_pem && loaded.1 == key_pem {
+            return Ok(false);
+        }
+        let certified = certified_key(&cert_pem, &key_pem, &self.cert, &self.key)?;
+        self.current.store(Arc::new(certified));
+        *loaded = (cert_pem, key_pem);
+        Ok(true)
+    }
+
+    /// A TLS server config serving this certificate (HTTP/1.1).
+    pub fn server_config(self: &Arc<Self>) -> Result<rustls::ServerConfig, rustls::Error> {
+        let mut config = rustls::ServerConfig::builder_with_provider(strait_proxy::tls::provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(config)
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ReloadingCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+fn read_pair(cert: &Path, key: &Path) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+    let read = |p: &Path| std::fs::read(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()));
+    Ok((read(cert)?, read(key)?))
+}
+
+fn certified_key(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    cert: &Path,
+    key: &Path,
+) -> anyhow::Result<rustls::sign::CertifiedKey> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<_, _>>()
         .map_err(|e| anyhow::anyhow!("{}: {e}", cert.display()))?;
     if chain.is_empty() {
         anyhow::bail!("{}: no certificate", cert.display());
     }
-    let key =
-        PrivateKeyDer::from_pem_file(key).map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(strait_proxy::tls::provider())
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
+    let key_der = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?;
+    let certified =
+        rustls::sign::CertifiedKey::from_der(chain, key_der, &strait_proxy::tls::provider())
+            .map_err(|e| anyhow::anyhow!("{} and {}: {e}", cert.display(), key.display()))?;
+    Ok(certified)
+}
+
+/// Reads the certificate files again every `every`, logging a change or a
+/// failure (the last good pair stays in use).
+pub async fn watch_cert(cert: Arc<ReloadingCert>, every: std::time::Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        match cert.reload() {
+            Ok(true) => {
+                tracing::info!(cert = %cert.cert.display(), "injector certificate reloaded")
+            }
+            Ok(false) => {}
+            Err(error) => tracing::warn!(%error, "injector certificate not reloaded"),
+        }
+    }
 }
 
 /// The injector's counters: reviews by result (`injected`, `updated`,

@@ -138,3 +138,32 @@ fn what_is_not_a_review_is_an_error() {
         );
     }
 }
+
+#[test]
+fn the_certificate_is_read_again_when_its_files_change() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    let write = |name: &str| {
+        let root = strait_proxy::identity::generate_root(name).expect("root");
+        std::fs::write(&cert, &root.cert_pem).expect("write");
+        std::fs::write(&key, &root.key_pem).expect("write");
+    };
+    let serving = |c: &ReloadingCert| c.current.load().cert[0].clone();
+    write("a");
+    let loaded = ReloadingCert::load(&cert, &key).expect("load");
+    let first = serving(&loaded);
+    assert!(!loaded.reload().expect("same files"), "nothing changed");
+
+    // A half-written renewal (no key yet) keeps the last good pair.
+    std::fs::write(&key, "not a key").expect("write");
+    let err = loaded.reload().expect_err("a bad key");
+    assert!(err.to_string().contains("tls.key"), "{err}");
+    assert_eq!(serving(&loaded), first);
+
+    write("b");
+    assert!(loaded.reload().expect("renewed"));
+    assert_ne!(serving(&loaded), first, "the new certificate is served");
+
+    let missing = ReloadingCert::load(&dir.path().join("nope.crt"), &key).expect_err("missing");
+    assert!(missing.to_string().contains("nope.crt"), "{missing}");
+}
