@@ -91,9 +91,12 @@ fn default_injector_listen() -> SocketAddr {
     ([0, 0, 0, 0], 8443).into()
 }
 
-/// The `strait-proxy` image of this release.
-pub fn default_proxy_image() -> String {
-    concat!("ghcr.io/strait/strait-proxy:", env!("CARGO_PKG_VERSION")).to_string()
+/// The `strait-proxy` image of this release (what `strait inject` and the
+/// injector webhook add unless told otherwise).
+pub const PROXY_IMAGE: &str = concat!("ghcr.io/strait/strait-proxy:", env!("CARGO_PKG_VERSION"));
+
+fn default_proxy_image() -> String {
+    PROXY_IMAGE.to_string()
 }
 
 /// How the gateway reaches endpoints with a sidecar proxy (those with an

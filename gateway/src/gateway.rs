@@ -589,7 +589,7 @@ impl Gateway {
                 let failed = |e: &dyn std::fmt::Display| StartError::Injector(e.to_string());
                 let cert = crate::k8s::webhook::ReloadingCert::load(&i.cert_file, &i.key_file)
                     .map_err(|e| failed(&e))?;
-                let tls = cert.server_config()?;
+                let tls = cert.server_config().map_err(|e| failed(&e))?;
                 tasks.push(tokio::spawn(crate::k8s::webhook::watch_cert(
                     cert,
                     Duration::from_secs(10),

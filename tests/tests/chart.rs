@@ -1014,7 +1014,22 @@ fn the_injector_webhook_is_wired_to_the_gateway() {
     assert_eq!(hook["rules"][0]["resources"], json!(["pods"]));
     assert_eq!(
         hook["namespaceSelector"],
-        json!({"matchLabels": {"strait.io/inject": "enabled"}})
+        json!({
+            "matchLabels": {"strait.io/inject": "enabled"},
+            "matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "NotIn",
+                "values": ["kube-system", "kube-public", "kube-node-lease", NAMESPACE]}],
+        })
+    );
+    // Even a selector of every namespace leaves out the system ones.
+    let all = documents(&render(&["--set-json", "injector.namespaceSelector={}"]));
+    let hook_all = &find(
+        &all,
+        "MutatingWebhookConfiguration",
+        &format!("strait-injector-{NAMESPACE}"),
+    )["webhooks"][0];
+    assert_eq!(
+        hook_all["namespaceSelector"]["matchExpressions"][0]["values"][0],
+        "kube-system"
     );
     assert_eq!(
         hook["objectSelector"]["matchExpressions"][0],
@@ -1078,4 +1093,76 @@ fn the_injector_webhook_is_wired_to_the_gateway() {
     )
     .expect("config");
     assert!(config.get("injector").is_none());
+}
+
+/// The injector needs native sidecars (Kubernetes 1.29); with a
+/// certificate of the user's own (cert-manager, GitOps) the chart makes
+/// none and wants the CA to trust.
+#[test]
+fn the_injector_refuses_old_clusters_and_takes_an_existing_certificate() {
+    let certs = Certs::new();
+    let with = |extra: &[&str]| {
+        let mut args = certs.values();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        template(&args)
+    };
+    let err = with(&["--kube-version", "1.28.0"]).expect_failure();
+    assert!(err.contains("needs Kubernetes 1.29"), "{err}");
+    with(&[
+        "--kube-version",
+        "1.28.0",
+        "--set",
+        "injector.enabled=false",
+    ])
+    .expect_ok();
+
+    let err = with(&["--set", "injector.tls.existingSecret=my-injector"]).expect_failure();
+    assert!(err.contains("injector.tls.caBundle"), "{err}");
+    let docs = documents(
+        &with(&[
+            "--set",
+            "injector.tls.existingSecret=my-injector",
+            "--set",
+            "injector.webhookAnnotations.cert-manager\\.io/inject-ca-from=strait-system/injector",
+        ])
+        .expect_ok(),
+    );
+    assert!(docs
+        .iter()
+        .all(|d| d["metadata"]["name"] != "strait-injector-tls"));
+    let webhook = find(
+        &docs,
+        "MutatingWebhookConfiguration",
+        &format!("strait-injector-{NAMESPACE}"),
+    );
+    assert_eq!(
+        webhook["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
+        "strait-system/injector"
+    );
+    assert!(webhook["webhooks"][0]["clientConfig"]["caBundle"].is_null());
+    let volumes =
+        &find(&docs, "Deployment", "strait-gateway")["spec"]["template"]["spec"]["volumes"];
+    assert!(volumes
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .any(|v| v["secret"]["secretName"] == "my-injector"));
+    let docs = documents(
+        &with(&[
+            "--set",
+            "injector.tls.existingSecret=my-injector",
+            "--set",
+            "injector.tls.caBundle=-----BEGIN CERTIFICATE-----",
+        ])
+        .expect_ok(),
+    );
+    let webhook = find(
+        &docs,
+        "MutatingWebhookConfiguration",
+        &format!("strait-injector-{NAMESPACE}"),
+    );
+    assert_eq!(
+        webhook["webhooks"][0]["clientConfig"]["caBundle"],
+        "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0t"
+    );
 }

@@ -118,3 +118,11 @@ prometheus.io/scrape: "true"
 prometheus.io/port: "4191"
 prometheus.io/path: /metrics
 {{- end -}}
+
+{{/*
+Name of the injector's TLS Secret: the user's own, or the one this chart
+renders.
+*/}}
+{{- define "strait.injectorSecretName" -}}
+{{- default "strait-injector-tls" .Values.injector.tls.existingSecret -}}
+{{- end -}}

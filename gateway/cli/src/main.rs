@@ -121,7 +121,7 @@ enum Command {
         #[arg(long)]
         trust_anchors: PathBuf,
         /// The `strait-proxy` image.
-        #[arg(long, default_value = concat!("ghcr.io/strait/strait-proxy:", env!("CARGO_PKG_VERSION")))]
+        #[arg(long, default_value = strait_gateway::config::PROXY_IMAGE)]
         image: String,
         /// The gateway's namespace.
         #[arg(long, default_value = "strait-system", value_parser = label)]

@@ -27,7 +27,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::Value;
 use tokio::net::TcpListener;
 
-use super::inject::{inject_object, InjectConfig, Outcome};
+use super::inject::{inject_object, InjectConfig, Outcome, INJECTED_ANNOTATION, PROXY_CONTAINER};
 use crate::metrics::ResultLabels;
 
 /// Where the API server posts reviews.
@@ -35,6 +35,16 @@ pub const PATH: &str = "/inject";
 /// The largest review body read (the API server's own request limit is
 /// 3 MiB; a review carries the object once).
 const MAX_BODY: usize = 4 * 1024 * 1024;
+/// Connections served at once; more wait to be accepted. The API server
+/// keeps a few; anyone else in the cluster may connect too (admission
+/// webhooks take no client certificates), and must not be able to
+/// exhaust the gateway.
+const MAX_CONNECTIONS: usize = 32;
+/// The TLS handshake and a request's head each get this long.
+const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// A connection's whole life (the API server gives a webhook at most
+/// 30 s per call, and reconnects as it needs).
+const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Why a review could not be answered (HTTP 400; the API server then
 /// applies the webhook's failure policy).
@@ -78,6 +88,14 @@ pub fn review(body: &[u8], config: &InjectConfig) -> Result<Answer, ReviewError>
         obj.insert("apiVersion".into(), "v1".into());
         obj.insert("kind".into(), "Pod".into());
     }
+    // Already injected with this image (by `strait inject`, or by this
+    // webhook when the API server calls again after another webhook's
+    // change): admitted as it is. Comparing with a fresh injection would
+    // see the API server's defaults (filled in before every call) as
+    // differences, and undo other webhooks' changes to the proxy.
+    if injected_with(&before, &config.image) {
+        return answer(response, "skipped");
+    }
     let mut after = before.clone();
     let mut reports = Vec::new();
     if let Err(error) = inject_object(&mut after, config, &mut reports) {
@@ -93,6 +111,22 @@ pub fn review(body: &[u8], config: &InjectConfig) -> Result<Answer, ReviewError>
     let patch = json_patch::diff(&before, &after);
     let response = response.with_patch(patch).map_err(|e| invalid(&e))?;
     answer(response, result)
+}
+
+/// Whether `pod` carries the proxy, injected as `image`.
+fn injected_with(pod: &Value, image: &str) -> bool {
+    let has_proxy = ["/spec/initContainers", "/spec/containers"]
+        .iter()
+        .any(|path| {
+            pod.pointer(path)
+                .and_then(Value::as_array)
+                .is_some_and(|cs| cs.iter().any(|c| c["name"] == PROXY_CONTAINER))
+        });
+    let injected = pod
+        .pointer("/metadata/annotations")
+        .and_then(|a| a.get(INJECTED_ANNOTATION))
+        .and_then(Value::as_str);
+    has_proxy && injected == Some(image)
 }
 
 fn answer(response: AdmissionResponse, result: &'static str) -> Result<Answer, ReviewError> {
@@ -219,7 +253,11 @@ pub async fn serve(
     requests: Requests,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let (tcp, remote) = match listener.accept().await {
             Ok(a) => a,
             Err(error) => {
@@ -230,8 +268,8 @@ pub async fn serve(
         };
         let (acceptor, config, requests) = (acceptor.clone(), config.clone(), requests.clone());
         tokio::spawn(async move {
-            let handshake =
-                tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp));
+            let _slot = slot;
+            let handshake = tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(tcp));
             let tls = match handshake.await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(error)) => {
@@ -244,9 +282,13 @@ pub async fn serve(
                 handle(req, config.clone(), requests.clone(), remote)
             });
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEAD_TIMEOUT)
                 .serve_connection(hyper_util::rt::TokioIo::new(tls), service);
-            if let Err(error) = conn.await {
-                tracing::debug!(%remote, %error, "injector connection ended");
+            match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+                Ok(Err(error)) => tracing::debug!(%remote, %error, "injector connection ended"),
+                Ok(Ok(())) => {}
+                Err(_) => tracing::debug!(%remote, "injector connection closed after its lifetime"),
             }
         });
     }
@@ -280,9 +322,13 @@ async fn handle(
         );
     }
     let count = |result: &'static str| requests.get_or_create(&ResultLabels { result }).inc();
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(error) => {
+    let read = tokio::time::timeout(
+        CONNECTION_LIFETIME,
+        Limited::new(req.into_body(), MAX_BODY).collect(),
+    );
+    let body = match read.await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(error)) => {
             count("invalid");
             tracing::info!(%remote, %error, "injector: unreadable review");
             return reply(
@@ -291,8 +337,31 @@ async fn handle(
                 false,
             );
         }
+        Err(_) => {
+            count("invalid");
+            return reply(
+                StatusCode::REQUEST_TIMEOUT,
+                b"body too slow\n".to_vec(),
+                false,
+            );
+        }
     };
-    match review(&body, &config) {
+    // Parsing and diffing a large pod is CPU work: off the runtime's
+    // threads, which also carry the tunnel and DNS.
+    let reviewed = tokio::task::spawn_blocking(move || review(&body, &config)).await;
+    let reviewed = match reviewed {
+        Ok(r) => r,
+        Err(error) => {
+            count("invalid");
+            tracing::warn!(%remote, %error, "injector: review task failed");
+            return reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                b"review failed\n".to_vec(),
+                false,
+            );
+        }
+    };
+    match reviewed {
         Ok(answer) => {
             count(answer.result);
             reply(StatusCode::OK, answer.body, true)

@@ -167,3 +167,31 @@ fn the_certificate_is_read_again_when_its_files_change() {
     let missing = ReloadingCert::load(&dir.path().join("nope.crt"), &key).expect_err("missing");
     assert!(missing.to_string().contains("nope.crt"), "{missing}");
 }
+
+/// The API server fills in defaults before each call (and calls again
+/// after other webhooks): a pod this injector already made, defaults and
+/// all, is admitted unchanged; one injected with another image is brought
+/// up to date.
+#[test]
+fn an_injected_pod_with_the_api_servers_defaults_is_left_alone() {
+    let mut injected = pod(json!({}));
+    injected["kind"] = "Pod".into();
+    inject_object(&mut injected, &config(), &mut Vec::new()).expect("inject");
+    for c in injected["spec"]["initContainers"]
+        .as_array_mut()
+        .expect("inits")
+    {
+        c["terminationMessagePath"] = "/dev/termination-log".into();
+        c["terminationMessagePolicy"] = "File".into();
+    }
+    injected["spec"]["volumes"][0]["projected"]["defaultMode"] = 420.into();
+    let answer = review(&review_of(injected.clone(), "Pod", "CREATE"), &config()).expect("review");
+    assert_eq!(answer.result, "skipped");
+    assert!(response(&answer).get("patch").is_none());
+
+    let mut newer = config();
+    newer.image = "example.test/strait-proxy:2".into();
+    let answer = review(&review_of(injected, "Pod", "CREATE"), &newer).expect("review");
+    assert_eq!(answer.result, "updated");
+    assert!(response(&answer)["patch"].is_string());
+}
