@@ -612,10 +612,16 @@ impl Gateway {
                     .await
                     .map_err(|e| failed(&format!("{}: {e}", i.listen)))?;
                 let addr = listener.local_addr().map_err(|e| failed(&e))?;
+                let inject = Arc::new(arc_swap::ArcSwap::from_pointee(inject));
+                tasks.push(tokio::spawn(crate::k8s::webhook::watch_anchors(
+                    config.identity.trust_anchors.clone(),
+                    inject.clone(),
+                    Duration::from_secs(10),
+                )));
                 tasks.push(tokio::spawn(crate::k8s::webhook::serve(
                     listener,
                     Arc::new(tls),
-                    Arc::new(inject),
+                    inject,
                     metrics.injector_requests.clone(),
                 )));
                 Some(addr)

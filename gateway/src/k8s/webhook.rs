@@ -241,6 +241,42 @@ pub async fn watch_cert(cert: Arc<ReloadingCert>, every: std::time::Duration) {
     }
 }
 
+/// What the injector injects now (the trust anchors change under it).
+pub type Injecting = Arc<arc_swap::ArcSwap<InjectConfig>>;
+
+/// Reads the trust anchors `config` injects again from `path` every
+/// `every`: a rotated bundle (a new root added beside the old, then the
+/// old removed) reaches new pods without a gateway restart. A file that
+/// does not parse as certificates is logged and the last good one kept.
+pub async fn watch_anchors(
+    path: std::path::PathBuf,
+    config: Injecting,
+    every: std::time::Duration,
+) {
+    loop {
+        tokio::time::sleep(every).await;
+        if let Err(error) = reload_anchors(&path, &config) {
+            tracing::warn!(%error, "injector trust anchors not reloaded");
+        }
+    }
+}
+
+/// One look at the anchors file; whether they changed.
+pub fn reload_anchors(path: &Path, config: &Injecting) -> anyhow::Result<bool> {
+    let pem =
+        std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    if pem == config.load().trust_anchors_pem {
+        return Ok(false);
+    }
+    strait_proxy::identity::TrustAnchors::from_pem(pem.as_bytes(), &path.display().to_string())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let mut next = InjectConfig::clone(&config.load());
+    next.trust_anchors_pem = pem;
+    config.store(Arc::new(next));
+    tracing::info!(path = %path.display(), "injector trust anchors reloaded");
+    Ok(true)
+}
+
 /// The injector's counters: reviews by result (`injected`, `updated`,
 /// `skipped`, `refused`, `invalid`).
 pub type Requests = Family<ResultLabels, Counter>;
@@ -249,7 +285,7 @@ pub type Requests = Family<ResultLabels, Counter>;
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
-    config: Arc<InjectConfig>,
+    config: Injecting,
     requests: Requests,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
@@ -296,7 +332,7 @@ pub async fn serve(
 
 async fn handle(
     req: Request<Incoming>,
-    config: Arc<InjectConfig>,
+    config: Injecting,
     requests: Requests,
     remote: SocketAddr,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
@@ -348,6 +384,7 @@ async fn handle(
     };
     // Parsing and diffing a large pod is CPU work: off the runtime's
     // threads, which also carry the tunnel and DNS.
+    let config = config.load_full();
     let reviewed = tokio::task::spawn_blocking(move || review(&body, &config)).await;
     let reviewed = match reviewed {
         Ok(r) => r,

@@ -195,3 +195,45 @@ fn an_injected_pod_with_the_api_servers_defaults_is_left_alone() {
     assert_eq!(answer.result, "updated");
     assert!(response(&answer)["patch"].is_string());
 }
+
+#[test]
+fn rotated_trust_anchors_are_injected_without_a_restart() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("ca.crt");
+    let (a, b) = (
+        strait_proxy::identity::generate_root("a").expect("root"),
+        strait_proxy::identity::generate_root("b").expect("root"),
+    );
+    std::fs::write(&path, &a.cert_pem).expect("write");
+    let mut first = config();
+    first.trust_anchors_pem = a.cert_pem.clone();
+    let injecting: Injecting = Arc::new(arc_swap::ArcSwap::from_pointee(first));
+    assert!(!reload_anchors(&path, &injecting).expect("same file"));
+
+    // Half-written: refused, the last good bundle stays.
+    std::fs::write(&path, "-----BEGIN CERTIFICATE-----\nnot base64").expect("write");
+    assert!(reload_anchors(&path, &injecting).is_err());
+    assert_eq!(injecting.load().trust_anchors_pem, a.cert_pem);
+
+    // Both roots during a rotation: injected from the next pod on.
+    let both = format!("{}{}", a.cert_pem, b.cert_pem);
+    std::fs::write(&path, &both).expect("write");
+    assert!(reload_anchors(&path, &injecting).expect("rotated"));
+    let answer = review(
+        &review_of(pod(json!({})), "Pod", "CREATE"),
+        &injecting.load(),
+    )
+    .expect("review");
+    assert_eq!(answer.result, "injected");
+    let patch = {
+        use base64::Engine as _;
+        let rsp = response(&answer);
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(rsp["patch"].as_str().expect("base64 patch"))
+            .expect("base64");
+        String::from_utf8(raw).expect("utf-8")
+    };
+    let line_of_b = b.cert_pem.lines().nth(1).expect("a base64 line");
+    assert!(patch.contains(line_of_b), "the new root is injected");
+    assert_eq!(injecting.load().trust_anchors_pem, both);
+}
