@@ -590,10 +590,6 @@ impl Gateway {
                 let cert = crate::k8s::webhook::ReloadingCert::load(&i.cert_file, &i.key_file)
                     .map_err(|e| failed(&e))?;
                 let tls = cert.server_config().map_err(|e| failed(&e))?;
-                tasks.push(tokio::spawn(crate::k8s::webhook::watch_cert(
-                    cert,
-                    Duration::from_secs(10),
-                )));
                 let anchors =
                     std::fs::read_to_string(&config.identity.trust_anchors).map_err(|e| {
                         failed(&format!("{}: {e}", config.identity.trust_anchors.display()))
@@ -613,7 +609,8 @@ impl Gateway {
                     .map_err(|e| failed(&format!("{}: {e}", i.listen)))?;
                 let addr = listener.local_addr().map_err(|e| failed(&e))?;
                 let inject = Arc::new(arc_swap::ArcSwap::from_pointee(inject));
-                tasks.push(tokio::spawn(crate::k8s::webhook::watch_anchors(
+                tasks.push(tokio::spawn(crate::k8s::webhook::watch_files(
+                    cert,
                     config.identity.trust_anchors.clone(),
                     inject.clone(),
                     Duration::from_secs(10),

@@ -226,9 +226,20 @@ fn certified_key(
     Ok(certified)
 }
 
-/// Reads the certificate files again every `every`, logging a change or a
-/// failure (the last good pair stays in use).
-pub async fn watch_cert(cert: Arc<ReloadingCert>, every: std::time::Duration) {
+/// What the injector injects now (the trust anchors change under it).
+pub type Injecting = Arc<arc_swap::ArcSwap<InjectConfig>>;
+
+/// Every `every`, reads again the webhook's certificate and the trust
+/// anchors `config` injects (from `anchors`): a renewed certificate or a
+/// rotated bundle (a new root added beside the old, then the old removed)
+/// takes effect without a gateway restart. A file that does not parse is
+/// logged and the last good one kept.
+pub async fn watch_files(
+    cert: Arc<ReloadingCert>,
+    anchors: std::path::PathBuf,
+    config: Injecting,
+    every: std::time::Duration,
+) {
     loop {
         tokio::time::sleep(every).await;
         match cert.reload() {
@@ -238,24 +249,7 @@ pub async fn watch_cert(cert: Arc<ReloadingCert>, every: std::time::Duration) {
             Ok(false) => {}
             Err(error) => tracing::warn!(%error, "injector certificate not reloaded"),
         }
-    }
-}
-
-/// What the injector injects now (the trust anchors change under it).
-pub type Injecting = Arc<arc_swap::ArcSwap<InjectConfig>>;
-
-/// Reads the trust anchors `config` injects again from `path` every
-/// `every`: a rotated bundle (a new root added beside the old, then the
-/// old removed) reaches new pods without a gateway restart. A file that
-/// does not parse as certificates is logged and the last good one kept.
-pub async fn watch_anchors(
-    path: std::path::PathBuf,
-    config: Injecting,
-    every: std::time::Duration,
-) {
-    loop {
-        tokio::time::sleep(every).await;
-        if let Err(error) = reload_anchors(&path, &config) {
+        if let Err(error) = reload_anchors(&anchors, &config) {
             tracing::warn!(%error, "injector trust anchors not reloaded");
         }
     }

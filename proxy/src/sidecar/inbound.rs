@@ -94,17 +94,9 @@ impl Inbound {
             shared.http.error(DIRECTION, "mtls_required");
             false
         } else {
-            match (proto, orig) {
-                (Detected::Http1, Some(orig)) => {
-                    self.serve_http(io, HttpVersion::Http1, orig.port(), "false")
-                        .await
-                }
-                (Detected::Http2, Some(orig)) => {
-                    self.serve_http(io, HttpVersion::Http2, orig.port(), "false")
-                        .await
-                }
-                (_, Some(orig)) => self.forward_tcp(io, orig.port(), "false").await,
-                (_, None) => false,
+            match orig {
+                Some(orig) => self.serve_detected(io, proto, orig.port(), "false").await,
+                None => false,
             }
         };
         shared
@@ -170,8 +162,7 @@ impl Inbound {
         };
         match ProtocolHint::try_from(header.protocol) {
             Ok(ProtocolHint::Http2) => {
-                let buffered = tokio::io::BufWriter::with_capacity(crate::mesh::WRITE_BUFFER, tls);
-                self.serve_http(buffered, HttpVersion::Http2, port, "true")
+                self.serve_detected(tls, Detected::Http2, port, "true")
                     .await
             }
             // The client does not know what it carries (a gateway relaying
@@ -186,19 +177,28 @@ impl Inbound {
                         return false;
                     }
                 };
-                let io = PrefixedIo::new(prefix, tls);
-                match proto {
-                    Detected::Http1 => self.serve_http(io, HttpVersion::Http1, port, "true").await,
-                    Detected::Http2 => {
-                        let buffered =
-                            tokio::io::BufWriter::with_capacity(crate::mesh::WRITE_BUFFER, io);
-                        self.serve_http(buffered, HttpVersion::Http2, port, "true")
-                            .await
-                    }
-                    _ => self.forward_tcp(io, port, "true").await,
-                }
+                self.serve_detected(PrefixedIo::new(prefix, tls), proto, port, "true")
+                    .await
             }
             _ => self.forward_tcp(tls, port, "true").await,
+        }
+    }
+
+    /// Serves a connection by its protocol: HTTP/1, HTTP/2 (its frames
+    /// gathered into fewer writes, and over TLS fewer records), or the
+    /// bytes as they come.
+    async fn serve_detected<I>(&self, io: I, proto: Detected, port: u16, tls: &'static str) -> bool
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        match proto {
+            Detected::Http1 => self.serve_http(io, HttpVersion::Http1, port, tls).await,
+            Detected::Http2 => {
+                let buffered = tokio::io::BufWriter::with_capacity(crate::mesh::WRITE_BUFFER, io);
+                self.serve_http(buffered, HttpVersion::Http2, port, tls)
+                    .await
+            }
+            _ => self.forward_tcp(io, port, tls).await,
         }
     }
 
