@@ -603,6 +603,7 @@ impl Gateway {
                         |k| k.namespace(),
                     ),
                     destination_mtls: config.listen.destination_mtls,
+                    ipv6: i.ipv6,
                 };
                 let listener = tokio::net::TcpListener::bind(i.listen)
                     .await

@@ -63,7 +63,11 @@ struct RunArgs {
         default_value = "127.0.0.1:4140"
     )]
     outbound_listen: SocketAddr,
-    /// Inbound listener.
+    /// A second outbound listener, on IPv6 loopback, for a dual-stack pod
+    /// (`init --ipv6` redirects IPv6 connections to `[::1]`).
+    #[arg(long, env = "STRAIT_PROXY_OUTBOUND_LISTEN_IPV6")]
+    outbound_listen_ipv6: Option<SocketAddr>,
+    /// Inbound listener (`[::]:4143` takes IPv4 and IPv6).
     #[arg(
         long,
         env = "STRAIT_PROXY_INBOUND_LISTEN",
@@ -284,6 +288,7 @@ fn identity(
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = ProxyConfig {
         outbound: args.outbound_listen,
+        outbound_ipv6: args.outbound_listen_ipv6,
         inbound: args.inbound_listen,
         admin: args.admin_listen,
         transparent: args.transparent,
@@ -331,8 +336,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     resolvers.push(Box::new(DnsResolver));
     let proxy = Proxy::start(config, store, anchors, Arc::new(Chain(resolvers)), registry).await?;
+    let v6 = proxy
+        .outbound_ipv6_addr()
+        .map(|a| format!(" and {a}"))
+        .unwrap_or_default();
     println!(
-        "strait-proxy up: outbound {}, inbound {}, admin http://{}",
+        "strait-proxy up: outbound {}{v6}, inbound {}, admin http://{}",
         proxy.outbound_addr(),
         proxy.inbound_addr(),
         proxy.admin_addr()

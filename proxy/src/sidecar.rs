@@ -33,6 +33,12 @@ use crate::metrics::{HttpMetrics, TcpMetrics, TlsMetrics};
 pub struct ProxyConfig {
     /// Outbound listener (default `127.0.0.1:4140`).
     pub outbound: SocketAddr,
+    /// A second outbound listener for the application's IPv6 connections
+    /// (default none). In a dual-stack pod `ip6tables` redirects them to
+    /// `[::1]` on the outbound port, where an IPv4 listener never sees
+    /// them; an unspecified address would take connections from the
+    /// network, so it must be loopback.
+    pub outbound_ipv6: Option<SocketAddr>,
     /// Inbound listener (default `0.0.0.0:4143`).
     pub inbound: SocketAddr,
     /// Admin listener (default `0.0.0.0:4191`).
@@ -66,6 +72,7 @@ impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
             outbound: ([127, 0, 0, 1], 4140).into(),
+            outbound_ipv6: None,
             inbound: ([0, 0, 0, 0], 4143).into(),
             admin: ([0, 0, 0, 0], 4191).into(),
             transparent: false,
@@ -109,6 +116,20 @@ impl ProxyConfig {
         }
         if self.peer_inbound_port == 0 {
             return bad("peer-inbound-port", "must not be 0");
+        }
+        if let Some(v6) = self.outbound_ipv6 {
+            if !(v6.is_ipv6() && v6.ip().is_loopback()) {
+                return bad(
+                    "outbound-listen-ipv6",
+                    "must be an IPv6 loopback address such as [::1]:4140 (the outbound side is for this pod's application only)",
+                );
+            }
+            if v6.port() != 0 && v6.port() != self.outbound.port() {
+                return bad(
+                    "outbound-listen-ipv6",
+                    "must use the outbound listener's port (ip6tables redirects to the same port as iptables)",
+                );
+            }
         }
         let ports = [self.outbound.port(), self.inbound.port(), self.admin.port()];
         if ports.iter().all(|p| *p != 0)
@@ -165,7 +186,7 @@ pub(crate) struct Shared {
     pub(crate) active: AtomicUsize,
     pub(crate) draining: watch::Receiver<bool>,
     /// This proxy's own listener addresses (to refuse loops).
-    pub(crate) listeners: std::sync::OnceLock<[SocketAddr; 2]>,
+    pub(crate) listeners: std::sync::OnceLock<Vec<SocketAddr>>,
 }
 
 /// Counts a connection in flight while alive.
@@ -188,6 +209,7 @@ impl Drop for Active<'_> {
 pub struct Proxy {
     shared: Arc<Shared>,
     outbound_addr: SocketAddr,
+    outbound_v6_addr: Option<SocketAddr>,
     inbound_addr: SocketAddr,
     admin: AdminServer,
     ready: Readiness,
@@ -204,11 +226,28 @@ impl std::fmt::Debug for Proxy {
     }
 }
 
+/// Binds a listener. An unspecified IPv6 address (`[::]`) is explicitly
+/// dual-stack, so IPv4 connections reach it too whatever the node's
+/// `net.ipv6.bindv6only` says.
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })
+    let err = |source| StartError::Bind { addr, source };
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4().map_err(err)?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6().map_err(err)?,
+    };
+    socket.set_reuseaddr(true).map_err(err)?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        socket2::SockRef::from(&socket)
+            .set_only_v6(false)
+            .map_err(err)?;
+    }
+    socket.bind(addr).map_err(err)?;
+    socket.listen(LISTEN_BACKLOG).map_err(err)
 }
+
+/// Pending connections a listener queues (the kernel caps it at
+/// `net.core.somaxconn`).
+const LISTEN_BACKLOG: u32 = 1024;
 
 impl Proxy {
     /// Starts the listeners. `registry` gets the proxy's metrics and is
@@ -240,6 +279,17 @@ impl Proxy {
         });
         let outbound = bind(config.outbound).await?;
         let inbound = bind(config.inbound).await?;
+        let outbound_v6 = match config.outbound_ipv6 {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        let outbound_v6_addr = match (&outbound_v6, config.outbound_ipv6) {
+            (Some(l), Some(addr)) => Some(
+                l.local_addr()
+                    .map_err(|source| StartError::Bind { addr, source })?,
+            ),
+            _ => None,
+        };
         let outbound_addr = outbound.local_addr().map_err(|source| StartError::Bind {
             addr: config.outbound,
             source,
@@ -248,19 +298,34 @@ impl Proxy {
             addr: config.inbound,
             source,
         })?;
-        let _ = shared.listeners.set([outbound_addr, inbound_addr]);
+        let _ = shared.listeners.set(
+            [outbound_addr, inbound_addr]
+                .into_iter()
+                .chain(outbound_v6_addr)
+                .collect(),
+        );
         let out = outbound::Outbound::new(shared.clone())?;
         let inn = inbound::Inbound::new(shared.clone())?;
-        let tasks = vec![
-            tokio::spawn(accept(outbound, shared.clone(), move |tcp, s| {
-                let out = out.clone();
-                async move { out.serve(tcp, s).await }
-            })),
-            tokio::spawn(accept(inbound, shared.clone(), move |tcp, s| {
+        let mut tasks = Vec::new();
+        for listener in std::iter::once(outbound).chain(outbound_v6) {
+            let out = out.clone();
+            tasks.push(tokio::spawn(accept(
+                listener,
+                shared.clone(),
+                move |tcp, s| {
+                    let out = out.clone();
+                    async move { out.serve(tcp, s).await }
+                },
+            )));
+        }
+        tasks.push(tokio::spawn(accept(
+            inbound,
+            shared.clone(),
+            move |tcp, s| {
                 let inn = inn.clone();
                 async move { inn.serve(tcp, s).await }
-            })),
-        ];
+            },
+        )));
         let ready = Readiness::default();
         let shutdown = drain.clone();
         let router = crate::admin::router(Arc::new(registry), ready.clone()).route(
@@ -286,7 +351,6 @@ impl Proxy {
             })?;
         // Ready while this proxy has an unexpired certificate (at once,
         // unless the control plane has yet to certify it).
-        let mut tasks = tasks;
         let certified = shared.identity.clone();
         let readiness = ready.clone();
         tasks.push(tokio::spawn(async move {
@@ -311,10 +375,11 @@ impl Proxy {
         if shared.identity.is_certified() {
             ready.set(true);
         }
-        tracing::info!(%outbound_addr, %inbound_addr, admin = %admin.local_addr(), identity = %shared.identity.id(), "proxy started");
+        tracing::info!(%outbound_addr, outbound_ipv6 = ?outbound_v6_addr, %inbound_addr, admin = %admin.local_addr(), identity = %shared.identity.id(), "proxy started");
         Ok(Self {
             shared,
             outbound_addr,
+            outbound_v6_addr,
             inbound_addr,
             admin,
             ready,
@@ -326,6 +391,11 @@ impl Proxy {
     /// The outbound listener's address.
     pub fn outbound_addr(&self) -> SocketAddr {
         self.outbound_addr
+    }
+
+    /// The IPv6 outbound listener's address, if configured.
+    pub fn outbound_ipv6_addr(&self) -> Option<SocketAddr> {
+        self.outbound_v6_addr
     }
 
     /// The inbound listener's address.

@@ -119,6 +119,30 @@ fn bad_flags_and_missing_identity_are_clear_errors() {
 }
 
 #[test]
+fn the_ipv6_outbound_listener_must_be_loopback_on_the_outbound_port() {
+    for (addr, why) in [
+        ("[::]:4140", "IPv6 loopback"),
+        ("127.0.0.1:4140", "IPv6 loopback"),
+        ("[::1]:4141", "the outbound listener's port"),
+    ] {
+        let out = bin()
+            .args(["run", "--inbound-target", "127.0.0.1:1"])
+            .args(["--trust-anchors", "/nonexistent"])
+            .args(["--identity", "spiffe://t/ns/a/sa/b"])
+            .args(["--issuer-cert", "/c", "--issuer-key", "/k"])
+            .args(["--outbound-listen-ipv6", addr])
+            .output()
+            .expect("runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{addr}: {stderr}");
+        assert!(
+            stderr.contains("outbound-listen-ipv6") && stderr.contains(why),
+            "{addr}: {stderr}"
+        );
+    }
+}
+
+#[test]
 fn trust_anchors_come_from_exactly_one_place() {
     for args in [
         &["run", "--inbound-target", "127.0.0.1:1"][..],

@@ -195,6 +195,16 @@ fn loopback() -> SocketAddr {
 }
 
 async fn pair(server_id_expected: Option<SpiffeId>) -> Pair {
+    pair_listening(server_id_expected, loopback(), None).await
+}
+
+/// [`pair`] with the server proxy's inbound listener on `server_inbound`
+/// and the client proxy's IPv6 outbound listener on `client_outbound_v6`.
+async fn pair_listening(
+    server_id_expected: Option<SpiffeId>,
+    server_inbound: SocketAddr,
+    client_outbound_v6: Option<SocketAddr>,
+) -> Pair {
     strait_proxy::tls::install_default_provider();
     if let Ok(filter) = std::env::var("STRAIT_TEST_LOG") {
         let _ = tracing_subscriber::fmt()
@@ -208,6 +218,7 @@ async fn pair(server_id_expected: Option<SpiffeId>) -> Pair {
     let server_identity = identity(&issuer, "web");
     let server = server_proxy(
         ProxyConfig {
+            inbound: server_inbound,
             inbound_target: Some(app),
             ..local_config()
         },
@@ -254,6 +265,7 @@ async fn pair(server_id_expected: Option<SpiffeId>) -> Pair {
     let client = Proxy::start(
         ProxyConfig {
             outbound: loopback(),
+            outbound_ipv6: client_outbound_v6,
             inbound: loopback(),
             admin: loopback(),
             inbound_target: Some(app),
@@ -642,7 +654,7 @@ async fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> String {
             .await
             .expect("a response in time")
             .expect("read");
-        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&buf));
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(buf));
         buf.extend_from_slice(&chunk[..n]);
     }
 }
@@ -875,4 +887,42 @@ async fn a_mesh_stream_of_unknown_protocol_is_detected_unless_its_port_is_opaque
         "{:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dual_stack_listeners() {
+    // The server's inbound listener on [::] takes the client proxy's IPv4
+    // mesh connection; the client's IPv6 outbound listener serves an
+    // application connecting over IPv6 loopback.
+    let p = pair_listening(
+        None,
+        "[::]:0".parse().expect("addr"),
+        Some("[::1]:0".parse().expect("addr")),
+    )
+    .await;
+    assert!(p.server.inbound_addr().is_ipv6());
+    let v6 = p
+        .client
+        .outbound_ipv6_addr()
+        .expect("an IPv6 outbound listener");
+    assert!(v6.ip().is_loopback() && v6.is_ipv6(), "{v6}");
+    for addr in [p.client.outbound_addr(), v6] {
+        let rsp = raw_http1(
+            addr,
+            "GET /dual HTTP/1.1\r\nhost: web.demo\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(rsp.starts_with("HTTP/1.1 200"), "{addr}: {rsp}");
+        assert!(rsp.ends_with("/dual host=web.demo body=0"), "{addr}: {rsp}");
+    }
+    let m = metrics_containing(
+        &p.client,
+        "strait_proxy_requests_total{direction=\"outbound\",authority=\"web.demo:80\",tls=\"true\"} 2",
+    )
+    .await;
+    assert!(
+        m.contains("strait_proxy_requests_total{direction=\"outbound\",authority=\"web.demo:80\",tls=\"true\"} 2"),
+        "{m}"
+    );
+    let _ = (&p.app, &p.client_registry);
 }

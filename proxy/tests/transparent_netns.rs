@@ -132,24 +132,7 @@ impl Topology {
         preflight();
         let bin_dir = tempfile::tempdir().expect("tempdir");
         let bin = helper_binary(bin_dir.path());
-        let pod = Netns::add("pod", n);
-        let peer = Netns::add("peer", n);
-        pod.ip(&[
-            "link", "add", "veth0", "type", "veth", "peer", "name", "veth1", "netns", &peer.name,
-        ]);
-        for (ns, dev, host) in [(&pod, "veth0", 1), (&peer, "veth1", 2)] {
-            ns.ip(&["addr", "add", &format!("10.213.{n}.{host}/24"), "dev", dev]);
-            ns.ip(&[
-                "addr",
-                "add",
-                &format!("fd00:213:{n}::{host}/64"),
-                "dev",
-                dev,
-                "nodad",
-            ]);
-            ns.ip(&["link", "set", "lo", "up"]);
-            ns.ip(&["link", "set", dev, "up"]);
-        }
+        let (pod, peer) = netns::linked_pair(n);
         Topology {
             running: Vec::new(),
             pod,

@@ -2,7 +2,8 @@
 //! namespaces.
 //!
 //! A "pod" namespace and a "peer" namespace are joined by a veth pair
-//! (`10.213.N.1` in the pod, `10.213.N.2` in the peer). In the pod,
+//! (`10.213.N.1` and `fd00:213:N::1` in the pod, `.2` and `::2` in the
+//! peer). In the pod,
 //! `strait-proxy init --proxy-uid 2102` installs the rules and
 //! `strait-proxy run --transparent` runs as uid 2102, next to an
 //! "application" (an HTTP server on `127.0.0.1:8080`, as `nobody`). The
@@ -19,11 +20,13 @@
 //!   inbound proxy;
 //! - opaque TCP (a client that speaks first, not HTTP) goes through byte
 //!   for byte;
-//! - SIGTERM makes the proxy exit 0 within a few seconds.
+//! - SIGTERM makes the proxy exit 0 within a few seconds;
+//! - in a dual-stack pod (`init --ipv6`, the proxy on `[::1]:4140` as well,
+//!   `[::]` inbound), IPv6 traffic out and in, and IPv4 in, go the same way.
 //!
 //! The servers and the TCP client are roles of this very binary, executed
 //! again inside a namespace (the `transparent_proxy_helper` entry point),
-//! so nothing but `ip`, `iptables`, `setpriv` and `curl` is needed: run
+//! so nothing but `ip`, `iptables`, `ip6tables`, `setpriv` and `curl` is needed: run
 //! `scripts/install-test-tools.sh` if one is missing. Needs root. The
 //! namespaces, and with them the veth pair, are deleted and every process
 //! started is killed when the test ends, pass or fail.
@@ -55,6 +58,27 @@ const IDENTITY: &str = "spiffe://t.strait.local/ns/demo/sa/app";
 /// The longest any single step (a request, a readiness wait, a metric to
 /// settle, the proxy's exit) may take.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+/// The proxy's listeners in an IPv4 pod (its defaults, spelt out).
+const IPV4_LISTENERS: &[&str] = &[
+    "--outbound-listen",
+    "127.0.0.1:4140",
+    "--inbound-listen",
+    "0.0.0.0:4143",
+    "--admin-listen",
+    "0.0.0.0:4191",
+];
+/// The proxy's listeners in a dual-stack pod (what the injector sets with
+/// `ipv6`).
+const DUAL_STACK_LISTENERS: &[&str] = &[
+    "--outbound-listen",
+    "127.0.0.1:4140",
+    "--outbound-listen-ipv6",
+    "[::1]:4140",
+    "--inbound-listen",
+    "[::]:4143",
+    "--admin-listen",
+    "[::]:4191",
+];
 /// How long the proxy may take to exit after SIGTERM when idle.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -201,6 +225,8 @@ fn preflight() {
             "ip",
             "iptables-save",
             "iptables-restore",
+            "ip6tables-save",
+            "ip6tables-restore",
             "setpriv",
             "curl",
             "sh",
@@ -330,7 +356,7 @@ struct Pod {
 
 impl Pod {
     /// Namespaces `strait-{pod,peer}-<pid>-<n>`, addresses in
-    /// `10.213.<n>.0/24`.
+    /// `10.213.<n>.0/24` and `fd00:213:<n>::/64`.
     fn new() -> Pod {
         static NEXT: AtomicU8 = AtomicU8::new(0);
         preflight();
@@ -347,16 +373,8 @@ impl Pod {
         let logs = dir.path().join("logs");
         std::fs::create_dir(&logs).expect("mkdir logs");
 
-        let pod = Netns::add("pod", n);
-        let peer = Netns::add("peer", n);
-        pod.ip(&[
-            "link", "add", "veth0", "type", "veth", "peer", "name", "veth1", "netns", &peer.name,
-        ]);
-        for (ns, dev, host) in [(&pod, "veth0", 1), (&peer, "veth1", 2)] {
-            ns.ip(&["addr", "add", &format!("10.213.{n}.{host}/24"), "dev", dev]);
-            ns.ip(&["link", "set", "lo", "up"]);
-            ns.ip(&["link", "set", dev, "up"]);
-        }
+        // Dual-stack, as a pod in a dual-stack cluster.
+        let (pod, peer) = netns::linked_pair(n);
         Pod {
             running: Vec::new(),
             proxy: None,
@@ -376,6 +394,16 @@ impl Pod {
 
     fn peer_ip(&self) -> String {
         format!("10.213.{}.2", self.n)
+    }
+
+    /// The pod's IPv6 address, bracketed for a URL or socket address.
+    fn pod_ip6(&self) -> String {
+        format!("[fd00:213:{}::1]", self.n)
+    }
+
+    /// The peer's IPv6 address, bracketed.
+    fn peer_ip6(&self) -> String {
+        format!("[fd00:213:{}::2]", self.n)
     }
 
     /// This binary as a helper role, in `ns` as `uid`.
@@ -418,18 +446,20 @@ impl Pod {
         });
     }
 
-    /// `strait-proxy init --proxy-uid 2102` in the pod; what it printed.
-    fn init(&self) -> String {
+    /// `strait-proxy init --proxy-uid 2102 EXTRA...` in the pod; what it
+    /// printed.
+    fn init(&self, extra: &[&str]) -> String {
         run(self
             .pod
             .exec(None, &self.proxy_bin)
-            .args(["init", "--proxy-uid", PROXY_UID]))
+            .args(["init", "--proxy-uid", PROXY_UID])
+            .args(extra))
         .0
     }
 
-    /// `strait-proxy run --transparent` in the pod as uid 2102, once
-    /// `/ready` answers 200.
-    fn start_proxy(&mut self) {
+    /// `strait-proxy run --transparent` in the pod as uid 2102 with its
+    /// `listeners` flags, once `/ready` answers 200.
+    fn start_proxy(&mut self, listeners: &[&str]) {
         let logs = self.dir.path().join("logs");
         let (out, err) = (logs.join("proxy.out"), logs.join("proxy.err"));
         let file = |p: &Path| std::fs::File::create(p).expect("create log file");
@@ -444,9 +474,7 @@ impl Pod {
             .arg(cert("issuer.pem"))
             .arg("--issuer-key")
             .arg(cert("issuer.key"))
-            .args(["--outbound-listen", "127.0.0.1:4140"])
-            .args(["--inbound-listen", "0.0.0.0:4143"])
-            .args(["--admin-listen", "0.0.0.0:4191"])
+            .args(listeners)
             .args(["--detect-timeout-ms", "200"])
             .env("STRAIT_LOG", "warn,strait_proxy=info")
             .stdin(Stdio::null())
@@ -539,7 +567,7 @@ fn write_certs(dir: &Path) {
 fn the_real_proxy_carries_a_pods_traffic_transparently_and_exits_on_sigterm() {
     let mut t = Pod::new();
     let (pod_ip, peer_ip) = (t.pod_ip(), t.peer_ip());
-    let applied = t.init();
+    let applied = t.init(&[]);
     assert!(applied.contains("IPv4 rules installed with "), "{applied}");
 
     // The application listens on loopback only: from outside it is
@@ -547,7 +575,7 @@ fn the_real_proxy_carries_a_pods_traffic_transparently_and_exits_on_sigterm() {
     t.start_helper(true, Some(APP_UID), &["http", "127.0.0.1:8080", "app"]);
     t.start_helper(false, Some(APP_UID), &["http", "0.0.0.0:8080", "peer"]);
     t.start_helper(false, Some(APP_UID), &["echo", "0.0.0.0:9000"]);
-    t.start_proxy();
+    t.start_proxy(IPV4_LISTENERS);
 
     // a. Outbound HTTP: the application's request is redirected to the
     // proxy, which reads SO_ORIGINAL_DST and forwards to the unmeshed
@@ -657,5 +685,66 @@ fn the_real_proxy_carries_a_pods_traffic_transparently_and_exits_on_sigterm() {
     eprintln!(
         "strait-proxy exited {status} {:?} after SIGTERM",
         signalled.elapsed()
+    );
+}
+
+#[test]
+fn a_dual_stack_pods_ipv6_and_ipv4_traffic_is_carried_transparently() {
+    let mut t = Pod::new();
+    let (pod_ip, pod_ip6, peer_ip6) = (t.pod_ip(), t.pod_ip6(), t.peer_ip6());
+    let applied = t.init(&["--ipv6"]);
+    assert!(applied.contains("IPv6 rules with "), "{applied}");
+
+    t.start_helper(true, Some(APP_UID), &["http", "127.0.0.1:8080", "app"]);
+    t.start_helper(false, Some(APP_UID), &["http", "[::]:8080", "peer"]);
+    t.start_helper(false, Some(APP_UID), &["echo", "[::]:9000"]);
+    t.start_proxy(DUAL_STACK_LISTENERS);
+
+    // a. Outbound over IPv6: ip6tables redirects the application's
+    // connection to [::1]:4140, and the proxy finds the original IPv6
+    // destination.
+    let peer_http = format!("{peer_ip6}:8080");
+    let (code, body) = t
+        .pod
+        .curl(Some(APP_UID), &format!("http://{peer_http}/six.txt"));
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body, format!("peer: GET /six.txt host={peer_http}\n"));
+    t.wait_for_metric(
+        &format!(
+            r#"strait_proxy_requests_total{{direction="outbound",authority="{peer_http}",tls="false"}}"#
+        ),
+        1,
+    );
+
+    // b. Inbound over IPv6 and over IPv4: both reach the dual-stack inbound
+    // listener and the application on loopback.
+    for ip in [&pod_ip6, &pod_ip] {
+        let pod_http = format!("{ip}:8080");
+        let (code, body) = t.peer.curl(None, &format!("http://{pod_http}/in"));
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body, format!("app: GET /in host={pod_http}\n"));
+        t.wait_for_metric(
+            &format!(
+                r#"strait_proxy_requests_total{{direction="inbound",authority="{pod_http}",tls="false"}}"#
+            ),
+            1,
+        );
+    }
+
+    // c. The admin port answers over IPv6, directly.
+    let (code, body) = t.peer.curl(None, &format!("http://{pod_ip6}:4191/ready"));
+    assert_eq!((code, body.as_str()), (200, "ready\n"));
+
+    // d. Opaque TCP over IPv6, byte for byte.
+    let len = 64 * 1024;
+    let echoed = t.send_from_pod(&format!("{peer_ip6}:9000"), len);
+    assert!(
+        echoed == payload(len),
+        "the echo differs: {} bytes back of {len}",
+        echoed.len()
+    );
+    t.wait_for_metric(
+        r#"strait_tcp_bytes_total{direction="outbound",tls="false",flow="read"}"#,
+        len as u64,
     );
 }

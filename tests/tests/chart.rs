@@ -766,6 +766,7 @@ fn config_file_has_the_gateway_shape() {
                 "certFile": "/var/run/strait/injector/tls.crt",
                 "keyFile": "/var/run/strait/injector/tls.key",
                 "image": "ghcr.io/strait/strait-proxy:0.1.0",
+                "ipv6": false,
             },
         })
     );
@@ -942,6 +943,7 @@ fn injected_workloads_pass_strict_validation() {
         trust_anchors_pem: root.cert_pem,
         control_plane_namespace: NAMESPACE.into(),
         destination_mtls: true,
+        ipv6: true,
     };
     let manifests = r#"
 apiVersion: apps/v1
@@ -1093,6 +1095,17 @@ fn the_injector_webhook_is_wired_to_the_gateway() {
     )
     .expect("config");
     assert!(config.get("injector").is_none());
+
+    // A dual-stack cluster's sidecars redirect and serve IPv6 too.
+    let v6 = documents(&render(&["--set", "injector.ipv6=true"]));
+    let text = find(&v6, "ConfigMap", "strait-gateway-config")["data"]["config.yaml"]
+        .as_str()
+        .expect("config.yaml")
+        .to_string();
+    let config =
+        strait_gateway::config::GatewayConfig::parse(&text, std::path::Path::new("config.yaml"))
+            .expect("the gateway reads it");
+    assert!(config.injector.expect("injector").ipv6, "{text}");
 }
 
 /// The injector needs native sidecars (Kubernetes 1.29); with a

@@ -76,6 +76,7 @@ async fn a_new_pod_is_patched_over_https_and_bad_calls_are_refused() {
         cert_file,
         key_file,
         image: "example.test/strait-proxy:9".into(),
+        ipv6: true,
     });
     let gw = bed.start(config).await;
     let addr = gw.injector_addr().expect("the injector listens");
@@ -130,6 +131,16 @@ async fn a_new_pod_is_patched_over_https_and_bad_calls_are_refused() {
         Some("spiffe://west.strait.local/ns/$(STRAIT_POD_NS)/sa/$(STRAIT_POD_SA)")
     );
     assert_eq!(patched["metadata"]["labels"]["strait.io/meshed"], "true");
+    // The gateway's `injector.ipv6` reaches the pods.
+    assert_eq!(
+        env("STRAIT_PROXY_OUTBOUND_LISTEN_IPV6").as_deref(),
+        Some("[::1]:4140")
+    );
+    assert!(patched["spec"]["initContainers"][0]["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .any(|a| a == "--ipv6"));
 
     // Not a review, not a POST: errors, and the injector keeps serving.
     let (status, _) = call(addr, &cert, "POST", b"{\"kind\": 3").await;
@@ -160,6 +171,7 @@ async fn a_missing_certificate_is_a_clear_start_error() {
         cert_file: bed.path().join("nope.crt"),
         key_file: bed.path().join("nope.key"),
         image: "example.test/strait-proxy:9".into(),
+        ipv6: false,
     });
     let err = strait_gateway::Gateway::start(config)
         .await

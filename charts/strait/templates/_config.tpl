@@ -34,5 +34,6 @@ injector:
   certFile: /var/run/strait/injector/tls.crt
   keyFile: /var/run/strait/injector/tls.key
   image: {{ printf "%s:%s" .Values.injector.proxyImage.repository (default .Chart.AppVersion .Values.injector.proxyImage.tag) }}
+  ipv6: {{ .Values.injector.ipv6 }}
 {{- end }}
 {{- end -}}

@@ -130,6 +130,10 @@ enum Command {
         /// `listen.destinationMtls`).
         #[arg(long)]
         destination_mtls: bool,
+        /// Pods have IPv6 addresses (dual-stack or IPv6 cluster): redirect
+        /// and serve IPv6 too.
+        #[arg(long)]
+        ipv6: bool,
     },
     /// The linked peer gateways as this cluster sees them: alive, imports,
     /// round-trip time (from the Links' status).
@@ -173,6 +177,7 @@ fn inject(
     image: String,
     control_plane_namespace: String,
     destination_mtls: bool,
+    ipv6: bool,
 ) -> anyhow::Result<()> {
     use std::io::Read;
     use strait_gateway::k8s::inject::{inject_yaml, InjectConfig, Outcome};
@@ -205,6 +210,7 @@ fn inject(
         trust_anchors_pem,
         control_plane_namespace,
         destination_mtls,
+        ipv6,
     };
     let (yaml, reports) = inject_yaml(&input, &config)?;
     print!("{yaml}");
@@ -528,6 +534,7 @@ fn main() -> ExitCode {
             image,
             control_plane_namespace,
             destination_mtls,
+            ipv6,
         } => inject(
             &file,
             (cluster, trust_domain),
@@ -535,6 +542,7 @@ fn main() -> ExitCode {
             image,
             control_plane_namespace,
             destination_mtls,
+            ipv6,
         ),
         Command::Crds => strait_gateway::k8s::crd::crds_yaml()
             .map(|y| print!("{y}"))

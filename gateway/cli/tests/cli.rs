@@ -311,6 +311,22 @@ fn inject_adds_the_proxy_and_refuses_bad_anchors() {
         "{stdout}"
     );
     assert!(stderr.contains("deployment/web injected"), "{stderr}");
+    assert!(!stdout.contains("--ipv6"), "{stdout}");
+    let out = run(&[
+        "inject",
+        "--cluster",
+        "west",
+        "--ipv6",
+        "--trust-anchors",
+        "root.pem",
+        "web.yaml",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        stdout.contains("--ipv6") && stdout.contains("STRAIT_PROXY_OUTBOUND_LISTEN_IPV6"),
+        "{stdout}"
+    );
 
     std::fs::write(dir.path().join("bad.pem"), "not a certificate").expect("write");
     let out = run(&[

@@ -83,6 +83,11 @@ pub struct InjectConfig {
     /// Speak mTLS to destination discovery (the gateway's
     /// `listen.destinationMtls`).
     pub destination_mtls: bool,
+    /// The cluster gives pods IPv6 addresses (dual-stack or IPv6 only):
+    /// the init container redirects IPv6 traffic too (`--ipv6`), the proxy
+    /// listens on `[::]` for inbound and admin traffic and on `[::1]` for
+    /// the application's IPv6 connections out.
+    pub ipv6: bool,
 }
 
 /// What happened to one object.
@@ -398,6 +403,13 @@ fn proxy_container(config: &InjectConfig, ports: &[(&str, String)], threads: u16
         json!({"name": "STRAIT_PROXY_TRUST_ANCHORS_PEM", "value": config.trust_anchors_pem}),
         json!({"name": "STRAIT_THREADS", "value": threads.to_string()}),
     ];
+    if config.ipv6 {
+        env.extend([
+            json!({"name": "STRAIT_PROXY_INBOUND_LISTEN", "value": "[::]:4143"}),
+            json!({"name": "STRAIT_PROXY_ADMIN_LISTEN", "value": "[::]:4191"}),
+            json!({"name": "STRAIT_PROXY_OUTBOUND_LISTEN_IPV6", "value": "[::1]:4140"}),
+        ]);
+    }
     if config.destination_mtls {
         let gateway = format!(
             "spiffe://{}/ns/{}/sa/{}",
@@ -457,6 +469,9 @@ fn init_container(config: &InjectConfig, ports: &[(&str, String)]) -> Value {
             args.push(value.clone());
         }
     }
+    if config.ipv6 {
+        args.push("--ipv6".to_string());
+    }
     json!({
         "name": INIT_CONTAINER,
         "image": config.image,
@@ -490,6 +505,7 @@ pub(crate) fn test_config() -> InjectConfig {
         trust_anchors_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
         control_plane_namespace: "strait-system".into(),
         destination_mtls: false,
+        ipv6: false,
     }
 }
 

@@ -125,6 +125,26 @@ impl Netns {
     }
 }
 
+/// A "pod" and a "peer" namespace joined by a veth pair: `veth0` in the
+/// pod with `10.213.<n>.1/24` and `fd00:213:<n>::1/64`, `veth1` in the peer
+/// with `.2` and `::2` (dual-stack; no duplicate address detection, so the
+/// IPv6 addresses are usable at once); loopback up in both.
+pub fn linked_pair(n: u8) -> (Netns, Netns) {
+    let pod = Netns::add("pod", n);
+    let peer = Netns::add("peer", n);
+    pod.ip(&[
+        "link", "add", "veth0", "type", "veth", "peer", "name", "veth1", "netns", &peer.name,
+    ]);
+    for (ns, dev, host) in [(&pod, "veth0", 1), (&peer, "veth1", 2)] {
+        ns.ip(&["addr", "add", &format!("10.213.{n}.{host}/24"), "dev", dev]);
+        let v6 = format!("fd00:213:{n}::{host}/64");
+        ns.ip(&["addr", "add", &v6, "dev", dev, "nodad"]);
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns.ip(&["link", "set", dev, "up"]);
+    }
+    (pod, peer)
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         match Command::new("ip")

@@ -328,6 +328,50 @@ fn destination_mtls_pins_the_gateway() {
 }
 
 #[test]
+fn ipv6_pods_redirect_and_listen_on_both_families() {
+    let spec_of = |config: &InjectConfig| {
+        let (out, _) = inject_yaml(DEPLOYMENT, config).expect("inject");
+        let docs: Vec<Value> = serde_saphyr::from_str_multiple(&out).expect("YAML");
+        docs[0]["spec"]["template"]["spec"].clone()
+    };
+    let ipv6 = InjectConfig {
+        ipv6: true,
+        ..config()
+    };
+    let spec = spec_of(&ipv6);
+    let init = &spec["initContainers"][0];
+    let args: Vec<&str> = init["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(args.last(), Some(&"--ipv6"), "{args:?}");
+    let proxy = &spec["initContainers"][1];
+    for (name, value) in [
+        ("STRAIT_PROXY_INBOUND_LISTEN", "[::]:4143"),
+        ("STRAIT_PROXY_ADMIN_LISTEN", "[::]:4191"),
+        ("STRAIT_PROXY_OUTBOUND_LISTEN_IPV6", "[::1]:4140"),
+    ] {
+        assert_eq!(env(proxy, name), Some(value), "{name}");
+    }
+    // An IPv4 cluster's pods get neither (the proxy's defaults hold).
+    let spec = spec_of(&config());
+    assert!(!spec["initContainers"][0]["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .any(|a| a == "--ipv6"));
+    assert_eq!(
+        env(
+            &spec["initContainers"][1],
+            "STRAIT_PROXY_OUTBOUND_LISTEN_IPV6"
+        ),
+        None
+    );
+}
+
+#[test]
 fn the_threads_annotation_sets_the_proxy_threads() {
     // Quoted or, as YAML allows, a bare number.
     for value in ["\"2\"", "2"] {
