@@ -10,7 +10,7 @@
 //! at once and decays towards faster ones with time constant `decay`, so a
 //! slow endpoint loses traffic immediately and earns it back gradually.
 
-use std::collections::HashMap;
+use crate::FastMap;
 use std::hash::Hash;
 use std::time::{Duration, Instant};
 
@@ -84,7 +84,7 @@ struct Endpoint {
 #[derive(Debug)]
 pub struct Balancer<K> {
     config: BalanceConfig,
-    endpoints: HashMap<K, Endpoint>,
+    endpoints: FastMap<K, Endpoint>,
     order: Vec<K>,
     rng: u64,
 }
@@ -103,7 +103,7 @@ impl<K: Clone + Eq + Hash> Balancer<K> {
     pub fn new(config: BalanceConfig, seed: u64) -> Self {
         Self {
             config,
-            endpoints: HashMap::new(),
+            endpoints: FastMap::default(),
             order: Vec::new(),
             rng: seed | 1,
         }
@@ -117,7 +117,7 @@ impl<K: Clone + Eq + Hash> Balancer<K> {
             // The common case, once per request: nothing changed.
             return;
         }
-        let mut next = HashMap::new();
+        let mut next = FastMap::default();
         let mut order = Vec::new();
         let default_ns = self.config.default_rtt.as_nanos() as f64;
         for k in keys {

@@ -57,7 +57,7 @@ pub trait Resolve: Send + Sync {
 /// A fixed table of destinations.
 #[derive(Clone, Debug, Default)]
 pub struct StaticResolver {
-    table: HashMap<String, Destination>,
+    table: crate::FastMap<String, Destination>,
 }
 
 #[derive(Debug, Deserialize)]

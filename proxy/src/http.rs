@@ -14,7 +14,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
-use crate::metrics::{HttpMetrics, RequestLabels, ResponseLabels};
+use crate::metrics::RouteMetrics;
 
 /// The error of a body (hyper's, h2's, or a client's).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -38,6 +38,10 @@ fn into_box_error<E: Into<BoxError>>(e: E) -> BoxError {
 /// Marks an HTTP/1 request carried over the HTTP/2 connection between two
 /// proxies, so the receiving proxy sends it on as HTTP/1.
 pub const ORIG_PROTO: HeaderName = HeaderName::from_static("strait-orig-proto");
+
+/// Marks a response the proxy made itself (it could not reach the
+/// application), as opposed to the application's own.
+pub const PROXY_ERROR: HeaderName = HeaderName::from_static("strait-proxy-error");
 
 /// Headers that belong to one hop only (RFC 9110, 7.6.1) and must not be
 /// forwarded; HTTP/2 forbids them outright.
@@ -104,7 +108,7 @@ pub fn error_response(status: StatusCode, why: &str) -> Response<Body> {
         HeaderValue::from_static("text/plain"),
     );
     rsp.headers_mut()
-        .insert("strait-proxy-error", HeaderValue::from_static("true"));
+        .insert(PROXY_ERROR, HeaderValue::from_static("true"));
     rsp
 }
 
@@ -177,41 +181,30 @@ pub fn from_mesh(mut req: Request<Body>) -> Request<Body> {
 /// else from trailers) and latency to the response headers.
 pub struct Observed {
     inner: Body,
-    metrics: HttpMetrics,
-    labels: ResponseLabels,
+    route: std::sync::Arc<RouteMetrics>,
+    status_class: &'static str,
+    grpc_status: &'static str,
     done: bool,
 }
 
 impl Observed {
-    /// Wraps `rsp`'s body. `started` is when the request arrived.
+    /// Wraps `rsp`'s body, counting it in `route`'s series. `started` is
+    /// when the request arrived.
     pub fn wrap(
         rsp: Response<Body>,
-        metrics: HttpMetrics,
-        request: &RequestLabels,
+        route: std::sync::Arc<RouteMetrics>,
         started: Instant,
     ) -> Response<Body> {
-        let status = rsp.status();
-        let grpc = grpc_status(rsp.headers());
-        metrics
-            .latency
-            .get_or_create(&crate::metrics::LatencyLabels {
-                direction: request.direction,
-                status_class: status_class(status),
-            })
-            .observe(started.elapsed().as_secs_f64());
-        let labels = ResponseLabels {
-            direction: request.direction,
-            authority: request.authority.clone(),
-            tls: request.tls,
-            status_class: status_class(status),
-            grpc_status: grpc.unwrap_or_default(),
-        };
+        let status_class = status_class(rsp.status());
+        route.latency(status_class, started.elapsed().as_secs_f64());
+        let grpc_status = grpc_status(rsp.headers()).unwrap_or_default();
         let end_now = rsp.body().is_end_stream();
         rsp.map(|inner| {
             let mut o = Observed {
                 inner,
-                metrics,
-                labels,
+                route,
+                status_class,
+                grpc_status,
                 done: false,
             };
             if end_now {
@@ -224,7 +217,7 @@ impl Observed {
     fn finish(&mut self) {
         if !self.done {
             self.done = true;
-            self.metrics.responses.get_or_create(&self.labels).inc();
+            self.route.response(self.status_class, self.grpc_status);
         }
     }
 }
@@ -248,13 +241,13 @@ impl HttpBody for Observed {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(trailers) = frame.trailers_ref() {
                     if let Some(code) = grpc_status(trailers) {
-                        self.labels.grpc_status = code;
+                        self.grpc_status = code;
                     }
                 }
             }
             Poll::Ready(None) => self.finish(),
             Poll::Ready(Some(Err(_))) => {
-                self.labels.status_class = "error";
+                self.status_class = "error";
                 self.finish();
             }
             Poll::Pending => {}
@@ -271,14 +264,23 @@ impl HttpBody for Observed {
     }
 }
 
-fn grpc_status(headers: &HeaderMap) -> Option<String> {
-    let v = headers.get("grpc-status")?.to_str().ok()?;
-    // Bounded: gRPC codes are 0-16; anything else is one label value.
-    match v.parse::<u8>() {
-        Ok(n) if n <= 16 => Some(n.to_string()),
-        _ => Some("invalid".to_string()),
-    }
+/// The `grpc-status` label value of `headers`: one of the codes 0-16, or
+/// `invalid` (a bounded set, no allocation).
+fn grpc_status(headers: &HeaderMap) -> Option<&'static str> {
+    const CODES: [&str; 17] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    ];
+    let v = headers.get(&GRPC_STATUS)?;
+    Some(
+        std::str::from_utf8(v.as_bytes())
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .and_then(|n| CODES.get(n).copied())
+            .unwrap_or("invalid"),
+    )
 }
+
+static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// Whether `req` asks to switch protocols (WebSocket and the like).
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {

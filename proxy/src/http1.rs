@@ -8,7 +8,7 @@
 //! races a dial against every checkout that finds none ready, and its
 //! connections come back through a task of their own per response).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -65,7 +65,7 @@ struct Idle {
 
 #[derive(Default)]
 struct Conns {
-    by_addr: HashMap<SocketAddr, VecDeque<Idle>>,
+    by_addr: crate::FastMap<SocketAddr, VecDeque<Idle>>,
     last_sweep: Option<Instant>,
 }
 

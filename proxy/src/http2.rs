@@ -138,7 +138,7 @@ impl<F: Future + Unpin> Future for Batched<F> {
 /// it.
 #[derive(Debug)]
 pub struct Pool<K> {
-    conns: std::sync::Mutex<std::collections::HashMap<K, Sender>>,
+    conns: std::sync::Mutex<crate::FastMap<K, Sender>>,
 }
 
 impl<K> Default for Pool<K> {

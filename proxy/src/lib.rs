@@ -26,3 +26,10 @@ pub mod sidecar;
 pub mod tls;
 pub mod transparent;
 pub mod transport;
+
+/// A hash map with foldhash's seeded hasher: the maps a request looks up
+/// (balancers, pools, metric labels) hash a few short keys each time, where
+/// SipHash cost more than the lookups themselves.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+/// A set with foldhash's seeded hasher (see [`FastMap`]).
+pub type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;

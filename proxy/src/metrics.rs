@@ -2,7 +2,7 @@
 //! encoder behind `/metrics`. Every name starts with `strait_`; label values
 //! come from bounded sets.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -138,7 +138,7 @@ pub struct DirectionLabels {
 pub struct RequestLabels {
     /// `inbound` or `outbound`.
     pub direction: &'static str,
-    /// The request's authority, bounded (see [`HttpMetrics::authority`]).
+    /// The request's authority, bounded (see [`HttpMetrics::route`]).
     pub authority: String,
     /// `true` when the connection to the peer proxy is (or was) mTLS.
     pub tls: &'static str,
@@ -156,7 +156,7 @@ pub struct ResponseLabels {
     /// `2xx`... or `error` when the body failed midway.
     pub status_class: &'static str,
     /// `grpc-status` of gRPC responses (0-16, `invalid`), empty otherwise.
-    pub grpc_status: String,
+    pub grpc_status: &'static str,
 }
 
 /// Labels of the latency histogram.
@@ -206,8 +206,86 @@ pub struct HttpMetrics {
     /// Idle HTTP/1 connections parked (hyper's buffers freed), by
     /// direction.
     pub parked: Family<DirectionLabels, Gauge>,
-    authorities: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// Series handles by authority label, then direction and tls.
+    routes: Arc<Mutex<crate::FastMap<String, Vec<Arc<RouteMetrics>>>>>,
 }
+
+/// The series of one direction, authority and tls, taken from the
+/// families once: a request then counts without hashing its labels (the
+/// families' maps use SipHash over every label value).
+#[derive(Debug)]
+pub struct RouteMetrics {
+    labels: RequestLabels,
+    requests: Counter,
+    responses: Family<ResponseLabels, Counter>,
+    latency: Family<LatencyLabels, Histogram>,
+    /// Responses and latencies by (status class, grpc status) and status
+    /// class, as they are first seen (a handful each).
+    seen: Mutex<Seen>,
+}
+
+#[derive(Debug, Default)]
+struct Seen {
+    responses: Vec<(&'static str, &'static str, Counter)>,
+    latency: Vec<(&'static str, Histogram)>,
+}
+
+impl RouteMetrics {
+    /// The labels of these series.
+    pub fn labels(&self) -> &RequestLabels {
+        &self.labels
+    }
+
+    /// Counts a request.
+    pub fn request(&self) {
+        self.requests.inc();
+    }
+
+    /// Counts a finished response.
+    pub fn response(&self, status_class: &'static str, grpc_status: &'static str) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, _, c)) = seen
+            .responses
+            .iter()
+            .find(|(s, g, _)| *s == status_class && *g == grpc_status)
+        {
+            c.inc();
+            return;
+        }
+        let c = self
+            .responses
+            .get_or_create(&ResponseLabels {
+                direction: self.labels.direction,
+                authority: self.labels.authority.clone(),
+                tls: self.labels.tls,
+                status_class,
+                grpc_status,
+            })
+            .clone();
+        c.inc();
+        seen.responses.push((status_class, grpc_status, c));
+    }
+
+    /// Records the time to a response's headers.
+    pub fn latency(&self, status_class: &'static str, seconds: f64) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, h)) = seen.latency.iter().find(|(s, _)| *s == status_class) {
+            h.observe(seconds);
+            return;
+        }
+        let h = self
+            .latency
+            .get_or_create(&LatencyLabels {
+                direction: self.labels.direction,
+                status_class,
+            })
+            .clone();
+        h.observe(seconds);
+        seen.latency.push((status_class, h));
+    }
+}
+
+type Histogram = prometheus_client::metrics::histogram::Histogram;
 
 impl HttpMetrics {
     /// Registers the families in `registry`.
@@ -223,7 +301,7 @@ impl HttpMetrics {
             errors: Family::default(),
             retries: Family::default(),
             parked: Family::default(),
-            authorities: Arc::default(),
+            routes: Arc::default(),
         };
         registry.register(
             "strait_proxy_requests",
@@ -258,18 +336,44 @@ impl HttpMetrics {
         m
     }
 
-    /// The label value for `authority`: itself for the first
+    /// The series of requests in `direction` to `authority` over `tls`.
+    /// The authority label is the authority itself for the first
     /// [`MAX_AUTHORITIES`] seen, `other` after.
-    pub fn authority(&self, authority: &str) -> String {
-        let mut seen = self.authorities.lock().unwrap_or_else(|e| e.into_inner());
-        if seen.contains(authority) {
-            return authority.to_string();
+    pub fn route(
+        &self,
+        direction: &'static str,
+        authority: &str,
+        tls: &'static str,
+    ) -> Arc<RouteMetrics> {
+        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        let label = if routes.contains_key(authority) || routes.len() < MAX_AUTHORITIES {
+            authority
+        } else {
+            "other"
+        };
+        if let Some(r) = routes.get(label).and_then(|v| {
+            v.iter()
+                .find(|r| r.labels.direction == direction && r.labels.tls == tls)
+        }) {
+            return r.clone();
         }
-        if seen.len() < MAX_AUTHORITIES {
-            seen.insert(authority.to_string());
-            return authority.to_string();
-        }
-        "other".to_string()
+        let labels = RequestLabels {
+            direction,
+            authority: label.to_string(),
+            tls,
+        };
+        let route = Arc::new(RouteMetrics {
+            requests: self.requests.get_or_create(&labels).clone(),
+            labels,
+            responses: self.responses.clone(),
+            latency: self.latency.clone(),
+            seen: Mutex::default(),
+        });
+        routes
+            .entry(label.to_string())
+            .or_default()
+            .push(route.clone());
+        route
     }
 
     /// Counts an error.
@@ -358,5 +462,47 @@ impl TcpMetrics {
             m.duration.clone(),
         );
         m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_series_are_shared_and_authorities_bounded() {
+        let mut registry = Registry::default();
+        let http = HttpMetrics::register(&mut registry);
+        let a = http.route("outbound", "web:80", "true");
+        assert!(Arc::ptr_eq(&a, &http.route("outbound", "web:80", "true")));
+        let plain = http.route("outbound", "web:80", "false");
+        assert!(!Arc::ptr_eq(&a, &plain));
+        a.request();
+        a.request();
+        a.response("2xx", "");
+        a.response("2xx", "");
+        a.response("2xx", "7");
+        a.latency("2xx", 0.001);
+        for n in 1..MAX_AUTHORITIES {
+            http.route("inbound", &format!("a{n}:80"), "false");
+        }
+        // Past the bound, and only for a new authority: `other`.
+        let late = http.route("inbound", "late:80", "false");
+        assert_eq!(late.labels().authority, "other");
+        assert_eq!(
+            http.route("inbound", "web:80", "false").labels().authority,
+            "web:80"
+        );
+        late.request();
+        let text = encode(&registry);
+        for series in [
+            r#"strait_proxy_requests_total{direction="outbound",authority="web:80",tls="true"} 2"#,
+            r#"strait_proxy_requests_total{direction="inbound",authority="other",tls="false"} 1"#,
+            r#"strait_proxy_responses_total{direction="outbound",authority="web:80",tls="true",status_class="2xx",grpc_status=""} 2"#,
+            r#"strait_proxy_responses_total{direction="outbound",authority="web:80",tls="true",status_class="2xx",grpc_status="7"} 1"#,
+            r#"strait_proxy_response_latency_seconds_count{direction="outbound",status_class="2xx"} 1"#,
+        ] {
+            assert!(text.contains(series), "{series} in\n{text}");
+        }
     }
 }

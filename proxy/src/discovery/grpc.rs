@@ -26,7 +26,6 @@
 //! All streams share one HTTP/2 connection (a lazily connected tonic
 //! channel, plain TCP: mTLS to the control plane is future work).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
@@ -82,7 +81,7 @@ struct Watch {
 
 #[derive(Debug)]
 struct Cache {
-    watches: HashMap<String, Watch>,
+    watches: crate::FastMap<String, Watch>,
     next_id: u64,
     /// The control plane is unreachable until then: do not wait for it.
     down_until: Option<Instant>,
@@ -110,7 +109,7 @@ impl GrpcResolver {
             uri,
             channel: Arc::default(),
             cache: Arc::new(Mutex::new(Cache {
-                watches: HashMap::new(),
+                watches: crate::FastMap::default(),
                 next_id: 0,
                 down_until: None,
                 last_sweep: Instant::now(),

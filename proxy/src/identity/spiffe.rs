@@ -6,7 +6,9 @@ use std::fmt;
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 #[serde(into = "String")]
 pub struct SpiffeId {
-    uri: String,
+    /// Shared: an ID is cloned into pool keys and endpoint sets on every
+    /// request, and never changes.
+    uri: std::sync::Arc<str>,
     domain_len: usize,
 }
 
@@ -62,7 +64,7 @@ impl SpiffeId {
             }
         }
         Ok(Self {
-            uri: s.to_string(),
+            uri: s.into(),
             domain_len: domain.len(),
         })
     }
@@ -96,7 +98,7 @@ impl fmt::Display for SpiffeId {
 
 impl From<SpiffeId> for String {
     fn from(id: SpiffeId) -> String {
-        id.uri
+        id.uri.to_string()
     }
 }
 

@@ -20,7 +20,7 @@ use crate::detect::{detect, Detected, PrefixedIo};
 use crate::http::{authority_of, error_response, from_mesh, Body, Observed};
 use crate::identity::{identity_of, AllowedPeers, LinkedPeersVerifier};
 use crate::mesh::MESH_ALPN;
-use crate::metrics::{RequestLabels, TcpCloseLabels, TcpLabels};
+use crate::metrics::{TcpCloseLabels, TcpLabels};
 use crate::transport::{self, ProtocolHint};
 
 const DIRECTION: &str = "inbound";
@@ -219,12 +219,8 @@ impl Inbound {
         let started = Instant::now();
         let shared = &self.0.shared;
         let authority = authority_of(&req).unwrap_or_else(|| format!("localhost:{port}"));
-        let labels = RequestLabels {
-            direction: DIRECTION,
-            authority: shared.http.authority(&authority),
-            tls,
-        };
-        shared.http.requests.get_or_create(&labels).inc();
+        let route = shared.http.route(DIRECTION, &authority, tls);
+        route.request();
         if crate::http::is_upgrade(&req) {
             let target: SocketAddr = ([127, 0, 0, 1], port).into();
             // Rare, and its state large: boxed, so every plain request's
@@ -238,7 +234,7 @@ impl Inbound {
                 shared.http.error(DIRECTION, "upstream");
                 error_response(StatusCode::BAD_GATEWAY, "application unavailable")
             });
-            return Observed::wrap(rsp, shared.http.clone(), &labels, started);
+            return Observed::wrap(rsp, route, started);
         }
         let req = from_mesh(req.map(crate::http::boxed));
         // The application is on loopback: the pod's own address would loop
@@ -264,7 +260,7 @@ impl Inbound {
                 error_response(StatusCode::GATEWAY_TIMEOUT, "application timed out")
             }
         };
-        Observed::wrap(rsp, shared.http.clone(), &labels, started)
+        Observed::wrap(rsp, route, started)
     }
 
     async fn forward_tcp<I>(&self, mut io: I, port: u16, tls: &'static str) -> bool

@@ -4,7 +4,7 @@
 //! or directly to unmeshed ones; other traffic goes byte for byte to its
 //! original destination.
 
-use std::collections::HashMap;
+use crate::FastMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -20,7 +20,7 @@ use crate::detect::{detect, Detected, PrefixedIo};
 use crate::discovery::Endpoint;
 use crate::http::{authority_of, error_response, strip_hop_by_hop, to_mesh, Body, Observed};
 use crate::mesh::MeshClient;
-use crate::metrics::{RequestLabels, TcpCloseLabels, TcpLabels};
+use crate::metrics::{TcpCloseLabels, TcpLabels};
 use crate::retry::{is_idempotent, Budget, BudgetConfig, MAX_BUFFERED_BODY};
 use crate::transport::ProtocolHint;
 
@@ -31,7 +31,7 @@ const MAX_ATTEMPTS: u32 = 3;
 /// Whether a response is the peer proxy saying it could not reach its
 /// application (as opposed to the application's own answer).
 fn peer_proxy_failed(rsp: &Response<Body>) -> bool {
-    rsp.headers().contains_key("strait-proxy-error")
+    rsp.headers().contains_key(crate::http::PROXY_ERROR)
         && matches!(
             rsp.status(),
             StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
@@ -118,8 +118,8 @@ struct Inner {
     shared: Arc<Shared>,
     mesh: MeshClient,
     plain: PlainClient,
-    balancers: Mutex<HashMap<String, Balancer<SocketAddr>>>,
-    budgets: Mutex<HashMap<String, Budget>>,
+    balancers: Mutex<FastMap<String, Balancer<SocketAddr>>>,
+    budgets: Mutex<FastMap<String, Budget>>,
 }
 
 impl Outbound {
@@ -226,29 +226,22 @@ impl Outbound {
             return error_response(StatusCode::BAD_REQUEST, "request has no authority");
         };
         let authority = with_port(&authority, orig.filter(|_| shared.config.transparent));
-        let labels = RequestLabels {
-            direction: DIRECTION,
-            authority: shared.http.authority(&authority),
-            tls: "false",
+        let observed = |rsp, tls| {
+            let route = shared.http.route(DIRECTION, &authority, tls);
+            route.request();
+            Observed::wrap(rsp, route, started)
         };
         if crate::http::is_upgrade(&req) {
-            shared.http.requests.get_or_create(&labels).inc();
             // Rare, and its TLS connect state is large: boxed, so every
             // plain request's future stays small.
             let rsp = Box::pin(self.upgrade(req, &authority, orig)).await;
-            return Observed::wrap(rsp, shared.http.clone(), &labels, started);
+            return observed(rsp, "false");
         }
         let req = req.map(crate::http::boxed);
-        let rsp = match self.route(req, &authority, orig, started).await {
-            Ok((rsp, tls)) => {
-                let labels = RequestLabels { tls, ..labels };
-                shared.http.requests.get_or_create(&labels).inc();
-                return Observed::wrap(rsp, shared.http.clone(), &labels, started);
-            }
-            Err(rsp) => rsp,
-        };
-        shared.http.requests.get_or_create(&labels).inc();
-        Observed::wrap(rsp, shared.http.clone(), &labels, started)
+        match self.route(req, &authority, orig, started).await {
+            Ok((rsp, tls)) => observed(rsp, tls),
+            Err(rsp) => observed(rsp, "false"),
+        }
     }
 
     /// An upgrade (WebSocket...): a fresh connection to one endpoint (an
@@ -570,14 +563,39 @@ impl Outbound {
 /// An authority with an explicit port: the original destination's, else
 /// 80 (HTTP/1 `Host` headers often omit it).
 fn with_port(authority: &str, orig: Option<SocketAddr>) -> String {
-    let has_port = authority
-        .parse::<http::uri::Authority>()
-        .ok()
-        .and_then(|a| a.port_u16())
-        .is_some();
-    if has_port {
-        authority.to_string()
-    } else {
-        format!("{authority}:{}", orig.map_or(80, |o| o.port()))
+    // A port is digits after the last colon, unless that colon is inside
+    // an IPv6 literal (`[::1]` has none, `[::1]:80` has one).
+    let has_port = authority.rsplit_once(':').is_some_and(|(host, port)| {
+        !port.is_empty()
+            && port.bytes().all(|b| b.is_ascii_digit())
+            && (!host.contains(':') || host.ends_with(']'))
+    });
+    let mut s = String::with_capacity(authority.len() + 6);
+    s.push_str(authority);
+    if !has_port {
+        use std::fmt::Write as _;
+        let _ = write!(s, ":{}", orig.map_or(80, |o| o.port()));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_port;
+
+    #[test]
+    fn authorities_get_a_port_unless_they_have_one() {
+        let orig = Some("10.0.0.1:8080".parse().expect("addr"));
+        for (authority, orig, expected) in [
+            ("web", None, "web:80"),
+            ("web", orig, "web:8080"),
+            ("web:9090", orig, "web:9090"),
+            ("[::1]", None, "[::1]:80"),
+            ("[fd00::2]:8080", None, "[fd00::2]:8080"),
+            ("10.0.0.2:81", None, "10.0.0.2:81"),
+            ("web:", None, "web::80"),
+        ] {
+            assert_eq!(with_port(authority, orig), expected, "{authority}");
+        }
     }
 }
