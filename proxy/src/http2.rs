@@ -169,12 +169,41 @@ impl<K: std::hash::Hash + Eq + Clone> Pool<K> {
             }
         }
         let sender = dial().await?;
-        self.conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key.clone(), sender.clone());
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        // Dialing is rare: a look over the others then forgets those whose
+        // connection has ended (endpoints come and go, and a key that is
+        // never asked for again would otherwise keep its closed
+        // connection's state for the proxy's life).
+        conns.retain(|_, s| !is_closed(s));
+        conns.insert(key.clone(), sender.clone());
         Ok(sender)
     }
+
+    /// Connections pooled (open, or closed and not yet swept).
+    pub fn len(&self) -> usize {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether no connection is pooled.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Whether the connection pooled for `key` has ended (tests).
+#[cfg(test)]
+fn is_closed_for_test<K: std::hash::Hash + Eq>(pool: &Pool<K>, key: &K) -> Option<bool> {
+    let conns = pool.conns.lock().unwrap_or_else(|e| e.into_inner());
+    conns.get(key).map(is_closed)
+}
+
+/// Whether `sender`'s connection has ended (an error, a GOAWAY, EOF): its
+/// readiness, polled once without waiting (no stream is pending, so no
+/// waker is kept).
+fn is_closed(sender: &Sender) -> bool {
+    let mut sender = sender.clone();
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    matches!(sender.poll_ready(&mut cx), Poll::Ready(Err(_)))
 }
 
 /// Resolves when the peer fails to answer a ping in time.

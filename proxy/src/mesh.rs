@@ -28,6 +28,9 @@ pub const WRITE_BUFFER: usize = 16 * 1024;
 /// Largest response head taken from a peer proxy (what it accepts too).
 const MAX_HEADER: u32 = crate::sidecar::MAX_HEADER_BYTES as u32;
 
+/// TLS client configurations kept (one per peer identity).
+const MAX_CLIENT_CONFIGS: usize = 4096;
+
 /// ALPN of proxy-to-proxy connections.
 pub const MESH_ALPN: &[u8] = b"strait-proxy/1";
 
@@ -108,6 +111,11 @@ impl MeshClient {
             )
             .map_err(std::io::Error::other)?,
         );
+        // One per peer identity (service account) ever dialed: bounded
+        // by starting afresh past a limit no real mesh reaches.
+        if configs.len() >= MAX_CLIENT_CONFIGS {
+            configs.clear();
+        }
         configs.insert(peer.clone(), c.clone());
         Ok(c)
     }

@@ -235,3 +235,44 @@ async fn a_closed_connection_is_not_ready() {
     .await;
     assert!(ready.is_ok(), "a closed connection kept reporting ready");
 }
+
+#[tokio::test]
+async fn the_pool_forgets_ended_connections_when_it_dials() {
+    // A server that closes each connection after 200 ms, and one that
+    // keeps them.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let brief = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let svc =
+                hyper::service::service_fn(
+                    |req| async move { Ok::<_, Infallible>(echo(req).await) },
+                );
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), svc);
+            tokio::spawn(tokio::time::timeout(
+                std::time::Duration::from_millis(200),
+                conn,
+            ));
+        }
+    });
+    let lasting = server(echo).await;
+    let pool = super::Pool::<SocketAddr>::default();
+    let dial = |addr| async move { Ok::<_, std::convert::Infallible>(client(addr).await) };
+    pool.get(&brief, || dial(brief)).await.expect("brief");
+    assert_eq!(pool.len(), 1);
+    // Once the first connection has ended, the next dial sweeps it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while super::is_closed_for_test(&pool, &brief) == Some(false) {
+        assert!(std::time::Instant::now() < deadline, "never closed");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    pool.get(&lasting, || dial(lasting)).await.expect("lasting");
+    assert_eq!(pool.len(), 1, "the ended connection is forgotten");
+    // A live one stays: asking again reuses it.
+    pool.get(&lasting, || async { panic!("dialed again") })
+        .await
+        .map(|_| ())
+        .unwrap_or_else(|never: std::convert::Infallible| match never {});
+    assert_eq!(pool.len(), 1);
+}
