@@ -85,7 +85,7 @@ pub struct InjectorConfig {
     /// The `strait-proxy` image injected.
     #[serde(default = "default_proxy_image")]
     pub image: String,
-    /// Pods have IPv6 addresses (a dual-stack or IPv6 cluster): sidecars
+    /// Pods have IPv6 addresses as well (a dual-stack cluster): sidecars
     /// redirect and serve IPv6 too (default `false`: many nodes have no
     /// IPv6 `nat` table, and `ip6tables` would fail the pod's start).
     #[serde(default)]

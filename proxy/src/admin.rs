@@ -69,11 +69,13 @@ pub struct AdminServer {
 }
 
 impl AdminServer {
-    /// Binds `addr` and serves `router` until dropped. Handlers may take
-    /// the client's address (`ConnectInfo<SocketAddr>`), e.g. to allow an
-    /// endpoint from loopback only.
+    /// Binds `addr` ([`crate::net::bind_listener`]: `[::]` takes IPv4
+    /// too) and serves `router` until dropped. Handlers may take the
+    /// client's address (`ConnectInfo<SocketAddr>`), e.g. to allow an
+    /// endpoint from loopback only (an IPv4 client of `[::]` is an
+    /// IPv4-mapped address: compare `to_canonical()`).
     pub async fn bind(addr: SocketAddr, router: Router) -> std::io::Result<Self> {
-        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let listener = crate::net::bind_listener(addr)?;
         let addr = listener.local_addr()?;
         let task = tokio::spawn(async move {
             let service = router.into_make_service_with_connect_info::<SocketAddr>();

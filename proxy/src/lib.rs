@@ -21,6 +21,7 @@ pub mod http2;
 pub mod identity;
 pub mod mesh;
 pub mod metrics;
+pub mod net;
 pub mod retry;
 pub mod sidecar;
 pub mod tls;

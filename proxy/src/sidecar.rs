@@ -124,7 +124,7 @@ impl ProxyConfig {
                     "must be an IPv6 loopback address such as [::1]:4140 (the outbound side is for this pod's application only)",
                 );
             }
-            if v6.port() != 0 && v6.port() != self.outbound.port() {
+            if v6.port() != self.outbound.port() {
                 return bad(
                     "outbound-listen-ipv6",
                     "must use the outbound listener's port (ip6tables redirects to the same port as iptables)",
@@ -226,28 +226,11 @@ impl std::fmt::Debug for Proxy {
     }
 }
 
-/// Binds a listener. An unspecified IPv6 address (`[::]`) is explicitly
-/// dual-stack, so IPv4 connections reach it too whatever the node's
-/// `net.ipv6.bindv6only` says.
+/// Binds a listener ([`crate::net::bind_listener`]: `[::]` takes IPv4
+/// too).
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    let err = |source| StartError::Bind { addr, source };
-    let socket = match addr {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4().map_err(err)?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6().map_err(err)?,
-    };
-    socket.set_reuseaddr(true).map_err(err)?;
-    if addr.is_ipv6() && addr.ip().is_unspecified() {
-        socket2::SockRef::from(&socket)
-            .set_only_v6(false)
-            .map_err(err)?;
-    }
-    socket.bind(addr).map_err(err)?;
-    socket.listen(LISTEN_BACKLOG).map_err(err)
+    crate::net::bind_listener(addr).map_err(|source| StartError::Bind { addr, source })
 }
-
-/// Pending connections a listener queues (the kernel caps it at
-/// `net.core.somaxconn`).
-const LISTEN_BACKLOG: u32 = 1024;
 
 impl Proxy {
     /// Starts the listeners. `registry` gets the proxy's metrics and is
@@ -334,7 +317,9 @@ impl Proxy {
                 move |axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>| {
                     let shutdown = shutdown.clone();
                     async move {
-                        if !peer.ip().is_loopback() {
+                        // An IPv4 client of a dual-stack listener is an
+                        // IPv4-mapped IPv6 address.
+                        if !peer.ip().to_canonical().is_loopback() {
                             return (axum::http::StatusCode::FORBIDDEN, "loopback only\n");
                         }
                         let _ = shutdown.send(true);

@@ -731,9 +731,11 @@ fn a_dual_stack_pods_ipv6_and_ipv4_traffic_is_carried_transparently() {
         );
     }
 
-    // c. The admin port answers over IPv6, directly.
-    let (code, body) = t.peer.curl(None, &format!("http://{pod_ip6}:4191/ready"));
-    assert_eq!((code, body.as_str()), (200, "ready\n"));
+    // c. The admin port answers over IPv6 and IPv4, directly.
+    for ip in [&pod_ip6, &pod_ip] {
+        let (code, body) = t.peer.curl(None, &format!("http://{ip}:4191/ready"));
+        assert_eq!((code, body.as_str()), (200, "ready\n"), "{ip}");
+    }
 
     // d. Opaque TCP over IPv6, byte for byte.
     let len = 64 * 1024;
@@ -747,4 +749,19 @@ fn a_dual_stack_pods_ipv6_and_ipv4_traffic_is_carried_transparently() {
         r#"strait_tcp_bytes_total{direction="outbound",tls="false",flow="read"}"#,
         len as u64,
     );
+
+    // e. `/shutdown` is for loopback, whichever family: IPv4 loopback
+    // reaches the dual-stack admin listener as an IPv4-mapped address.
+    let out = run(t
+        .pod
+        .exec(None, "curl")
+        .args(["-q", "-sS", "--max-time", "10", "-X", "POST"])
+        .arg("http://127.0.0.1:4191/shutdown"));
+    assert_eq!(out.0, "shutting down\n", "{out:?}");
+    let mut proxy = t.proxy.take().expect("proxy running");
+    let deadline = Instant::now() + EXIT_TIMEOUT;
+    while proxy.child.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < deadline, "still running after /shutdown");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

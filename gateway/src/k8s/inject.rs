@@ -83,7 +83,7 @@ pub struct InjectConfig {
     /// Speak mTLS to destination discovery (the gateway's
     /// `listen.destinationMtls`).
     pub destination_mtls: bool,
-    /// The cluster gives pods IPv6 addresses (dual-stack or IPv6 only):
+    /// The cluster gives pods IPv6 addresses as well (a dual-stack cluster):
     /// the init container redirects IPv6 traffic too (`--ipv6`), the proxy
     /// listens on `[::]` for inbound and admin traffic and on `[::1]` for
     /// the application's IPv6 connections out.

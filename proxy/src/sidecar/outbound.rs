@@ -232,10 +232,13 @@ impl Outbound {
             Observed::wrap(rsp, route, started)
         };
         if crate::http::is_upgrade(&req) {
+            // Counted before it is carried out (an upgrade may take long).
+            let route = shared.http.route(DIRECTION, &authority, "false");
+            route.request();
             // Rare, and its TLS connect state is large: boxed, so every
             // plain request's future stays small.
             let rsp = Box::pin(self.upgrade(req, &authority, orig)).await;
-            return observed(rsp, "false");
+            return Observed::wrap(rsp, route, started);
         }
         let req = req.map(crate::http::boxed);
         match self.route(req, &authority, orig, started).await {
@@ -384,10 +387,12 @@ impl Outbound {
         let endpoints: Vec<Endpoint> = endpoints
             .into_iter()
             .filter(|e| {
+                // IPv4-mapped addresses compared as the IPv4 ones they are.
+                let ip = e.addr.ip().to_canonical();
                 !own.iter().any(|l| {
                     l.port() == e.addr.port()
-                        && (l.ip() == e.addr.ip()
-                            || (l.ip().is_unspecified() && e.addr.ip().is_loopback()))
+                        && (l.ip().to_canonical() == ip
+                            || (l.ip().is_unspecified() && ip.is_loopback()))
                 })
             })
             .collect();
