@@ -560,7 +560,9 @@ impl PlainClient {
         let sent = if req.version() == http::Version::HTTP_2 {
             crate::http::retarget(&mut req, authority).map_err(|_| UpstreamError::BadTarget)?;
             req.headers_mut().remove(http::header::HOST);
-            let f = self.http2.send(target, req, self.connect_timeout);
+            // Boxed: HTTP/2 applications are the rarer kind, and every
+            // HTTP/1 request's future would otherwise carry this state.
+            let f = Box::pin(self.http2.send(target, req, self.connect_timeout));
             tokio::time::timeout(timeout, f)
                 .await
                 .map(|r| r.map_err(|e| e.to_string()))

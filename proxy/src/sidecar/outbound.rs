@@ -64,14 +64,18 @@ impl Replay {
         }
         let (parts, body) = req.into_parts();
         // Bounded by its size hint, which the server connection enforces
-        // (a body longer than its content-length is an error).
-        let body = body
-            .collect()
-            .await
-            .ok()
-            .map(|c| c.to_bytes())
-            .filter(|b| b.len() <= MAX_BUFFERED_BODY)
-            .ok_or_else(|| error_response(StatusCode::BAD_REQUEST, "request body failed"))?;
+        // (a body longer than its content-length is an error). Most have
+        // none at all: nothing to collect.
+        let body = if body.is_end_stream() {
+            bytes::Bytes::new()
+        } else {
+            body.collect()
+                .await
+                .ok()
+                .map(|c| c.to_bytes())
+                .filter(|b| b.len() <= MAX_BUFFERED_BODY)
+                .ok_or_else(|| error_response(StatusCode::BAD_REQUEST, "request body failed"))?
+        };
         Ok(Self::Buffered {
             method: parts.method,
             uri: parts.uri,
