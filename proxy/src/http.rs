@@ -270,7 +270,7 @@ fn grpc_status(headers: &HeaderMap) -> Option<&'static str> {
     const CODES: [&str; 17] = [
         "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
     ];
-    let v = headers.get(&GRPC_STATUS)?;
+    let v = headers.get(GRPC_STATUS)?;
     Some(
         std::str::from_utf8(v.as_bytes())
             .ok()
@@ -280,7 +280,7 @@ fn grpc_status(headers: &HeaderMap) -> Option<&'static str> {
     )
 }
 
-static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// Whether `req` asks to switch protocols (WebSocket and the like).
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {

@@ -178,23 +178,6 @@ impl<K: std::hash::Hash + Eq + Clone> Pool<K> {
         conns.insert(key.clone(), sender.clone());
         Ok(sender)
     }
-
-    /// Connections pooled (open, or closed and not yet swept).
-    pub fn len(&self) -> usize {
-        self.conns.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    /// Whether no connection is pooled.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// Whether the connection pooled for `key` has ended (tests).
-#[cfg(test)]
-fn is_closed_for_test<K: std::hash::Hash + Eq>(pool: &Pool<K>, key: &K) -> Option<bool> {
-    let conns = pool.conns.lock().unwrap_or_else(|e| e.into_inner());
-    conns.get(key).map(is_closed)
 }
 
 /// Whether `sender`'s connection has ended (an error, a GOAWAY, EOF): its

@@ -32,5 +32,3 @@ pub mod transport;
 /// (balancers, pools, metric labels) hash a few short keys each time, where
 /// SipHash cost more than the lookups themselves.
 pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
-/// A set with foldhash's seeded hasher (see [`FastMap`]).
-pub type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;

@@ -227,9 +227,12 @@ impl std::fmt::Debug for Proxy {
 }
 
 /// Binds a listener ([`crate::net::bind_listener`]: `[::]` takes IPv4
-/// too).
-async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    crate::net::bind_listener(addr).map_err(|source| StartError::Bind { addr, source })
+/// too) and returns it with the address it got.
+fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
+    let err = |source| StartError::Bind { addr, source };
+    let listener = crate::net::bind_listener(addr).map_err(err)?;
+    let bound = listener.local_addr().map_err(err)?;
+    Ok((listener, bound))
 }
 
 impl Proxy {
@@ -260,27 +263,15 @@ impl Proxy {
             draining,
             listeners: std::sync::OnceLock::new(),
         });
-        let outbound = bind(config.outbound).await?;
-        let inbound = bind(config.inbound).await?;
-        let outbound_v6 = match config.outbound_ipv6 {
-            Some(addr) => Some(bind(addr).await?),
-            None => None,
+        let (outbound, outbound_addr) = bind(config.outbound)?;
+        let (inbound, inbound_addr) = bind(config.inbound)?;
+        let (outbound_v6, outbound_v6_addr) = match config.outbound_ipv6 {
+            Some(addr) => {
+                let (l, a) = bind(addr)?;
+                (Some(l), Some(a))
+            }
+            None => (None, None),
         };
-        let outbound_v6_addr = match (&outbound_v6, config.outbound_ipv6) {
-            (Some(l), Some(addr)) => Some(
-                l.local_addr()
-                    .map_err(|source| StartError::Bind { addr, source })?,
-            ),
-            _ => None,
-        };
-        let outbound_addr = outbound.local_addr().map_err(|source| StartError::Bind {
-            addr: config.outbound,
-            source,
-        })?;
-        let inbound_addr = inbound.local_addr().map_err(|source| StartError::Bind {
-            addr: config.inbound,
-            source,
-        })?;
         let _ = shared.listeners.set(
             [outbound_addr, inbound_addr]
                 .into_iter()

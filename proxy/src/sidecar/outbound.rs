@@ -4,7 +4,6 @@
 //! or directly to unmeshed ones; other traffic goes byte for byte to its
 //! original destination.
 
-use crate::FastMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -23,6 +22,7 @@ use crate::mesh::MeshClient;
 use crate::metrics::{TcpCloseLabels, TcpLabels};
 use crate::retry::{is_idempotent, Budget, BudgetConfig, MAX_BUFFERED_BODY};
 use crate::transport::ProtocolHint;
+use crate::FastMap;
 
 const DIRECTION: &str = "outbound";
 /// Attempts per request at most (the first and two retries).
