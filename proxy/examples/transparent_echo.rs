@@ -7,8 +7,9 @@
 //!     installs the nat rules in the current network namespace (root)
 //! transparent_echo proxy OUTBOUND_LISTEN INBOUND_LISTEN
 //!     accepts redirected connections; answers "orig=<original destination>\n",
-//!     then forwards: outbound to the original destination, inbound to the
-//!     same port on loopback
+//!     then forwards to the original destination (inbound too: the
+//!     application is reached at the pod's own address, as the real proxy
+//!     does)
 //! transparent_echo serve LISTEN MESSAGE
 //!     answers every connection with "MESSAGE\n" and closes it
 //! transparent_echo connect ADDR
@@ -21,7 +22,7 @@
 #![forbid(unsafe_code)]
 
 use std::io::Write;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -113,7 +114,7 @@ async fn proxy(outbound: &str, inbound: &str, out: fn(&str)) -> Result<()> {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Direction {
     Outbound,
     Inbound,
@@ -134,18 +135,13 @@ async fn try_forward(client: &mut TcpStream, direction: Direction) -> Result<()>
     if orig == SocketAddr::new(local.ip().to_canonical(), local.port()) {
         bail!("not redirected: connected to the proxy itself");
     }
-    let target = match direction {
-        Direction::Outbound => orig,
-        // The inbound side reaches the application on loopback: a
-        // connection to the pod's own address would be redirected again.
-        Direction::Inbound => {
-            let loopback = match orig.ip() {
-                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
-                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
-            };
-            SocketAddr::new(loopback, orig.port())
-        }
-    };
+    // Both directions go where the client was going; the proxy's own
+    // connections are never redirected, so the inbound side's reach the
+    // application directly.
+    let target = orig;
+    if direction == Direction::Inbound && target.ip().to_canonical().is_loopback() {
+        bail!("refusing an inbound connection to loopback");
+    }
     let mut upstream = TcpStream::connect(target)
         .await
         .with_context(|| format!("connect {target}"))?;

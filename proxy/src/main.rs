@@ -87,6 +87,11 @@ struct RunArgs {
     /// Where inbound connections go when not transparent.
     #[arg(long, env = "STRAIT_PROXY_INBOUND_TARGET")]
     inbound_target: Option<SocketAddr>,
+    /// The pod's own addresses (comma separated; the injector passes
+    /// `status.podIPs`): with --transparent, inbound connections to any
+    /// other address are refused.
+    #[arg(long, env = "STRAIT_PROXY_INBOUND_IPS", value_delimiter = ',')]
+    inbound_ips: Vec<std::net::IpAddr>,
     /// Where undetected outbound connections go when not transparent.
     #[arg(long, env = "STRAIT_PROXY_OUTBOUND_TARGET")]
     outbound_target: Option<SocketAddr>,
@@ -293,6 +298,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         admin: args.admin_listen,
         transparent: args.transparent,
         inbound_target: args.inbound_target,
+        inbound_ips: args.inbound_ips.clone(),
         outbound_target: args.outbound_target,
         peer_inbound_port: args.peer_inbound_port,
         opaque_ports: args.opaque_ports.clone(),

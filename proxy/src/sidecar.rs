@@ -14,7 +14,7 @@ mod serve;
 
 pub(crate) use serve::{serve_http, Version as HttpVersion};
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,6 +48,13 @@ pub struct ProxyConfig {
     pub transparent: bool,
     /// Where inbound connections go when not transparent (the application).
     pub inbound_target: Option<SocketAddr>,
+    /// The pod's own addresses (default: none given). When transparent,
+    /// the application is reached at each connection's original
+    /// destination, never on loopback (a port the application binds on
+    /// `127.0.0.1` only stays private to the pod); a connection whose
+    /// original destination is not one of these addresses is refused. With
+    /// none given, only loopback destinations are refused.
+    pub inbound_ips: Vec<IpAddr>,
     /// Where outbound connections go when not transparent and nothing
     /// else names a destination (opaque TCP; HTTP routes by authority).
     pub outbound_target: Option<SocketAddr>,
@@ -77,6 +84,7 @@ impl Default for ProxyConfig {
             admin: ([0, 0, 0, 0], 4191).into(),
             transparent: false,
             inbound_target: None,
+            inbound_ips: Vec::new(),
             outbound_target: None,
             peer_inbound_port: 4143,
             opaque_ports: Vec::new(),
@@ -113,6 +121,16 @@ impl ProxyConfig {
                 "inbound-target",
                 "required unless --transparent (where else would inbound traffic go?)",
             );
+        }
+        if let Some(ip) = self
+            .inbound_ips
+            .iter()
+            .find(|ip| ip.is_loopback() || ip.is_unspecified() || ip.is_multicast())
+        {
+            return Err(ConfigError {
+                field: "inbound-ips",
+                message: format!("{ip} is not a pod address"),
+            });
         }
         if self.peer_inbound_port == 0 {
             return bad("peer-inbound-port", "must not be 0");
@@ -187,6 +205,24 @@ pub(crate) struct Shared {
     pub(crate) draining: watch::Receiver<bool>,
     /// This proxy's own listener addresses (to refuse loops).
     pub(crate) listeners: std::sync::OnceLock<Vec<SocketAddr>>,
+}
+
+impl Shared {
+    /// Whether `addr` is one of this proxy's own listeners, where sending
+    /// traffic would loop until every socket is gone. `local`: `addr` is
+    /// known to be one of this host's addresses, so a listener on the
+    /// unspecified address takes it whatever it is (otherwise only
+    /// loopback is assumed local). IPv4-mapped addresses compare as the
+    /// IPv4 ones they are.
+    pub(crate) fn is_own_listener(&self, addr: SocketAddr, local: bool) -> bool {
+        let ip = addr.ip().to_canonical();
+        let own: &[SocketAddr] = self.listeners.get().map_or(&[], |l| l);
+        own.iter().any(|l| {
+            l.port() == addr.port()
+                && (l.ip().to_canonical() == ip
+                    || (l.ip().is_unspecified() && (local || ip.is_loopback())))
+        })
+    }
 }
 
 /// Counts a connection in flight while alive.

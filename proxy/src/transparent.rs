@@ -10,21 +10,24 @@
 //!   the admin port and [`InitConfig::skip_inbound_ports`], goes to
 //!   `STRAIT_INBOUND_REDIRECT`, which redirects it to the inbound port.
 //! - `OUTPUT` jumps to `STRAIT_OUTPUT`, in this order:
-//!   1. the proxy's own connections to the pod's own (non-loopback) address,
-//!      which leave through `lo`, go to `STRAIT_INBOUND` (so a request the
-//!      outbound side sends to its own pod still passes the inbound side);
-//!   2. every other connection of the proxy's user is left alone (this is
-//!      what keeps the proxy from redirecting itself);
-//!   3. everything leaving through `lo` is left alone (the app talking to
+//!   1. every connection of the proxy's user is left alone (this is what
+//!      keeps the proxy from redirecting itself);
+//!   2. everything leaving through `lo` is left alone (the app talking to
 //!      itself);
-//!   4. [`InitConfig::skip_outbound_ports`] are left alone;
-//!   5. all remaining TCP goes to `STRAIT_OUTPUT_REDIRECT`, which redirects
+//!   3. [`InitConfig::skip_outbound_ports`] are left alone;
+//!   4. all remaining TCP goes to `STRAIT_OUTPUT_REDIRECT`, which redirects
 //!      it to the outbound port.
 //!
-//! Rule 1 has a consequence for the proxy: its inbound side must reach the
-//! application on loopback (`127.0.0.1:<port>`, `[::1]:<port>`), never on
-//! the pod's own address, or the connection is redirected back to the
-//! inbound port. UDP is never redirected.
+//! The proxy's inbound side reaches the application at the pod's own
+//! address (each connection's original destination), which rule 1 leaves
+//! alone. Locally made connections never pass `PREROUTING`, so nothing
+//! sends them back to the inbound port. A request the outbound side sends
+//! to its own pod still passes the inbound side: meshed endpoints are
+//! dialled on the inbound port itself. (linkerd-init dropped its rule that
+//! sent the proxy's own-pod traffic back to the inbound side for the same
+//! reason.) UDP is never redirected.
+//!
+//! The IPv4 and IPv6 rules are the same (`iptables` and `ip6tables`).
 //!
 //! [`rules`] is pure: it renders the whole `iptables-restore` input for a
 //! config, and the tests pin it byte for byte. [`apply`] is the thin shell
@@ -219,15 +222,6 @@ pub enum Family {
 }
 
 impl Family {
-    /// The loopback range: the proxy's connections to any other address
-    /// that leave through `lo` are connections to its own pod.
-    fn loopback(self) -> &'static str {
-        match self {
-            Family::Ipv4 => "127.0.0.0/8",
-            Family::Ipv6 => "::1/128",
-        }
-    }
-
     /// `iptables` or `ip6tables`.
     fn tool_prefix(self) -> &'static str {
         match self {
@@ -237,27 +231,23 @@ impl Family {
     }
 }
 
-/// The `iptables-restore` input for IPv4: the four `STRAIT_*` chains and
-/// the jumps to them from `PREROUTING` and `OUTPUT`, as one `nat`
-/// transaction. Feed it to `iptables-restore --noflush` in a namespace that
-/// has none of our rules yet; [`apply`] also handles one that has.
+/// The `iptables-restore` input (for `iptables` and `ip6tables` alike):
+/// the four `STRAIT_*` chains and the jumps to them from `PREROUTING` and
+/// `OUTPUT`, as one `nat` transaction. Feed it to `iptables-restore
+/// --noflush` in a namespace that has none of our rules yet; [`apply`]
+/// also handles one that has.
 ///
 /// The config is not validated here; [`apply`] validates it.
 pub fn rules(cfg: &InitConfig) -> String {
-    rules_for(cfg, Family::Ipv4)
-}
-
-/// [`rules`] for either address family.
-pub fn rules_for(cfg: &InitConfig, family: Family) -> String {
-    restore_script(cfg, family, "")
+    restore_script(cfg, "")
 }
 
 /// The `iptables-restore --noflush` input that turns a `nat` table, as
 /// `iptables-save -t nat` printed it (`installed`), into one carrying
-/// exactly `cfg`'s rules: [`rules_for`] plus a `-D` for every jump from a
+/// exactly `cfg`'s rules: [`rules`] plus a `-D` for every jump from a
 /// built-in chain to one of our chains already there (see the module's
 /// section on idempotence). Pure.
-pub fn restore_script(cfg: &InitConfig, family: Family, installed: &str) -> String {
+pub fn restore_script(cfg: &InitConfig, installed: &str) -> String {
     let mut out = String::from("*nat\n");
     for chain in [
         INBOUND_CHAIN,
@@ -302,15 +292,6 @@ pub fn restore_script(cfg: &InitConfig, family: Family, installed: &str) -> Stri
 
     // Outbound: the proxy's own traffic, loopback and skipped ports stay put.
     let uid = cfg.proxy_uid;
-    rule(
-        OUTPUT_CHAIN,
-        &format!(
-            "! -d {} -o lo -m owner --uid-owner {uid} ",
-            family.loopback()
-        ),
-        "proxy-to-own-pod",
-        INBOUND_CHAIN,
-    );
     rule(
         OUTPUT_CHAIN,
         &format!("-m owner --uid-owner {uid} "),
@@ -513,7 +494,7 @@ pub fn apply(cfg: &InitConfig) -> Result<Applied, InitError> {
         .iter()
         .map(|f| Tools::new(Family::Ipv4, f))
         .collect();
-    let (flavour, ipv4, mut replaced_jumps) = apply_family(cfg, Family::Ipv4, &v4)?;
+    let (flavour, ipv4, mut replaced_jumps) = apply_family(cfg, &v4)?;
     let mut applied = Applied {
         ipv4: ipv4.restore.clone(),
         ipv6: None,
@@ -523,7 +504,7 @@ pub fn apply(cfg: &InitConfig) -> Result<Applied, InitError> {
         // The same flavour as IPv4: rules split across nftables and legacy
         // x_tables are a debugging nightmare.
         let v6 = [Tools::new(Family::Ipv6, FLAVOURS[flavour])];
-        match apply_family(cfg, Family::Ipv6, &v6) {
+        match apply_family(cfg, &v6) {
             Ok((_, tools, replaced)) => {
                 applied.ipv6 = Some(tools.restore);
                 replaced_jumps += replaced;
@@ -547,7 +528,6 @@ pub fn apply(cfg: &InitConfig) -> Result<Applied, InitError> {
 /// replaced.
 fn apply_family(
     cfg: &InitConfig,
-    family: Family,
     candidates: &[Tools],
 ) -> Result<(usize, Tools, usize), InitError> {
     let mut first_failure = None;
@@ -565,7 +545,7 @@ fn apply_family(
                 continue;
             }
         };
-        let script = restore_script(cfg, family, &installed);
+        let script = restore_script(cfg, &installed);
         let replaced = stale_jumps(&installed).len();
         run(&tools.restore, &["--noflush"], Some(&script))?;
         return Ok((i, tools.clone(), replaced));

@@ -143,6 +143,30 @@ fn the_ipv6_outbound_listener_must_be_loopback_on_the_outbound_port() {
 }
 
 #[test]
+fn inbound_ips_must_be_pod_addresses() {
+    for (ips, code, why) in [
+        ("10.1.2.3,::1", 1, "::1 is not a pod address"),
+        ("0.0.0.0", 1, "0.0.0.0 is not a pod address"),
+        ("10.1.2.300", 2, "invalid IP address syntax"),
+    ] {
+        let out = bin()
+            .args(["run", "--transparent"])
+            .args(["--trust-anchors", "/nonexistent"])
+            .args(["--identity", "spiffe://t/ns/a/sa/b"])
+            .args(["--issuer-cert", "/c", "--issuer-key", "/k"])
+            .args(["--inbound-ips", ips])
+            .output()
+            .expect("runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{ips}: {stderr}");
+        assert!(
+            stderr.contains("inbound-ips") && stderr.contains(why),
+            "{ips}: {stderr}"
+        );
+    }
+}
+
+#[test]
 fn trust_anchors_come_from_exactly_one_place() {
     for args in [
         &["run", "--inbound-target", "127.0.0.1:1"][..],

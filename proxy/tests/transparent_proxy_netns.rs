@@ -5,8 +5,9 @@
 //! (`10.213.N.1` and `fd00:213:N::1` in the pod, `.2` and `::2` in the
 //! peer). In the pod,
 //! `strait-proxy init --proxy-uid 2102` installs the rules and
-//! `strait-proxy run --transparent` runs as uid 2102, next to an
-//! "application" (an HTTP server on `127.0.0.1:8080`, as `nobody`). The
+//! `strait-proxy run --transparent --inbound-ips <the pod's addresses>`
+//! runs as uid 2102, next to an "application" (an HTTP server on
+//! `0.0.0.0:8080`, and a private one on `127.0.0.1:8081`, as `nobody`). The
 //! peer has an HTTP server on `:8080` and a TCP echo server on `:9000`.
 //! Then, checked in the answers and in the proxy's own `/metrics`:
 //!
@@ -14,8 +15,10 @@
 //!   to the proxy, which finds the original destination and forwards the
 //!   request to the unmeshed peer;
 //! - inbound HTTP from the peer to the pod's address is redirected to the
-//!   proxy's inbound port and handed to the application on loopback (which
-//!   listens on nothing else);
+//!   proxy's inbound port and handed to the application at that address;
+//!   the private server is not reached, and neither a connection made to
+//!   the inbound port on loopback (not a pod address) nor one to the pod's
+//!   inbound port itself (a loop) is forwarded: both are counted;
 //! - the admin port is reached directly from the peer, not through the
 //!   inbound proxy;
 //! - opaque TCP (a client that speaks first, not HTTP) goes through byte
@@ -475,6 +478,13 @@ impl Pod {
             .arg("--issuer-key")
             .arg(cert("issuer.key"))
             .args(listeners)
+            // As the injector passes `status.podIPs`.
+            .arg("--inbound-ips")
+            .arg(format!(
+                "{},{}",
+                self.pod_ip(),
+                self.pod_ip6().trim_matches(['[', ']'])
+            ))
             .args(["--detect-timeout-ms", "200"])
             .env("STRAIT_LOG", "warn,strait_proxy=info")
             .stdin(Stdio::null())
@@ -570,9 +580,10 @@ fn the_real_proxy_carries_a_pods_traffic_transparently_and_exits_on_sigterm() {
     let applied = t.init(&[]);
     assert!(applied.contains("IPv4 rules installed with "), "{applied}");
 
-    // The application listens on loopback only: from outside it is
-    // reachable through the proxy's inbound side and nothing else.
-    t.start_helper(true, Some(APP_UID), &["http", "127.0.0.1:8080", "app"]);
+    // The application listens on the pod's addresses, and privately on
+    // loopback.
+    t.start_helper(true, Some(APP_UID), &["http", "0.0.0.0:8080", "app"]);
+    t.start_helper(true, Some(APP_UID), &["http", "127.0.0.1:8081", "private"]);
     t.start_helper(false, Some(APP_UID), &["http", "0.0.0.0:8080", "peer"]);
     t.start_helper(false, Some(APP_UID), &["echo", "0.0.0.0:9000"]);
     t.start_proxy(IPV4_LISTENERS);
@@ -601,7 +612,7 @@ fn the_real_proxy_carries_a_pods_traffic_transparently_and_exits_on_sigterm() {
     eprintln!("{out_requests}\n{out_responses}");
 
     // b. Inbound HTTP: the peer's request to the pod's address is
-    // redirected to 4143 and handed to the application on 127.0.0.1:8080.
+    // redirected to 4143 and handed to the application at that address.
     let pod_http = format!("{pod_ip}:8080");
     let (code, body) = t.peer.curl(None, &format!("http://{pod_http}/inbound"));
     assert_eq!(code, 200, "{body}");
@@ -630,6 +641,40 @@ fn the_real_proxy_carries_a_pods_traffic_transparently_and_exits_on_sigterm() {
         Some(1),
         "the admin request went through the inbound proxy"
     );
+
+    // c2. A port the application binds on loopback only stays private:
+    // the proxy does not hand the peer's request to it (the application
+    // itself still reaches it).
+    let private = format!("{pod_ip}:8081");
+    let (code, body) = t.peer.curl(None, &format!("http://{private}/secret"));
+    assert_eq!(code, 502, "{body}");
+    assert!(!body.contains("private:"), "{body}");
+    let (code, body) = t.pod.curl(Some(APP_UID), "http://127.0.0.1:8081/own");
+    assert_eq!(
+        (code, body.as_str()),
+        (200, "private: GET /own host=127.0.0.1:8081\n")
+    );
+    // A connection made straight to the inbound port on loopback (no
+    // redirect: its destination is not one of the pod's addresses) is
+    // refused, and so is one to the pod's own inbound port, which would
+    // otherwise be forwarded to itself without end.
+    assert!(t
+        .pod
+        .try_curl(Some(APP_UID), "http://127.0.0.1:4143/")
+        .is_err());
+    let refused = t.wait_for_metric(
+        r#"strait_proxy_errors_total{direction="inbound",reason="not_inbound_ip"}"#,
+        1,
+    );
+    assert!(t
+        .peer
+        .try_curl(None, &format!("http://{pod_ip}:4143/"))
+        .is_err());
+    let looped = t.wait_for_metric(
+        r#"strait_proxy_errors_total{direction="inbound",reason="loop"}"#,
+        1,
+    );
+    eprintln!("{refused}\n{looped}");
 
     // d. Opaque TCP: a client that speaks first, and not HTTP, is detected
     // as opaque and forwarded byte for byte to its original destination.
@@ -695,7 +740,7 @@ fn a_dual_stack_pods_ipv6_and_ipv4_traffic_is_carried_transparently() {
     let applied = t.init(&["--ipv6"]);
     assert!(applied.contains("IPv6 rules with "), "{applied}");
 
-    t.start_helper(true, Some(APP_UID), &["http", "127.0.0.1:8080", "app"]);
+    t.start_helper(true, Some(APP_UID), &["http", "[::]:8080", "app"]);
     t.start_helper(false, Some(APP_UID), &["http", "[::]:8080", "peer"]);
     t.start_helper(false, Some(APP_UID), &["echo", "[::]:9000"]);
     t.start_proxy(DUAL_STACK_LISTENERS);
@@ -717,7 +762,7 @@ fn a_dual_stack_pods_ipv6_and_ipv4_traffic_is_carried_transparently() {
     );
 
     // b. Inbound over IPv6 and over IPv4: both reach the dual-stack inbound
-    // listener and the application on loopback.
+    // listener, and the application at the address the peer dialled.
     for ip in [&pod_ip6, &pod_ip] {
         let pod_http = format!("{ip}:8080");
         let (code, body) = t.peer.curl(None, &format!("http://{pod_http}/in"));

@@ -402,6 +402,9 @@ fn proxy_container(config: &InjectConfig, ports: &[(&str, String)], threads: u16
         json!({"name": "STRAIT_PROXY_DESTINATION_ADDR", "value": format!("strait-destination.{ns}.svc:8086")}),
         json!({"name": "STRAIT_PROXY_TRUST_ANCHORS_PEM", "value": config.trust_anchors_pem}),
         json!({"name": "STRAIT_THREADS", "value": threads.to_string()}),
+        // The pod's addresses (both families in a dual-stack cluster): the
+        // inbound side refuses connections to anything else.
+        json!({"name": "STRAIT_PROXY_INBOUND_IPS", "valueFrom": {"fieldRef": {"fieldPath": "status.podIPs"}}}),
     ];
     if config.ipv6 {
         env.extend([

@@ -1,11 +1,21 @@
 //! The inbound side: connections to the application. Mesh connections
 //! (a TLS ClientHello for the mesh name and ALPN) are terminated with
 //! mutual TLS, their transport header read, and served as HTTP/2 or
-//! forwarded as TCP to the application on loopback. Plaintext connections
-//! from unmeshed clients are detected and forwarded the same way, unless
-//! policy requires mTLS. Any other TLS passes through untouched.
+//! forwarded as TCP to the application. Plaintext connections from
+//! unmeshed clients are detected and forwarded the same way, unless policy
+//! requires mTLS. Any other TLS passes through untouched.
+//!
+//! When transparent, the application is reached at the address the client
+//! dialled (the original destination, one of the pod's own addresses),
+//! never on loopback: a port the application binds on `127.0.0.1` only is
+//! private to the pod and stays so (as in Linkerd since 2.11 and Istio
+//! since 1.10). A connection whose original destination is loopback, or
+//! not one of [`ProxyConfig::inbound_ips`](super::ProxyConfig), is refused
+//! and counted (`strait_proxy_errors_total{reason="not_inbound_ip"}`), and
+//! so is a target that is one of the proxy's own listeners
+//! (`reason="loop"`).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -57,11 +67,24 @@ impl Inbound {
     pub(super) async fn serve(&self, mut tcp: TcpStream, shared: Arc<Shared>) {
         let _active = Active::new(&shared.active);
         let started = Instant::now();
-        let orig = super::original_dst(
-            &tcp,
-            shared.config.transparent,
-            shared.config.inbound_target,
-        );
+        let orig = if shared.config.transparent {
+            // No conntrack entry: the connection was not redirected, so it
+            // was going where it arrived.
+            crate::transparent::original_dst(&tcp)
+                .or_else(|_| tcp.local_addr())
+                .ok()
+        } else {
+            shared.config.inbound_target
+        };
+        let Some(orig) = orig else {
+            shared.http.error(DIRECTION, "no_destination");
+            return;
+        };
+        let Some(app) = self.app_ip(orig.ip()) else {
+            tracing::info!(%orig, "refusing an inbound connection to an address not the pod's");
+            shared.http.error(DIRECTION, "not_inbound_ip");
+            return;
+        };
         let (proto, prefix) = match detect(&mut tcp, shared.config.detect_timeout).await {
             Ok(d) => d,
             Err(error) => {
@@ -88,14 +111,14 @@ impl Inbound {
         shared.tcp.opens.get_or_create(&labels).inc();
         let io = PrefixedIo::new(prefix, tcp);
         let ok = if mesh {
-            self.serve_mesh(io).await
+            self.serve_mesh(io, app).await
         } else if shared.config.require_mtls {
             tracing::info!("refusing a plaintext inbound connection (mTLS required)");
             shared.http.error(DIRECTION, "mtls_required");
             false
         } else {
-            match orig {
-                Some(orig) => self.serve_detected(io, proto, orig.port(), "false").await,
+            match self.target(app, orig.port()) {
+                Some(target) => self.serve_detected(io, proto, target, "false").await,
                 None => false,
             }
         };
@@ -115,7 +138,37 @@ impl Inbound {
             .observe(started.elapsed().as_secs_f64());
     }
 
-    async fn serve_mesh(&self, io: PrefixedIo<TcpStream>) -> bool {
+    /// The application's address for a connection to `orig`: that address
+    /// itself when transparent (refused, `None`, when it is loopback or
+    /// not one of the pod's addresses), else `--inbound-target`'s.
+    fn app_ip(&self, orig: IpAddr) -> Option<IpAddr> {
+        let config = &self.0.shared.config;
+        if !config.transparent {
+            return Some(orig);
+        }
+        let ip = orig.to_canonical();
+        let allowed = if config.inbound_ips.is_empty() {
+            !ip.is_loopback() && !ip.is_unspecified()
+        } else {
+            config.inbound_ips.iter().any(|i| i.to_canonical() == ip)
+        };
+        allowed.then_some(ip)
+    }
+
+    /// The application's socket address for `port`, unless that is one of
+    /// this proxy's own listeners (counted as a loop).
+    fn target(&self, app: IpAddr, port: u16) -> Option<SocketAddr> {
+        let shared = &self.0.shared;
+        let target = SocketAddr::new(app, port);
+        if shared.is_own_listener(target, shared.config.transparent) {
+            tracing::info!(%target, "refusing an inbound connection to this proxy's own listener");
+            shared.http.error(DIRECTION, "loop");
+            return None;
+        }
+        Some(target)
+    }
+
+    async fn serve_mesh(&self, io: PrefixedIo<TcpStream>, app: IpAddr) -> bool {
         let shared = &self.0.shared;
         let handshake = async {
             let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
@@ -160,9 +213,12 @@ impl Inbound {
         let Ok(port) = u16::try_from(header.port) else {
             return false;
         };
+        let Some(target) = self.target(app, port) else {
+            return false;
+        };
         match ProtocolHint::try_from(header.protocol) {
             Ok(ProtocolHint::Http2) => {
-                self.serve_detected(tls, Detected::Http2, port, "true")
+                self.serve_detected(tls, Detected::Http2, target, "true")
                     .await
             }
             // The client does not know what it carries (a gateway relaying
@@ -177,32 +233,44 @@ impl Inbound {
                         return false;
                     }
                 };
-                self.serve_detected(PrefixedIo::new(prefix, tls), proto, port, "true")
+                self.serve_detected(PrefixedIo::new(prefix, tls), proto, target, "true")
                     .await
             }
-            _ => self.forward_tcp(tls, port, "true").await,
+            _ => self.forward_tcp(tls, target, "true").await,
         }
     }
 
     /// Serves a connection by its protocol: HTTP/1, HTTP/2 (its frames
     /// gathered into fewer writes, and over TLS fewer records), or the
     /// bytes as they come.
-    async fn serve_detected<I>(&self, io: I, proto: Detected, port: u16, tls: &'static str) -> bool
+    async fn serve_detected<I>(
+        &self,
+        io: I,
+        proto: Detected,
+        target: SocketAddr,
+        tls: &'static str,
+    ) -> bool
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         match proto {
-            Detected::Http1 => self.serve_http(io, HttpVersion::Http1, port, tls).await,
+            Detected::Http1 => self.serve_http(io, HttpVersion::Http1, target, tls).await,
             Detected::Http2 => {
                 let buffered = tokio::io::BufWriter::with_capacity(crate::mesh::WRITE_BUFFER, io);
-                self.serve_http(buffered, HttpVersion::Http2, port, tls)
+                self.serve_http(buffered, HttpVersion::Http2, target, tls)
                     .await
             }
-            _ => self.forward_tcp(io, port, tls).await,
+            _ => self.forward_tcp(io, target, tls).await,
         }
     }
 
-    async fn serve_http<I>(&self, io: I, version: HttpVersion, port: u16, tls: &'static str) -> bool
+    async fn serve_http<I>(
+        &self,
+        io: I,
+        version: HttpVersion,
+        target: SocketAddr,
+        tls: &'static str,
+    ) -> bool
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -210,19 +278,24 @@ impl Inbound {
         let shared = self.0.shared.clone();
         super::serve_http(io, version, &shared, DIRECTION, move |req| {
             let this = this.clone();
-            async move { this.handle(req, port, tls).await }
+            async move { this.handle(req, target, tls).await }
         })
         .await
     }
 
-    async fn handle(&self, req: Request<Incoming>, port: u16, tls: &'static str) -> Response<Body> {
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        target: SocketAddr,
+        tls: &'static str,
+    ) -> Response<Body> {
         let started = Instant::now();
         let shared = &self.0.shared;
-        let authority = authority_of(&req).unwrap_or_else(|| format!("localhost:{port}"));
+        let authority =
+            authority_of(&req).unwrap_or_else(|| format!("localhost:{}", target.port()));
         let route = shared.http.route(DIRECTION, &authority, tls);
         route.request();
         if crate::http::is_upgrade(&req) {
-            let target: SocketAddr = ([127, 0, 0, 1], port).into();
             // Rare, and its state large: boxed, so every plain request's
             // future stays small.
             let upgrade = Box::pin(async move {
@@ -237,9 +310,6 @@ impl Inbound {
             return Observed::wrap(rsp, route, started);
         }
         let req = from_mesh(req.map(crate::http::boxed));
-        // The application is on loopback: the pod's own address would loop
-        // back through the iptables redirect.
-        let target: SocketAddr = ([127, 0, 0, 1], port).into();
         let rsp = match self
             .0
             .plain
@@ -263,12 +333,11 @@ impl Inbound {
         Observed::wrap(rsp, route, started)
     }
 
-    async fn forward_tcp<I>(&self, mut io: I, port: u16, tls: &'static str) -> bool
+    async fn forward_tcp<I>(&self, mut io: I, target: SocketAddr, tls: &'static str) -> bool
     where
         I: AsyncRead + AsyncWrite + Unpin,
     {
         let shared = &self.0.shared;
-        let target: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut app = match TcpStream::connect(target).await {
             Ok(a) => a,
             Err(error) => {

@@ -387,18 +387,9 @@ impl Outbound {
         };
         // Never send traffic back into this proxy (a name that resolves to
         // our own listener would loop until every socket is gone).
-        let own: &[SocketAddr] = shared.listeners.get().map_or(&[], |l| l);
         let endpoints: Vec<Endpoint> = endpoints
             .into_iter()
-            .filter(|e| {
-                // IPv4-mapped addresses compared as the IPv4 ones they are.
-                let ip = e.addr.ip().to_canonical();
-                !own.iter().any(|l| {
-                    l.port() == e.addr.port()
-                        && (l.ip().to_canonical() == ip
-                            || (l.ip().is_unspecified() && ip.is_loopback()))
-                })
-            })
+            .filter(|e| !shared.is_own_listener(e.addr, false))
             .collect();
         if endpoints.is_empty() {
             shared.http.error(DIRECTION, "loop");

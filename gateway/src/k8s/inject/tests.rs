@@ -108,6 +108,16 @@ fn a_deployment_gets_the_init_container_the_proxy_and_its_token() {
     assert!(env(proxy, "STRAIT_PROXY_TRUST_ANCHORS_PEM")
         .is_some_and(|p| p.contains("BEGIN CERTIFICATE")));
     assert_eq!(env(proxy, "STRAIT_PROXY_OPAQUE_PORTS"), Some("3306"));
+    // The pod's own addresses, from the downward API, for the inbound
+    // side's check of each connection's destination.
+    let inbound_ips = proxy["env"]
+        .as_array()
+        .and_then(|e| e.iter().find(|e| e["name"] == "STRAIT_PROXY_INBOUND_IPS"))
+        .expect("STRAIT_PROXY_INBOUND_IPS");
+    assert_eq!(
+        inbound_ips["valueFrom"]["fieldRef"]["fieldPath"],
+        "status.podIPs"
+    );
     assert_eq!(env(proxy, "STRAIT_PROXY_DESTINATION_IDENTITY"), None);
     assert_eq!(
         env(proxy, "STRAIT_THREADS"),
