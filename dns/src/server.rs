@@ -135,15 +135,40 @@ impl DnsServer {
     }
 }
 
+/// A socket of `ty` for `addr`'s family; an unspecified IPv6 address
+/// (`[::]`) is made dual-stack, so IPv4 clients reach it too whatever the
+/// node's `net.ipv6.bindv6only` says.
+fn socket_for(addr: SocketAddr, ty: socket2::Type) -> io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), ty, None)?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
+fn udp_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = socket_for(addr, socket2::Type::DGRAM)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
+fn tcp_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = socket_for(addr, socket2::Type::STREAM)?;
+    // A restart does not wait out TIME_WAIT (as tokio's own bind does).
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
 async fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsError> {
     let bind_udp = |addr| async move {
-        UdpSocket::bind(addr)
-            .await
-            .map_err(|source| DnsError::Bind {
-                protocol: "udp",
-                addr,
-                source,
-            })
+        udp_socket(addr).map_err(|source| DnsError::Bind {
+            protocol: "udp",
+            addr,
+            source,
+        })
     };
     let tcp_error = |source| DnsError::Bind {
         protocol: "tcp",
@@ -153,7 +178,7 @@ async fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsErro
 
     if addr.port() != 0 {
         let udp = bind_udp(addr).await?;
-        let tcp = TcpListener::bind(addr).await.map_err(tcp_error)?;
+        let tcp = tcp_listener(addr).map_err(tcp_error)?;
         return Ok((udp, tcp));
     }
 
@@ -165,7 +190,7 @@ async fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsErro
             addr,
             source,
         })?;
-        match TcpListener::bind(udp_addr).await {
+        match tcp_listener(udp_addr) {
             Ok(tcp) => return Ok((udp, tcp)),
             Err(error) if error.kind() == io::ErrorKind::AddrInUse => {
                 debug!(%udp_addr, attempt, "TCP port taken, trying another UDP port");

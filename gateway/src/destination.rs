@@ -390,7 +390,7 @@ impl DestinationServer {
         local: watch::Receiver<Arc<ClusterState>>,
         tls: Option<Arc<rustls::ServerConfig>>,
     ) -> std::io::Result<Self> {
-        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let listener = strait_proxy::net::bind_listener(addr)?;
         let bound = listener.local_addr()?;
         let mtls = tls.is_some();
         let (stop, stopping) = watch::channel(false);

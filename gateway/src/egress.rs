@@ -105,7 +105,7 @@ pub async fn run(shared: Arc<Shared>) {
             if listeners.contains_key(addr) {
                 continue;
             }
-            match TcpListener::bind(addr).await {
+            match strait_proxy::net::bind_listener(*addr) {
                 Ok(listener) => {
                     tracing::info!(%addr, service = %target.key, pin = ?target.pin, "egress listener up");
                     let task = tokio::spawn(accept(listener, target.clone(), shared.clone()));

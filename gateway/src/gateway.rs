@@ -605,8 +605,7 @@ impl Gateway {
                     destination_mtls: config.listen.destination_mtls,
                     ipv6: i.ipv6,
                 };
-                let listener = tokio::net::TcpListener::bind(i.listen)
-                    .await
+                let listener = strait_proxy::net::bind_listener(i.listen)
                     .map_err(|e| failed(&format!("{}: {e}", i.listen)))?;
                 let addr = listener.local_addr().map_err(|e| failed(&e))?;
                 let inject = Arc::new(arc_swap::ArcSwap::from_pointee(inject));
@@ -747,7 +746,7 @@ async fn bind_tunnel(
         let bound = endpoint
             .local_addr()
             .map_err(|source| TunnelError::Bind { addr, source })?;
-        match tokio::net::TcpListener::bind(bound).await {
+        match strait_proxy::net::bind_listener(bound) {
             Ok(tcp) => return Ok((endpoint, bound, tcp)),
             Err(_) if addr.port() == 0 && attempts < 8 => continue,
             Err(source) => {

@@ -490,7 +490,7 @@ impl IdentityServer {
             &[strait_proxy::tls::CONTROL_PLANE_ALPN],
         )
         .map_err(std::io::Error::other)?;
-        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let listener = strait_proxy::net::bind_listener(addr)?;
         let bound = listener.local_addr()?;
         let (stop, stopping) = watch::channel(false);
         let server = tonic::transport::Server::builder()

@@ -95,10 +95,23 @@ impl Testbed {
         tunnel: Option<SocketAddr>,
         links: &[(&str, Option<SocketAddr>, Option<&str>)],
     ) -> GatewayConfig {
+        let loopback = std::net::Ipv4Addr::LOCALHOST.into();
+        self.config_on(cluster, loopback, tunnel, links)
+    }
+
+    /// [`Testbed::config`] with every listener on `listen` (port 0 each,
+    /// the tunnel's too unless given).
+    pub fn config_on(
+        &self,
+        cluster: &str,
+        listen: std::net::IpAddr,
+        tunnel: Option<SocketAddr>,
+        links: &[(&str, Option<SocketAddr>, Option<&str>)],
+    ) -> GatewayConfig {
         if !self.cluster_file(cluster).exists() {
             self.write_cluster(cluster, "services: []\n");
         }
-        let tunnel = tunnel.unwrap_or_else(|| "127.0.0.1:0".parse().expect("addr"));
+        let tunnel = tunnel.unwrap_or_else(|| SocketAddr::new(listen, 0));
         let vips = self.vips;
         let grace = self
             .grace_seconds
@@ -117,7 +130,7 @@ tunnel:
   reconnectMaxMs: 400
 links:
 ",
-            config_head(cluster, tunnel)
+            config_head(cluster, listen, tunnel)
         );
         if links.is_empty() {
             y.push_str("  []\n");
@@ -167,7 +180,11 @@ tunnel:
   reconnectMinMs: 50
   reconnectMaxMs: 400
 ",
-            config_head(cluster, "127.0.0.1:0".parse().expect("addr")),
+            config_head(
+                cluster,
+                std::net::Ipv4Addr::LOCALHOST.into(),
+                "127.0.0.1:0".parse().expect("addr")
+            ),
             min = ports.start(),
             max = ports.end(),
         );
@@ -179,6 +196,12 @@ tunnel:
     /// Starts east exporting `demo/hello` (one endpoint, `hello-0`) and
     /// letting west in.
     pub async fn start_hello_east(&self) -> Gateway {
+        self.start_hello_east_on(std::net::Ipv4Addr::LOCALHOST.into())
+            .await
+    }
+
+    /// [`Testbed::start_hello_east`] with east's listeners on `listen`.
+    pub async fn start_hello_east_on(&self, listen: std::net::IpAddr) -> Gateway {
         let endpoint = spawn_hello_endpoint("east", "hello-0")
             .await
             .expect("endpoint");
@@ -186,7 +209,7 @@ tunnel:
             "east",
             &hello_cluster_yaml(&[("hello-0".to_string(), endpoint)], true),
         );
-        self.start(self.config("east", None, &[("west", None, None)]))
+        self.start(self.config_on("east", listen, None, &[("west", None, None)]))
             .await
     }
 
@@ -233,8 +256,10 @@ tunnel:
     }
 }
 
-/// The identity and listener part of a test gateway config.
-fn config_head(cluster: &str, tunnel: SocketAddr) -> String {
+/// The identity and listener part of a test gateway config: the tunnel
+/// on `tunnel`, the other listeners on `listen`, port 0.
+fn config_head(cluster: &str, listen: std::net::IpAddr, tunnel: SocketAddr) -> String {
+    let any = SocketAddr::new(listen, 0);
     format!(
         "cluster: {cluster}
 identity:
@@ -242,11 +267,11 @@ identity:
   issuerCert: {cluster}-issuer.pem
   issuerKey: {cluster}-issuer.key
 listen:
-  tunnel: {tunnel}
-  admin: 127.0.0.1:0
-  dns: 127.0.0.1:0
-  destination: 127.0.0.1:0
-  identity: 127.0.0.1:0
+  tunnel: \"{tunnel}\"
+  admin: \"{any}\"
+  dns: \"{any}\"
+  destination: \"{any}\"
+  identity: \"{any}\"
 "
     )
 }

@@ -1108,6 +1108,78 @@ fn the_injector_webhook_is_wired_to_the_gateway() {
     assert!(config.injector.expect("injector").ipv6, "{text}");
 }
 
+/// In an IPv6-only or dual-stack cluster (`ipv6: true`) every gateway
+/// listener, egress and the injector's included, is on `[::]`; the tunnel
+/// Service takes the families asked for. The default stays IPv4.
+#[test]
+fn an_ipv6_cluster_gets_listeners_on_both_families() {
+    let config_of = |docs: &[Value]| {
+        let text = find(docs, "ConfigMap", "strait-gateway-config")["data"]["config.yaml"]
+            .as_str()
+            .expect("config.yaml")
+            .to_string();
+        strait_gateway::config::GatewayConfig::parse(&text, std::path::Path::new("config.yaml"))
+            .unwrap_or_else(|e| panic!("the gateway cannot read it: {e}\n{text}"))
+    };
+    let v6 = documents(&render(&[
+        "--set",
+        "ipv6=true",
+        "--set",
+        "service.ipFamilyPolicy=PreferDualStack",
+        "--set",
+        "service.ipFamilies={IPv6,IPv4}",
+    ]));
+    let config = config_of(&v6);
+    let any6: std::net::IpAddr = "::".parse().expect("ip");
+    for (what, addr) in [
+        ("tunnel", config.listen.tunnel),
+        ("admin", config.listen.admin),
+        ("dns", config.listen.dns),
+        ("destination", config.listen.destination),
+        ("identity", config.listen.identity),
+        (
+            "injector",
+            config.injector.as_ref().expect("injector").listen,
+        ),
+    ] {
+        assert_eq!(addr.ip(), any6, "{what}: {addr}");
+    }
+    let kube = config
+        .source
+        .kubernetes
+        .as_ref()
+        .expect("kubernetes source");
+    assert_eq!(kube.egress_address, any6);
+    let service = find(&v6, "Service", "strait-gateway");
+    assert_eq!(service["spec"]["ipFamilyPolicy"], "PreferDualStack");
+    assert_eq!(service["spec"]["ipFamilies"], json!(["IPv6", "IPv4"]));
+
+    let v4 = documents(&render(&[]));
+    let config = config_of(&v4);
+    assert_eq!(config.listen.tunnel, "0.0.0.0:4143".parse().expect("addr"));
+    assert_eq!(
+        config
+            .source
+            .kubernetes
+            .as_ref()
+            .expect("kubernetes")
+            .egress_address,
+        std::net::IpAddr::from([0, 0, 0, 0])
+    );
+    let service = find(&v4, "Service", "strait-gateway");
+    assert!(
+        service["spec"].get("ipFamilyPolicy").is_none(),
+        "{service:?}"
+    );
+    assert!(service["spec"].get("ipFamilies").is_none(), "{service:?}");
+
+    let certs = Certs::new();
+    let mut args = certs.values();
+    args.extend(["--set".to_string(), "service.ipFamilies={IPv5}".to_string()]);
+    let err = template(&args).expect_failure();
+    assert!(err.contains("ipFamilies"), "{err}");
+}
+
 /// The injector needs native sidecars (Kubernetes 1.29); with a
 /// certificate of the user's own (cert-manager, GitOps) the chart makes
 /// none and wants the CA to trust.

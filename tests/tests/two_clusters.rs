@@ -290,3 +290,55 @@ async fn a_peer_gone_longer_than_the_grace_period_loses_its_imports() {
         "{m}"
     );
 }
+
+/// Gateways listening on `[::]`, as in an IPv6-only or dual-stack cluster
+/// (chart value `ipv6`): linked over IPv6, and answering DNS (UDP and TCP),
+/// admin and tunnel connections over both families.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_on_both_families_link_over_ipv6() {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    let bed = Testbed::new(&["west", "east"]);
+    let any6 = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+    let east = bed.start_hello_east_on(any6).await;
+    assert_eq!(east.tunnel_addr().ip(), any6);
+    let east_v6 = SocketAddr::new(Ipv6Addr::LOCALHOST.into(), east.tunnel_addr().port());
+    let west = bed
+        .start(bed.config_on("west", any6, None, &[("east", Some(east_v6), None)]))
+        .await;
+
+    // The import arrived over the IPv6 tunnel, and traffic crosses it.
+    let vip = vip_of(&west).await;
+    let body = http_get((vip, 8080).into(), HELLO)
+        .await
+        .expect("request through the tunnel");
+    assert_eq!(body, "hello from east/hello-0");
+
+    let families = [
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(Ipv6Addr::LOCALHOST),
+    ];
+    for ip in families {
+        for tcp in [false, true] {
+            let dns = SocketAddr::new(ip, west.dns_addr().port());
+            assert_eq!(
+                dig(dns, HELLO, "A", tcp),
+                vec![vip.to_string()],
+                "DNS at {dns}, tcp {tcp}"
+            );
+        }
+        let admin = SocketAddr::new(ip, west.admin_addr().port());
+        let m = http_get_path(admin, "admin", "/metrics")
+            .await
+            .unwrap_or_else(|e| panic!("metrics at {admin}: {e}"));
+        assert_eq!(
+            sample(&m, "strait_peer_up{peer=\"east\"}"),
+            Some(1.0),
+            "{m}"
+        );
+        // The TLS-over-TCP tunnel listener takes both families too.
+        let tunnel = SocketAddr::new(ip, east.tunnel_addr().port());
+        tokio::net::TcpStream::connect(tunnel)
+            .await
+            .unwrap_or_else(|e| panic!("TCP tunnel listener at {tunnel}: {e}"));
+    }
+}

@@ -6,17 +6,18 @@ is a pod annotation, so a change rolls the gateway pods.
 {{- if gt (int .Values.config.egressPortMin) (int .Values.config.egressPortMax) -}}
 {{- fail (printf "config.egressPortMin (%v) must not exceed config.egressPortMax (%v)" .Values.config.egressPortMin .Values.config.egressPortMax) -}}
 {{- end -}}
+{{- $any := ternary "[::]" "0.0.0.0" .Values.ipv6 }}
 cluster: {{ include "strait.cluster" . }}
 identity:
   trustAnchors: /var/run/strait/issuer/ca.crt
   issuerCert: /var/run/strait/issuer/tls.crt
   issuerKey: /var/run/strait/issuer/tls.key
 listen:
-  tunnel: 0.0.0.0:4143
-  admin: 0.0.0.0:4191
-  dns: 0.0.0.0:5353
-  destination: 0.0.0.0:8086
-  identity: 0.0.0.0:8080
+  tunnel: "{{ $any }}:4143"
+  admin: "{{ $any }}:4191"
+  dns: "{{ $any }}:5353"
+  destination: "{{ $any }}:8086"
+  identity: "{{ $any }}:8080"
 source:
   kubernetes:
     namespace: {{ .Release.Namespace }}
@@ -25,12 +26,15 @@ source:
     egressPortMin: {{ int .Values.config.egressPortMin }}
     egressPortMax: {{ int .Values.config.egressPortMax }}
     leaseName: {{ .Values.config.leaseName }}
+    {{- if .Values.ipv6 }}
+    egressAddress: "::"
+    {{- end }}
 imports:
   gracePeriodSeconds: {{ int .Values.config.gracePeriodSeconds }}
   dnsTtlSeconds: {{ int .Values.config.dnsTtlSeconds }}
 {{- if .Values.injector.enabled }}
 injector:
-  listen: 0.0.0.0:8443
+  listen: "{{ $any }}:8443"
   certFile: /var/run/strait/injector/tls.crt
   keyFile: /var/run/strait/injector/tls.key
   image: {{ printf "%s:%s" .Values.injector.proxyImage.repository (default .Chart.AppVersion .Values.injector.proxyImage.tag) }}

@@ -642,3 +642,35 @@ async fn binding_a_taken_port_fails() {
         other => panic!("expected a bind error, got {other:?}"),
     }
 }
+
+/// `[::]` is explicitly dual-stack for UDP and TCP, so an IPv6-only or
+/// dual-stack cluster's gateway answers IPv4 clients too, whatever the
+/// node's `net.ipv6.bindv6only` says (which would hide a regression here).
+#[tokio::test]
+async fn an_unspecified_ipv6_address_takes_both_families() {
+    let (udp, tcp) = bind_pair((Ipv6Addr::UNSPECIFIED, 0).into())
+        .await
+        .expect("bind [::]");
+    assert!(!socket2::SockRef::from(&udp).only_v6().expect("udp v6only"));
+    assert!(!socket2::SockRef::from(&tcp).only_v6().expect("tcp v6only"));
+    let port = udp.local_addr().expect("addr").port();
+    assert_eq!(tcp.local_addr().expect("addr").port(), port);
+    let client = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .expect("client");
+    client
+        .send_to(b"ping", (Ipv4Addr::LOCALHOST, port))
+        .await
+        .expect("send");
+    let mut buf = [0u8; 8];
+    let (n, _) = timeout(Duration::from_secs(5), udp.recv_from(&mut buf))
+        .await
+        .expect("an IPv4 datagram arrives")
+        .expect("recv");
+    assert_eq!(&buf[..n], b"ping");
+    let accept = tcp.accept();
+    let (connected, accepted) =
+        tokio::join!(TcpStream::connect((Ipv4Addr::LOCALHOST, port)), accept);
+    connected.expect("IPv4 client connects");
+    accepted.expect("accepted");
+}
