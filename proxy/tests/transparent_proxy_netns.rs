@@ -586,7 +586,23 @@ fn the_real_proxy_carries_a_pods_traffic_transparently_and_exits_on_sigterm() {
     t.start_helper(true, Some(APP_UID), &["http", "127.0.0.1:8081", "private"]);
     t.start_helper(false, Some(APP_UID), &["http", "0.0.0.0:8080", "peer"]);
     t.start_helper(false, Some(APP_UID), &["echo", "0.0.0.0:9000"]);
-    t.start_proxy(IPV4_LISTENERS);
+    // One name (as a Service of its own would be) resolves to this pod,
+    // meshed.
+    let own_service = format!("{peer_ip}:8090");
+    let destinations = t.dir.path().join("destinations.yaml");
+    std::fs::write(
+        &destinations,
+        format!(
+            "destinations:\n  - authority: \"{own_service}\"\n    endpoints:\n      - {{ addr: \"{pod_ip}:8080\", identity: \"{IDENTITY}\" }}\n"
+        ),
+    )
+    .expect("write destinations");
+    std::fs::set_permissions(&destinations, std::fs::Permissions::from_mode(0o644))
+        .expect("chmod destinations");
+    let destinations = destinations.to_string_lossy().into_owned();
+    let mut args = IPV4_LISTENERS.to_vec();
+    args.extend(["--destinations", &destinations]);
+    t.start_proxy(&args);
 
     // a. Outbound HTTP: the application's request is redirected to the
     // proxy, which reads SO_ORIGINAL_DST and forwards to the unmeshed
@@ -628,6 +644,23 @@ fn the_real_proxy_carries_a_pods_traffic_transparently_and_exits_on_sigterm() {
         1,
     );
     eprintln!("{in_requests}\n{in_opens}");
+
+    // b1. The application calling its own pod by a name: out through the
+    // outbound side, which dials the pod's own inbound port over mTLS (the
+    // rules leave the proxy's own connections alone), and in again to the
+    // application at the pod's address.
+    let (code, body) = t
+        .pod
+        .curl(Some(APP_UID), &format!("http://{own_service}/self"));
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body, format!("app: GET /self host={own_service}\n"));
+    let self_requests = t.wait_for_metric(
+        &format!(
+            r#"strait_proxy_requests_total{{direction="inbound",authority="{own_service}",tls="true"}}"#
+        ),
+        1,
+    );
+    eprintln!("{self_requests}");
 
     // c. The admin port is not redirected: the peer reaches it directly,
     // and the inbound proxy never sees the connection.
