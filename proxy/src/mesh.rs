@@ -1,5 +1,5 @@
 //! Proxy-to-proxy connections: mutual TLS 1.3 with SPIFFE identities, then
-//! a [`transport`](crate::transport) header naming the target port and
+//! a [`crate::transport`] header naming the target port and
 //! protocol, then either one multiplexed HTTP/2 connection (every HTTP
 //! request to that peer and port, HTTP/1 ones included) or the bytes of one
 //! opaque TCP connection.

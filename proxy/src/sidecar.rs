@@ -48,12 +48,13 @@ pub struct ProxyConfig {
     pub transparent: bool,
     /// Where inbound connections go when not transparent (the application).
     pub inbound_target: Option<SocketAddr>,
-    /// The pod's own addresses (default: none given). When transparent,
-    /// the application is reached at each connection's original
-    /// destination, never on loopback (a port the application binds on
-    /// `127.0.0.1` only stays private to the pod); a connection whose
-    /// original destination is not one of these addresses is refused. With
-    /// none given, only loopback destinations are refused.
+    /// The pod's own addresses (default: none given; only with
+    /// `transparent`). When transparent, the application is reached at
+    /// each connection's original destination, never on loopback (a port
+    /// the application binds on `127.0.0.1` only stays private to the pod);
+    /// a connection whose original destination is not one of these
+    /// addresses is refused. With none given, a connection is refused
+    /// unless its original destination is the address it arrived on.
     pub inbound_ips: Vec<IpAddr>,
     /// Where outbound connections go when not transparent and nothing
     /// else names a destination (opaque TCP; HTTP routes by authority).
@@ -122,11 +123,16 @@ impl ProxyConfig {
                 "required unless --transparent (where else would inbound traffic go?)",
             );
         }
-        if let Some(ip) = self
-            .inbound_ips
-            .iter()
-            .find(|ip| ip.is_loopback() || ip.is_unspecified() || ip.is_multicast())
-        {
+        if !self.inbound_ips.is_empty() && !self.transparent {
+            return bad(
+                "inbound-ips",
+                "only with --transparent (without it --inbound-target names the application)",
+            );
+        }
+        if let Some(ip) = self.inbound_ips.iter().find(|ip| {
+            let ip = ip.to_canonical();
+            ip.is_loopback() || ip.is_unspecified() || ip.is_multicast()
+        }) {
             return Err(ConfigError {
                 field: "inbound-ips",
                 message: format!("{ip} is not a pod address"),
@@ -215,14 +221,20 @@ impl Shared {
     /// loopback is assumed local). IPv4-mapped addresses compare as the
     /// IPv4 ones they are.
     pub(crate) fn is_own_listener(&self, addr: SocketAddr, local: bool) -> bool {
-        let ip = addr.ip().to_canonical();
-        let own: &[SocketAddr] = self.listeners.get().map_or(&[], |l| l);
-        own.iter().any(|l| {
-            l.port() == addr.port()
-                && (l.ip().to_canonical() == ip
-                    || (l.ip().is_unspecified() && (local || ip.is_loopback())))
-        })
+        is_own_listener(self.listeners.get().map_or(&[], |l| l), addr, local)
     }
+}
+
+/// [`Shared::is_own_listener`] over the listener addresses `own` (pure). A
+/// listener on `0.0.0.0` takes IPv4 only; one on `[::]` both families
+/// (every listener is bound dual-stack).
+fn is_own_listener(own: &[SocketAddr], addr: SocketAddr, local: bool) -> bool {
+    let ip = addr.ip().to_canonical();
+    own.iter().any(|l| {
+        let any = l.ip().is_unspecified() && (l.is_ipv6() || ip.is_ipv4());
+        l.port() == addr.port()
+            && (l.ip().to_canonical() == ip || (any && (local || ip.is_loopback())))
+    })
 }
 
 /// Counts a connection in flight while alive.
@@ -308,8 +320,35 @@ impl Proxy {
             }
             None => (None, None),
         };
+        let ready = Readiness::default();
+        let shutdown = drain.clone();
+        let router = crate::admin::router(Arc::new(registry), ready.clone()).route(
+            "/shutdown",
+            axum::routing::post(
+                move |axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>| {
+                    let shutdown = shutdown.clone();
+                    async move {
+                        // An IPv4 client of a dual-stack listener is an
+                        // IPv4-mapped IPv6 address.
+                        if !peer.ip().to_canonical().is_loopback() {
+                            return (axum::http::StatusCode::FORBIDDEN, "loopback only\n");
+                        }
+                        let _ = shutdown.send(true);
+                        (axum::http::StatusCode::OK, "shutting down\n")
+                    }
+                },
+            ),
+        );
+        let admin = AdminServer::bind(config.admin, router)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.admin,
+                source,
+            })?;
+        // The admin listener too: a mesh header naming its port must not
+        // reach `/shutdown` from loopback.
         let _ = shared.listeners.set(
-            [outbound_addr, inbound_addr]
+            [outbound_addr, inbound_addr, admin.local_addr()]
                 .into_iter()
                 .chain(outbound_v6_addr)
                 .collect(),
@@ -336,31 +375,6 @@ impl Proxy {
                 async move { inn.serve(tcp, s).await }
             },
         )));
-        let ready = Readiness::default();
-        let shutdown = drain.clone();
-        let router = crate::admin::router(Arc::new(registry), ready.clone()).route(
-            "/shutdown",
-            axum::routing::post(
-                move |axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>| {
-                    let shutdown = shutdown.clone();
-                    async move {
-                        // An IPv4 client of a dual-stack listener is an
-                        // IPv4-mapped IPv6 address.
-                        if !peer.ip().to_canonical().is_loopback() {
-                            return (axum::http::StatusCode::FORBIDDEN, "loopback only\n");
-                        }
-                        let _ = shutdown.send(true);
-                        (axum::http::StatusCode::OK, "shutting down\n")
-                    }
-                },
-            ),
-        );
-        let admin = AdminServer::bind(config.admin, router)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: config.admin,
-                source,
-            })?;
         // Ready while this proxy has an unexpired certificate (at once,
         // unless the control plane has yet to certify it).
         let certified = shared.identity.clone();
@@ -619,6 +633,46 @@ impl PlainClient {
             }
             Ok(Err(e)) => Err(UpstreamError::Failed(e)),
             Err(_) => Err(UpstreamError::Timeout),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_own_listener;
+    use std::net::SocketAddr;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("addr")
+    }
+
+    #[test]
+    fn own_listeners_are_recognised_by_port_address_and_family() {
+        let own = [
+            addr("127.0.0.1:4140"),
+            addr("0.0.0.0:4143"),
+            addr("[::]:4191"),
+        ];
+        for (target, local, expected) in [
+            ("127.0.0.1:4140", false, true),
+            ("[::ffff:127.0.0.1]:4140", false, true),
+            ("10.1.0.5:4140", true, false),
+            // Unspecified IPv4: loopback, or any local IPv4 address.
+            ("127.0.0.1:4143", false, true),
+            ("10.1.0.5:4143", false, false),
+            ("10.1.0.5:4143", true, true),
+            ("[fd00::5]:4143", true, false),
+            // Unspecified IPv6 (dual-stack): both families.
+            ("[fd00::5]:4191", true, true),
+            ("10.1.0.5:4191", true, true),
+            ("[::1]:4191", false, true),
+            ("10.1.0.5:8080", true, false),
+        ] {
+            assert_eq!(
+                is_own_listener(&own, addr(target), local),
+                expected,
+                "{target} local={local}"
+            );
         }
     }
 }

@@ -148,6 +148,7 @@ fn inbound_ips_must_be_pod_addresses() {
         ("10.1.2.3,::1", 1, "::1 is not a pod address"),
         ("0.0.0.0", 1, "0.0.0.0 is not a pod address"),
         ("10.1.2.300", 2, "invalid IP address syntax"),
+        ("::ffff:127.0.0.1", 1, "is not a pod address"),
     ] {
         let out = bin()
             .args(["run", "--transparent"])
@@ -164,6 +165,21 @@ fn inbound_ips_must_be_pod_addresses() {
             "{ips}: {stderr}"
         );
     }
+}
+
+#[test]
+fn inbound_ips_need_transparent_mode() {
+    let out = bin()
+        .args(["run", "--inbound-target", "127.0.0.1:1"])
+        .args(["--trust-anchors", "/nonexistent"])
+        .args(["--identity", "spiffe://t/ns/a/sa/b"])
+        .args(["--issuer-cert", "/c", "--issuer-key", "/k"])
+        .args(["--inbound-ips", "10.1.2.3"])
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("only with --transparent"), "{stderr}");
 }
 
 #[test]

@@ -515,6 +515,22 @@ impl Pod {
         self.proxy = Some(proxy);
     }
 
+    /// A `--destinations` file of `(authority, endpoint)` pairs, each
+    /// endpoint meshed with this pod's identity; its path.
+    fn destinations(&self, entries: &[(&str, &str)]) -> String {
+        let mut yaml = String::from("destinations:\n");
+        for (authority, addr) in entries {
+            yaml.push_str(&format!(
+                "  - authority: \"{authority}\"\n    endpoints:\n      - {{ addr: \"{addr}\", identity: \"{IDENTITY}\" }}\n"
+            ));
+        }
+        let path = self.dir.path().join("destinations.yaml");
+        std::fs::write(&path, yaml).expect("write destinations");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+            .expect("chmod destinations");
+        path.to_string_lossy().into_owned()
+    }
+
     /// The proxy's `/metrics`, fetched in the pod.
     fn metrics(&self) -> String {
         let (code, body) = self.pod.curl(None, "http://127.0.0.1:4191/metrics");
@@ -586,20 +602,16 @@ fn the_real_proxy_carries_a_pods_traffic_transparently_and_exits_on_sigterm() {
     t.start_helper(true, Some(APP_UID), &["http", "127.0.0.1:8081", "private"]);
     t.start_helper(false, Some(APP_UID), &["http", "0.0.0.0:8080", "peer"]);
     t.start_helper(false, Some(APP_UID), &["echo", "0.0.0.0:9000"]);
-    // One name (as a Service of its own would be) resolves to this pod,
-    // meshed.
+    // Names that resolve to this pod, meshed: its application (as a
+    // Service of its own would), and its proxy's own inbound and admin
+    // ports (a loop, and a way to `/shutdown`).
     let own_service = format!("{peer_ip}:8090");
-    let destinations = t.dir.path().join("destinations.yaml");
-    std::fs::write(
-        &destinations,
-        format!(
-            "destinations:\n  - authority: \"{own_service}\"\n    endpoints:\n      - {{ addr: \"{pod_ip}:8080\", identity: \"{IDENTITY}\" }}\n"
-        ),
-    )
-    .expect("write destinations");
-    std::fs::set_permissions(&destinations, std::fs::Permissions::from_mode(0o644))
-        .expect("chmod destinations");
-    let destinations = destinations.to_string_lossy().into_owned();
+    let (to_inbound, to_admin) = (format!("{peer_ip}:8091"), format!("{peer_ip}:8092"));
+    let destinations = t.destinations(&[
+        (&own_service, &format!("{pod_ip}:8080")),
+        (&to_inbound, &format!("{pod_ip}:4143")),
+        (&to_admin, &format!("{pod_ip}:4191")),
+    ]);
     let mut args = IPV4_LISTENERS.to_vec();
     args.extend(["--destinations", &destinations]);
     t.start_proxy(&args);
@@ -708,6 +720,24 @@ fn the_real_proxy_carries_a_pods_traffic_transparently_and_exits_on_sigterm() {
         1,
     );
     eprintln!("{refused}\n{looped}");
+    // A mesh header naming the inbound port, or the admin port, is refused
+    // the same way (the GET is retried: counted once or more).
+    let loop_errors = r#"strait_proxy_errors_total{direction="inbound",reason="loop"}"#;
+    for authority in [&to_inbound, &to_admin] {
+        let before = metric(&t.metrics(), loop_errors).unwrap_or(0);
+        let (code, body) = t
+            .pod
+            .curl(Some(APP_UID), &format!("http://{authority}/shutdown"));
+        assert_eq!(code, 502, "{authority}: {body}");
+        eventually(&format!("{authority} refused as a loop"), || {
+            match metric(&t.metrics(), loop_errors) {
+                Some(n) if n > before => Ok(()),
+                other => Err(format!("{loop_errors} is {other:?}, was {before}")),
+            }
+        });
+    }
+    let (code, _) = t.pod.curl(None, "http://127.0.0.1:4191/ready");
+    assert_eq!(code, 200, "the proxy is still up");
 
     // d. Opaque TCP: a client that speaks first, and not HTTP, is detected
     // as opaque and forwarded byte for byte to its original destination.
@@ -774,9 +804,17 @@ fn a_dual_stack_pods_ipv6_and_ipv4_traffic_is_carried_transparently() {
     assert!(applied.contains("IPv6 rules with "), "{applied}");
 
     t.start_helper(true, Some(APP_UID), &["http", "[::]:8080", "app"]);
+    // An application on IPv4 only.
+    t.start_helper(true, Some(APP_UID), &["http", "0.0.0.0:8082", "v4app"]);
     t.start_helper(false, Some(APP_UID), &["http", "[::]:8080", "peer"]);
     t.start_helper(false, Some(APP_UID), &["echo", "[::]:9000"]);
-    t.start_proxy(DUAL_STACK_LISTENERS);
+    // A name whose meshed endpoint is the pod's IPv6 address, where the
+    // IPv4-only application is not listening.
+    let v4_service = format!("{peer_ip6}:8092");
+    let destinations = t.destinations(&[(&v4_service, &format!("{pod_ip6}:8082"))]);
+    let mut args = DUAL_STACK_LISTENERS.to_vec();
+    args.extend(["--destinations", &destinations]);
+    t.start_proxy(&args);
 
     // a. Outbound over IPv6: ip6tables redirects the application's
     // connection to [::1]:4140, and the proxy finds the original IPv6
@@ -808,6 +846,21 @@ fn a_dual_stack_pods_ipv6_and_ipv4_traffic_is_carried_transparently() {
             1,
         );
     }
+
+    // b2. A mesh connection to the pod's IPv6 address reaches an
+    // application listening on IPv4 only: the family was the client
+    // proxy's choice, and the inbound side delivers on the pod's IPv4.
+    let (code, body) = t
+        .pod
+        .curl(Some(APP_UID), &format!("http://{v4_service}/mesh"));
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body, format!("v4app: GET /mesh host={v4_service}\n"));
+    t.wait_for_metric(
+        &format!(
+            r#"strait_proxy_requests_total{{direction="inbound",authority="{v4_service}",tls="true"}}"#
+        ),
+        1,
+    );
 
     // c. The admin port answers over IPv6 and IPv4, directly.
     for ip in [&pod_ip6, &pod_ip] {

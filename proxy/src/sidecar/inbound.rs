@@ -9,11 +9,12 @@
 //! dialled (the original destination, one of the pod's own addresses),
 //! never on loopback: a port the application binds on `127.0.0.1` only is
 //! private to the pod and stays so (as in Linkerd since 2.11 and Istio
-//! since 1.10). A connection whose original destination is loopback, or
-//! not one of [`ProxyConfig::inbound_ips`](super::ProxyConfig), is refused
-//! and counted (`strait_proxy_errors_total{reason="not_inbound_ip"}`), and
-//! so is a target that is one of the proxy's own listeners
-//! (`reason="loop"`).
+//! since 1.10). Mesh connections are delivered on the pod's IPv4 address
+//! when it has one (see [`mesh_app_ip`]). A connection whose original
+//! destination is loopback, or not one of the pod's addresses (see
+//! [`app_ip`]), is refused and counted
+//! (`strait_proxy_errors_total{reason="not_inbound_ip"}`), and so is a
+//! target that is one of the proxy's own listeners (`reason="loop"`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -80,7 +81,8 @@ impl Inbound {
             shared.http.error(DIRECTION, "no_destination");
             return;
         };
-        let Some(app) = self.app_ip(orig.ip()) else {
+        let local = tcp.local_addr().map(|a| a.ip()).ok();
+        let Some(app) = app_ip(&shared.config, orig.ip(), local) else {
             tracing::info!(%orig, "refusing an inbound connection to an address not the pod's");
             shared.http.error(DIRECTION, "not_inbound_ip");
             return;
@@ -136,23 +138,6 @@ impl Inbound {
             .duration
             .get_or_create(&labels)
             .observe(started.elapsed().as_secs_f64());
-    }
-
-    /// The application's address for a connection to `orig`: that address
-    /// itself when transparent (refused, `None`, when it is loopback or
-    /// not one of the pod's addresses), else `--inbound-target`'s.
-    fn app_ip(&self, orig: IpAddr) -> Option<IpAddr> {
-        let config = &self.0.shared.config;
-        if !config.transparent {
-            return Some(orig);
-        }
-        let ip = orig.to_canonical();
-        let allowed = if config.inbound_ips.is_empty() {
-            !ip.is_loopback() && !ip.is_unspecified()
-        } else {
-            config.inbound_ips.iter().any(|i| i.to_canonical() == ip)
-        };
-        allowed.then_some(ip)
     }
 
     /// The application's socket address for `port`, unless that is one of
@@ -213,6 +198,7 @@ impl Inbound {
         let Ok(port) = u16::try_from(header.port) else {
             return false;
         };
+        let app = mesh_app_ip(&shared.config, app);
         let Some(target) = self.target(app, port) else {
             return false;
         };
@@ -356,6 +342,46 @@ impl Inbound {
     }
 }
 
+/// The application's address for a connection to `orig` that arrived on
+/// `local` (pure): when transparent, `orig` itself, unless it is loopback
+/// or not one of the pod's addresses ([`ProxyConfig::inbound_ips`], or
+/// with none given the address the connection arrived on: the `nat`
+/// redirect takes a packet for any address, and the proxy must not dial
+/// one a neighbour chose for it); else `--inbound-target`'s (`orig`).
+///
+/// [`ProxyConfig::inbound_ips`]: super::ProxyConfig::inbound_ips
+fn app_ip(config: &super::ProxyConfig, orig: IpAddr, local: Option<IpAddr>) -> Option<IpAddr> {
+    if !config.transparent {
+        return Some(orig);
+    }
+    let ip = orig.to_canonical();
+    if ip.is_loopback() || ip.is_unspecified() {
+        return None;
+    }
+    let allowed = if config.inbound_ips.is_empty() {
+        local.map(|l| l.to_canonical()) == Some(ip)
+    } else {
+        config.inbound_ips.iter().any(|i| i.to_canonical() == ip)
+    };
+    allowed.then_some(ip)
+}
+
+/// The application's address for a mesh connection to `app` (pure): the
+/// pod's IPv4 address when it has one. The client's proxy or the gateway
+/// picked the endpoint's family, not the application, and an application
+/// listening on `0.0.0.0` (or a dual-stack `[::]`) takes IPv4 either way.
+fn mesh_app_ip(config: &super::ProxyConfig, app: IpAddr) -> IpAddr {
+    if !config.transparent || app.is_ipv4() {
+        return app;
+    }
+    config
+        .inbound_ips
+        .iter()
+        .map(|i| i.to_canonical())
+        .find(IpAddr::is_ipv4)
+        .unwrap_or(app)
+}
+
 /// Whether a ClientHello (fully in `prefix`) is for the mesh: our server
 /// name and ALPN. Anything else is the application's own TLS.
 fn is_mesh_hello(prefix: &[u8]) -> bool {
@@ -375,5 +401,68 @@ fn is_mesh_hello(prefix: &[u8]) -> bool {
                     .is_some_and(|mut protos| protos.any(|p| p == MESH_ALPN))
         }
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::ProxyConfig;
+    use super::{app_ip, mesh_app_ip};
+    use std::net::IpAddr;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    fn transparent(inbound_ips: &[&str]) -> ProxyConfig {
+        ProxyConfig {
+            transparent: true,
+            inbound_ips: inbound_ips.iter().map(|s| ip(s)).collect(),
+            ..ProxyConfig::default()
+        }
+    }
+
+    #[test]
+    fn the_application_is_reached_only_at_one_of_the_pods_addresses() {
+        let pod = transparent(&["10.1.0.5", "fd00::5"]);
+        let local = Some(ip("10.1.0.5"));
+        for (orig, expected) in [
+            ("10.1.0.5", Some("10.1.0.5")),
+            ("fd00::5", Some("fd00::5")),
+            // An IPv4 client of a dual-stack listener.
+            ("::ffff:10.1.0.5", Some("10.1.0.5")),
+            // A destination a neighbour chose: the metadata service...
+            ("169.254.169.254", None),
+            // ...loopback, directly or mapped.
+            ("127.0.0.1", None),
+            ("::ffff:127.0.0.1", None),
+            ("::1", None),
+            ("0.0.0.0", None),
+        ] {
+            assert_eq!(app_ip(&pod, ip(orig), local), expected.map(ip), "{orig}");
+        }
+        // No addresses given: only the one the connection arrived on.
+        let bare = transparent(&[]);
+        assert_eq!(app_ip(&bare, ip("10.1.0.5"), local), Some(ip("10.1.0.5")));
+        assert_eq!(app_ip(&bare, ip("169.254.169.254"), local), None);
+        assert_eq!(app_ip(&bare, ip("127.0.0.1"), Some(ip("127.0.0.1"))), None);
+        assert_eq!(app_ip(&bare, ip("10.1.0.5"), None), None);
+        // Not transparent: --inbound-target's address, whatever it is.
+        let explicit = ProxyConfig::default();
+        assert_eq!(
+            app_ip(&explicit, ip("127.0.0.1"), None),
+            Some(ip("127.0.0.1"))
+        );
+    }
+
+    #[test]
+    fn mesh_connections_prefer_the_pods_ipv4_address() {
+        let dual = transparent(&["fd00::5", "10.1.0.5"]);
+        assert_eq!(mesh_app_ip(&dual, ip("fd00::5")), ip("10.1.0.5"));
+        assert_eq!(mesh_app_ip(&dual, ip("10.1.0.5")), ip("10.1.0.5"));
+        let v6_only = transparent(&["fd00::5"]);
+        assert_eq!(mesh_app_ip(&v6_only, ip("fd00::5")), ip("fd00::5"));
+        let explicit = ProxyConfig::default();
+        assert_eq!(mesh_app_ip(&explicit, ip("::1")), ip("::1"));
     }
 }
