@@ -764,6 +764,39 @@ fn the_real_proxy_carries_a_pods_traffic_transparently_and_exits_on_sigterm() {
     );
     eprintln!("{out_opens}\n{read}\n{write}");
 
+    // d2. Rules from an older init that send the proxy's own connections
+    // to its pod back to the inbound port: the inbound side's connection
+    // to the application comes round again, and is refused instead of
+    // looping.
+    run(t.pod.exec(None, "iptables").args([
+        "-t",
+        "nat",
+        "-I",
+        "STRAIT_OUTPUT",
+        "1",
+        "!",
+        "-d",
+        "127.0.0.0/8",
+        "-o",
+        "lo",
+        "-m",
+        "owner",
+        "--uid-owner",
+        PROXY_UID,
+        "-j",
+        "STRAIT_INBOUND",
+    ]));
+    let before = metric(&t.metrics(), loop_errors).unwrap_or(0);
+    let (code, body) = t.peer.curl(None, &format!("http://{pod_http}/again"));
+    assert_eq!(code, 502, "{body}");
+    eventually(
+        "the redirected connection refused as a loop",
+        || match metric(&t.metrics(), loop_errors) {
+            Some(n) if n > before => Ok(()),
+            other => Err(format!("{loop_errors} is {other:?}, was {before}")),
+        },
+    );
+
     // e. SIGTERM: the idle proxy drains and exits 0 promptly.
     let mut proxy = t.proxy.take().expect("proxy running");
     let pid = proxy.child.id().to_string();

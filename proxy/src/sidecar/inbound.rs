@@ -81,12 +81,20 @@ impl Inbound {
             shared.http.error(DIRECTION, "no_destination");
             return;
         };
-        let local = tcp.local_addr().map(|a| a.ip()).ok();
-        let Some(app) = app_ip(&shared.config, orig.ip(), local) else {
+        let local = tcp.local_addr().ok();
+        let Some(app) = app_ip(&shared.config, orig.ip(), local.map(|a| a.ip())) else {
             tracing::info!(%orig, "refusing an inbound connection to an address not the pod's");
             shared.http.error(DIRECTION, "not_inbound_ip");
             return;
         };
+        if shared.config.transparent && redirected_from_itself(orig, local, tcp.peer_addr().ok()) {
+            // Only the proxy's own connection to the application, sent
+            // back here by a rule that should not exist (`init` from
+            // another version), looks like this; forwarding it would loop.
+            tracing::warn!(%orig, "refusing a connection from this pod redirected to the inbound port: are the iptables rules from another version of strait-proxy init?");
+            shared.http.error(DIRECTION, "loop");
+            return;
+        }
         let (proto, prefix) = match detect(&mut tcp, shared.config.detect_timeout).await {
             Ok(d) => d,
             Err(error) => {
@@ -366,6 +374,23 @@ fn app_ip(config: &super::ProxyConfig, orig: IpAddr, local: Option<IpAddr>) -> O
     allowed.then_some(ip)
 }
 
+/// Whether a connection was redirected to the inbound port (its original
+/// destination is not where it arrived) although it comes from the very
+/// address it was going to: from this pod to itself. The rules redirect
+/// no such connection (the proxy's own are left alone, and `PREROUTING`
+/// never sees local ones), so it can only be the inbound side's own
+/// connection to the application coming round again.
+fn redirected_from_itself(
+    orig: SocketAddr,
+    local: Option<SocketAddr>,
+    peer: Option<SocketAddr>,
+) -> bool {
+    let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+    let orig = canonical(orig);
+    let redirected = local.is_some_and(|l| canonical(l) != orig);
+    redirected && peer.is_some_and(|p| p.ip().to_canonical() == orig.ip())
+}
+
 /// The application's address for a mesh connection to `app` (pure): the
 /// pod's IPv4 address when it has one. The client's proxy or the gateway
 /// picked the endpoint's family, not the application, and an application
@@ -407,8 +432,8 @@ fn is_mesh_hello(prefix: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::super::ProxyConfig;
-    use super::{app_ip, mesh_app_ip};
-    use std::net::IpAddr;
+    use super::{app_ip, mesh_app_ip, redirected_from_itself};
+    use std::net::{IpAddr, SocketAddr};
 
     fn ip(s: &str) -> IpAddr {
         s.parse().expect("ip")
@@ -464,5 +489,36 @@ mod tests {
         assert_eq!(mesh_app_ip(&v6_only, ip("fd00::5")), ip("fd00::5"));
         let explicit = ProxyConfig::default();
         assert_eq!(mesh_app_ip(&explicit, ip("::1")), ip("::1"));
+    }
+
+    #[test]
+    fn a_connection_from_the_pod_to_itself_redirected_inbound_is_a_loop() {
+        let a = |s: &str| Some(s.parse::<SocketAddr>().expect("addr"));
+        let orig = "10.1.0.5:8080".parse().expect("addr");
+        // The inbound side's own connection, redirected by a stale rule.
+        assert!(redirected_from_itself(
+            orig,
+            a("127.0.0.1:4143"),
+            a("10.1.0.5:40000")
+        ));
+        assert!(redirected_from_itself(
+            orig,
+            a("[::ffff:10.1.0.5]:4143"),
+            a("[::ffff:10.1.0.5]:40000")
+        ));
+        // Another pod's connection, redirected as it should be.
+        assert!(!redirected_from_itself(
+            orig,
+            a("10.1.0.5:4143"),
+            a("10.1.0.9:40000")
+        ));
+        // The proxy's own mesh connection to its own inbound port: not
+        // redirected.
+        let mesh = "10.1.0.5:4143".parse().expect("addr");
+        assert!(!redirected_from_itself(
+            mesh,
+            a("10.1.0.5:4143"),
+            a("10.1.0.5:40000")
+        ));
     }
 }
