@@ -302,7 +302,9 @@ pub struct Caches {
     pub links: Store<Link>,
     /// Secrets in the gateway's namespace (Links' trust bundles).
     pub secrets: Store<Secret>,
-    /// Bumped on every change of any cache.
+    /// Bumped on every change of any cache (an update that leaves an
+    /// object as it was stored, such as a meshed pod's status churn once
+    /// trimmed, is none).
     pub changed: watch::Receiver<()>,
     /// Watch failures (counted once per failing streak and kind).
     pub watch_errors: prometheus_client::metrics::counter::Counter,
@@ -319,6 +321,10 @@ fn trim_pod(pod: &mut Pod) {
     meta.annotations = None;
     meta.managed_fields = None;
     meta.owner_references = None;
+    // Every update bumps it: without it, an update of nothing kept here
+    // (conditions, container statuses) leaves an equal object, which
+    // [`reflect`] does not signal.
+    meta.resource_version = None;
     let spec = pod.spec.take().unwrap_or_default();
     pod.spec = Some(PodSpec {
         service_account_name: spec.service_account_name,
@@ -360,18 +366,33 @@ fn reflect<K>(
     tasks: &mut TaskSet,
 ) -> Store<K>
 where
-    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K: Resource
+        + Clone
+        + PartialEq
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
-    let (reader, writer) = reflector::store();
+    let (reader, mut writer) = reflector::store();
     let kind = K::kind(&K::DynamicType::default()).to_string();
-    let stream = reflector::reflector(writer, watcher(api, config).modify(trim)).default_backoff();
+    let stream = watcher(api, config).modify(trim).default_backoff();
+    let store = reader.clone();
     tasks.push(tokio::spawn(async move {
         futures::pin_mut!(stream);
         let mut failing = false;
         while let Some(event) = stream.next().await {
             match event {
-                Ok(_) => failing = false,
+                Ok(event) => {
+                    failing = false;
+                    let unchanged = is_unchanged(&store, &event);
+                    writer.apply_watcher_event(&event);
+                    if unchanged {
+                        continue;
+                    }
+                }
                 Err(error) => {
                     if !failing {
                         tracing::warn!(%kind, %error, "watch failed; retrying with backoff");
@@ -384,6 +405,22 @@ where
         }
     }));
     reader
+}
+
+/// Whether `event` updates an object to exactly what `store` holds (as
+/// trimmed: a meshed pod's status churn, say), which changes nothing
+/// downstream.
+fn is_unchanged<K>(store: &Store<K>, event: &watcher::Event<K>) -> bool
+where
+    K: Resource + Clone + PartialEq,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    match event {
+        watcher::Event::Apply(obj) => store
+            .get(&reflector::ObjectRef::from_obj(obj))
+            .is_some_and(|held| *held == *obj),
+        _ => false,
+    }
 }
 
 impl Caches {

@@ -272,6 +272,51 @@ fn a_trimmed_pod_keeps_what_identifies_it_only() {
     );
 }
 
+/// A meshed pod's status churn (conditions, a new resourceVersion) leaves
+/// its trimmed copy as it was: no change is signalled, so the cluster
+/// state is not recomputed for it. Its address, phase or labels changing
+/// are changes; so is every delete.
+#[test]
+fn updates_that_leave_a_trimmed_object_equal_signal_nothing() {
+    use kube::runtime::watcher::Event;
+    let trimmed = |mut p: Pod, rv: &str| {
+        p.metadata.resource_version = Some(rv.into());
+        trim_pod(&mut p);
+        p
+    };
+    let (store, mut writer) = reflector::store::<Pod>();
+    let first = trimmed(pod("shop", "p1", true, Some("cart"), "10.0.0.1"), "1");
+    assert!(!is_unchanged(&store, &Event::Apply(first.clone())), "new");
+    writer.apply_watcher_event(&Event::Apply(first.clone()));
+    assert!(is_unchanged(&store, &Event::Apply(first.clone())));
+
+    let mut flapped = pod("shop", "p1", true, Some("cart"), "10.0.0.1");
+    if let Some(status) = flapped.status.as_mut() {
+        status.conditions = None;
+        status.start_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+        ));
+    }
+    assert!(
+        is_unchanged(&store, &Event::Apply(trimmed(flapped, "2"))),
+        "status churn"
+    );
+
+    let moved = trimmed(pod("shop", "p1", true, Some("cart"), "10.0.0.2"), "3");
+    assert!(!is_unchanged(&store, &Event::Apply(moved)), "new address");
+    let mut failed = pod("shop", "p1", true, Some("cart"), "10.0.0.1");
+    if let Some(status) = failed.status.as_mut() {
+        status.phase = Some("Failed".into());
+    }
+    assert!(
+        !is_unchanged(&store, &Event::Apply(trimmed(failed, "4"))),
+        "phase"
+    );
+    let unmeshed = trimmed(pod("shop", "p1", false, Some("cart"), "10.0.0.1"), "5");
+    assert!(!is_unchanged(&store, &Event::Apply(unmeshed)), "labels");
+    assert!(!is_unchanged(&store, &Event::Delete(first)), "deleted");
+}
+
 #[test]
 fn mirrors_are_never_exported_and_bad_services_are_reported() {
     let mut external = service("shop", "ext", &[], &[("http", 80)]);
