@@ -211,6 +211,9 @@ pub(crate) struct Shared {
     pub(crate) draining: watch::Receiver<bool>,
     /// This proxy's own listener addresses (to refuse loops).
     pub(crate) listeners: std::sync::OnceLock<Vec<SocketAddr>>,
+    /// The admin listener's address: a mesh header must not reach it on
+    /// loopback, where `/shutdown` is allowed.
+    pub(crate) admin_listener: std::sync::OnceLock<SocketAddr>,
 }
 
 impl Shared {
@@ -222,6 +225,17 @@ impl Shared {
     /// IPv4 ones they are.
     pub(crate) fn is_own_listener(&self, addr: SocketAddr, local: bool) -> bool {
         is_own_listener(self.listeners.get().map_or(&[], |l| l), addr, local)
+    }
+
+    /// Whether `addr` is the admin listener on loopback, where a request
+    /// would pass for the pod's own (`POST /shutdown`). Elsewhere it is
+    /// any meshed client's to reach, as the admin port is directly.
+    pub(crate) fn is_admin_on_loopback(&self, addr: SocketAddr) -> bool {
+        addr.ip().to_canonical().is_loopback()
+            && self
+                .admin_listener
+                .get()
+                .is_some_and(|a| is_own_listener(std::slice::from_ref(a), addr, false))
     }
 }
 
@@ -310,6 +324,7 @@ impl Proxy {
             active: AtomicUsize::new(0),
             draining,
             listeners: std::sync::OnceLock::new(),
+            admin_listener: std::sync::OnceLock::new(),
         });
         let (outbound, outbound_addr) = bind(config.outbound)?;
         let (inbound, inbound_addr) = bind(config.inbound)?;
@@ -345,14 +360,13 @@ impl Proxy {
                 addr: config.admin,
                 source,
             })?;
-        // The admin listener too: a mesh header naming its port must not
-        // reach `/shutdown` from loopback.
         let _ = shared.listeners.set(
-            [outbound_addr, inbound_addr, admin.local_addr()]
+            [outbound_addr, inbound_addr]
                 .into_iter()
                 .chain(outbound_v6_addr)
                 .collect(),
         );
+        let _ = shared.admin_listener.set(admin.local_addr());
         let out = outbound::Outbound::new(shared.clone())?;
         let inn = inbound::Inbound::new(shared.clone())?;
         let mut tasks = Vec::new();

@@ -812,8 +812,6 @@ async fn an_expired_certificate_makes_the_proxy_unready() {
 /// forwards at once (a server-speaks-first banner is not held).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mesh_stream_of_unknown_protocol_is_detected_unless_its_port_is_opaque() {
-    use strait_proxy::mesh::MeshClient;
-    use strait_proxy::metrics::TlsMetrics;
     use strait_proxy::transport::ProtocolHint;
 
     let (issuer, anchors) = trust();
@@ -831,12 +829,7 @@ async fn a_mesh_stream_of_unknown_protocol_is_detected_unless_its_port_is_opaque
         &anchors,
     )
     .await;
-    let mesh = MeshClient::new(
-        identity(&issuer, "gateway"),
-        anchors.roots(),
-        TlsMetrics::register(&mut Registry::default()).sink("test"),
-        Duration::from_secs(3),
-    );
+    let mesh = mesh_client(&issuer, &anchors, "gateway");
 
     let mut tls = mesh
         .connect(
@@ -887,6 +880,80 @@ async fn a_mesh_stream_of_unknown_protocol_is_detected_unless_its_port_is_opaque
         "{:?}",
         started.elapsed()
     );
+}
+
+/// A raw mesh client (as a gateway relaying a peer's stream is) with the
+/// identity of service account `sa`.
+fn mesh_client(
+    issuer: &Issuer,
+    anchors: &TrustAnchors,
+    sa: &str,
+) -> strait_proxy::mesh::MeshClient {
+    strait_proxy::mesh::MeshClient::new(
+        identity(issuer, sa),
+        anchors.roots(),
+        strait_proxy::metrics::TlsMetrics::register(&mut Registry::default()).sink("test"),
+        Duration::from_secs(3),
+    )
+}
+
+/// A mesh header naming the server proxy's own inbound port, or its
+/// admin port on loopback (where `POST /shutdown` would pass for the
+/// pod's own), is refused and counted as a loop; the proxy keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_header_naming_the_proxys_own_ports_is_refused() {
+    use strait_proxy::transport::ProtocolHint;
+
+    let (issuer, anchors) = trust();
+    let app = app().await;
+    let server_identity = identity(&issuer, "web");
+    let server = server_proxy(
+        ProxyConfig {
+            inbound_target: Some(app),
+            ..local_config()
+        },
+        &server_identity,
+        &anchors,
+    )
+    .await;
+    let mesh = mesh_client(&issuer, &anchors, "peer");
+    for (n, port) in [server.admin_addr().port(), server.inbound_addr().port()]
+        .into_iter()
+        .enumerate()
+    {
+        let mut tls = mesh
+            .connect(
+                server.inbound_addr(),
+                server_identity.id(),
+                port,
+                ProtocolHint::Unknown,
+            )
+            .await
+            .expect("mesh connect");
+        let _ = tls
+            .write_all(b"POST /shutdown HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
+            .await;
+        let _ = tls.flush().await;
+        let mut rsp = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut rsp)).await;
+        assert!(
+            rsp.is_empty(),
+            "port {port}: {}",
+            String::from_utf8_lossy(&rsp)
+        );
+        let loops = format!(
+            r#"strait_proxy_errors_total{{direction="inbound",reason="loop"}} {}"#,
+            n + 1
+        );
+        metrics_containing(&server, &loops).await;
+    }
+    // Still serving: the admin port was never reached.
+    let ready = raw_http1(
+        server.admin_addr(),
+        "GET /ready HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

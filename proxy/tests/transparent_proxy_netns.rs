@@ -531,6 +531,19 @@ impl Pod {
         path.to_string_lossy().into_owned()
     }
 
+    /// Runs `step`, then waits until `series` has grown (by one or more: a
+    /// retried request counts again).
+    fn grows(&self, series: &str, step: impl FnOnce()) {
+        let before = metric(&self.metrics(), series).unwrap_or(0);
+        step();
+        eventually(&format!("{series} grows from {before}"), || {
+            match metric(&self.metrics(), series) {
+                Some(n) if n > before => Ok(()),
+                other => Err(format!("{series} is {other:?}")),
+            }
+        });
+    }
+
     /// The proxy's `/metrics`, fetched in the pod.
     fn metrics(&self) -> String {
         let (code, body) = self.pod.curl(None, "http://127.0.0.1:4191/metrics");
@@ -603,8 +616,8 @@ fn the_real_proxy_carries_a_pods_traffic_transparently_and_exits_on_sigterm() {
     t.start_helper(false, Some(APP_UID), &["http", "0.0.0.0:8080", "peer"]);
     t.start_helper(false, Some(APP_UID), &["echo", "0.0.0.0:9000"]);
     // Names that resolve to this pod, meshed: its application (as a
-    // Service of its own would), and its proxy's own inbound and admin
-    // ports (a loop, and a way to `/shutdown`).
+    // Service of its own would), and its proxy's own inbound port (a
+    // loop) and admin port.
     let own_service = format!("{peer_ip}:8090");
     let (to_inbound, to_admin) = (format!("{peer_ip}:8091"), format!("{peer_ip}:8092"));
     let destinations = t.destinations(&[
@@ -720,22 +733,20 @@ fn the_real_proxy_carries_a_pods_traffic_transparently_and_exits_on_sigterm() {
         1,
     );
     eprintln!("{refused}\n{looped}");
-    // A mesh header naming the inbound port, or the admin port, is refused
-    // the same way (the GET is retried: counted once or more).
+    // A mesh header naming the inbound port is refused the same way (the
+    // GET is retried: counted once or more).
     let loop_errors = r#"strait_proxy_errors_total{direction="inbound",reason="loop"}"#;
-    for authority in [&to_inbound, &to_admin] {
-        let before = metric(&t.metrics(), loop_errors).unwrap_or(0);
-        let (code, body) = t
-            .pod
-            .curl(Some(APP_UID), &format!("http://{authority}/shutdown"));
-        assert_eq!(code, 502, "{authority}: {body}");
-        eventually(&format!("{authority} refused as a loop"), || {
-            match metric(&t.metrics(), loop_errors) {
-                Some(n) if n > before => Ok(()),
-                other => Err(format!("{loop_errors} is {other:?}, was {before}")),
-            }
-        });
-    }
+    t.grows(loop_errors, || {
+        let (code, body) = t.pod.curl(Some(APP_UID), &format!("http://{to_inbound}/"));
+        assert_eq!(code, 502, "{body}");
+    });
+    // The admin port, on the pod's address, is any meshed client's to
+    // reach (as it is directly): it sees the pod's address, not loopback,
+    // so `/shutdown` would be refused.
+    let (code, body) = t
+        .pod
+        .curl(Some(APP_UID), &format!("http://{to_admin}/ready"));
+    assert_eq!((code, body.as_str()), (200, "ready\n"));
     let (code, _) = t.pod.curl(None, "http://127.0.0.1:4191/ready");
     assert_eq!(code, 200, "the proxy is still up");
 
@@ -786,16 +797,10 @@ fn the_real_proxy_carries_a_pods_traffic_transparently_and_exits_on_sigterm() {
         "-j",
         "STRAIT_INBOUND",
     ]));
-    let before = metric(&t.metrics(), loop_errors).unwrap_or(0);
-    let (code, body) = t.peer.curl(None, &format!("http://{pod_http}/again"));
-    assert_eq!(code, 502, "{body}");
-    eventually(
-        "the redirected connection refused as a loop",
-        || match metric(&t.metrics(), loop_errors) {
-            Some(n) if n > before => Ok(()),
-            other => Err(format!("{loop_errors} is {other:?}, was {before}")),
-        },
-    );
+    t.grows(loop_errors, || {
+        let (code, body) = t.peer.curl(None, &format!("http://{pod_http}/again"));
+        assert_eq!(code, 502, "{body}");
+    });
 
     // e. SIGTERM: the idle proxy drains and exits 0 promptly.
     let mut proxy = t.proxy.take().expect("proxy running");
@@ -837,14 +842,20 @@ fn a_dual_stack_pods_ipv6_and_ipv4_traffic_is_carried_transparently() {
     assert!(applied.contains("IPv6 rules with "), "{applied}");
 
     t.start_helper(true, Some(APP_UID), &["http", "[::]:8080", "app"]);
-    // An application on IPv4 only.
+    // An application on IPv4 only, and one on IPv6 only.
     t.start_helper(true, Some(APP_UID), &["http", "0.0.0.0:8082", "v4app"]);
+    let v6_listen = format!("{pod_ip6}:8083");
+    t.start_helper(true, Some(APP_UID), &["http", &v6_listen, "v6app"]);
     t.start_helper(false, Some(APP_UID), &["http", "[::]:8080", "peer"]);
     t.start_helper(false, Some(APP_UID), &["echo", "[::]:9000"]);
-    // A name whose meshed endpoint is the pod's IPv6 address, where the
-    // IPv4-only application is not listening.
+    // Names whose meshed endpoint is the pod's address of the family the
+    // application does not listen on.
     let v4_service = format!("{peer_ip6}:8092");
-    let destinations = t.destinations(&[(&v4_service, &format!("{pod_ip6}:8082"))]);
+    let v6_service = format!("{peer_ip6}:8093");
+    let destinations = t.destinations(&[
+        (&v4_service, &format!("{pod_ip6}:8082")),
+        (&v6_service, &format!("{pod_ip}:8083")),
+    ]);
     let mut args = DUAL_STACK_LISTENERS.to_vec();
     args.extend(["--destinations", &destinations]);
     t.start_proxy(&args);
@@ -881,19 +892,20 @@ fn a_dual_stack_pods_ipv6_and_ipv4_traffic_is_carried_transparently() {
     }
 
     // b2. A mesh connection to the pod's IPv6 address reaches an
-    // application listening on IPv4 only: the family was the client
-    // proxy's choice, and the inbound side delivers on the pod's IPv4.
-    let (code, body) = t
-        .pod
-        .curl(Some(APP_UID), &format!("http://{v4_service}/mesh"));
-    assert_eq!(code, 200, "{body}");
-    assert_eq!(body, format!("v4app: GET /mesh host={v4_service}\n"));
-    t.wait_for_metric(
-        &format!(
-            r#"strait_proxy_requests_total{{direction="inbound",authority="{v4_service}",tls="true"}}"#
-        ),
-        1,
-    );
+    // application listening on IPv4 only, and one to its IPv4 address an
+    // application on IPv6 only: the family was the client proxy's choice,
+    // and the inbound side falls back to the pod's other address.
+    for (service, app) in [(&v4_service, "v4app"), (&v6_service, "v6app")] {
+        let (code, body) = t.pod.curl(Some(APP_UID), &format!("http://{service}/mesh"));
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body, format!("{app}: GET /mesh host={service}\n"));
+        t.wait_for_metric(
+            &format!(
+                r#"strait_proxy_requests_total{{direction="inbound",authority="{service}",tls="true"}}"#
+            ),
+            1,
+        );
+    }
 
     // c. The admin port answers over IPv6 and IPv4, directly.
     for ip in [&pod_ip6, &pod_ip] {

@@ -1178,10 +1178,15 @@ fn an_ipv6_cluster_gets_listeners_on_both_families() {
     args.extend(["--set".to_string(), "service.ipFamilies={IPv5}".to_string()]);
     let err = template(&args).expect_failure();
     assert!(err.contains("ipFamilies"), "{err}");
-    let mut args = certs.values();
-    args.extend(["--set".to_string(), "service.ipFamilies={IPv6}".to_string()]);
-    let err = template(&args).expect_failure();
-    assert!(err.contains("set ipv6=true"), "{err}");
+    for bad in [
+        "service.ipFamilies={IPv6}",
+        "service.ipFamilyPolicy=PreferDualStack",
+    ] {
+        let mut args = certs.values();
+        args.extend(["--set".to_string(), bad.to_string()]);
+        let err = template(&args).expect_failure();
+        assert!(err.contains("set ipv6=true"), "{bad}: {err}");
+    }
     // The config starts with its first key, not a blank line.
     let text = find(&v4, "ConfigMap", "strait-gateway-config")["data"]["config.yaml"]
         .as_str()

@@ -6,8 +6,8 @@ is a pod annotation, so a change rolls the gateway pods.
 {{- if gt (int .Values.config.egressPortMin) (int .Values.config.egressPortMax) -}}
 {{- fail (printf "config.egressPortMin (%v) must not exceed config.egressPortMax (%v)" .Values.config.egressPortMin .Values.config.egressPortMax) -}}
 {{- end -}}
-{{- if and (has "IPv6" .Values.service.ipFamilies) (not .Values.ipv6) -}}
-{{- fail "service.ipFamilies has IPv6 but the gateway listens on IPv4 only: set ipv6=true" -}}
+{{- if and (not .Values.ipv6) (or (has "IPv6" .Values.service.ipFamilies) (has .Values.service.ipFamilyPolicy (list "PreferDualStack" "RequireDualStack"))) -}}
+{{- fail "service.ipFamilies or service.ipFamilyPolicy gives the tunnel Service an IPv6 address but the gateway listens on IPv4 only: set ipv6=true" -}}
 {{- end -}}
 {{- $any := ternary "[::]" "0.0.0.0" .Values.ipv6 -}}
 cluster: {{ include "strait.cluster" . }}

@@ -355,8 +355,9 @@ where
     Box::pin(store.wait_until_ready())
 }
 
-/// Runs a reflector for `K`, bumping `changed` on every event; `trim`
-/// cuts each object down to what is used before it is stored.
+/// Runs a reflector for `K`, bumping `changed` on every event that
+/// changes the store (see [`is_unchanged`]); `trim` cuts each object down
+/// to what is used before it is stored.
 fn reflect<K>(
     api: Api<K>,
     config: watcher::Config,

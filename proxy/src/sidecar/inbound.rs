@@ -9,8 +9,9 @@
 //! dialled (the original destination, one of the pod's own addresses),
 //! never on loopback: a port the application binds on `127.0.0.1` only is
 //! private to the pod and stays so (as in Linkerd since 2.11 and Istio
-//! since 1.10). Mesh connections are delivered on the pod's IPv4 address
-//! when it has one (see [`mesh_app_ip`]). A connection whose original
+//! since 1.10). A mesh connection falls back to the pod's address of the
+//! other family when nothing listens at its own (see
+//! [`Inbound::mesh_target`]). A connection whose original
 //! destination is loopback, or not one of the pod's addresses (see
 //! [`app_ip`]), is refused and counted
 //! (`strait_proxy_errors_total{reason="not_inbound_ip"}`), and so is a
@@ -83,7 +84,9 @@ impl Inbound {
         };
         let local = tcp.local_addr().ok();
         let Some(app) = app_ip(&shared.config, orig.ip(), local.map(|a| a.ip())) else {
-            tracing::info!(%orig, "refusing an inbound connection to an address not the pod's");
+            // Anyone who can send the pod a packet can make these: counted,
+            // and logged at debug only.
+            tracing::debug!(%orig, "refusing an inbound connection to an address not the pod's");
             shared.http.error(DIRECTION, "not_inbound_ip");
             return;
         };
@@ -91,7 +94,8 @@ impl Inbound {
             // Only the proxy's own connection to the application, sent
             // back here by a rule that should not exist (`init` from
             // another version), looks like this; forwarding it would loop.
-            tracing::warn!(%orig, "refusing a connection from this pod redirected to the inbound port: are the iptables rules from another version of strait-proxy init?");
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| tracing::warn!(%orig, "refusing connections from this pod redirected to the inbound port (counted as loops): are the iptables rules from another version of strait-proxy init?"));
             shared.http.error(DIRECTION, "loop");
             return;
         }
@@ -153,12 +157,37 @@ impl Inbound {
     fn target(&self, app: IpAddr, port: u16) -> Option<SocketAddr> {
         let shared = &self.0.shared;
         let target = SocketAddr::new(app, port);
-        if shared.is_own_listener(target, shared.config.transparent) {
+        if shared.is_own_listener(target, shared.config.transparent)
+            || shared.is_admin_on_loopback(target)
+        {
             tracing::info!(%target, "refusing an inbound connection to this proxy's own listener");
             shared.http.error(DIRECTION, "loop");
             return None;
         }
         Some(target)
+    }
+
+    /// Where a mesh connection's requests go: `target`, unless nothing
+    /// listens there and the application listens on the pod's address of
+    /// the other family. The client's proxy or the gateway picked the
+    /// endpoint's family, not the application, so an application on
+    /// `0.0.0.0` must not be lost to an IPv6 endpoint (nor one on IPv6
+    /// only to an IPv4 endpoint). One connection tells, once per mesh
+    /// connection (which carries many requests); plaintext clients picked
+    /// their family themselves and get no such help.
+    async fn mesh_target(&self, target: SocketAddr) -> SocketAddr {
+        let config = &self.0.shared.config;
+        let Some(other) = other_family(config, target.ip()) else {
+            return target;
+        };
+        match tokio::time::timeout(config.connect_timeout, TcpStream::connect(target)).await {
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                let other = SocketAddr::new(other, target.port());
+                tracing::debug!(%target, %other, "nothing listens at the mesh target: trying the pod's other family");
+                other
+            }
+            _ => target,
+        }
     }
 
     async fn serve_mesh(&self, io: PrefixedIo<TcpStream>, app: IpAddr) -> bool {
@@ -206,10 +235,10 @@ impl Inbound {
         let Ok(port) = u16::try_from(header.port) else {
             return false;
         };
-        let app = mesh_app_ip(&shared.config, app);
         let Some(target) = self.target(app, port) else {
             return false;
         };
+        let target = self.mesh_target(target).await;
         match ProtocolHint::try_from(header.protocol) {
             Ok(ProtocolHint::Http2) => {
                 self.serve_detected(tls, Detected::Http2, target, "true")
@@ -353,9 +382,11 @@ impl Inbound {
 /// The application's address for a connection to `orig` that arrived on
 /// `local` (pure): when transparent, `orig` itself, unless it is loopback
 /// or not one of the pod's addresses ([`ProxyConfig::inbound_ips`], or
-/// with none given the address the connection arrived on: the `nat`
-/// redirect takes a packet for any address, and the proxy must not dial
-/// one a neighbour chose for it); else `--inbound-target`'s (`orig`).
+/// with none given the address the connection was delivered to, which
+/// for a redirected one is the incoming interface's primary address: the
+/// `nat` redirect takes a packet for any address, and the proxy must not
+/// dial one a neighbour chose for it); else `--inbound-target`'s
+/// (`orig`).
 ///
 /// [`ProxyConfig::inbound_ips`]: super::ProxyConfig::inbound_ips
 fn app_ip(config: &super::ProxyConfig, orig: IpAddr, local: Option<IpAddr>) -> Option<IpAddr> {
@@ -374,37 +405,34 @@ fn app_ip(config: &super::ProxyConfig, orig: IpAddr, local: Option<IpAddr>) -> O
     allowed.then_some(ip)
 }
 
-/// Whether a connection was redirected to the inbound port (its original
-/// destination is not where it arrived) although it comes from the very
-/// address it was going to: from this pod to itself. The rules redirect
-/// no such connection (the proxy's own are left alone, and `PREROUTING`
-/// never sees local ones), so it can only be the inbound side's own
-/// connection to the application coming round again.
+/// Whether a connection was redirected to the inbound port from another
+/// port (the original destination's port is not the one it arrived on)
+/// although it comes from the very address it was going to: from this pod
+/// to itself. The rules redirect no such connection (the proxy's own are
+/// left alone, and `PREROUTING` never sees local ones), so it can only be
+/// the inbound side's own connection to the application coming round
+/// again. (A connection to the inbound port itself, the outbound side's
+/// mesh connection to its own pod, is not one, however it was routed.)
 fn redirected_from_itself(
     orig: SocketAddr,
     local: Option<SocketAddr>,
     peer: Option<SocketAddr>,
 ) -> bool {
-    let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
-    let orig = canonical(orig);
-    let redirected = local.is_some_and(|l| canonical(l) != orig);
-    redirected && peer.is_some_and(|p| p.ip().to_canonical() == orig.ip())
+    let redirected = local.is_some_and(|l| l.port() != orig.port());
+    redirected && peer.is_some_and(|p| p.ip().to_canonical() == orig.ip().to_canonical())
 }
 
-/// The application's address for a mesh connection to `app` (pure): the
-/// pod's IPv4 address when it has one. The client's proxy or the gateway
-/// picked the endpoint's family, not the application, and an application
-/// listening on `0.0.0.0` (or a dual-stack `[::]`) takes IPv4 either way.
-fn mesh_app_ip(config: &super::ProxyConfig, app: IpAddr) -> IpAddr {
-    if !config.transparent || app.is_ipv4() {
-        return app;
+/// The pod's address of the other family than `ip`'s, if it has one
+/// (pure).
+fn other_family(config: &super::ProxyConfig, ip: IpAddr) -> Option<IpAddr> {
+    if !config.transparent {
+        return None;
     }
     config
         .inbound_ips
         .iter()
         .map(|i| i.to_canonical())
-        .find(IpAddr::is_ipv4)
-        .unwrap_or(app)
+        .find(|i| i.is_ipv4() != ip.is_ipv4())
 }
 
 /// Whether a ClientHello (fully in `prefix`) is for the mesh: our server
@@ -432,7 +460,7 @@ fn is_mesh_hello(prefix: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::super::ProxyConfig;
-    use super::{app_ip, mesh_app_ip, redirected_from_itself};
+    use super::{app_ip, other_family, redirected_from_itself};
     use std::net::{IpAddr, SocketAddr};
 
     fn ip(s: &str) -> IpAddr {
@@ -481,14 +509,14 @@ mod tests {
     }
 
     #[test]
-    fn mesh_connections_prefer_the_pods_ipv4_address() {
+    fn the_other_family_is_the_pods_other_address() {
         let dual = transparent(&["fd00::5", "10.1.0.5"]);
-        assert_eq!(mesh_app_ip(&dual, ip("fd00::5")), ip("10.1.0.5"));
-        assert_eq!(mesh_app_ip(&dual, ip("10.1.0.5")), ip("10.1.0.5"));
+        assert_eq!(other_family(&dual, ip("fd00::5")), Some(ip("10.1.0.5")));
+        assert_eq!(other_family(&dual, ip("10.1.0.5")), Some(ip("fd00::5")));
         let v6_only = transparent(&["fd00::5"]);
-        assert_eq!(mesh_app_ip(&v6_only, ip("fd00::5")), ip("fd00::5"));
+        assert_eq!(other_family(&v6_only, ip("fd00::5")), None);
         let explicit = ProxyConfig::default();
-        assert_eq!(mesh_app_ip(&explicit, ip("::1")), ip("::1"));
+        assert_eq!(other_family(&explicit, ip("::1")), None);
     }
 
     #[test]
@@ -512,12 +540,17 @@ mod tests {
             a("10.1.0.5:4143"),
             a("10.1.0.9:40000")
         ));
-        // The proxy's own mesh connection to its own inbound port: not
-        // redirected.
+        // The proxy's own mesh connection to its own inbound port, whether
+        // or not a stale rule sent it through loopback.
         let mesh = "10.1.0.5:4143".parse().expect("addr");
         assert!(!redirected_from_itself(
             mesh,
             a("10.1.0.5:4143"),
+            a("10.1.0.5:40000")
+        ));
+        assert!(!redirected_from_itself(
+            mesh,
+            a("127.0.0.1:4143"),
             a("10.1.0.5:40000")
         ));
     }
