@@ -364,14 +364,16 @@ impl H2Pool {
     /// (within `connect_timeout`) if there is none or it closed.
     pub async fn send(
         &self,
-        addr: std::net::SocketAddr,
+        target: impl Into<crate::net::Target>,
         req: Request<Body>,
         connect_timeout: std::time::Duration,
     ) -> Result<Response<Body>, std::io::Error> {
+        let target = target.into();
+        let addr = target.addr;
         let dial = || {
             Box::pin(async move {
                 let connect = async {
-                    let tcp = tokio::net::TcpStream::connect(addr).await?;
+                    let tcp = target.connect().await?;
                     tcp.set_nodelay(true)?;
                     let max_header = crate::sidecar::MAX_HEADER_BYTES as u32;
                     let keepalive = crate::http2::Keepalive::Off;

@@ -161,9 +161,11 @@ impl Pool {
     /// never written).
     pub async fn send(
         &self,
-        addr: SocketAddr,
+        target: impl Into<crate::net::Target>,
         req: Request<Body>,
     ) -> Result<Response<Body>, Http1Error> {
+        let target = target.into();
+        let addr = target.addr;
         let mut req = req;
         while let Some(mut sender) = self.0.checkout(addr) {
             if sender.ready().await.is_err() {
@@ -184,22 +186,20 @@ impl Pool {
         }
         // Dialing is rare and its state large: boxed, so the per-request
         // future stays small.
-        let mut sender = Box::pin(self.dial(addr)).await?;
+        let mut sender = Box::pin(self.dial(target)).await?;
         match sender.send_request(req).await {
             Ok(rsp) => Ok(self.pooled(addr, sender, rsp)),
             Err(source) => Err(Http1Error::Http { addr, source }),
         }
     }
 
-    async fn dial(&self, addr: SocketAddr) -> Result<SendRequest<Body>, Http1Error> {
+    async fn dial(&self, target: crate::net::Target) -> Result<SendRequest<Body>, Http1Error> {
+        let addr = target.addr;
         let err = |source| Http1Error::Connect { addr, source };
-        let tcp = tokio::time::timeout(
-            self.0.config.connect_timeout,
-            tokio::net::TcpStream::connect(addr),
-        )
-        .await
-        .map_err(|_| err(std::io::ErrorKind::TimedOut.into()))?
-        .map_err(err)?;
+        let tcp = tokio::time::timeout(self.0.config.connect_timeout, target.connect())
+            .await
+            .map_err(|_| err(std::io::ErrorKind::TimedOut.into()))?
+            .map_err(err)?;
         tcp.set_nodelay(true).map_err(err)?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
             .await

@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// Pending connections a listener queues (the kernel caps it at
 /// `net.core.somaxconn`): a burst of new connections, such as a client's
@@ -26,9 +26,72 @@ pub fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// Where to connect: an address, and another to try when nothing listens
+/// there (a refused connection reaches no one, so trying again is
+/// harmless). The inbound side gives a mesh connection the pod's address
+/// of the other family: the client's proxy picked the endpoint's family,
+/// not the application.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// The address tried first; pools key connections by it.
+    pub addr: SocketAddr,
+    /// Tried when `addr` refuses the connection.
+    pub fallback: Option<SocketAddr>,
+}
+
+impl Target {
+    /// Connects to `addr`, or to `fallback` if `addr` refuses.
+    pub async fn connect(&self) -> std::io::Result<TcpStream> {
+        match (TcpStream::connect(self.addr).await, self.fallback) {
+            (Err(e), Some(fallback)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                tracing::debug!(addr = %self.addr, %fallback, "refused: trying the fallback");
+                TcpStream::connect(fallback).await
+            }
+            (connected, _) => connected,
+        }
+    }
+}
+
+impl From<SocketAddr> for Target {
+    fn from(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            fallback: None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_refused_target_falls_back_and_an_accepting_one_does_not() {
+        let listener = bind_listener("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let open = listener.local_addr().expect("addr");
+        // A port nothing listens on: bound, then closed.
+        let closed = bind_listener("127.0.0.1:0".parse().expect("addr"))
+            .expect("bind")
+            .local_addr()
+            .expect("addr");
+        let refused = Target {
+            addr: closed,
+            fallback: Some(open),
+        };
+        let tcp = refused.connect().await.expect("the fallback takes it");
+        assert_eq!(tcp.peer_addr().expect("peer"), open);
+        let direct = Target {
+            addr: open,
+            fallback: Some(closed),
+        };
+        let tcp = direct.connect().await.expect("connects");
+        assert_eq!(tcp.peer_addr().expect("peer"), open);
+        let alone = Target::from(closed);
+        assert_eq!(
+            alone.connect().await.expect_err("refused").kind(),
+            std::io::ErrorKind::ConnectionRefused
+        );
+    }
 
     #[tokio::test]
     async fn an_unspecified_ipv6_listener_takes_ipv4_too() {

@@ -608,9 +608,10 @@ impl PlainClient {
         &self,
         mut req: http::Request<crate::http::Body>,
         authority: &str,
-        target: SocketAddr,
+        target: impl Into<crate::net::Target>,
         timeout: Duration,
     ) -> Result<http::Response<crate::http::Body>, UpstreamError> {
+        let target = target.into();
         crate::http::strip_hop_by_hop(req.headers_mut());
         let sent = if req.version() == http::Version::HTTP_2 {
             crate::http::retarget(&mut req, authority).map_err(|_| UpstreamError::BadTarget)?;

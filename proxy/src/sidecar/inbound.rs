@@ -10,8 +10,8 @@
 //! never on loopback: a port the application binds on `127.0.0.1` only is
 //! private to the pod and stays so (as in Linkerd since 2.11 and Istio
 //! since 1.10). A mesh connection falls back to the pod's address of the
-//! other family when nothing listens at its own (see
-//! [`Inbound::mesh_target`]). A connection whose original
+//! other family when nothing listens at its own (see [`Inbound::target`]).
+//! A connection whose original
 //! destination is loopback, or not one of the pod's addresses (see
 //! [`app_ip`]), is refused and counted
 //! (`strait_proxy_errors_total{reason="not_inbound_ip"}`), and so is a
@@ -33,6 +33,7 @@ use crate::http::{authority_of, error_response, from_mesh, Body, Observed};
 use crate::identity::{identity_of, AllowedPeers, LinkedPeersVerifier};
 use crate::mesh::MESH_ALPN;
 use crate::metrics::{TcpCloseLabels, TcpLabels};
+use crate::net::Target;
 use crate::transport::{self, ProtocolHint};
 
 const DIRECTION: &str = "inbound";
@@ -131,7 +132,7 @@ impl Inbound {
             shared.http.error(DIRECTION, "mtls_required");
             false
         } else {
-            match self.target(app, orig.port()) {
+            match self.target(app, orig.port(), false) {
                 Some(target) => self.serve_detected(io, proto, target, "false").await,
                 None => false,
             }
@@ -153,41 +154,31 @@ impl Inbound {
     }
 
     /// The application's socket address for `port`, unless that is one of
-    /// this proxy's own listeners (counted as a loop).
-    fn target(&self, app: IpAddr, port: u16) -> Option<SocketAddr> {
+    /// this proxy's own listeners (counted as a loop). For a `mesh`
+    /// connection in a dual-stack pod, the pod's address of the other
+    /// family is the fallback: the client's proxy or the gateway picked
+    /// the endpoint's family, not the application, so an application on
+    /// `0.0.0.0` must not be lost to an IPv6 endpoint (nor one on IPv6 only
+    /// to an IPv4 endpoint). Plaintext clients picked their family
+    /// themselves and get no fallback, as without a mesh.
+    fn target(&self, app: IpAddr, port: u16, mesh: bool) -> Option<Target> {
         let shared = &self.0.shared;
-        let target = SocketAddr::new(app, port);
-        if shared.is_own_listener(target, shared.config.transparent)
-            || shared.is_admin_on_loopback(target)
-        {
-            tracing::info!(%target, "refusing an inbound connection to this proxy's own listener");
+        let own = |addr: SocketAddr| {
+            shared.is_own_listener(addr, shared.config.transparent)
+                || shared.is_admin_on_loopback(addr)
+        };
+        let addr = SocketAddr::new(app, port);
+        if own(addr) {
+            tracing::info!(target = %addr, "refusing an inbound connection to this proxy's own listener");
             shared.http.error(DIRECTION, "loop");
             return None;
         }
-        Some(target)
-    }
-
-    /// Where a mesh connection's requests go: `target`, unless nothing
-    /// listens there and the application listens on the pod's address of
-    /// the other family. The client's proxy or the gateway picked the
-    /// endpoint's family, not the application, so an application on
-    /// `0.0.0.0` must not be lost to an IPv6 endpoint (nor one on IPv6
-    /// only to an IPv4 endpoint). One connection tells, once per mesh
-    /// connection (which carries many requests); plaintext clients picked
-    /// their family themselves and get no such help.
-    async fn mesh_target(&self, target: SocketAddr) -> SocketAddr {
-        let config = &self.0.shared.config;
-        let Some(other) = other_family(config, target.ip()) else {
-            return target;
-        };
-        match tokio::time::timeout(config.connect_timeout, TcpStream::connect(target)).await {
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                let other = SocketAddr::new(other, target.port());
-                tracing::debug!(%target, %other, "nothing listens at the mesh target: trying the pod's other family");
-                other
-            }
-            _ => target,
-        }
+        let fallback = mesh
+            .then(|| other_family(&shared.config, app))
+            .flatten()
+            .map(|ip| SocketAddr::new(ip, port))
+            .filter(|a| !own(*a));
+        Some(Target { addr, fallback })
     }
 
     async fn serve_mesh(&self, io: PrefixedIo<TcpStream>, app: IpAddr) -> bool {
@@ -235,10 +226,9 @@ impl Inbound {
         let Ok(port) = u16::try_from(header.port) else {
             return false;
         };
-        let Some(target) = self.target(app, port) else {
+        let Some(target) = self.target(app, port, true) else {
             return false;
         };
-        let target = self.mesh_target(target).await;
         match ProtocolHint::try_from(header.protocol) {
             Ok(ProtocolHint::Http2) => {
                 self.serve_detected(tls, Detected::Http2, target, "true")
@@ -270,7 +260,7 @@ impl Inbound {
         &self,
         io: I,
         proto: Detected,
-        target: SocketAddr,
+        target: Target,
         tls: &'static str,
     ) -> bool
     where
@@ -291,7 +281,7 @@ impl Inbound {
         &self,
         io: I,
         version: HttpVersion,
-        target: SocketAddr,
+        target: Target,
         tls: &'static str,
     ) -> bool
     where
@@ -309,24 +299,24 @@ impl Inbound {
     async fn handle(
         &self,
         req: Request<Incoming>,
-        target: SocketAddr,
+        target: Target,
         tls: &'static str,
     ) -> Response<Body> {
         let started = Instant::now();
         let shared = &self.0.shared;
         let authority =
-            authority_of(&req).unwrap_or_else(|| format!("localhost:{}", target.port()));
+            authority_of(&req).unwrap_or_else(|| format!("localhost:{}", target.addr.port()));
         let route = shared.http.route(DIRECTION, &authority, tls);
         route.request();
         if crate::http::is_upgrade(&req) {
             // Rare, and its state large: boxed, so every plain request's
             // future stays small.
             let upgrade = Box::pin(async move {
-                let tcp = TcpStream::connect(target).await?;
+                let tcp = target.connect().await?;
                 crate::http::upgrade_via(req, tcp).await
             });
             let rsp = upgrade.await.unwrap_or_else(|error| {
-                tracing::info!(%target, %error, "upgrade to the application failed");
+                tracing::info!(target = %target.addr, %error, "upgrade to the application failed");
                 shared.http.error(DIRECTION, "upstream");
                 error_response(StatusCode::BAD_GATEWAY, "application unavailable")
             });
@@ -344,7 +334,7 @@ impl Inbound {
                 error_response(StatusCode::BAD_REQUEST, "bad request target")
             }
             Err(UpstreamError::Failed(error)) => {
-                tracing::info!(%target, %error, "application request failed");
+                tracing::info!(target = %target.addr, %error, "application request failed");
                 shared.http.error(DIRECTION, "upstream");
                 error_response(StatusCode::BAD_GATEWAY, "application unavailable")
             }
@@ -356,15 +346,15 @@ impl Inbound {
         Observed::wrap(rsp, route, started)
     }
 
-    async fn forward_tcp<I>(&self, mut io: I, target: SocketAddr, tls: &'static str) -> bool
+    async fn forward_tcp<I>(&self, mut io: I, target: Target, tls: &'static str) -> bool
     where
         I: AsyncRead + AsyncWrite + Unpin,
     {
         let shared = &self.0.shared;
-        let mut app = match TcpStream::connect(target).await {
+        let mut app = match target.connect().await {
             Ok(a) => a,
             Err(error) => {
-                tracing::info!(%target, %error, "application refused the connection");
+                tracing::info!(target = %target.addr, %error, "application refused the connection");
                 shared.http.error(DIRECTION, "connect");
                 return false;
             }
