@@ -356,11 +356,12 @@ pub fn status_class(s: StatusCode) -> &'static str {
 /// they are sent to, which a URI-keyed client cannot do.
 #[derive(Debug, Default)]
 pub struct H2Pool {
-    conns: crate::http2::Pool<std::net::SocketAddr>,
+    /// Keyed by the whole target (see [`crate::net::Target`]).
+    conns: crate::http2::Pool<crate::net::Target>,
 }
 
 impl H2Pool {
-    /// Sends `req` over the pooled connection to `addr`, dialing one
+    /// Sends `req` over the pooled connection to `target`, dialing one
     /// (within `connect_timeout`) if there is none or it closed.
     pub async fn send(
         &self,
@@ -369,7 +370,6 @@ impl H2Pool {
         connect_timeout: std::time::Duration,
     ) -> Result<Response<Body>, std::io::Error> {
         let target = target.into();
-        let addr = target.addr;
         let dial = || {
             Box::pin(async move {
                 let connect = async {
@@ -377,7 +377,7 @@ impl H2Pool {
                     tcp.set_nodelay(true)?;
                     let max_header = crate::sidecar::MAX_HEADER_BYTES as u32;
                     let keepalive = crate::http2::Keepalive::Off;
-                    crate::http2::handshake(tcp, max_header, keepalive, addr.to_string())
+                    crate::http2::handshake(tcp, max_header, keepalive, target.to_string())
                         .await
                         .map_err(std::io::Error::other)
                 };
@@ -386,7 +386,7 @@ impl H2Pool {
                     .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
             })
         };
-        let mut sender = self.conns.get(&addr, dial).await?;
+        let mut sender = self.conns.get(&target, dial).await?;
         crate::http2::send(&mut sender, req)
             .await
             .map_err(std::io::Error::other)

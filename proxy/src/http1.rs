@@ -8,8 +8,8 @@
 //! races a dial against every checkout that finds none ready, and its
 //! connections come back through a task of their own per response).
 
+use crate::net::Target;
 use std::collections::VecDeque;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
@@ -28,19 +28,19 @@ use crate::http::{Body, BoxError};
 #[non_exhaustive]
 pub enum Http1Error {
     /// Connecting failed or timed out.
-    #[error("connecting to {addr}: {source}")]
+    #[error("connecting to {target}: {source}")]
     Connect {
         /// The upstream.
-        addr: SocketAddr,
+        target: Target,
         /// The cause.
         #[source]
         source: std::io::Error,
     },
     /// The connection failed before a response head arrived.
-    #[error("http/1.1 to {addr}: {source}")]
+    #[error("http/1.1 to {target}: {source}")]
     Http {
         /// The upstream.
-        addr: SocketAddr,
+        target: Target,
         /// The cause.
         #[source]
         source: hyper::Error,
@@ -65,7 +65,9 @@ struct Idle {
 
 #[derive(Default)]
 struct Conns {
-    by_addr: crate::FastMap<SocketAddr, VecDeque<Idle>>,
+    /// Keyed by the whole target: a connection that went to a fallback
+    /// serves only requests that allow it.
+    by_addr: crate::FastMap<Target, VecDeque<Idle>>,
     last_sweep: Option<Instant>,
 }
 
@@ -78,7 +80,7 @@ impl Shared {
     /// The most recent idle connection to `addr` ready for a request, if
     /// any. One still busy (the upstream answered before it had read the
     /// whole request body, which hyper is still sending) is kept for later.
-    fn checkout(&self, addr: SocketAddr) -> Option<SendRequest<Body>> {
+    fn checkout(&self, addr: Target) -> Option<SendRequest<Body>> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let conns = idle.by_addr.get_mut(&addr)?;
         let now = Instant::now();
@@ -101,7 +103,7 @@ impl Shared {
         found
     }
 
-    fn checkin(&self, addr: SocketAddr, sender: SendRequest<Body>) {
+    fn checkin(&self, addr: Target, sender: SendRequest<Body>) {
         if sender.is_closed() {
             return;
         }
@@ -155,29 +157,28 @@ impl Pool {
         }))
     }
 
-    /// Sends `req` (origin-form URI, `Host` set) to `addr` on an idle
+    /// Sends `req` (origin-form URI, `Host` set) to `target` on an idle
     /// connection, or a new one. A request an idle connection closed
     /// under before taking it is sent again on a new connection (it was
     /// never written).
     pub async fn send(
         &self,
-        target: impl Into<crate::net::Target>,
+        target: impl Into<Target>,
         req: Request<Body>,
     ) -> Result<Response<Body>, Http1Error> {
         let target = target.into();
-        let addr = target.addr;
         let mut req = req;
-        while let Some(mut sender) = self.0.checkout(addr) {
+        while let Some(mut sender) = self.0.checkout(target) {
             if sender.ready().await.is_err() {
                 continue;
             }
             match sender.try_send_request(req).await {
-                Ok(rsp) => return Ok(self.pooled(addr, sender, rsp)),
+                Ok(rsp) => return Ok(self.pooled(target, sender, rsp)),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => req = unsent,
                     None => {
                         return Err(Http1Error::Http {
-                            addr,
+                            target,
                             source: e.into_error(),
                         })
                     }
@@ -188,14 +189,13 @@ impl Pool {
         // future stays small.
         let mut sender = Box::pin(self.dial(target)).await?;
         match sender.send_request(req).await {
-            Ok(rsp) => Ok(self.pooled(addr, sender, rsp)),
-            Err(source) => Err(Http1Error::Http { addr, source }),
+            Ok(rsp) => Ok(self.pooled(target, sender, rsp)),
+            Err(source) => Err(Http1Error::Http { target, source }),
         }
     }
 
-    async fn dial(&self, target: crate::net::Target) -> Result<SendRequest<Body>, Http1Error> {
-        let addr = target.addr;
-        let err = |source| Http1Error::Connect { addr, source };
+    async fn dial(&self, target: Target) -> Result<SendRequest<Body>, Http1Error> {
+        let err = |source| Http1Error::Connect { target, source };
         let tcp = tokio::time::timeout(self.0.config.connect_timeout, target.connect())
             .await
             .map_err(|_| err(std::io::ErrorKind::TimedOut.into()))?
@@ -203,10 +203,10 @@ impl Pool {
         tcp.set_nodelay(true).map_err(err)?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
             .await
-            .map_err(|source| Http1Error::Http { addr, source })?;
+            .map_err(|source| Http1Error::Http { target, source })?;
         tokio::spawn(async move {
             if let Err(error) = conn.await {
-                tracing::debug!(%addr, %error, "upstream HTTP/1.1 connection closed");
+                tracing::debug!(%target, %error, "upstream HTTP/1.1 connection closed");
             }
         });
         Ok(sender)
@@ -216,7 +216,7 @@ impl Pool {
     /// once read to the end.
     fn pooled(
         &self,
-        addr: SocketAddr,
+        addr: Target,
         sender: SendRequest<Body>,
         rsp: Response<Incoming>,
     ) -> Response<Body> {
@@ -238,7 +238,7 @@ impl Pool {
 /// connection whose response was not read through).
 struct PooledBody {
     inner: Incoming,
-    slot: Option<(Arc<Shared>, SocketAddr, SendRequest<Body>)>,
+    slot: Option<(Arc<Shared>, Target, SendRequest<Body>)>,
 }
 
 impl PooledBody {

@@ -31,7 +31,7 @@ pub fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// harmless). The inbound side gives a mesh connection the pod's address
 /// of the other family: the client's proxy picked the endpoint's family,
 /// not the application.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Target {
     /// The address tried first; pools key connections by it.
     pub addr: SocketAddr,
@@ -48,6 +48,15 @@ impl Target {
                 TcpStream::connect(fallback).await
             }
             (connected, _) => connected,
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.fallback {
+            Some(fallback) => write!(f, "{} (else {fallback})", self.addr),
+            None => write!(f, "{}", self.addr),
         }
     }
 }

@@ -88,7 +88,7 @@ fn idle(pool: &Pool, addr: SocketAddr) -> usize {
         .lock()
         .expect("lock")
         .by_addr
-        .get(&addr)
+        .get(&crate::net::Target::from(addr))
         .map_or(0, |c| c.len())
 }
 
@@ -196,6 +196,44 @@ async fn a_refused_connection_is_a_connect_error() {
     assert!(matches!(err, super::Http1Error::Connect { .. }), "{err}");
 }
 
+/// A target whose address refuses is served by its fallback, and the
+/// connection is pooled for that target only: a request to the bare
+/// address (which allows no fallback) never rides it.
+#[tokio::test]
+async fn a_fallback_connection_serves_its_own_target_only() {
+    let (open, accepted) = server().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let closed = listener.local_addr().expect("addr");
+    drop(listener);
+    let pool = pool(8, Duration::from_secs(30));
+    let target = crate::net::Target {
+        addr: closed,
+        fallback: Some(open),
+    };
+    for _ in 0..3 {
+        let rsp = pool.send(target, get("/")).await.expect("via the fallback");
+        assert_eq!(body(rsp).await, "ok");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "one pooled connection");
+    let err = pool
+        .send(closed, get("/"))
+        .await
+        .expect_err("the bare address refuses");
+    assert!(matches!(err, super::Http1Error::Connect { .. }), "{err}");
+    assert!(err.to_string().contains(&closed.to_string()), "{err}");
+    let err = pool
+        .send(
+            crate::net::Target {
+                addr: closed,
+                fallback: Some(closed),
+            },
+            get("/"),
+        )
+        .await
+        .expect_err("both refuse");
+    assert!(err.to_string().contains("(else "), "both named: {err}");
+}
+
 #[tokio::test]
 async fn connections_to_addresses_no_longer_used_are_swept() {
     let (a, _) = server().await;
@@ -208,7 +246,13 @@ async fn connections_to_addresses_no_longer_used_are_swept() {
     let rsp = pool.send(b, get("/")).await.expect("response");
     assert_eq!(body(rsp).await, "ok");
     assert!(
-        !pool.0.idle.lock().expect("lock").by_addr.contains_key(&a),
+        !pool
+            .0
+            .idle
+            .lock()
+            .expect("lock")
+            .by_addr
+            .contains_key(&crate::net::Target::from(a)),
         "the expired address is forgotten"
     );
     assert_eq!(idle(&pool, b), 1);

@@ -316,7 +316,7 @@ impl Inbound {
                 crate::http::upgrade_via(req, tcp).await
             });
             let rsp = upgrade.await.unwrap_or_else(|error| {
-                tracing::info!(target = %target.addr, %error, "upgrade to the application failed");
+                tracing::info!(%target, %error, "upgrade to the application failed");
                 shared.http.error(DIRECTION, "upstream");
                 error_response(StatusCode::BAD_GATEWAY, "application unavailable")
             });
@@ -334,7 +334,7 @@ impl Inbound {
                 error_response(StatusCode::BAD_REQUEST, "bad request target")
             }
             Err(UpstreamError::Failed(error)) => {
-                tracing::info!(target = %target.addr, %error, "application request failed");
+                tracing::info!(%target, %error, "application request failed");
                 shared.http.error(DIRECTION, "upstream");
                 error_response(StatusCode::BAD_GATEWAY, "application unavailable")
             }
@@ -354,7 +354,7 @@ impl Inbound {
         let mut app = match target.connect().await {
             Ok(a) => a,
             Err(error) => {
-                tracing::info!(target = %target.addr, %error, "application refused the connection");
+                tracing::info!(%target, %error, "application refused the connection");
                 shared.http.error(DIRECTION, "connect");
                 return false;
             }
