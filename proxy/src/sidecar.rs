@@ -54,7 +54,8 @@ pub struct ProxyConfig {
     /// the application binds on `127.0.0.1` only stays private to the pod);
     /// a connection whose original destination is not one of these
     /// addresses is refused. With none given, a connection is refused
-    /// unless its original destination is the address it arrived on.
+    /// unless its original destination is the address it was delivered to
+    /// (for a redirected one, the incoming interface's primary address).
     pub inbound_ips: Vec<IpAddr>,
     /// Where outbound connections go when not transparent and nothing
     /// else names a destination (opaque TCP; HTTP routes by authority).

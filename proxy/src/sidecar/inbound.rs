@@ -10,10 +10,9 @@
 //! never on loopback: a port the application binds on `127.0.0.1` only is
 //! private to the pod and stays so (as in Linkerd since 2.11 and Istio
 //! since 1.10). A mesh connection falls back to the pod's address of the
-//! other family when nothing listens at its own (see [`Inbound::target`]).
-//! A connection whose original
-//! destination is loopback, or not one of the pod's addresses (see
-//! [`app_ip`]), is refused and counted
+//! other family when its own refuses (see [`Inbound::target`]). A
+//! connection whose original destination is loopback, or not one of the
+//! pod's addresses (see [`app_ip`]), is refused and counted
 //! (`strait_proxy_errors_total{reason="not_inbound_ip"}`), and so is a
 //! target that is one of the proxy's own listeners (`reason="loop"`).
 
