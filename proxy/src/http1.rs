@@ -77,9 +77,10 @@ struct Shared {
 }
 
 impl Shared {
-    /// The most recent idle connection to `addr` ready for a request, if
-    /// any. One still busy (the upstream answered before it had read the
-    /// whole request body, which hyper is still sending) is kept for later.
+    /// The most recent idle connection for `addr` (a whole target) ready
+    /// for a request, if any. One still busy (the upstream answered before
+    /// it had read the whole request body, which hyper is still sending) is
+    /// kept for later.
     fn checkout(&self, addr: Target) -> Option<SendRequest<Body>> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let conns = idle.by_addr.get_mut(&addr)?;

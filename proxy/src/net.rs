@@ -33,7 +33,7 @@ pub fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// not the application.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Target {
-    /// The address tried first; pools key connections by it.
+    /// The address tried first.
     pub addr: SocketAddr,
     /// Tried when `addr` refuses the connection.
     pub fallback: Option<SocketAddr>,
@@ -78,11 +78,13 @@ mod tests {
     async fn a_refused_target_falls_back_and_an_accepting_one_does_not() {
         let listener = bind_listener("127.0.0.1:0".parse().expect("addr")).expect("bind");
         let open = listener.local_addr().expect("addr");
-        // A port nothing listens on: bound, then closed.
-        let closed = bind_listener("127.0.0.1:0".parse().expect("addr"))
-            .expect("bind")
-            .local_addr()
-            .expect("addr");
+        // A port nothing listens on (bound, not listening: it refuses, and
+        // no other test can take it meanwhile).
+        let reserved = TcpSocket::new_v4().expect("socket");
+        reserved
+            .bind("127.0.0.1:0".parse().expect("addr"))
+            .expect("bind");
+        let closed = reserved.local_addr().expect("addr");
         let refused = Target {
             addr: closed,
             fallback: Some(open),

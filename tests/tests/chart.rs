@@ -1187,6 +1187,26 @@ fn an_ipv6_cluster_gets_listeners_on_both_families() {
         let err = template(&args).expect_failure();
         assert!(err.contains("set ipv6=true"), "{bad}: {err}");
     }
+    let mut args = certs.values();
+    args.extend(
+        [
+            "--set",
+            "ipv6=true",
+            "--set",
+            "service.ipFamilyPolicy=SingleStack",
+            "--set",
+            "service.ipFamilies={IPv4,IPv6}",
+        ]
+        .map(String::from),
+    );
+    let err = template(&args).expect_failure();
+    assert!(err.contains("SingleStack takes one"), "{err}");
+    // Values reused from a release of an older chart have no `ipv6`.
+    let reused = documents(&render(&["--set", "ipv6=null"]));
+    assert_eq!(
+        config_of(&reused).listen.tunnel,
+        "0.0.0.0:4143".parse().expect("addr")
+    );
     // The config starts with its first key, not a blank line.
     let text = find(&v4, "ConfigMap", "strait-gateway-config")["data"]["config.yaml"]
         .as_str()

@@ -6,10 +6,15 @@ is a pod annotation, so a change rolls the gateway pods.
 {{- if gt (int .Values.config.egressPortMin) (int .Values.config.egressPortMax) -}}
 {{- fail (printf "config.egressPortMin (%v) must not exceed config.egressPortMax (%v)" .Values.config.egressPortMin .Values.config.egressPortMax) -}}
 {{- end -}}
-{{- if and (not .Values.ipv6) (or (has "IPv6" .Values.service.ipFamilies) (has .Values.service.ipFamilyPolicy (list "PreferDualStack" "RequireDualStack"))) -}}
-{{- fail "service.ipFamilies or service.ipFamilyPolicy gives the tunnel Service an IPv6 address but the gateway listens on IPv4 only: set ipv6=true" -}}
+{{- /* `default`: values reused from a release of an older chart lack it. */ -}}
+{{- $ipv6 := .Values.ipv6 | default false -}}
+{{- if and (not $ipv6) (or (has "IPv6" .Values.service.ipFamilies) (has .Values.service.ipFamilyPolicy (list "PreferDualStack" "RequireDualStack"))) -}}
+{{- fail "service.ipFamilies or service.ipFamilyPolicy asks for an IPv6 address for the tunnel Service, where the gateway would not answer (it listens on IPv4 only): set ipv6=true" -}}
 {{- end -}}
-{{- $any := ternary "[::]" "0.0.0.0" .Values.ipv6 -}}
+{{- if and (eq .Values.service.ipFamilyPolicy "SingleStack") (gt (len .Values.service.ipFamilies) 1) -}}
+{{- fail "service.ipFamilyPolicy SingleStack takes one of service.ipFamilies, not two" -}}
+{{- end -}}
+{{- $any := ternary "[::]" "0.0.0.0" $ipv6 -}}
 cluster: {{ include "strait.cluster" . }}
 identity:
   trustAnchors: /var/run/strait/issuer/ca.crt
@@ -29,7 +34,7 @@ source:
     egressPortMin: {{ int .Values.config.egressPortMin }}
     egressPortMax: {{ int .Values.config.egressPortMax }}
     leaseName: {{ .Values.config.leaseName }}
-    {{- if .Values.ipv6 }}
+    {{- if $ipv6 }}
     egressAddress: "::"
     {{- end }}
 imports:

@@ -202,9 +202,12 @@ async fn a_refused_connection_is_a_connect_error() {
 #[tokio::test]
 async fn a_fallback_connection_serves_its_own_target_only() {
     let (open, accepted) = server().await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let closed = listener.local_addr().expect("addr");
-    drop(listener);
+    // Bound, not listening: it refuses, and no other test can take it.
+    let reserved = tokio::net::TcpSocket::new_v4().expect("socket");
+    reserved
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let closed = reserved.local_addr().expect("addr");
     let pool = pool(8, Duration::from_secs(30));
     let target = crate::net::Target {
         addr: closed,
