@@ -118,6 +118,23 @@ fn bad_flags_and_missing_identity_are_clear_errors() {
     );
 }
 
+/// `strait-proxy run` with a stand-in identity and `args`, refused before
+/// any file is read: its exit code and stderr.
+fn run_refused(args: &[&str]) -> (Option<i32>, String) {
+    let out = bin()
+        .arg("run")
+        .args(["--trust-anchors", "/nonexistent"])
+        .args(["--identity", "spiffe://t/ns/a/sa/b"])
+        .args(["--issuer-cert", "/c", "--issuer-key", "/k"])
+        .args(args)
+        .output()
+        .expect("runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn the_ipv6_outbound_listener_must_be_loopback_on_the_outbound_port() {
     for (addr, why) in [
@@ -125,16 +142,13 @@ fn the_ipv6_outbound_listener_must_be_loopback_on_the_outbound_port() {
         ("127.0.0.1:4140", "IPv6 loopback"),
         ("[::1]:4141", "the outbound listener's port"),
     ] {
-        let out = bin()
-            .args(["run", "--inbound-target", "127.0.0.1:1"])
-            .args(["--trust-anchors", "/nonexistent"])
-            .args(["--identity", "spiffe://t/ns/a/sa/b"])
-            .args(["--issuer-cert", "/c", "--issuer-key", "/k"])
-            .args(["--outbound-listen-ipv6", addr])
-            .output()
-            .expect("runs");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{addr}: {stderr}");
+        let (code, stderr) = run_refused(&[
+            "--inbound-target",
+            "127.0.0.1:1",
+            "--outbound-listen-ipv6",
+            addr,
+        ]);
+        assert_eq!(code, Some(1), "{addr}: {stderr}");
         assert!(
             stderr.contains("outbound-listen-ipv6") && stderr.contains(why),
             "{addr}: {stderr}"
@@ -150,16 +164,8 @@ fn inbound_ips_must_be_pod_addresses() {
         ("10.1.2.300", 2, "invalid IP address syntax"),
         ("::ffff:127.0.0.1", 1, "is not a pod address"),
     ] {
-        let out = bin()
-            .args(["run", "--transparent"])
-            .args(["--trust-anchors", "/nonexistent"])
-            .args(["--identity", "spiffe://t/ns/a/sa/b"])
-            .args(["--issuer-cert", "/c", "--issuer-key", "/k"])
-            .args(["--inbound-ips", ips])
-            .output()
-            .expect("runs");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(code), "{ips}: {stderr}");
+        let (exit, stderr) = run_refused(&["--transparent", "--inbound-ips", ips]);
+        assert_eq!(exit, Some(code), "{ips}: {stderr}");
         assert!(
             stderr.contains("inbound-ips") && stderr.contains(why),
             "{ips}: {stderr}"
@@ -169,16 +175,13 @@ fn inbound_ips_must_be_pod_addresses() {
 
 #[test]
 fn inbound_ips_need_transparent_mode() {
-    let out = bin()
-        .args(["run", "--inbound-target", "127.0.0.1:1"])
-        .args(["--trust-anchors", "/nonexistent"])
-        .args(["--identity", "spiffe://t/ns/a/sa/b"])
-        .args(["--issuer-cert", "/c", "--issuer-key", "/k"])
-        .args(["--inbound-ips", "10.1.2.3"])
-        .output()
-        .expect("runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let (code, stderr) = run_refused(&[
+        "--inbound-target",
+        "127.0.0.1:1",
+        "--inbound-ips",
+        "10.1.2.3",
+    ]);
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("only with --transparent"), "{stderr}");
 }
 

@@ -461,8 +461,10 @@ impl Pod {
     }
 
     /// `strait-proxy run --transparent` in the pod as uid 2102 with its
-    /// `listeners` flags, once `/ready` answers 200.
-    fn start_proxy(&mut self, listeners: &[&str]) {
+    /// `listeners` flags and `destinations` (see [`Pod::destinations`]),
+    /// once `/ready` answers 200.
+    fn start_proxy(&mut self, listeners: &[&str], destinations: &[(&str, &str)]) {
+        let destinations = self.destinations(destinations);
         let logs = self.dir.path().join("logs");
         let (out, err) = (logs.join("proxy.out"), logs.join("proxy.err"));
         let file = |p: &Path| std::fs::File::create(p).expect("create log file");
@@ -478,6 +480,7 @@ impl Pod {
             .arg("--issuer-key")
             .arg(cert("issuer.key"))
             .args(listeners)
+            .args(["--destinations", &destinations])
             // As the injector passes `status.podIPs`.
             .arg("--inbound-ips")
             .arg(format!(
@@ -620,14 +623,14 @@ fn the_real_proxy_carries_a_pods_traffic_transparently_and_exits_on_sigterm() {
     // loop) and admin port.
     let own_service = format!("{peer_ip}:8090");
     let (to_inbound, to_admin) = (format!("{peer_ip}:8091"), format!("{peer_ip}:8092"));
-    let destinations = t.destinations(&[
-        (&own_service, &format!("{pod_ip}:8080")),
-        (&to_inbound, &format!("{pod_ip}:4143")),
-        (&to_admin, &format!("{pod_ip}:4191")),
-    ]);
-    let mut args = IPV4_LISTENERS.to_vec();
-    args.extend(["--destinations", &destinations]);
-    t.start_proxy(&args);
+    t.start_proxy(
+        IPV4_LISTENERS,
+        &[
+            (&own_service, &format!("{pod_ip}:8080")),
+            (&to_inbound, &format!("{pod_ip}:4143")),
+            (&to_admin, &format!("{pod_ip}:4191")),
+        ],
+    );
 
     // a. Outbound HTTP: the application's request is redirected to the
     // proxy, which reads SO_ORIGINAL_DST and forwards to the unmeshed
@@ -852,13 +855,13 @@ fn a_dual_stack_pods_ipv6_and_ipv4_traffic_is_carried_transparently() {
     // application does not listen on.
     let v4_service = format!("{peer_ip6}:8092");
     let v6_service = format!("{peer_ip6}:8093");
-    let destinations = t.destinations(&[
-        (&v4_service, &format!("{pod_ip6}:8082")),
-        (&v6_service, &format!("{pod_ip}:8083")),
-    ]);
-    let mut args = DUAL_STACK_LISTENERS.to_vec();
-    args.extend(["--destinations", &destinations]);
-    t.start_proxy(&args);
+    t.start_proxy(
+        DUAL_STACK_LISTENERS,
+        &[
+            (&v4_service, &format!("{pod_ip6}:8082")),
+            (&v6_service, &format!("{pod_ip}:8083")),
+        ],
+    );
 
     // a. Outbound over IPv6: ip6tables redirects the application's
     // connection to [::1]:4140, and the proxy finds the original IPv6
