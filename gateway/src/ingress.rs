@@ -109,7 +109,12 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
     }
 }
 
-fn refuse(io: &mut TunnelIo, why: Refusal) {
+/// Refuses a stream: counts it under `result` first, then resets it, so
+/// that a peer who has seen the reset also sees the count.
+fn refuse(io: &mut TunnelIo, shared: &Shared, why: Refusal, result: &'static str) {
+    shared
+        .metrics
+        .stream_done(&io.peer().name, "inbound", result);
     reset(io, why);
 }
 
@@ -191,17 +196,11 @@ async fn handle_stream(
         Ok(Ok(h)) => h,
         Ok(Err(error)) => {
             tracing::info!(peer = %io.peer().name, %error, "refusing stream");
-            refuse(&mut io, Refusal::BadHeader);
-            shared
-                .metrics
-                .stream_done(&io.peer().name, "inbound", error.reason());
+            refuse(&mut io, &shared, Refusal::BadHeader, error.reason());
             return;
         }
         Err(_) => {
-            refuse(&mut io, Refusal::BadHeader);
-            shared
-                .metrics
-                .stream_done(&io.peer().name, "inbound", "header_timeout");
+            refuse(&mut io, &shared, Refusal::BadHeader, "header_timeout");
             return;
         }
     };
@@ -214,10 +213,7 @@ async fn handle_stream(
                 TunnelIo::Tls(_) => match shared.tcp_watches.acquire(&io.peer().name) {
                     Some(slot) => Some(slot),
                     None => {
-                        refuse(&mut io, Refusal::Busy);
-                        shared
-                            .metrics
-                            .stream_done(&io.peer().name, "inbound", "busy");
+                        refuse(&mut io, &shared, Refusal::Busy, "busy");
                         return;
                     }
                 },
@@ -227,10 +223,7 @@ async fn handle_stream(
                 t.slot = Some(slot);
             }
             if peering.swap(true, Ordering::AcqRel) {
-                refuse(&mut io, Refusal::Busy);
-                shared
-                    .metrics
-                    .stream_done(&io.peer().name, "inbound", "busy");
+                refuse(&mut io, &shared, Refusal::Busy, "busy");
                 return;
             }
             if shared.peering_tx.send(io).await.is_err() {
@@ -360,17 +353,14 @@ async fn proxy(mut io: TunnelIo, header: StreamHeader, shared: Arc<Shared>) {
         Ok(t) => t,
         Err(why) => {
             tracing::info!(%peer, service = %key, port = header.port, reason = why.as_str(), "refusing stream");
-            refuse(&mut io, why);
-            shared.metrics.stream_done(&peer, "inbound", why.as_str());
+            refuse(&mut io, &shared, why, why.as_str());
             return;
         }
     };
     let balance_key = (key.clone(), header.port as u16);
     let Some((mut local, endpoint)) = connect(&balance_key, &targets, hint, &shared).await else {
-        refuse(&mut io, Refusal::ConnectFailed);
-        shared
-            .metrics
-            .stream_done(&peer, "inbound", Refusal::ConnectFailed.as_str());
+        let why = Refusal::ConnectFailed;
+        refuse(&mut io, &shared, why, why.as_str());
         return;
     };
     relay(&mut local, &mut io, &shared.metrics, "inbound").await;

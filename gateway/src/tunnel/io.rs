@@ -484,9 +484,10 @@ pub async fn relay(
         Err(error) => {
             let result = refusal_of(&error).map_or("error", super::Refusal::as_str);
             tracing::info!(%peer, direction, %error, result, "tunnel stream failed");
+            // Counted before the resets: whoever saw one sees the count.
+            metrics.stream_done(&peer, direction, result);
             reset(io, super::Refusal::Aborted);
             reset_tcp(local.tcp());
-            metrics.stream_done(&peer, direction, result);
         }
     }
 }
