@@ -245,11 +245,13 @@ async fn serve_udp(socket: Arc<UdpSocket>, zone: ZoneHandle, metrics: DnsMetrics
             trace!(%client, len, "datagram dropped without an answer");
             continue;
         };
+        // Counted before the send: a client that has its answer sees the
+        // count (a failed send is still a query answered).
+        metrics.record_query(outcome.qtype, outcome.rcode, start.elapsed());
         if let Err(error) = socket.send_to(&response, client).await {
             debug!(%client, %error, "cannot send a DNS response");
             continue;
         }
-        metrics.record_query(outcome.qtype, outcome.rcode, start.elapsed());
     }
 }
 
@@ -332,11 +334,11 @@ async fn serve_connection(
         frame.clear();
         frame.extend_from_slice(&len.to_be_bytes());
         frame.extend_from_slice(&response);
+        metrics.record_query(outcome.qtype, outcome.rcode, start.elapsed());
         if let Err(error) = writer.write_all(&frame).await {
             debug!(%client, %error, "cannot send a DNS response");
             return;
         }
-        metrics.record_query(outcome.qtype, outcome.rcode, start.elapsed());
     }
 }
 

@@ -713,6 +713,11 @@ impl Gateway {
         self.shared.peers.statuses()
     }
 
+    /// How many TCP peering watches `peer` holds open on this gateway.
+    pub fn tcp_watches(&self, peer: &str) -> usize {
+        self.shared.tcp_watches.held(peer)
+    }
+
     /// The metric families (for tests and embedding).
     pub fn metrics(&self) -> &GatewayMetrics {
         &self.shared.metrics

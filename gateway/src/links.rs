@@ -509,8 +509,8 @@ async fn serve(
                 move |change| {
                     if !synced.swap(true, std::sync::atomic::Ordering::Relaxed) {
                         tracing::info!(peer = %name, transport = status_conn.transport(), "tunnel up");
-                        peers.connected(&name, status_conn.clone());
-                        peers.catalog_received(&name);
+                        // Counted before the tunnel is offered to new
+                        // streams: traffic over it implies the count.
                         up.set(1);
                         metrics
                             .peer_connects
@@ -519,6 +519,8 @@ async fn serve(
                                 result: "ok",
                             })
                             .inc();
+                        peers.connected(&name, status_conn.clone());
+                        peers.catalog_received(&name);
                     }
                     match change {
                         CatalogChange::Snapshot(exports) => imports.snapshot(&name, exports),

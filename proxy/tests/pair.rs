@@ -383,9 +383,13 @@ async fn http2_and_grpc_through_the_mesh() {
         assert_eq!(trailers["grpc-status"], status);
         assert_eq!(collected.to_bytes().len(), 14, "both messages");
     }
-    let c = metrics_containing(&p.client, r#"grpc_status="7"} 1"#).await;
-    assert!(c.contains(r#"grpc_status="7"} 1"#), "{c}");
-    assert!(c.contains(r#"grpc_status="0"} 1"#), "{c}");
+    // Each response is counted when its body ends, after the trailers
+    // the client waited for: wait for both counts.
+    for status in ["7", "0"] {
+        let needle = format!(r#"grpc_status="{status}"}} 1"#);
+        let c = metrics_containing(&p.client, &needle).await;
+        assert!(c.contains(&needle), "{c}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -402,13 +406,11 @@ async fn opaque_tcp_through_the_mesh() {
     let mut back = Vec::new();
     s.read_to_end(&mut back).await.expect("read");
     assert_eq!(back, payload, "byte for byte through mTLS");
-    let srv = metrics(&p.server).await;
-    assert!(
-        srv.contains(
-            r#"strait_tcp_bytes_total{direction="inbound",tls="true",flow="read"} 100000"#
-        ),
-        "{srv}"
-    );
+    // The bytes are counted once the splice has shut the stream down,
+    // which is what ended the read above: wait for the count.
+    let counted = r#"strait_tcp_bytes_total{direction="inbound",tls="true",flow="read"} 100000"#;
+    let srv = metrics_containing(&p.server, counted).await;
+    assert!(srv.contains(counted), "{srv}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -176,13 +176,20 @@ async fn a_peer_holds_at_most_two_tcp_catalog_watches() {
         (sample(&m, busy) == Some(1.0)).then_some(())
     })
     .await;
-    // Closing one frees its slot.
+    assert_eq!(east.tcp_watches("west"), 2);
+    // Closing one frees its slot (the refused third goes too).
     drop(held.pop());
     drop(held.pop());
-    // (East sees the close when its peering server reads the EOF.)
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // East sees the close when its peering server reads the EOF.
+    eventually(WAIT, "a watch slot freed", || async {
+        (east.tcp_watches("west") == 1).then_some(())
+    })
+    .await;
     held.push(dialer.open(&header).await.expect("open"));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually(WAIT, "the new watch accepted", || async {
+        (east.tcp_watches("west") == 2).then_some(())
+    })
+    .await;
     let m = metrics(&east).await;
     assert_eq!(sample(&m, busy), Some(1.0), "{m}");
 }

@@ -270,7 +270,6 @@ impl FileSource {
                 match parse(&text, &path) {
                     Ok(state) => {
                         tracing::info!(path = %path.display(), services = state.services.len(), "cluster file reloaded");
-                        reloads.get_or_create(&ResultLabels { result: "ok" }).inc();
                         tx.send_if_modified(|cur| {
                             if **cur == state {
                                 false
@@ -279,6 +278,9 @@ impl FileSource {
                                 true
                             }
                         });
+                        // Counted once published: whoever sees the count
+                        // reads the new state.
+                        reloads.get_or_create(&ResultLabels { result: "ok" }).inc();
                     }
                     Err(error) => {
                         tracing::warn!(%error, "cluster file refused; keeping last state");
@@ -378,18 +380,23 @@ services:
             "services: [{namespace: demo, name: x, ports: [{port: 0}]}]",
         )
         .expect("write");
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        let errors = || {
+            reloads
+                .get_or_create(&ResultLabels { result: "error" })
+                .get()
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while errors() == 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         assert_eq!(
             rx.borrow().catalog().len(),
             1,
             "bad file keeps the last state"
         );
-        assert_eq!(
-            reloads
-                .get_or_create(&ResultLabels { result: "error" })
-                .get(),
-            1
-        );
+        // Two more polls: the refused file is counted once, not per poll.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(errors(), 1);
         std::fs::write(&path, GOOD.replace("export: true", "export: false")).expect("write");
         tokio::time::timeout(Duration::from_secs(2), rx.changed())
             .await

@@ -103,6 +103,12 @@ impl WatchSlots {
             peer: peer.to_string(),
         })
     }
+
+    /// How many watches `peer` holds now.
+    pub fn held(&self, peer: &str) -> usize {
+        let counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        counts.get(peer).copied().unwrap_or(0)
+    }
 }
 
 /// One held peering watch; released when dropped (with its connection).
