@@ -560,6 +560,7 @@ impl Gateway {
                     path.clone(),
                     tx,
                     Duration::from_secs(1),
+                    metrics.tokens_reloads.clone(),
                 ));
                 Some(crate::identity::Authenticator::Static(rx))
             }

@@ -33,6 +33,7 @@ use tonic::{Request, Response, Status};
 
 use crate::catalog::validate_label;
 use crate::metrics::ResultLabels;
+use crate::source::file::{ReloadCounter, Settle};
 
 /// The audience sidecars' tokens are issued for, unless configured.
 pub const TOKEN_AUDIENCE: &str = "identity.strait.io";
@@ -224,33 +225,39 @@ impl StaticTokens {
 
 /// Re-reads the tokens file at `path` every `every`: a changed file that
 /// parses replaces the tokens (new workloads without a gateway restart, a
-/// removed token refused from then on); one that does not is logged and
-/// the last good tokens kept.
+/// removed token refused from then on); one that does not is logged, counted
+/// in `reloads` and the last good tokens kept. A change is applied once two
+/// reads agree ([`Settle`]): a file read while it is being rewritten (empty
+/// after the truncation, which parses as no tokens) never revokes them all.
 pub fn spawn_tokens_reload(
     path: std::path::PathBuf,
     tokens: watch::Sender<StaticTokens>,
     every: Duration,
+    reloads: ReloadCounter,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut last = tokio::fs::read_to_string(&path).await.ok();
+        let mut settle = Settle::new(tokio::fs::read_to_string(&path).await.ok());
         loop {
             tokio::time::sleep(every).await;
             let Ok(text) = tokio::fs::read_to_string(&path).await else {
                 continue;
             };
-            if last.as_deref() == Some(text.as_str()) {
+            let Some(text) = settle.read(text) else {
                 continue;
-            }
+            };
             match StaticTokens::parse(&text, &path) {
                 Ok(new) => {
                     tracing::info!(path = %path.display(), tokens = new.0.len(), "tokens file reloaded");
                     tokens.send_replace(new);
+                    reloads.get_or_create(&ResultLabels { result: "ok" }).inc();
                 }
                 Err(error) => {
                     tracing::warn!(%error, "tokens file refused; keeping the last tokens");
+                    reloads
+                        .get_or_create(&ResultLabels { result: "error" })
+                        .inc();
                 }
             }
-            last = Some(text);
         }
     })
 }

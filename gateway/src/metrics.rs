@@ -104,6 +104,9 @@ pub struct GatewayMetrics {
     /// Certificate requests from sidecars, by result (see
     /// [`crate::identity`]).
     pub identity_requests: Family<ResultLabels, Counter>,
+    /// Tokens file reloads by outcome (see
+    /// [`crate::identity::spawn_tokens_reload`]).
+    pub tokens_reloads: Family<ResultLabels, Counter>,
     /// Sidecar injector reviews, by result (see [`crate::k8s::webhook`]).
     pub injector_requests: Family<ResultLabels, Counter>,
     /// Connections to local endpoints for inbound streams, by mTLS (to a
@@ -198,6 +201,7 @@ impl GatewayMetrics {
             egress_bind_errors: Counter::default(),
             cert_expiry: Gauge::default(),
             identity_requests: Family::default(),
+            tokens_reloads: Family::default(),
             endpoint_connects: Family::default(),
             injector_requests: Family::default(),
             tls: TlsMetrics::register(r),
@@ -267,6 +271,11 @@ impl GatewayMetrics {
             "strait_identity_certify_requests",
             "Certificate requests from sidecar proxies, by result (ok, unauthenticated, forbidden, invalid, unavailable, error)",
             m.identity_requests.clone(),
+        );
+        r.register(
+            "strait_identity_tokens_reloads",
+            "Tokens file reloads (outside Kubernetes), by result",
+            m.tokens_reloads.clone(),
         );
         r.register(
             "strait_injector_requests",

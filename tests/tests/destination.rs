@@ -9,7 +9,10 @@ use strait_gateway::Gateway;
 use strait_proxy::discovery::{Chain, Destination, DnsResolver, GrpcResolver, Resolve};
 use strait_tests::*;
 
-const WAIT: Duration = Duration::from_secs(5);
+const WAIT: Duration = Duration::from_secs(20);
+/// A lookup the gateway is expected to answer: far above the resolver's
+/// 500 ms default, which a loaded machine can miss on a first connect.
+const ANSWERED: Duration = Duration::from_secs(5);
 const ID: &str = "spiffe://west.strait.local/ns/demo/sa/hello";
 const HELLO: &str = "hello.demo.svc.cluster.local:8080";
 
@@ -49,7 +52,7 @@ async fn sidecars_follow_the_gateways_endpoints() {
     let bed = Testbed::new(&["west"]);
     bed.write_cluster("west", &cluster(true));
     let gw = bed.start(bed.config("west", None, &[])).await;
-    let grpc = GrpcResolver::for_addr(gw.destination_addr());
+    let grpc = GrpcResolver::for_addr(gw.destination_addr()).with_timeout(ANSWERED);
 
     let both = vec![
         ("127.0.0.1:18080".to_string(), None),
@@ -114,7 +117,7 @@ async fn sidecars_follow_the_gateways_endpoints() {
 }
 
 #[tokio::test]
-async fn a_dead_control_plane_answers_none_within_a_second() {
+async fn a_dead_control_plane_answers_none_without_waiting() {
     let dead = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr")
@@ -123,8 +126,10 @@ async fn a_dead_control_plane_answers_none_within_a_second() {
     for _ in 0..3 {
         let started = Instant::now();
         assert!(grpc.resolve(HELLO).await.is_none());
+        // A refused connection answers at once; the bound only leaves
+        // room for a loaded machine, far below a hang.
         assert!(
-            started.elapsed() < Duration::from_secs(1),
+            started.elapsed() < Duration::from_secs(2),
             "{:?}",
             started.elapsed()
         );
@@ -135,7 +140,7 @@ async fn a_dead_control_plane_answers_none_within_a_second() {
         seen(&chain.resolve("127.0.0.1:9").await),
         vec![("127.0.0.1:9".to_string(), None)]
     );
-    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(started.elapsed() < Duration::from_secs(2));
 }
 
 /// A proxy's TLS config for the destination service: its own workload
@@ -179,6 +184,7 @@ async fn discovery_over_mtls_serves_meshed_proxies_only() {
 
     // A meshed proxy of the cluster, pinning the gateway: answered.
     let meshed = GrpcResolver::for_addr(gw.destination_addr())
+        .with_timeout(ANSWERED)
         .with_tls(proxy_tls(&bed, "west", "root.pem", gateway_id));
     let got = seen(&meshed.resolve(HELLO).await);
     assert_eq!(got.len(), 2, "{got:?}");
@@ -234,7 +240,7 @@ async fn opaque_ports_are_known_by_name_and_by_address() {
 ",
     );
     let gw = bed.start(bed.config("west", None, &[])).await;
-    let grpc = GrpcResolver::for_addr(gw.destination_addr());
+    let grpc = GrpcResolver::for_addr(gw.destination_addr()).with_timeout(ANSWERED);
     let by_name = grpc.resolve("db.demo:3306").await.expect("db");
     assert!(by_name.opaque, "{by_name:?}");
     // What a transparent proxy asks: the original destination's address.

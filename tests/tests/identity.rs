@@ -214,7 +214,12 @@ async fn sidecars_certified_by_their_gateway_speak_mtls() {
     let web_again = certifier(&bed, &gw, &id("web"), GATEWAY, bed.path().join("web-token"));
     assert_eq!(attempt(&web_again).await.err(), Some("refused"));
     std::fs::write(bed.path().join("tokens.yaml"), "- {token: short}\n").expect("tokens");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    eventually(WAIT, "the broken tokens file refused", || async {
+        let m = metrics(&gw).await;
+        (sample(&m, "strait_identity_tokens_reloads_total{result=\"error\"}") == Some(1.0))
+            .then_some(())
+    })
+    .await;
     assert!(db.certify().await.is_ok(), "the last good tokens kept");
 }
 

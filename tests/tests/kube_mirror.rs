@@ -355,8 +355,12 @@ async fn export_becomes_import_follows_endpoints_and_unexport_cleans_up() {
         condition(&l, "ImportsSynced").expect("synced")["status"],
         "True"
     );
-    let m = metrics(&west).await;
-    assert_eq!(sample(&m, "strait_mirror_leader"), Some(1.0), "{m}");
+    // Leading (a renewal a loaded machine delays can drop the lease for a
+    // moment with the tests' short lease; it comes back).
+    eventually(WAIT, "west leads", || async {
+        (sample(&metrics(&west).await, "strait_mirror_leader") == Some(1.0)).then_some(())
+    })
+    .await;
 
     // An endpoint change in east is followed.
     let web2 = spawn_hello_endpoint("east", "web-2")
@@ -501,8 +505,10 @@ async fn when_the_leader_dies_another_replica_takes_over() {
         "shop/web-east",
     ])
     .await;
-    let m = metrics(&survivor).await;
-    assert_eq!(sample(&m, "strait_mirror_leader"), Some(1.0), "{m}");
+    eventually(WAIT, "the survivor leads", || async {
+        (sample(&metrics(&survivor).await, "strait_mirror_leader") == Some(1.0)).then_some(())
+    })
+    .await;
     let lease = Api::<Lease>::namespaced(c.west.client(), NS)
         .get("strait-mirror-writer")
         .await

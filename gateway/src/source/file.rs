@@ -207,6 +207,42 @@ pub fn load(path: &Path) -> Result<ClusterState, FileSourceError> {
 /// Reload outcomes, by result (`ok`, `error`).
 pub type ReloadCounter = Family<ResultLabels, Counter>;
 
+/// Decides when a polled file's text is to be applied: once two reads in a
+/// row agree and differ from the text last applied. A file caught
+/// mid-write (truncated, or cut at a list item, which may still parse) is
+/// never applied.
+#[derive(Debug)]
+pub struct Settle {
+    last: Option<String>,
+    pending: Option<String>,
+}
+
+impl Settle {
+    /// Starts from `applied`, the text in force (`None`: none yet).
+    pub fn new(applied: Option<String>) -> Self {
+        Self {
+            last: applied,
+            pending: None,
+        }
+    }
+
+    /// One read of the file: the text to apply now, if any (it becomes the
+    /// text in force, whether or not it then parses).
+    pub fn read(&mut self, text: String) -> Option<String> {
+        if self.last.as_deref() == Some(text.as_str()) {
+            self.pending = None;
+            return None;
+        }
+        if self.pending.as_deref() != Some(text.as_str()) {
+            self.pending = Some(text);
+            return None;
+        }
+        self.pending = None;
+        self.last = Some(text.clone());
+        Some(text)
+    }
+}
+
 /// A running file source.
 #[derive(Debug)]
 pub struct FileSource {
@@ -229,11 +265,7 @@ impl FileSource {
         let state = parse(&text, &path)?;
         let (tx, rx) = watch::channel(Arc::new(state));
         let task = tokio::spawn(async move {
-            let mut last = text;
-            // A change is applied once two reads a tick apart agree, so a
-            // file caught mid-write (which may still parse, cut at a list
-            // item) is never applied.
-            let mut pending: Option<String> = None;
+            let mut settle = Settle::new(Some(text));
             let mut unreadable = false;
             let mut ticker = tokio::time::interval(interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -258,15 +290,9 @@ impl FileSource {
                         continue;
                     }
                 };
-                if text == last {
-                    pending = None;
+                let Some(text) = settle.read(text) else {
                     continue;
-                }
-                if pending.as_deref() != Some(text.as_str()) {
-                    pending = Some(text);
-                    continue;
-                }
-                pending = None;
+                };
                 match parse(&text, &path) {
                     Ok(state) => {
                         tracing::info!(path = %path.display(), services = state.services.len(), "cluster file reloaded");
@@ -289,7 +315,6 @@ impl FileSource {
                             .inc();
                     }
                 }
-                last = text;
             }
         });
         Ok(Self { rx, task })
@@ -311,6 +336,28 @@ impl Drop for FileSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_is_applied_once_two_reads_agree() {
+        let mut settle = Settle::new(Some("a".into()));
+        assert_eq!(settle.read("a".into()), None, "unchanged");
+        // Caught mid-write: truncated, then complete.
+        assert_eq!(settle.read(String::new()), None);
+        assert_eq!(settle.read("b".into()), None);
+        assert_eq!(settle.read("b".into()), Some("b".into()));
+        assert_eq!(settle.read("b".into()), None, "applied once");
+        // A read back at the text in force drops a pending change.
+        assert_eq!(settle.read("c".into()), None);
+        assert_eq!(settle.read("b".into()), None);
+        assert_eq!(settle.read("c".into()), None);
+        assert_eq!(settle.read("c".into()), Some("c".into()));
+        // An empty file, read twice, is a change like any other.
+        assert_eq!(settle.read(String::new()), None);
+        assert_eq!(settle.read(String::new()), Some(String::new()));
+        let mut first = Settle::new(None);
+        assert_eq!(first.read("x".into()), None);
+        assert_eq!(first.read("x".into()), Some("x".into()));
+    }
 
     const GOOD: &str = r#"
 services:
@@ -398,7 +445,7 @@ services:
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(errors(), 1);
         std::fs::write(&path, GOOD.replace("export: true", "export: false")).expect("write");
-        tokio::time::timeout(Duration::from_secs(2), rx.changed())
+        tokio::time::timeout(Duration::from_secs(10), rx.changed())
             .await
             .expect("reload in time")
             .expect("changed");

@@ -1036,11 +1036,11 @@ async fn udp_responder(version: &'static str) -> SocketAddr {
 async fn the_probe_asks_over_udp_and_tcp_and_never_hangs() {
     let addr = udp_responder("1.0.0").await;
     let started = std::time::Instant::now();
-    let probe = probe_dns(addr, Duration::from_millis(500)).await;
+    let probe = probe_dns(addr, Duration::from_secs(2)).await;
     assert_eq!(probe.udp, Ok(vec!["1.0.0".to_string()]));
-    // Nothing listens on TCP there: refused or timed out, quickly.
+    // Nothing listens on TCP there: refused or timed out, within bounds.
     assert!(probe.tcp.is_err());
-    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(started.elapsed() < Duration::from_secs(5));
 
     // A server that never answers: both fail within the timeout.
     let silent = tokio::net::UdpSocket::bind("127.0.0.1:0")
