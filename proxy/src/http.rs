@@ -112,19 +112,47 @@ pub fn error_response(status: StatusCode, why: &str) -> Response<Body> {
     rsp
 }
 
-/// The request's authority: the URI's, else the `Host` header.
-pub fn authority_of<B>(req: &Request<B>) -> Option<String> {
-    req.uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            req.headers()
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
-        .map(|a| a.to_ascii_lowercase())
+/// The request's authority, lowercased: the URI's (absolute form, HTTP/2
+/// `:authority`), else the `Host` header's; `None` when neither names one
+/// (no `Host`, or an empty one). A `Host` header that is repeated or is not
+/// a valid `host[:port]` is an error, answered 400 (RFC 9112, section 3.2):
+/// it would otherwise be looked up, forwarded and counted as a name.
+pub fn authority_of<B>(req: &Request<B>) -> Result<Option<String>, InvalidHost> {
+    if let Some(a) = req.uri().authority() {
+        return Ok(Some(a.as_str().to_ascii_lowercase()));
+    }
+    let mut hosts = req.headers().get_all(http::header::HOST).iter();
+    let Some(host) = hosts.next() else {
+        return Ok(None);
+    };
+    if hosts.next().is_some() {
+        return Err(InvalidHost);
+    }
+    if host.is_empty() {
+        return Ok(None);
+    }
+    match http::uri::Authority::try_from(host.as_bytes()) {
+        Ok(a) if is_host_and_port(&a) => Ok(Some(a.as_str().to_ascii_lowercase())),
+        _ => Err(InvalidHost),
+    }
 }
+
+/// Whether `a` is `uri-host [":" port]` with a port that is a number
+/// (the `http` crate takes user information and any port text).
+fn is_host_and_port(a: &http::uri::Authority) -> bool {
+    let Some(port) = a.as_str().get(a.host().len()..) else {
+        return false;
+    };
+    !a.as_str().contains('@')
+        && (port.is_empty()
+            || port
+                .strip_prefix(':')
+                .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok()))
+}
+
+/// A `Host` header that cannot name the request's target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvalidHost;
 
 /// Prepares a request received from an application for the HTTP/2
 /// connection to a peer proxy: absolute URI, hop-by-hop headers gone, and

@@ -28,7 +28,7 @@ fn http1_requests_round_trip_through_the_mesh_marking() {
         .header("connection", "close")
         .body(empty())
         .expect("request");
-    let authority = authority_of(&req).expect("host");
+    let authority = authority_of(&req).expect("valid").expect("host");
     assert_eq!(authority, "web.demo:8080");
     req = to_mesh(req, &authority).expect("to mesh");
     assert_eq!(req.version(), Version::HTTP_2);
@@ -44,4 +44,50 @@ fn status_classes() {
     assert_eq!(status_class(StatusCode::OK), "2xx");
     assert_eq!(status_class(StatusCode::NOT_FOUND), "4xx");
     assert_eq!(status_class(StatusCode::BAD_GATEWAY), "5xx");
+}
+
+#[test]
+fn a_host_header_names_one_valid_authority_or_is_refused() {
+    let req = |uri: &str, hosts: &[&[u8]]| {
+        let mut b = Request::builder().uri(uri);
+        for h in hosts {
+            b = b.header("host", http::HeaderValue::from_bytes(h).expect("value"));
+        }
+        b.body(empty()).expect("request")
+    };
+    let ok = |r| authority_of(&r).expect("valid");
+    assert_eq!(ok(req("/", &[b"Web.Demo:80"])), Some("web.demo:80".into()));
+    assert_eq!(ok(req("/", &[b"[::1]:8080"])), Some("[::1]:8080".into()));
+    assert_eq!(ok(req("/", &[b"web"])), Some("web".into()));
+    assert_eq!(ok(req("/", &[])), None);
+    assert_eq!(ok(req("/", &[b""])), None, "an empty Host names nothing");
+    // The URI's authority wins (absolute form, HTTP/2).
+    assert_eq!(
+        ok(req("http://api.demo:81/x", &[b"web.demo"])),
+        Some("api.demo:81".into())
+    );
+    for bad in [
+        &b"web.demo:80 extra"[..],
+        b"wb.: wb.dmo:80:80",
+        b"user@web.demo",
+        b"web.demo:8o",
+        b"web.demo:80-",
+        b"web.demo:",
+        b"web.demo:65536",
+        b"[::1]x",
+        b"web.demo/path",
+        b"web<demo>",
+    ] {
+        assert_eq!(
+            authority_of(&req("/", &[bad])),
+            Err(InvalidHost),
+            "{}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+    assert_eq!(
+        authority_of(&req("/", &[b"web.demo", b"api.demo"])),
+        Err(InvalidHost),
+        "two Host headers"
+    );
 }

@@ -303,8 +303,11 @@ impl Inbound {
     ) -> Response<Body> {
         let started = Instant::now();
         let shared = &self.0.shared;
-        let authority =
-            authority_of(&req).unwrap_or_else(|| format!("localhost:{}", target.addr.port()));
+        let Ok(named) = authority_of(&req) else {
+            shared.http.error(DIRECTION, "bad_host");
+            return error_response(StatusCode::BAD_REQUEST, "invalid Host header");
+        };
+        let authority = named.unwrap_or_else(|| format!("localhost:{}", target.addr.port()));
         let route = shared.http.route(DIRECTION, &authority, tls);
         route.request();
         if crate::http::is_upgrade(&req) {

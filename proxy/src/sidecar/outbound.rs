@@ -225,7 +225,11 @@ impl Outbound {
     async fn handle(&self, req: Request<Incoming>, orig: Option<SocketAddr>) -> Response<Body> {
         let started = Instant::now();
         let shared = &self.0.shared;
-        let Some(authority) = authority_of(&req).or_else(|| orig.map(|o| o.to_string())) else {
+        let Ok(named) = authority_of(&req) else {
+            shared.http.error(DIRECTION, "bad_host");
+            return error_response(StatusCode::BAD_REQUEST, "invalid Host header");
+        };
+        let Some(authority) = named.or_else(|| orig.map(|o| o.to_string())) else {
             shared.http.error(DIRECTION, "no_authority");
             return error_response(StatusCode::BAD_REQUEST, "request has no authority");
         };
