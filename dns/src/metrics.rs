@@ -9,9 +9,11 @@
 //!
 //! Every query answered is counted, a FORMERR for an undecodable message
 //! included (with type `other`); messages dropped without an answer
-//! (shorter than a header, or responses) and answers that could not be sent
-//! are not. The duration runs from the query read off the socket to the
-//! response written to it.
+//! (shorter than a header, or responses) are not. A query is counted as
+//! its answer is handed to the socket (so that a client holding the answer
+//! sees it counted), an answer the socket then fails to send included. The
+//! duration runs from the query read off the socket to the answer ready to
+//! send.
 
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

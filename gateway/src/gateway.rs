@@ -555,9 +555,11 @@ impl Gateway {
                 ))
             }
             (_, Some(path)) => {
-                let (tx, rx) = watch::channel(crate::identity::StaticTokens::load(path)?);
+                let (tokens, text) = crate::identity::StaticTokens::load(path)?;
+                let (tx, rx) = watch::channel(tokens);
                 tasks.push(crate::identity::spawn_tokens_reload(
                     path.clone(),
+                    text,
                     tx,
                     Duration::from_secs(1),
                     metrics.tokens_reloads.clone(),

@@ -208,13 +208,14 @@ impl StaticTokens {
         Ok(Self(Arc::new(map)))
     }
 
-    /// Reads a tokens file.
-    pub fn load(path: &Path) -> Result<Self, TokensFileError> {
+    /// Reads a tokens file: the tokens, and the text they came from (for
+    /// [`spawn_tokens_reload`]).
+    pub fn load(path: &Path) -> Result<(Self, String), TokensFileError> {
         let text = std::fs::read_to_string(path).map_err(|e| TokensFileError {
             path: path.display().to_string(),
             message: e.to_string(),
         })?;
-        Self::parse(&text, path)
+        Ok((Self::parse(&text, path)?, text))
     }
 
     /// The service account `token` belongs to.
@@ -223,24 +224,41 @@ impl StaticTokens {
     }
 }
 
-/// Re-reads the tokens file at `path` every `every`: a changed file that
-/// parses replaces the tokens (new workloads without a gateway restart, a
-/// removed token refused from then on); one that does not is logged, counted
-/// in `reloads` and the last good tokens kept. A change is applied once two
-/// reads agree ([`Settle`]): a file read while it is being rewritten (empty
-/// after the truncation, which parses as no tokens) never revokes them all.
+/// Re-reads the tokens file at `path` every `every`, `applied` being the
+/// text of the tokens in force: a changed file that parses replaces the
+/// tokens (new workloads without a gateway restart, a removed token
+/// refused from then on); one that does not, or a file that cannot be read,
+/// is logged, counted in `reloads` as an error and the last good tokens
+/// kept. A change is applied once two reads agree ([`Settle`]): a file read
+/// while it is being rewritten (empty after the truncation, which parses
+/// as no tokens) never revokes them all.
 pub fn spawn_tokens_reload(
     path: std::path::PathBuf,
+    applied: String,
     tokens: watch::Sender<StaticTokens>,
     every: Duration,
     reloads: ReloadCounter,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut settle = Settle::new(tokio::fs::read_to_string(&path).await.ok());
+        let mut settle = Settle::new(Some(applied));
+        let mut unreadable = false;
         loop {
             tokio::time::sleep(every).await;
-            let Ok(text) = tokio::fs::read_to_string(&path).await else {
-                continue;
+            let text = match tokio::fs::read_to_string(&path).await {
+                Ok(text) => {
+                    unreadable = false;
+                    text
+                }
+                Err(error) => {
+                    if !unreadable {
+                        tracing::warn!(path = %path.display(), %error, "tokens file unreadable; keeping the last tokens");
+                        reloads
+                            .get_or_create(&ResultLabels { result: "error" })
+                            .inc();
+                        unreadable = true;
+                    }
+                    continue;
+                }
             };
             let Some(text) = settle.read(text) else {
                 continue;

@@ -114,45 +114,89 @@ pub fn error_response(status: StatusCode, why: &str) -> Response<Body> {
 
 /// The request's authority, lowercased: the URI's (absolute form, HTTP/2
 /// `:authority`), else the `Host` header's; `None` when neither names one
-/// (no `Host`, or an empty one). A `Host` header that is repeated or is not
-/// a valid `host[:port]` is an error, answered 400 (RFC 9112, section 3.2):
-/// it would otherwise be looked up, forwarded and counted as a name.
+/// (no `Host`, or an empty one). An authority that is not a valid
+/// `host[:port]` (user information, an empty host, a port that is no
+/// number, brackets around anything but an IPv6 address) or a repeated
+/// `Host` is an error (RFC 9112, section 3.2): it must not be looked up or
+/// made a metric label. An empty port is dropped (`web:` is `web`).
 pub fn authority_of<B>(req: &Request<B>) -> Result<Option<String>, InvalidHost> {
-    if let Some(a) = req.uri().authority() {
-        return Ok(Some(a.as_str().to_ascii_lowercase()));
-    }
     let mut hosts = req.headers().get_all(http::header::HOST).iter();
-    let Some(host) = hosts.next() else {
-        return Ok(None);
-    };
+    let host = hosts.next();
     if hosts.next().is_some() {
         return Err(InvalidHost);
     }
-    if host.is_empty() {
-        return Ok(None);
+    if let Some(a) = req.uri().authority() {
+        return routable(a.as_str().as_bytes()).map(Some);
     }
-    match http::uri::Authority::try_from(host.as_bytes()) {
-        Ok(a) if is_host_and_port(&a) => Ok(Some(a.as_str().to_ascii_lowercase())),
-        _ => Err(InvalidHost),
+    match host {
+        Some(h) if !h.is_empty() => routable(h.as_bytes()).map(Some),
+        _ => Ok(None),
     }
 }
 
-/// Whether `a` is `uri-host [":" port]` with a port that is a number
-/// (the `http` crate takes user information and any port text).
-fn is_host_and_port(a: &http::uri::Authority) -> bool {
-    let Some(port) = a.as_str().get(a.host().len()..) else {
-        return false;
+/// `text` as a lowercase `host[:port]`, if it is one.
+fn routable(text: &[u8]) -> Result<String, InvalidHost> {
+    // The `http` crate takes user information and any port text; its
+    // `host()` needs a host after an `@`, so that is refused first.
+    if text.contains(&b'@') {
+        return Err(InvalidHost);
+    }
+    let a = http::uri::Authority::try_from(text).map_err(|_| InvalidHost)?;
+    let (s, host) = (a.as_str(), a.host());
+    let port = s.get(host.len()..).ok_or(InvalidHost)?;
+    let host_ok = match host.strip_prefix('[') {
+        // An IPv6 literal, perhaps with a zone (`%25eth0`).
+        Some(inner) => inner.strip_suffix(']').is_some_and(|ip| {
+            let ip = ip.split_once("%25").map_or(ip, |(ip, _zone)| ip);
+            ip.parse::<std::net::Ipv6Addr>().is_ok()
+        }),
+        None => !host.is_empty() && !host.contains(['[', ']']),
     };
-    !a.as_str().contains('@')
-        && (port.is_empty()
-            || port
-                .strip_prefix(':')
-                .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok()))
+    let port_ok = match port.strip_prefix(':') {
+        None => port.is_empty(),
+        Some(p) => {
+            p.is_empty() || p.parse::<u16>().is_ok() && p.bytes().all(|b| b.is_ascii_digit())
+        }
+    };
+    if !host_ok || !port_ok {
+        return Err(InvalidHost);
+    }
+    let kept = if port == ":" { host } else { s };
+    Ok(kept.to_ascii_lowercase())
 }
 
-/// A `Host` header that cannot name the request's target.
+/// An authority (URI or `Host`) that cannot name the request's target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InvalidHost;
+
+impl std::fmt::Display for InvalidHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the request's Host or authority is not a valid host[:port]")
+    }
+}
+
+impl std::error::Error for InvalidHost {}
+
+/// Gives a request whose target names an authority (absolute form, HTTP/2
+/// `:authority`) that authority as its `Host` too: what a proxy must do
+/// (RFC 9112, section 3.2.2), so that the upstream sees the target that
+/// was routed on.
+pub fn host_from_target<B>(req: &mut Request<B>) {
+    let Some(a) = req.uri().authority() else {
+        return;
+    };
+    let mut hosts = req.headers().get_all(http::header::HOST).iter();
+    let agrees = match (hosts.next(), hosts.next()) {
+        (None, _) => true,
+        (Some(h), None) => h.as_bytes().eq_ignore_ascii_case(a.as_str().as_bytes()),
+        (Some(_), Some(_)) => false,
+    };
+    if !agrees {
+        if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+            req.headers_mut().insert(http::header::HOST, v);
+        }
+    }
+}
 
 /// Prepares a request received from an application for the HTTP/2
 /// connection to a peer proxy: absolute URI, hop-by-hop headers gone, and

@@ -58,7 +58,20 @@ fn a_host_header_names_one_valid_authority_or_is_refused() {
     let ok = |r| authority_of(&r).expect("valid");
     assert_eq!(ok(req("/", &[b"Web.Demo:80"])), Some("web.demo:80".into()));
     assert_eq!(ok(req("/", &[b"[::1]:8080"])), Some("[::1]:8080".into()));
+    assert_eq!(
+        ok(req("/", &[b"[fe80::1%25eth0]:80"])),
+        Some("[fe80::1%25eth0]:80".into())
+    );
     assert_eq!(ok(req("/", &[b"web"])), Some("web".into()));
+    assert_eq!(
+        ok(req("/", &[b"web_1.demo.:0080"])),
+        Some("web_1.demo.:0080".into())
+    );
+    assert_eq!(
+        ok(req("/", &[b"web.demo:"])),
+        Some("web.demo".into()),
+        "empty port"
+    );
     assert_eq!(ok(req("/", &[])), None);
     assert_eq!(ok(req("/", &[b""])), None, "an empty Host names nothing");
     // The URI's authority wins (absolute form, HTTP/2).
@@ -70,10 +83,14 @@ fn a_host_header_names_one_valid_authority_or_is_refused() {
         &b"web.demo:80 extra"[..],
         b"wb.: wb.dmo:80:80",
         b"user@web.demo",
+        b"@",
         b"web.demo:8o",
         b"web.demo:80-",
-        b"web.demo:",
         b"web.demo:65536",
+        b":80",
+        b"[x]:80",
+        b"[]",
+        b"web[x]",
         b"[::1]x",
         b"web.demo/path",
         b"web<demo>",
@@ -85,9 +102,37 @@ fn a_host_header_names_one_valid_authority_or_is_refused() {
             String::from_utf8_lossy(bad)
         );
     }
-    assert_eq!(
-        authority_of(&req("/", &[b"web.demo", b"api.demo"])),
-        Err(InvalidHost),
-        "two Host headers"
-    );
+    // The URI's authority is held to the same rules.
+    for bad in ["http://user@web.demo/", "http://web.demo:8o/"] {
+        if let Ok(r) = Request::builder().uri(bad).body(empty()) {
+            assert_eq!(authority_of(&r), Err(InvalidHost), "{bad}");
+        }
+    }
+    for uri in ["/", "http://web.demo/"] {
+        assert_eq!(
+            authority_of(&req(uri, &[b"web.demo", b"web.demo"])),
+            Err(InvalidHost),
+            "two Host headers, {uri}"
+        );
+    }
+}
+
+#[test]
+fn an_absolute_target_is_the_host_sent_on() {
+    let mut r = Request::builder()
+        .uri("http://api.demo:81/x")
+        .header("host", "web.demo")
+        .header("host", "other")
+        .body(empty())
+        .expect("request");
+    host_from_target(&mut r);
+    let hosts: Vec<_> = r.headers().get_all("host").iter().collect();
+    assert_eq!(hosts, ["api.demo:81"]);
+    let mut r = Request::builder()
+        .uri("/x")
+        .header("host", "web.demo")
+        .body(empty())
+        .expect("request");
+    host_from_target(&mut r);
+    assert_eq!(r.headers()["host"], "web.demo", "origin form: untouched");
 }

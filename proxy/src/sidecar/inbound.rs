@@ -303,11 +303,13 @@ impl Inbound {
     ) -> Response<Body> {
         let started = Instant::now();
         let shared = &self.0.shared;
-        let Ok(named) = authority_of(&req) else {
-            shared.http.error(DIRECTION, "bad_host");
-            return error_response(StatusCode::BAD_REQUEST, "invalid Host header");
-        };
-        let authority = named.unwrap_or_else(|| format!("localhost:{}", target.addr.port()));
+        // The application answers a request whatever its Host; one that
+        // names no valid authority is counted under the application's
+        // port, never under a label of the client's making.
+        let authority = authority_of(&req)
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| format!("localhost:{}", target.addr.port()));
         let route = shared.http.route(DIRECTION, &authority, tls);
         route.request();
         if crate::http::is_upgrade(&req) {

@@ -222,12 +222,21 @@ impl Outbound {
         .await
     }
 
-    async fn handle(&self, req: Request<Incoming>, orig: Option<SocketAddr>) -> Response<Body> {
+    async fn handle(&self, mut req: Request<Incoming>, orig: Option<SocketAddr>) -> Response<Body> {
         let started = Instant::now();
         let shared = &self.0.shared;
-        let Ok(named) = authority_of(&req) else {
-            shared.http.error(DIRECTION, "bad_host");
-            return error_response(StatusCode::BAD_REQUEST, "invalid Host header");
+        let named = match authority_of(&req) {
+            Ok(named) => {
+                crate::http::host_from_target(&mut req);
+                named
+            }
+            // Where the application was going anyway: passed on as is (the
+            // server there answers it), routed and counted by address.
+            Err(_) if orig.is_some() => None,
+            Err(_) => {
+                shared.http.error(DIRECTION, "bad_host");
+                return error_response(StatusCode::BAD_REQUEST, "invalid Host header");
+            }
         };
         let Some(authority) = named.or_else(|| orig.map(|o| o.to_string())) else {
             shared.http.error(DIRECTION, "no_authority");
