@@ -33,7 +33,7 @@ use tonic::{Request, Response, Status};
 
 use crate::catalog::validate_label;
 use crate::metrics::ResultLabels;
-use crate::source::file::{ReloadCounter, Settle};
+use crate::source::file::{PolledFile, ReloadCounter};
 
 /// The audience sidecars' tokens are issued for, unless configured.
 pub const TOKEN_AUDIENCE: &str = "identity.strait.io";
@@ -229,7 +229,7 @@ impl StaticTokens {
 /// tokens (new workloads without a gateway restart, a removed token
 /// refused from then on); one that does not, or a file that cannot be read,
 /// is logged, counted in `reloads` as an error and the last good tokens
-/// kept. A change is applied once two reads agree ([`Settle`]): a file read
+/// kept. A change is applied once two reads agree ([`PolledFile`]): a file read
 /// while it is being rewritten (empty after the truncation, which parses
 /// as no tokens) never revokes them all.
 pub fn spawn_tokens_reload(
@@ -240,40 +240,21 @@ pub fn spawn_tokens_reload(
     reloads: ReloadCounter,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut settle = Settle::new(Some(applied));
-        let mut unreadable = false;
+        let mut file = PolledFile::new(path, "tokens file", Some(applied), reloads);
         loop {
             tokio::time::sleep(every).await;
-            let text = match tokio::fs::read_to_string(&path).await {
-                Ok(text) => {
-                    unreadable = false;
-                    text
-                }
-                Err(error) => {
-                    if !unreadable {
-                        tracing::warn!(path = %path.display(), %error, "tokens file unreadable; keeping the last tokens");
-                        reloads
-                            .get_or_create(&ResultLabels { result: "error" })
-                            .inc();
-                        unreadable = true;
-                    }
-                    continue;
-                }
-            };
-            let Some(text) = settle.read(text) else {
+            let Some(text) = file.changed().await else {
                 continue;
             };
-            match StaticTokens::parse(&text, &path) {
+            match StaticTokens::parse(&text, file.path()) {
                 Ok(new) => {
-                    tracing::info!(path = %path.display(), tokens = new.0.len(), "tokens file reloaded");
+                    tracing::info!(path = %file.path().display(), tokens = new.0.len(), "tokens file reloaded");
                     tokens.send_replace(new);
-                    reloads.get_or_create(&ResultLabels { result: "ok" }).inc();
+                    file.count("ok");
                 }
                 Err(error) => {
                     tracing::warn!(%error, "tokens file refused; keeping the last tokens");
-                    reloads
-                        .get_or_create(&ResultLabels { result: "error" })
-                        .inc();
+                    file.count("error");
                 }
             }
         }

@@ -243,6 +243,65 @@ impl Settle {
     }
 }
 
+/// A file polled for changes ([`Settle`] decides when one applies), its
+/// reloads counted by result: an unreadable file is logged and counted
+/// once until it can be read again.
+#[derive(Debug)]
+pub struct PolledFile {
+    path: PathBuf,
+    what: &'static str,
+    settle: Settle,
+    unreadable: bool,
+    reloads: ReloadCounter,
+}
+
+impl PolledFile {
+    /// Polls `path` (`what` names it in logs), `applied` being the text in
+    /// force.
+    pub fn new(
+        path: PathBuf,
+        what: &'static str,
+        applied: Option<String>,
+        reloads: ReloadCounter,
+    ) -> Self {
+        Self {
+            path,
+            what,
+            settle: Settle::new(applied),
+            unreadable: false,
+            reloads,
+        }
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads the file once: its text, when a change is to be applied.
+    pub async fn changed(&mut self) -> Option<String> {
+        match tokio::fs::read_to_string(&self.path).await {
+            Ok(text) => {
+                self.unreadable = false;
+                self.settle.read(text)
+            }
+            Err(error) => {
+                if !self.unreadable {
+                    tracing::warn!(path = %self.path.display(), %error, "{} unreadable; keeping the last", self.what);
+                    self.count("error");
+                    self.unreadable = true;
+                }
+                None
+            }
+        }
+    }
+
+    /// Counts a change applied (`ok`) or refused (`error`).
+    pub fn count(&self, result: &'static str) {
+        self.reloads.get_or_create(&ResultLabels { result }).inc();
+    }
+}
+
 /// A running file source.
 #[derive(Debug)]
 pub struct FileSource {
@@ -265,8 +324,7 @@ impl FileSource {
         let state = parse(&text, &path)?;
         let (tx, rx) = watch::channel(Arc::new(state));
         let task = tokio::spawn(async move {
-            let mut settle = Settle::new(Some(text));
-            let mut unreadable = false;
+            let mut file = PolledFile::new(path, "cluster file", Some(text), reloads);
             let mut ticker = tokio::time::interval(interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -274,28 +332,12 @@ impl FileSource {
                 if tx.is_closed() {
                     break;
                 }
-                let text = match tokio::fs::read_to_string(&path).await {
-                    Ok(t) => {
-                        unreadable = false;
-                        t
-                    }
-                    Err(error) => {
-                        if !unreadable {
-                            tracing::warn!(path = %path.display(), %error, "cluster file unreadable; keeping last state");
-                            reloads
-                                .get_or_create(&ResultLabels { result: "error" })
-                                .inc();
-                            unreadable = true;
-                        }
-                        continue;
-                    }
-                };
-                let Some(text) = settle.read(text) else {
+                let Some(text) = file.changed().await else {
                     continue;
                 };
-                match parse(&text, &path) {
+                match parse(&text, file.path()) {
                     Ok(state) => {
-                        tracing::info!(path = %path.display(), services = state.services.len(), "cluster file reloaded");
+                        tracing::info!(path = %file.path().display(), services = state.services.len(), "cluster file reloaded");
                         tx.send_if_modified(|cur| {
                             if **cur == state {
                                 false
@@ -306,13 +348,11 @@ impl FileSource {
                         });
                         // Counted once published: whoever sees the count
                         // reads the new state.
-                        reloads.get_or_create(&ResultLabels { result: "ok" }).inc();
+                        file.count("ok");
                     }
                     Err(error) => {
                         tracing::warn!(%error, "cluster file refused; keeping last state");
-                        reloads
-                            .get_or_create(&ResultLabels { result: "error" })
-                            .inc();
+                        file.count("error");
                     }
                 }
             }
