@@ -109,9 +109,14 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
     }
 }
 
+/// Refuses a stream for `why`, counted as such (see [`refuse_as`]).
+fn refuse(io: &mut TunnelIo, shared: &Shared, why: Refusal) {
+    refuse_as(io, shared, why, why.as_str());
+}
+
 /// Refuses a stream: counts it under `result` first, then resets it, so
 /// that a peer who has seen the reset also sees the count.
-fn refuse(io: &mut TunnelIo, shared: &Shared, why: Refusal, result: &'static str) {
+fn refuse_as(io: &mut TunnelIo, shared: &Shared, why: Refusal, result: &'static str) {
     shared
         .metrics
         .stream_done(&io.peer().name, "inbound", result);
@@ -196,11 +201,11 @@ async fn handle_stream(
         Ok(Ok(h)) => h,
         Ok(Err(error)) => {
             tracing::info!(peer = %io.peer().name, %error, "refusing stream");
-            refuse(&mut io, &shared, Refusal::BadHeader, error.reason());
+            refuse_as(&mut io, &shared, Refusal::BadHeader, error.reason());
             return;
         }
         Err(_) => {
-            refuse(&mut io, &shared, Refusal::BadHeader, "header_timeout");
+            refuse_as(&mut io, &shared, Refusal::BadHeader, "header_timeout");
             return;
         }
     };
@@ -213,7 +218,7 @@ async fn handle_stream(
                 TunnelIo::Tls(_) => match shared.tcp_watches.acquire(&io.peer().name) {
                     Some(slot) => Some(slot),
                     None => {
-                        refuse(&mut io, &shared, Refusal::Busy, "busy");
+                        refuse(&mut io, &shared, Refusal::Busy);
                         return;
                     }
                 },
@@ -223,7 +228,7 @@ async fn handle_stream(
                 t.slot = Some(slot);
             }
             if peering.swap(true, Ordering::AcqRel) {
-                refuse(&mut io, &shared, Refusal::Busy, "busy");
+                refuse(&mut io, &shared, Refusal::Busy);
                 return;
             }
             if shared.peering_tx.send(io).await.is_err() {
@@ -353,14 +358,13 @@ async fn proxy(mut io: TunnelIo, header: StreamHeader, shared: Arc<Shared>) {
         Ok(t) => t,
         Err(why) => {
             tracing::info!(%peer, service = %key, port = header.port, reason = why.as_str(), "refusing stream");
-            refuse(&mut io, &shared, why, why.as_str());
+            refuse(&mut io, &shared, why);
             return;
         }
     };
     let balance_key = (key.clone(), header.port as u16);
     let Some((mut local, endpoint)) = connect(&balance_key, &targets, hint, &shared).await else {
-        let why = Refusal::ConnectFailed;
-        refuse(&mut io, &shared, why, why.as_str());
+        refuse(&mut io, &shared, Refusal::ConnectFailed);
         return;
     };
     relay(&mut local, &mut io, &shared.metrics, "inbound").await;

@@ -30,3 +30,6 @@ pub mod tunnel;
 pub use config::GatewayConfig;
 pub use gateway::Gateway;
 pub mod demo;
+
+#[cfg(test)]
+mod testing;

@@ -203,15 +203,6 @@ fn tokens_files_are_checked_when_read() {
     assert!(!format!("{tokens:?}").contains("web-token"));
 }
 
-/// Waits (10 s at most) until `done`.
-async fn until(what: &str, done: impl Fn() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !done() {
-        assert!(std::time::Instant::now() < deadline, "{what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 #[tokio::test]
 async fn a_tokens_file_that_goes_missing_keeps_the_last_tokens_and_is_counted() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -229,7 +220,7 @@ async fn a_tokens_file_that_goes_missing_keeps_the_last_tokens_and_is_counted() 
     );
     let count = |result| reloads.get_or_create(&ResultLabels { result }).get();
     std::fs::remove_file(&path).expect("remove");
-    until("the missing file counted", || count("error") == 1).await;
+    crate::testing::until("the missing file counted", || count("error") == 1).await;
     assert!(rx.borrow().lookup(b"web-token-0123456789").is_some());
     // Counted once, not once a poll.
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -239,7 +230,7 @@ async fn a_tokens_file_that_goes_missing_keeps_the_last_tokens_and_is_counted() 
         "- {token: db-token-0123456789x, namespace: demo, serviceAccount: db}\n",
     )
     .expect("write");
-    until("the new file applied", || count("ok") == 1).await;
+    crate::testing::until("the new file applied", || count("ok") == 1).await;
     assert!(rx.borrow().lookup(b"web-token-0123456789").is_none());
     assert_eq!(
         rx.borrow().lookup(b"db-token-0123456789x"),

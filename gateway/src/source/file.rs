@@ -212,14 +212,14 @@ pub type ReloadCounter = Family<ResultLabels, Counter>;
 /// mid-write (truncated, or cut at a list item, which may still parse) is
 /// never applied.
 #[derive(Debug)]
-pub struct Settle {
+struct Settle {
     last: Option<String>,
     pending: Option<String>,
 }
 
 impl Settle {
     /// Starts from `applied`, the text in force (`None`: none yet).
-    pub fn new(applied: Option<String>) -> Self {
+    fn new(applied: Option<String>) -> Self {
         Self {
             last: applied,
             pending: None,
@@ -228,7 +228,7 @@ impl Settle {
 
     /// One read of the file: the text to apply now, if any (it becomes the
     /// text in force, whether or not it then parses).
-    pub fn read(&mut self, text: String) -> Option<String> {
+    fn read(&mut self, text: String) -> Option<String> {
         if self.last.as_deref() == Some(text.as_str()) {
             self.pending = None;
             return None;
@@ -243,7 +243,7 @@ impl Settle {
     }
 }
 
-/// A file polled for changes ([`Settle`] decides when one applies), its
+/// A file polled for changes (a change applies once two reads agree), its
 /// reloads counted by result: an unreadable file is logged and counted
 /// once until it can be read again.
 #[derive(Debug)]
@@ -472,10 +472,7 @@ services:
                 .get_or_create(&ResultLabels { result: "error" })
                 .get()
         };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while errors() == 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        crate::testing::until("the bad file refused", || errors() > 0).await;
         assert_eq!(
             rx.borrow().catalog().len(),
             1,
