@@ -110,6 +110,9 @@ struct RunArgs {
     /// Request timeout (to response headers), ms.
     #[arg(long, env = "STRAIT_PROXY_REQUEST_TIMEOUT_MS", default_value = "10000", value_parser = ms)]
     request_timeout_ms: Duration,
+    /// How long an HTTP/1 client may take to send a request head, ms.
+    #[arg(long, env = "STRAIT_PROXY_HTTP1_HEADER_TIMEOUT_MS", default_value = "10000", value_parser = ms)]
+    http1_header_timeout_ms: Duration,
     /// Refuse plaintext inbound connections.
     #[arg(long, env = "STRAIT_PROXY_REQUIRE_MTLS")]
     require_mtls: bool,
@@ -305,6 +308,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         detect_timeout: args.detect_timeout_ms,
         connect_timeout: args.connect_timeout_ms,
         request_timeout: args.request_timeout_ms,
+        http1_header_timeout: args.http1_header_timeout_ms,
         require_mtls: args.require_mtls,
         shutdown_grace: args.shutdown_grace_ms,
     };

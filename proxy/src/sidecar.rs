@@ -70,6 +70,15 @@ pub struct ProxyConfig {
     pub connect_timeout: Duration,
     /// Per-request timeout, to the response headers (default 10 s).
     pub request_timeout: Duration,
+    /// How long an HTTP/1 client may take to send a whole request head,
+    /// from when the proxy starts waiting for it (default 10 s, as
+    /// HAProxy's recommended `timeout http-request`). A connection that
+    /// sends a head slower than this (slowloris) is closed and counted as
+    /// `http_timeout`. An idle keep-alive connection is parked long before
+    /// (its hyper state dropped) and waits without this limit, unless its
+    /// last request had a body: then this is also its idle timeout, as in
+    /// HAProxy, whose `timeout http-keep-alive` defaults to it.
+    pub http1_header_timeout: Duration,
     /// Refuse plaintext inbound connections (default: allowed from
     /// unmeshed clients).
     pub require_mtls: bool,
@@ -93,6 +102,7 @@ impl Default for ProxyConfig {
             detect_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(10),
+            http1_header_timeout: Duration::from_secs(10),
             require_mtls: false,
             shutdown_grace: Duration::from_secs(30),
         }
@@ -169,10 +179,20 @@ impl ProxyConfig {
             ("detect-timeout", self.detect_timeout),
             ("connect-timeout", self.connect_timeout),
             ("request-timeout", self.request_timeout),
+            ("http1-header-timeout", self.http1_header_timeout),
         ] {
             if d.is_zero() {
                 return bad(field, "must be positive");
             }
+        }
+        if self.http1_header_timeout <= serve::PARK_AFTER {
+            // hyper's header timer also runs while a connection waits for
+            // its next request: it must leave idle connections time to be
+            // parked.
+            return bad(
+                "http1-header-timeout",
+                "must be more than the second after which idle HTTP/1 connections are parked",
+            );
         }
         Ok(())
     }

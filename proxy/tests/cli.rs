@@ -164,13 +164,24 @@ fn inbound_ips_must_be_pod_addresses() {
         ("10.1.2.300", 2, "invalid IP address syntax"),
         ("::ffff:127.0.0.1", 1, "is not a pod address"),
     ] {
-        let (exit, stderr) = run_refused(&["--transparent", "--inbound-ips", ips]);
-        assert_eq!(exit, Some(code), "{ips}: {stderr}");
-        assert!(
-            stderr.contains("inbound-ips") && stderr.contains(why),
-            "{ips}: {stderr}"
+        refused_with(
+            &["--transparent", "--inbound-ips", ips],
+            code,
+            "inbound-ips",
+            why,
         );
     }
+}
+
+/// [`run_refused`] with `args` exits with `code`, naming `field` and saying
+/// `why`.
+fn refused_with(args: &[&str], code: i32, field: &str, why: &str) {
+    let (exit, stderr) = run_refused(args);
+    assert_eq!(exit, Some(code), "{args:?}: {stderr}");
+    assert!(
+        stderr.contains(field) && stderr.contains(why),
+        "{args:?}: {stderr}"
+    );
 }
 
 #[test]
@@ -183,6 +194,26 @@ fn inbound_ips_need_transparent_mode() {
     ]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("only with --transparent"), "{stderr}");
+}
+
+/// The header timeout must outlast the wait before an idle connection is
+/// parked (hyper's timer also runs while a connection waits for its next
+/// request); zero or junk is a usage error.
+#[test]
+fn the_http1_header_timeout_must_leave_time_to_park() {
+    for (ms, code, why) in [
+        ("1000", 1, "idle HTTP/1 connections are parked"),
+        ("0", 2, "must be positive"),
+        ("soon", 2, "invalid digit"),
+    ] {
+        let args = [
+            "--inbound-target",
+            "127.0.0.1:1",
+            "--http1-header-timeout-ms",
+            ms,
+        ];
+        refused_with(&args, code, "http1-header-timeout", why);
+    }
 }
 
 #[test]

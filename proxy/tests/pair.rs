@@ -760,6 +760,138 @@ async fn a_connection_whose_last_request_had_a_body_is_not_parked() {
     let _ = (&p.app, &p.client_registry);
 }
 
+/// How long after `since` the proxy closed `s` (a read of end of file or
+/// an error); fails if it is still open 10 s later.
+async fn closed_after(s: &mut TcpStream, since: std::time::Instant) -> Duration {
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "still open 10 s later");
+    since.elapsed()
+}
+
+/// Writes a byte to `s` every 200 ms until a write fails.
+async fn drip(mut s: TcpStream) -> TcpStream {
+    let mut ticks = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        ticks.tick().await;
+        if s.write_all(b"a").await.is_err() {
+            return s;
+        }
+    }
+}
+
+/// A keep-alive connection to `addr` that has had `request` answered
+/// (200), and the answer.
+async fn answered(addr: SocketAddr, request: &[u8]) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request).await.expect("write");
+    let rsp = read_response(&mut s, &mut Vec::new()).await;
+    assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
+    (s, rsp)
+}
+
+/// [`answered`] for a GET.
+async fn answered_once(addr: SocketAddr) -> TcpStream {
+    answered(addr, b"GET /one HTTP/1.1\r\nhost: web.demo\r\n\r\n")
+        .await
+        .0
+}
+
+/// A client that sends a request head slower than the header timeout is
+/// cut off and counted, whether it dribbles the head out or pauses long
+/// enough to be parked halfway (the head's time runs on across parks); an
+/// idle connection is not, and one that cannot be parked is closed at the
+/// same timeout without being counted. The cases run side by side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_request_heads_time_out() {
+    const TIMEOUT: Duration = Duration::from_secs(3);
+    // Closed no earlier than the timeout, and well before a head's time
+    // restarted by a park would end (2 s + 3 s).
+    let in_time = |took: Duration| {
+        assert!(took >= TIMEOUT - Duration::from_millis(100), "{took:?}");
+        assert!(took < Duration::from_millis(4200), "{took:?}");
+    };
+    let served = served_with(ProxyConfig {
+        http1_header_timeout: TIMEOUT,
+        ..local_config()
+    })
+    .await;
+    let proxy = &served.server;
+    let addr = proxy.inbound_addr();
+
+    // A head dribbled out a byte at a time, never finished.
+    let dribbled = async {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        let started = std::time::Instant::now();
+        s.write_all(b"GET /drip HTTP/1.1\r\nhost: web.demo\r\nx-drip: ")
+            .await
+            .expect("write");
+        let mut s = tokio::time::timeout(Duration::from_secs(10), drip(s))
+            .await
+            .expect("cut off within 10 s");
+        in_time(closed_after(&mut s, started).await);
+    };
+    // Half a next head, then silence: parked, and closed when the head is
+    // due.
+    let parked_halfway = async {
+        let mut s = answered_once(addr).await;
+        let started = std::time::Instant::now();
+        s.write_all(b"GET /two HTTP/1.1\r\n").await.expect("write");
+        in_time(closed_after(&mut s, started).await);
+    };
+    // Half a next head, parked, then dribbled: the connection hyper resumes
+    // it on has only what is left of the head's time.
+    let resumed = async {
+        let mut s = answered_once(addr).await;
+        let started = std::time::Instant::now();
+        s.write_all(b"GET /three HTTP/1.1\r\n")
+            .await
+            .expect("write");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut s = tokio::time::timeout(Duration::from_secs(10), drip(s))
+            .await
+            .expect("cut off within 10 s");
+        in_time(closed_after(&mut s, started).await);
+    };
+    // Not parked after a request with a body: closed at the header
+    // timeout, as an idle keep-alive connection may be, and not counted.
+    let idle_after_body = async {
+        let post = b"POST /p HTTP/1.1\r\nhost: web.demo\r\ncontent-length: 3\r\n\r\nabc";
+        let (mut s, rsp) = answered(addr, post).await;
+        assert!(rsp.ends_with("body=3"), "{rsp}");
+        let took = closed_after(&mut s, std::time::Instant::now()).await;
+        assert!(took >= TIMEOUT - Duration::from_millis(500), "{took:?}");
+    };
+    // Idle and parked, a connection waits as long as it likes.
+    let idle_parked = async {
+        let mut s = answered_once(addr).await;
+        tokio::time::sleep(TIMEOUT + Duration::from_secs(1)).await;
+        s.write_all(b"GET /b HTTP/1.1\r\nhost: web.demo\r\n\r\n")
+            .await
+            .expect("write");
+        let rsp = read_response(&mut s, &mut Vec::new()).await;
+        assert!(rsp.ends_with("/b host=web.demo body=0"), "{rsp}");
+    };
+    tokio::join!(
+        dribbled,
+        parked_halfway,
+        resumed,
+        idle_after_body,
+        idle_parked
+    );
+    let timeouts = r#"strait_proxy_errors_total{direction="inbound",reason="http_timeout"} 3"#;
+    let m = metrics_containing(proxy, timeouts).await;
+    assert!(m.contains(&format!("{timeouts}\n")), "{m}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_certificate_makes_the_proxy_unready() {
     strait_proxy::tls::install_default_provider();
@@ -902,13 +1034,19 @@ struct Served {
 }
 
 async fn served() -> Served {
+    served_with(local_config()).await
+}
+
+/// [`served`], the server proxy configured by `config` (its inbound
+/// target set to the application).
+async fn served_with(config: ProxyConfig) -> Served {
     let (issuer, anchors) = trust();
     let app = app().await;
     let server_identity = identity(&issuer, "web");
     let server = server_proxy(
         ProxyConfig {
             inbound_target: Some(app),
-            ..local_config()
+            ..config
         },
         &server_identity,
         &anchors,

@@ -22,7 +22,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -49,8 +49,10 @@ pub(crate) enum Version {
 }
 
 /// What one connection's I/O wrapper and service tell the task serving it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Idle {
+    /// When the connection was accepted: the origin of `head_since`.
+    born: Instant,
     /// Bumped by every read or write that moved bytes, and every request.
     activity: AtomicU64,
     /// `activity` when a read last found nothing to read with no request
@@ -69,12 +71,53 @@ struct Idle {
     /// Set while a park is in progress: hyper's shutdown of the socket is
     /// skipped.
     parking: AtomicBool,
+    /// When the first bytes of a next request head arrived (milliseconds
+    /// after `born`, plus one), 0 until they have: a client's time to send
+    /// a head runs from then, across parks, and a header timeout with none
+    /// is an idle connection closing.
+    head_since: AtomicU64,
     notify: Notify,
 }
 
 impl Idle {
+    fn new() -> Self {
+        Self {
+            born: Instant::now(),
+            activity: AtomicU64::new(0),
+            idle_at: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            parkable: AtomicBool::new(false),
+            parking: AtomicBool::new(false),
+            head_since: AtomicU64::new(0),
+            notify: Notify::new(),
+        }
+    }
+
+    /// When the head being awaited began to arrive, if it has.
+    fn head_started(&self) -> Option<Instant> {
+        match self.head_since.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(self.born + Duration::from_millis(ms - 1)),
+        }
+    }
+
+    /// The deadline of the head being awaited, if it has begun to arrive.
+    fn head_deadline(&self, timeout: Duration) -> Option<Instant> {
+        self.head_started().map(|t| t + timeout)
+    }
     fn active(&self) {
         self.activity.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Bytes were read from the client.
+    fn read(&self) {
+        self.active();
+        if self.in_flight.load(Ordering::Relaxed) == 0
+            && self.head_since.load(Ordering::Relaxed) == 0
+        {
+            let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+            self.head_since.store(ms + 1, Ordering::Relaxed);
+        }
     }
 
     fn read_pending(&self) {
@@ -109,6 +152,7 @@ impl InFlight {
     fn new(idle: Arc<Idle>, bodiless: bool) -> Self {
         idle.in_flight.fetch_add(1, Ordering::Relaxed);
         idle.parkable.store(bodiless, Ordering::Relaxed);
+        idle.head_since.store(0, Ordering::Relaxed);
         idle.active();
         Self(idle)
     }
@@ -167,13 +211,13 @@ impl<I: AsyncRead + Unpin> AsyncRead for ParkIo<I> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         if crate::detect::replay(&mut self.replay, buf) {
-            self.idle.active();
+            self.idle.read();
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.io).poll_read(cx, buf);
         match &polled {
-            Poll::Ready(Ok(())) if buf.filled().len() > before => self.idle.active(),
+            Poll::Ready(Ok(())) if buf.filled().len() > before => self.idle.read(),
             Poll::Pending => self.idle.read_pending(),
             _ => {}
         }
@@ -257,9 +301,11 @@ fn closes(headers: &http::HeaderMap) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case("close"))
 }
 
-fn http1() -> hyper::server::conn::http1::Builder {
+fn http1(header_timeout: Duration) -> hyper::server::conn::http1::Builder {
     let mut b = hyper::server::conn::http1::Builder::new();
-    b.max_buf_size(MAX_HEADER_BYTES);
+    b.max_buf_size(MAX_HEADER_BYTES)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout);
     b
 }
 
@@ -293,7 +339,7 @@ where
     F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Send + Sync + Clone + 'static,
     Fut: std::future::Future<Output = http::Response<crate::http::Body>> + Send + 'static,
 {
-    let idle = Arc::new(Idle::default());
+    let idle = Arc::new(Idle::new());
     // hyper keeps a box sized for the service's future on every
     // connection, in flight or not: the request handler's (large) state is
     // boxed per request instead.
@@ -321,6 +367,14 @@ where
     };
     let mut draining = shared.draining.clone();
     let failed = |error: &(dyn std::error::Error + 'static)| {
+        let timed_out = error
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_timeout);
+        if timed_out && idle.head_started().is_none() {
+            // Idle since its last exchange (one that cannot be parked):
+            // closed at the header timeout, as keep-alive allows.
+            return true;
+        }
         tracing::debug!(direction, %error, "HTTP connection failed");
         shared.http.error(direction, http_error_reason(error));
         false
@@ -341,13 +395,21 @@ where
             }
         };
     }
+    let head_limit = shared.config.http1_header_timeout;
     loop {
         idle.parking.store(false, Ordering::Relaxed);
         // A fresh hyper connection is busy until it has answered a request.
         idle.parkable.store(false, Ordering::Relaxed);
+        // A head that began to arrive before a park has what is left of
+        // its time (and so, if its exchange completes, has the idle wait
+        // after it in this hyper connection).
+        let header_timeout = idle.head_deadline(head_limit).map_or(head_limit, |d| {
+            d.saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1))
+        });
         // Boxed: a parked connection's task then holds no hyper state.
         let mut conn = Box::pin(
-            http1()
+            http1(header_timeout)
                 .serve_connection(TokioIo::new(io), service.clone())
                 .with_upgrades(),
         );
@@ -389,9 +451,22 @@ where
         let unread = parts.read_buf;
         let parked = Parked::new(&shared.http.parked, direction);
         let mut next = [0u8; 1];
+        // Idle, it may wait as long as it likes; halfway through a head,
+        // only until the head is due.
+        let head_due = async {
+            match idle.head_deadline(head_limit) {
+                Some(due) => tokio::time::sleep_until(due.into()).await,
+                None => std::future::pending().await,
+            }
+        };
         let woken = tokio::select! {
             r = io.io.read(&mut next) => matches!(r, Ok(1)),
             () = drained(&mut draining) => false,
+            () = head_due => {
+                tracing::debug!(direction, "HTTP/1 request head not received in time");
+                shared.http.error(direction, "http_timeout");
+                return false;
+            }
         };
         drop(parked);
         if !woken {
