@@ -134,11 +134,20 @@ pub fn authority_of<B>(req: &Request<B>) -> Result<Option<String>, InvalidHost> 
     }
 }
 
+/// The longest host a request may name: a DNS name's 253 characters (and
+/// a root dot). Anything longer names nothing that can be resolved, and
+/// would otherwise become a lookup key and a metric label as it is.
+pub const MAX_HOST_LEN: usize = 254;
+
 /// `text` as a lowercase `host[:port]`, if it is one.
 fn routable(text: &[u8]) -> Result<String, InvalidHost> {
     // The `http` crate takes user information and any port text; its
     // `host()` needs a host after an `@`, so that is refused first.
     if text.contains(&b'@') {
+        return Err(InvalidHost);
+    }
+    // The host, a colon and a port of five digits at most.
+    if text.len() > MAX_HOST_LEN + 6 {
         return Err(InvalidHost);
     }
     let a = http::uri::Authority::try_from(text).map_err(|_| InvalidHost)?;
@@ -150,7 +159,7 @@ fn routable(text: &[u8]) -> Result<String, InvalidHost> {
             let ip = ip.split_once("%25").map_or(ip, |(ip, _zone)| ip);
             ip.parse::<std::net::Ipv6Addr>().is_ok()
         }),
-        None => !host.is_empty() && !host.contains(['[', ']']),
+        None => !host.is_empty() && host.len() <= MAX_HOST_LEN && !host.contains(['[', ']']),
     };
     let port_ok = match port.strip_prefix(':') {
         None => port.is_empty(),
@@ -373,10 +382,12 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
 /// upstream: plain, or a mesh connection carrying opaque bytes) as
 /// HTTP/1.1; when the upstream switches protocols, the two upgraded
 /// connections are spliced byte for byte. Returns the upstream's response
-/// for the client (a 101 completes the client's upgrade).
+/// for the client (a 101 completes the client's upgrade), or `TimedOut`
+/// if its head takes longer than `timeout`.
 pub async fn upgrade_via<S>(
     mut req: Request<hyper::body::Incoming>,
     stream: S,
+    timeout: std::time::Duration,
 ) -> Result<Response<Body>, std::io::Error>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -394,10 +405,13 @@ where
     if let Some(pq) = fwd.uri().path_and_query().cloned() {
         *fwd.uri_mut() = http::Uri::from(pq);
     }
-    let mut rsp = sender
-        .send_request(fwd)
-        .await
-        .map_err(std::io::Error::other)?;
+    let mut rsp = crate::net::timed(timeout, async {
+        sender
+            .send_request(fwd)
+            .await
+            .map_err(std::io::Error::other)
+    })
+    .await?;
     if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let server_side = hyper::upgrade::on(&mut rsp);
         tokio::spawn(async move {
@@ -445,7 +459,7 @@ impl H2Pool {
         let dial = || {
             Box::pin(async move {
                 let connect = async {
-                    let tcp = target.connect().await?;
+                    let tcp = target.connect(connect_timeout).await?;
                     tcp.set_nodelay(true)?;
                     let max_header = crate::sidecar::MAX_HEADER_BYTES as u32;
                     let keepalive = crate::http2::Keepalive::Off;

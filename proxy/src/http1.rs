@@ -197,9 +197,9 @@ impl Pool {
 
     async fn dial(&self, target: Target) -> Result<SendRequest<Body>, Http1Error> {
         let err = |source| Http1Error::Connect { target, source };
-        let tcp = tokio::time::timeout(self.0.config.connect_timeout, target.connect())
+        let tcp = target
+            .connect(self.0.config.connect_timeout)
             .await
-            .map_err(|_| err(std::io::ErrorKind::TimedOut.into()))?
             .map_err(err)?;
         tcp.set_nodelay(true).map_err(err)?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))

@@ -1,6 +1,7 @@
 //! Listening sockets, bound the same way everywhere.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -40,16 +41,37 @@ pub struct Target {
 }
 
 impl Target {
-    /// Connects to `addr`, or to `fallback` if `addr` refuses.
-    pub async fn connect(&self) -> std::io::Result<TcpStream> {
-        match (TcpStream::connect(self.addr).await, self.fallback) {
-            (Err(e), Some(fallback)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                tracing::debug!(addr = %self.addr, %fallback, "refused: trying the fallback");
-                TcpStream::connect(fallback).await
+    /// Connects to `addr`, or to `fallback` if `addr` refuses, all
+    /// `within` a time (else `TimedOut`).
+    pub async fn connect(&self, within: Duration) -> std::io::Result<TcpStream> {
+        let connect = async {
+            match (TcpStream::connect(self.addr).await, self.fallback) {
+                (Err(e), Some(fallback)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    tracing::debug!(addr = %self.addr, %fallback, "refused: trying the fallback");
+                    TcpStream::connect(fallback).await
+                }
+                (connected, _) => connected,
             }
-            (connected, _) => connected,
-        }
+        };
+        timed(within, connect).await
     }
+}
+
+/// Connects to `addr` within a time (else `TimedOut`): a destination that
+/// drops SYNs would otherwise hold the caller for the kernel's two minutes
+/// of retries.
+pub async fn connect_within(addr: SocketAddr, within: Duration) -> std::io::Result<TcpStream> {
+    timed(within, TcpStream::connect(addr)).await
+}
+
+/// `io` within a time, else `TimedOut`.
+pub async fn timed<T>(
+    within: Duration,
+    io: impl std::future::Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
+    tokio::time::timeout(within, io)
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
 }
 
 impl std::fmt::Display for Target {
@@ -74,6 +96,40 @@ impl From<SocketAddr> for Target {
 mod tests {
     use super::*;
 
+    const SECOND: Duration = Duration::from_secs(1);
+
+    /// A destination that drops SYNs (here a listener whose accept queue
+    /// is full) times out instead of holding the caller for minutes.
+    #[tokio::test]
+    async fn a_connect_that_gets_no_answer_times_out() {
+        let socket = TcpSocket::new_v4().expect("socket");
+        socket
+            .bind("127.0.0.1:0".parse().expect("addr"))
+            .expect("bind");
+        let listener = socket.listen(0).expect("listen");
+        let addr = listener.local_addr().expect("addr");
+        let mut queued = Vec::new();
+        for _ in 0..8 {
+            match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => queued.push(s),
+                _ => break,
+            }
+        }
+        assert!(queued.len() < 8, "the accept queue never filled");
+        let started = std::time::Instant::now();
+        let kind = |r: std::io::Result<TcpStream>| r.expect_err("no answer").kind();
+        let within = Duration::from_millis(300);
+        assert_eq!(
+            kind(connect_within(addr, within).await),
+            std::io::ErrorKind::TimedOut
+        );
+        assert_eq!(
+            kind(Target::from(addr).connect(within).await),
+            std::io::ErrorKind::TimedOut
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
     #[tokio::test]
     async fn a_refused_target_falls_back_and_an_accepting_one_does_not() {
         let listener = bind_listener("127.0.0.1:0".parse().expect("addr")).expect("bind");
@@ -89,17 +145,20 @@ mod tests {
             addr: closed,
             fallback: Some(open),
         };
-        let tcp = refused.connect().await.expect("the fallback takes it");
+        let tcp = refused
+            .connect(SECOND)
+            .await
+            .expect("the fallback takes it");
         assert_eq!(tcp.peer_addr().expect("peer"), open);
         let direct = Target {
             addr: open,
             fallback: Some(closed),
         };
-        let tcp = direct.connect().await.expect("connects");
+        let tcp = direct.connect(SECOND).await.expect("connects");
         assert_eq!(tcp.peer_addr().expect("peer"), open);
         let alone = Target::from(closed);
         assert_eq!(
-            alone.connect().await.expect_err("refused").kind(),
+            alone.connect(SECOND).await.expect_err("refused").kind(),
             std::io::ErrorKind::ConnectionRefused
         );
     }

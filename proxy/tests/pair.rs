@@ -543,6 +543,51 @@ async fn upgrades_pass_through_meshed_and_plain() {
     }
 }
 
+/// An application that takes connections and never answers: an upgrade
+/// waits for its response head no longer than the request timeout (504,
+/// counted), and the proxy keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_the_application_never_answers_times_out() {
+    let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let silent_addr = silent.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            held.push(tcp);
+        }
+    });
+    let (issuer, anchors) = trust();
+    let proxy = server_proxy(
+        ProxyConfig {
+            inbound_target: Some(silent_addr),
+            request_timeout: Duration::from_millis(500),
+            ..local_config()
+        },
+        &identity(&issuer, "web"),
+        &anchors,
+    )
+    .await;
+    let mut s = TcpStream::connect(proxy.inbound_addr())
+        .await
+        .expect("connect");
+    let started = std::time::Instant::now();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nhost: web.demo\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let rsp = read_response(&mut s, &mut Vec::new()).await;
+    assert!(rsp.starts_with("HTTP/1.1 504"), "{rsp}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    let timeouts = r#"strait_proxy_errors_total{direction="inbound",reason="timeout"} 1"#;
+    let m = metrics_containing(&proxy, timeouts).await;
+    assert!(m.contains(timeouts), "{m}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_to_the_proxy_itself_is_refused_not_looped() {
     let p = pair(None).await;

@@ -72,12 +72,23 @@ fn a_host_header_names_one_valid_authority_or_is_refused() {
         Some("web.demo".into()),
         "empty port"
     );
+    let longest = format!("{}.demo", "a".repeat(MAX_HOST_LEN - 5));
+    assert_eq!(
+        ok(req("/", &[format!("{longest}:80").as_bytes()])),
+        Some(format!("{longest}:80"))
+    );
     assert_eq!(ok(req("/", &[])), None);
     assert_eq!(ok(req("/", &[b""])), None, "an empty Host names nothing");
     // The URI's authority wins (absolute form, HTTP/2).
     assert_eq!(
         ok(req("http://api.demo:81/x", &[b"web.demo"])),
         Some("api.demo:81".into())
+    );
+    let too_long = format!("a{longest}");
+    assert_eq!(
+        authority_of(&req("/", &[too_long.as_bytes()])),
+        Err(InvalidHost),
+        "longer than a DNS name"
     );
     for bad in [
         &b"web.demo:80 extra"[..],

@@ -316,11 +316,15 @@ impl Inbound {
             // Rare, and its state large: boxed, so every plain request's
             // future stays small.
             let upgrade = Box::pin(async move {
-                let tcp = target.connect().await?;
-                crate::http::upgrade_via(req, tcp).await
+                let tcp = target.connect(shared.config.connect_timeout).await?;
+                crate::http::upgrade_via(req, tcp, shared.config.request_timeout).await
             });
             let rsp = upgrade.await.unwrap_or_else(|error| {
                 tracing::info!(%target, %error, "upgrade to the application failed");
+                if error.kind() == std::io::ErrorKind::TimedOut {
+                    shared.http.error(DIRECTION, "timeout");
+                    return error_response(StatusCode::GATEWAY_TIMEOUT, "application timed out");
+                }
                 shared.http.error(DIRECTION, "upstream");
                 error_response(StatusCode::BAD_GATEWAY, "application unavailable")
             });
@@ -355,7 +359,7 @@ impl Inbound {
         I: AsyncRead + AsyncWrite + Unpin,
     {
         let shared = &self.0.shared;
-        let mut app = match target.connect().await {
+        let mut app = match target.connect(shared.config.connect_timeout).await {
             Ok(a) => a,
             Err(error) => {
                 tracing::info!(%target, %error, "application refused the connection");

@@ -20,6 +20,7 @@ use crate::discovery::Endpoint;
 use crate::http::{authority_of, error_response, strip_hop_by_hop, to_mesh, Body, Observed};
 use crate::mesh::MeshClient;
 use crate::metrics::{TcpCloseLabels, TcpLabels};
+use crate::net::connect_within;
 use crate::retry::{is_idempotent, Budget, BudgetConfig, MAX_BUFFERED_BODY};
 use crate::transport::ProtocolHint;
 use crate::FastMap;
@@ -299,12 +300,14 @@ impl Outbound {
                     .connect(peer, id, endpoint.addr.port(), ProtocolHint::Opaque)
                     .await
                 {
-                    Ok(tls) => crate::http::upgrade_via(req, tls).await,
+                    Ok(tls) => {
+                        crate::http::upgrade_via(req, tls, shared.config.request_timeout).await
+                    }
                     Err(e) => Err(std::io::Error::other(e)),
                 }
             }
-            None => match TcpStream::connect(endpoint.addr).await {
-                Ok(tcp) => crate::http::upgrade_via(req, tcp).await,
+            None => match connect_within(endpoint.addr, shared.config.connect_timeout).await {
+                Ok(tcp) => crate::http::upgrade_via(req, tcp, shared.config.request_timeout).await,
                 Err(e) => Err(e),
             },
         };
@@ -316,6 +319,10 @@ impl Outbound {
             Err(error) => {
                 tracing::info!(%authority, %error, "upgrade failed");
                 self.report(authority, endpoint.addr, None);
+                if error.kind() == std::io::ErrorKind::TimedOut {
+                    shared.http.error(DIRECTION, "timeout");
+                    return error_response(StatusCode::GATEWAY_TIMEOUT, "upstream timed out");
+                }
                 shared.http.error(DIRECTION, "upstream");
                 error_response(StatusCode::BAD_GATEWAY, "upstream failed")
             }
@@ -555,7 +562,7 @@ impl Outbound {
                     Err(error) => Err(std::io::Error::other(error)),
                 }
             }
-            None => match TcpStream::connect(orig).await {
+            None => match connect_within(orig, shared.config.connect_timeout).await {
                 Ok(mut up) => crate::forward::splice(&mut io, &mut up).await,
                 Err(e) => Err(e),
             },
