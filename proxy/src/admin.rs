@@ -74,15 +74,23 @@ impl AdminServer {
     /// client's address (`ConnectInfo<SocketAddr>`), e.g. to allow an
     /// endpoint from loopback only (an IPv4 client of `[::]` is an
     /// IPv4-mapped address: compare `to_canonical()`).
+    ///
+    /// The port is reachable from the whole cluster (probes, Prometheus),
+    /// so it is served with [`AdminLimits`], which `axum::serve` does not
+    /// set, over HTTP/1.1 only.
     pub async fn bind(addr: SocketAddr, router: Router) -> std::io::Result<Self> {
+        Self::bind_with(addr, router, AdminLimits::default()).await
+    }
+
+    /// [`AdminServer::bind`] with other limits.
+    pub async fn bind_with(
+        addr: SocketAddr,
+        router: Router,
+        limits: AdminLimits,
+    ) -> std::io::Result<Self> {
         let listener = crate::net::bind_listener(addr)?;
         let addr = listener.local_addr()?;
-        let task = tokio::spawn(async move {
-            let service = router.into_make_service_with_connect_info::<SocketAddr>();
-            if let Err(error) = axum::serve(listener, service).await {
-                tracing::warn!(%error, "admin server stopped");
-            }
-        });
+        let task = tokio::spawn(serve(listener, router, limits));
         Ok(Self { addr, task })
     }
 
@@ -95,6 +103,63 @@ impl AdminServer {
 impl Drop for AdminServer {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// What one admin client may hold.
+#[derive(Clone, Copy, Debug)]
+pub struct AdminLimits {
+    /// Connections served at once (default 64); more wait in the listen
+    /// queue.
+    pub max_connections: usize,
+    /// How long a client may take to send a request head, and so stay
+    /// idle between requests (default 10 s).
+    pub header_timeout: std::time::Duration,
+}
+
+impl Default for AdminLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 64,
+            header_timeout: std::time::Duration::from_secs(10),
+        }
+    }
+}
+
+async fn serve(listener: tokio::net::TcpListener, router: Router, limits: AdminLimits) {
+    use tower::ServiceExt as _;
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (tcp, remote) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of descriptors, most likely: let some close.
+                tracing::warn!(%error, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let router = router.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            // What `ConnectInfo<SocketAddr>` extracts.
+            let service = hyper::service::service_fn(move |mut req: http::Request<_>| {
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(remote));
+                router.clone().oneshot(req)
+            });
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                .await;
+            if let Err(error) = served {
+                tracing::debug!(%remote, %error, "admin connection ended");
+            }
+        });
     }
 }
 
@@ -113,4 +178,65 @@ pub async fn terminated() {
         }
     }
     let _ = tokio::signal::ctrl_c().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    /// Reads until the peer closes (or 10 s pass): what arrived.
+    async fn read_all(s: &mut TcpStream) -> String {
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// Idle or slow clients cannot hold the admin port: beyond the
+    /// connection limit a client waits, and a connection that sends no
+    /// complete head within the header timeout is closed, letting it in.
+    /// The client's address reaches the handlers.
+    #[tokio::test]
+    async fn slow_clients_are_limited_and_cut_off() {
+        let router = router(Arc::new(Registry::default()), Readiness::default()).route(
+            "/whoami",
+            get(
+                |axum::extract::ConnectInfo(remote): axum::extract::ConnectInfo<SocketAddr>| async move {
+                    remote.to_string()
+                },
+            ),
+        );
+        let limits = AdminLimits {
+            max_connections: 2,
+            header_timeout: Duration::from_secs(1),
+        };
+        let server = AdminServer::bind_with("127.0.0.1:0".parse().expect("addr"), router, limits)
+            .await
+            .expect("bind");
+        let addr = server.local_addr();
+        let started = Instant::now();
+        let mut silent = TcpStream::connect(addr).await.expect("connect");
+        let mut partial = TcpStream::connect(addr).await.expect("connect");
+        partial
+            .write_all(b"GET /live HTTP/1.1\r\n")
+            .await
+            .expect("write");
+        let mut third = TcpStream::connect(addr).await.expect("connect");
+        let request = "GET /whoami HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n";
+        third.write_all(request.as_bytes()).await.expect("write");
+        let mut early = [0u8; 1];
+        let waited = tokio::time::timeout(Duration::from_millis(300), third.read(&mut early)).await;
+        assert!(waited.is_err(), "served beyond the limit");
+        // Both slow connections are closed at the header timeout.
+        assert_eq!(read_all(&mut silent).await, "");
+        assert_eq!(read_all(&mut partial).await, "");
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(900), "{took:?}");
+        let rsp = read_all(&mut third).await;
+        assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
+        let me = third.local_addr().expect("addr").to_string();
+        assert!(rsp.ends_with(&me), "{rsp} (from {me})");
+    }
 }

@@ -22,6 +22,7 @@ pub mod identity;
 pub mod mesh;
 pub mod metrics;
 pub mod net;
+pub(crate) mod recent;
 pub mod retry;
 pub mod sidecar;
 pub mod tls;

@@ -21,11 +21,15 @@ use crate::http::{authority_of, error_response, strip_hop_by_hop, to_mesh, Body,
 use crate::mesh::MeshClient;
 use crate::metrics::{TcpCloseLabels, TcpLabels};
 use crate::net::connect_within;
+use crate::recent::Recent;
 use crate::retry::{is_idempotent, Budget, BudgetConfig, MAX_BUFFERED_BODY};
 use crate::transport::ProtocolHint;
 use crate::FastMap;
 
 const DIRECTION: &str = "outbound";
+/// How long an authority no request names keeps its balancer (latency
+/// estimates, ejections) and retry budget.
+const FORGET_AFTER: std::time::Duration = std::time::Duration::from_secs(300);
 /// Attempts per request at most (the first and two retries).
 const MAX_ATTEMPTS: u32 = 3;
 
@@ -123,7 +127,9 @@ struct Inner {
     shared: Arc<Shared>,
     mesh: MeshClient,
     plain: PlainClient,
-    balancers: Mutex<FastMap<String, Balancer<SocketAddr>>>,
+    /// By authority; forgotten once unused for [`FORGET_AFTER`].
+    balancers: Mutex<Recent<Balancer<SocketAddr>>>,
+    /// By authority; pruned with the balancers.
     budgets: Mutex<FastMap<String, Budget>>,
 }
 
@@ -140,7 +146,7 @@ impl Outbound {
             shared,
             mesh,
             plain,
-            balancers: Mutex::default(),
+            balancers: Mutex::new(Recent::new(FORGET_AFTER)),
             budgets: Mutex::default(),
         })))
     }
@@ -339,10 +345,13 @@ impl Outbound {
     ) -> Option<Endpoint> {
         let now = Instant::now();
         let mut balancers = self.0.balancers.lock().unwrap_or_else(|e| e.into_inner());
-        // Looked up by reference: the key is allocated only for a new name.
-        if !balancers.contains_key(authority) {
-            let b = Balancer::new(BalanceConfig::default(), rand::random());
-            balancers.insert(authority.to_string(), b);
+        let (_, swept) = balancers.use_or_insert(authority, now, || {
+            Balancer::new(BalanceConfig::default(), rand::random())
+        })?;
+        if swept {
+            // Budgets of forgotten authorities go too.
+            let mut budgets = self.0.budgets.lock().unwrap_or_else(|e| e.into_inner());
+            budgets.retain(|name, _| name == authority || balancers.contains(name));
         }
         let b = balancers.get_mut(authority)?;
         b.update(endpoints.iter().map(|e| e.addr), now);
