@@ -128,20 +128,9 @@ impl Default for AdminLimits {
 
 async fn serve(listener: tokio::net::TcpListener, router: Router, limits: AdminLimits) {
     use tower::ServiceExt as _;
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let listener = crate::net::LimitedAccept::new(listener, limits.max_connections, "admin");
     loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let (tcp, remote) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                // Out of descriptors, most likely: let some close.
-                tracing::warn!(%error, "admin accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (tcp, remote, slot) = listener.accept().await;
         let router = router.clone();
         tokio::spawn(async move {
             let _slot = slot;

@@ -57,6 +57,47 @@ impl Target {
     }
 }
 
+/// A listener's connections, at most so many being served at once.
+#[derive(Debug)]
+pub struct LimitedAccept {
+    listener: TcpListener,
+    slots: std::sync::Arc<tokio::sync::Semaphore>,
+    name: &'static str,
+}
+
+impl LimitedAccept {
+    /// Accepts from `listener` while fewer than `max` accepted connections
+    /// are being served; `name` is for logs.
+    pub fn new(listener: TcpListener, max: usize, name: &'static str) -> Self {
+        Self {
+            listener,
+            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(max)),
+            name,
+        }
+    }
+
+    /// The next connection, with the slot it holds until dropped. Waits
+    /// while every slot is taken (connections queue in the kernel's
+    /// backlog). A failed accept (out of descriptors, most likely) is
+    /// logged and retried shortly, letting some connections close.
+    pub async fn accept(&self) -> (TcpStream, SocketAddr, tokio::sync::OwnedSemaphorePermit) {
+        loop {
+            let slot = match self.slots.clone().acquire_owned().await {
+                Ok(slot) => slot,
+                // Never closed.
+                Err(_) => continue,
+            };
+            match self.listener.accept().await {
+                Ok((tcp, remote)) => return (tcp, remote, slot),
+                Err(error) => {
+                    tracing::warn!(listener = self.name, %error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
 /// Connects to `addr` within a time (else `TimedOut`): a destination that
 /// drops SYNs would otherwise hold the caller for the kernel's two minutes
 /// of retries.

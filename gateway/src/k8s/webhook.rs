@@ -283,19 +283,9 @@ pub async fn serve(
     requests: Requests,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let listener = strait_proxy::net::LimitedAccept::new(listener, MAX_CONNECTIONS, "injector");
     loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let (tcp, remote) = match listener.accept().await {
-            Ok(a) => a,
-            Err(error) => {
-                tracing::warn!(%error, "injector accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (tcp, remote, slot) = listener.accept().await;
         let (acceptor, config, requests) = (acceptor.clone(), config.clone(), requests.clone());
         tokio::spawn(async move {
             let _slot = slot;
