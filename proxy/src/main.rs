@@ -113,6 +113,9 @@ struct RunArgs {
     /// How long an HTTP/1 client may take to send a request head, ms.
     #[arg(long, env = "STRAIT_PROXY_HTTP1_HEADER_TIMEOUT_MS", default_value = "10000", value_parser = ms)]
     http1_header_timeout_ms: Duration,
+    /// HTTP/2 server connections: ping interval, and how long a ping may go unanswered, ms.
+    #[arg(long, env = "STRAIT_PROXY_HTTP2_KEEPALIVE_MS", default_value = "10000", value_parser = ms)]
+    http2_keepalive_ms: Duration,
     /// Refuse plaintext inbound connections.
     #[arg(long, env = "STRAIT_PROXY_REQUIRE_MTLS")]
     require_mtls: bool,
@@ -309,6 +312,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         connect_timeout: args.connect_timeout_ms,
         request_timeout: args.request_timeout_ms,
         http1_header_timeout: args.http1_header_timeout_ms,
+        http2_keepalive: args.http2_keepalive_ms,
         require_mtls: args.require_mtls,
         shutdown_grace: args.shutdown_grace_ms,
     };

@@ -79,6 +79,12 @@ pub struct ProxyConfig {
     /// last request had a body: then this is also its idle timeout, as in
     /// HAProxy, whose `timeout http-keep-alive` defaults to it.
     pub http1_header_timeout: Duration,
+    /// How often an HTTP/2 client connection (a peer proxy's, the
+    /// application's, an unmeshed client's) is pinged, and how long a ping
+    /// may go unanswered before the connection is closed as dead (default
+    /// 10 s): a client gone without a FIN or RST would otherwise hold its
+    /// connection until the kernel gives up on it, if ever.
+    pub http2_keepalive: Duration,
     /// Refuse plaintext inbound connections (default: allowed from
     /// unmeshed clients).
     pub require_mtls: bool,
@@ -103,6 +109,7 @@ impl Default for ProxyConfig {
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(10),
             http1_header_timeout: Duration::from_secs(10),
+            http2_keepalive: Duration::from_secs(10),
             require_mtls: false,
             shutdown_grace: Duration::from_secs(30),
         }
@@ -180,6 +187,7 @@ impl ProxyConfig {
             ("connect-timeout", self.connect_timeout),
             ("request-timeout", self.request_timeout),
             ("http1-header-timeout", self.http1_header_timeout),
+            ("http2-keepalive", self.http2_keepalive),
         ] {
             if d.is_zero() {
                 return bad(field, "must be positive");

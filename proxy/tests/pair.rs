@@ -588,6 +588,56 @@ async fn an_upgrade_the_application_never_answers_times_out() {
     assert!(m.contains(timeouts), "{m}");
 }
 
+/// An HTTP/2 client that stops answering pings (gone without a FIN) is
+/// closed after the keepalive interval and timeout; one that answers keeps
+/// its connection, idle, and can still send requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_stops_answering_pings_is_closed() {
+    const KEEPALIVE: Duration = Duration::from_millis(500);
+    let served = served_with(ProxyConfig {
+        http2_keepalive: KEEPALIVE,
+        ..local_config()
+    })
+    .await;
+    let addr = served.server.inbound_addr();
+    // A client that completes the handshake, then neither reads nor
+    // writes: the server's pings go unanswered.
+    let mut dead = TcpStream::connect(addr).await.expect("connect");
+    let settings = [0u8, 0, 0, 4, 0, 0, 0, 0, 0];
+    let settings_ack = [0u8, 0, 0, 4, 1, 0, 0, 0, 0];
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(&settings);
+    hello.extend_from_slice(&settings_ack);
+    dead.write_all(&hello).await.expect("write");
+    let started = std::time::Instant::now();
+    // A live client alongside.
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(
+        TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2");
+    let live = tokio::spawn(conn);
+    // (Reading only to see the end: what arrives is never answered.)
+    let mut sink = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(10), dead.read_to_end(&mut sink)).await;
+    assert!(ended.is_ok(), "still open 10 s later");
+    let took = started.elapsed();
+    assert!(took >= KEEPALIVE, "{took:?}");
+    assert!(took < KEEPALIVE * 6, "{took:?}");
+    tokio::time::sleep(KEEPALIVE * 3).await;
+    assert!(!live.is_finished(), "the live connection was closed");
+    let req = Request::builder()
+        .uri("http://web.demo/still")
+        .version(Version::HTTP_2)
+        .body(Full::new(Bytes::new()))
+        .expect("req");
+    let rsp = send.send_request(req).await.expect("response");
+    let body = rsp.into_body().collect().await.expect("body").to_bytes();
+    assert!(body.ends_with(b"/still host=web.demo body=0"), "{body:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_to_the_proxy_itself_is_refused_not_looped() {
     let p = pair(None).await;

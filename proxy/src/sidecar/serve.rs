@@ -309,9 +309,12 @@ fn http1(header_timeout: Duration) -> hyper::server::conn::http1::Builder {
     b
 }
 
-fn http2() -> hyper::server::conn::http2::Builder<TokioExecutor> {
+fn http2(keepalive: Duration) -> hyper::server::conn::http2::Builder<TokioExecutor> {
     let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    b.max_header_list_size(MAX_HEADER_BYTES as u32);
+    b.max_header_list_size(MAX_HEADER_BYTES as u32)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(keepalive)
+        .keep_alive_timeout(keepalive);
     b
 }
 
@@ -385,7 +388,7 @@ where
         idle: idle.clone(),
     };
     if version == Version::Http2 {
-        let conn = http2().serve_connection(TokioIo::new(io), service);
+        let conn = http2(shared.config.http2_keepalive).serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
         return tokio::select! {
             r = conn.as_mut() => r.map_or_else(|e| failed(&e), |()| true),
