@@ -9,6 +9,8 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use serde::Deserialize;
@@ -188,25 +190,119 @@ impl Resolve for StaticResolver {
     }
 }
 
+/// How long a DNS answer is used (the system resolver gives no TTL).
+pub const DNS_ANSWER_FOR: Duration = Duration::from_secs(5);
+/// How long a failed lookup is remembered.
+pub const DNS_FAILURE_FOR: Duration = Duration::from_secs(1);
+/// How long a lookup may take before it counts as failed.
+pub const DNS_TIMEOUT: Duration = Duration::from_secs(2);
+/// Names whose answers are kept at most.
+const DNS_MAX_CACHED: usize = 1024;
+
+/// A lookup of `host:port`.
+type Lookup =
+    Arc<dyn Fn(String) -> BoxFuture<'static, std::io::Result<Vec<SocketAddr>>> + Send + Sync>;
+
 /// Resolves `host:port` with the system resolver; endpoints are unmeshed.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct DnsResolver;
+///
+/// Every request to a name nothing else knows comes here, and the system
+/// resolver (`getaddrinfo`, on tokio's blocking pool) neither caches nor
+/// bounds its time: each would be one more query to the cluster DNS (one
+/// per search domain), and a slow server would hold requests beyond their
+/// timeout. So an answer is kept for [`DNS_ANSWER_FOR`] (a failure for
+/// [`DNS_FAILURE_FOR`]) and a lookup has [`DNS_TIMEOUT`].
+pub struct DnsResolver {
+    lookup: Lookup,
+    timeout: Duration,
+    cache: Mutex<crate::FastMap<String, (Instant, Option<Destination>)>>,
+}
+
+impl Default for DnsResolver {
+    fn default() -> Self {
+        Self::with_lookup(
+            Arc::new(|authority: String| {
+                Box::pin(
+                    async move { Ok(tokio::net::lookup_host(authority.as_str()).await?.collect()) },
+                )
+            }),
+            DNS_TIMEOUT,
+        )
+    }
+}
+
+impl std::fmt::Debug for DnsResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DnsResolver")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DnsResolver {
+    fn with_lookup(lookup: Lookup, timeout: Duration) -> Self {
+        Self {
+            lookup,
+            timeout,
+            cache: Mutex::default(),
+        }
+    }
+
+    fn cached(&self, authority: &str, now: Instant) -> Option<Option<Destination>> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let (at, answer) = cache.get(authority)?;
+        let keep = if answer.is_some() {
+            DNS_ANSWER_FOR
+        } else {
+            DNS_FAILURE_FOR
+        };
+        (now.saturating_duration_since(*at) < keep).then(|| answer.clone())
+    }
+
+    fn remember(&self, authority: &str, now: Instant, answer: Option<Destination>) {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= DNS_MAX_CACHED && !cache.contains_key(authority) {
+            cache.retain(|_, (at, _)| now.saturating_duration_since(*at) < DNS_ANSWER_FOR);
+            if cache.len() >= DNS_MAX_CACHED {
+                // All fresh: start over rather than grow.
+                cache.clear();
+            }
+        }
+        cache.insert(authority.to_string(), (now, answer));
+    }
+}
 
 impl Resolve for DnsResolver {
     fn resolve<'a>(&'a self, authority: &'a str) -> BoxFuture<'a, Option<Destination>> {
         Box::pin(async move {
-            let addrs = tokio::net::lookup_host(authority).await.ok()?;
+            if let Some(answer) = self.cached(authority, Instant::now()) {
+                return answer;
+            }
+            let lookup = (self.lookup)(authority.to_string());
+            let addrs = match tokio::time::timeout(self.timeout, lookup).await {
+                Ok(Ok(addrs)) => addrs,
+                Ok(Err(error)) => {
+                    tracing::debug!(%authority, %error, "DNS lookup failed");
+                    Vec::new()
+                }
+                Err(_) => {
+                    tracing::debug!(%authority, "DNS lookup timed out");
+                    Vec::new()
+                }
+            };
             let endpoints: Vec<Endpoint> = addrs
+                .into_iter()
                 .map(|addr| Endpoint {
                     addr,
                     identity: None,
                     weight: 1,
                 })
                 .collect();
-            (!endpoints.is_empty()).then_some(Destination {
+            let answer = (!endpoints.is_empty()).then_some(Destination {
                 endpoints,
                 opaque: false,
-            })
+            });
+            self.remember(authority, Instant::now(), answer.clone());
+            answer
         })
     }
 }
@@ -242,7 +338,7 @@ mod tests {
             "x",
         )
         .expect("valid");
-        let chain = Chain(vec![Box::new(r), Box::new(DnsResolver)]);
+        let chain = Chain(vec![Box::new(r), Box::new(DnsResolver::default())]);
         let d = chain.resolve("web:80").await.expect("static");
         assert_eq!(
             d.endpoints[0].identity.as_ref().map(|i| i.as_str()),
@@ -252,6 +348,67 @@ mod tests {
         assert_eq!(d.endpoints[0].addr, "127.0.0.1:9".parse().expect("addr"));
         assert!(d.endpoints[0].identity.is_none());
         assert!(chain.resolve("no-such-host.invalid:80").await.is_none());
+    }
+
+    /// A lookup that counts its calls and answers `127.0.0.1:<port>`
+    /// (port 0: nothing) after `delay`.
+    fn counting(delay: Duration) -> (DnsResolver, Arc<std::sync::atomic::AtomicUsize>) {
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = calls.clone();
+        let lookup: Lookup = Arc::new(move |authority: String| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                let port: u16 = authority
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| p.parse().ok())
+                    .unwrap_or(0);
+                Ok(if port == 0 {
+                    Vec::new()
+                } else {
+                    vec![SocketAddr::from(([127, 0, 0, 1], port))]
+                })
+            })
+        });
+        (
+            DnsResolver::with_lookup(lookup, Duration::from_millis(200)),
+            calls,
+        )
+    }
+
+    #[tokio::test]
+    async fn dns_answers_are_kept_briefly_and_lookups_bounded() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (dns, calls) = counting(Duration::ZERO);
+        let addr = |d: Option<Destination>| d.map(|d| d.endpoints[0].addr.port());
+        assert_eq!(addr(dns.resolve("a:80").await), Some(80));
+        assert_eq!(addr(dns.resolve("a:80").await), Some(80));
+        assert_eq!(
+            calls.load(SeqCst),
+            1,
+            "the second answer came from the cache"
+        );
+        assert_eq!(addr(dns.resolve("none:0").await), None);
+        assert_eq!(addr(dns.resolve("none:0").await), None);
+        assert_eq!(calls.load(SeqCst), 2, "a failure is kept too");
+        // An answer for five seconds, a failure for one.
+        let now = Instant::now();
+        let kept = |name: &str, after: Duration| dns.cached(name, now + after).is_some();
+        assert!(kept("a:80", DNS_FAILURE_FOR) && !kept("a:80", DNS_ANSWER_FOR));
+        assert!(!kept("none:0", DNS_FAILURE_FOR));
+        // A lookup slower than the timeout fails, and is remembered as such.
+        let (slow, calls) = counting(Duration::from_secs(30));
+        let started = Instant::now();
+        assert_eq!(addr(slow.resolve("a:80").await), None);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(addr(slow.resolve("a:80").await), None);
+        assert_eq!(calls.load(SeqCst), 1);
+        // The cache stays bounded.
+        for i in 0..(DNS_MAX_CACHED as u16 + 10) {
+            dns.resolve(&format!("n{i}:{}", i + 1)).await;
+        }
+        let kept = dns.cache.lock().expect("lock").len();
+        assert!(kept <= DNS_MAX_CACHED, "{kept}");
     }
 
     #[test]

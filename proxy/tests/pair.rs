@@ -250,7 +250,7 @@ async fn pair_listening(
         anchors,
         Arc::new(strait_proxy::discovery::Chain(vec![
             Box::new(StaticResolver::new(table)),
-            Box::new(strait_proxy::discovery::DnsResolver),
+            Box::new(strait_proxy::discovery::DnsResolver::default()),
         ])),
         Registry::default(),
     )

@@ -87,7 +87,10 @@ async fn sidecars_follow_the_gateways_endpoints() {
         "not a service port"
     );
     assert!(grpc.resolve("api.example.com:443").await.is_none());
-    let chain = Chain(vec![Box::new(grpc.clone()), Box::new(DnsResolver)]);
+    let chain = Chain(vec![
+        Box::new(grpc.clone()),
+        Box::new(DnsResolver::default()),
+    ]);
     assert_eq!(
         seen(&chain.resolve("127.0.0.1:9").await),
         vec![("127.0.0.1:9".to_string(), None)],
@@ -134,7 +137,7 @@ async fn a_dead_control_plane_answers_none_without_waiting() {
             started.elapsed()
         );
     }
-    let chain = Chain(vec![Box::new(grpc), Box::new(DnsResolver)]);
+    let chain = Chain(vec![Box::new(grpc), Box::new(DnsResolver::default())]);
     let started = Instant::now();
     assert_eq!(
         seen(&chain.resolve("127.0.0.1:9").await),
