@@ -383,14 +383,17 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
 /// HTTP/1.1; when the upstream switches protocols, the two upgraded
 /// connections are spliced byte for byte. Returns the upstream's response
 /// for the client (a 101 completes the client's upgrade), or `TimedOut`
-/// if its head takes longer than `timeout`.
-pub async fn upgrade_via<S>(
+/// if its head takes longer than `timeout`. `on_end` gets the splice's
+/// outcome (or is dropped, if there is none).
+pub async fn upgrade_via<S, E>(
     mut req: Request<hyper::body::Incoming>,
     stream: S,
     timeout: std::time::Duration,
+    on_end: E,
 ) -> Result<Response<Body>, std::io::Error>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    E: FnOnce(std::io::Result<crate::forward::Transferred>) + Send + 'static,
 {
     let client_side = hyper::upgrade::on(&mut req);
     let (mut sender, conn) =
@@ -420,7 +423,7 @@ where
             };
             let mut client = hyper_util::rt::TokioIo::new(client);
             let mut server = hyper_util::rt::TokioIo::new(server);
-            let _ = crate::forward::splice(&mut client, &mut server).await;
+            on_end(crate::forward::splice(&mut client, &mut server).await);
         });
     }
     Ok(rsp.map(boxed))

@@ -236,7 +236,7 @@ pub(crate) struct Shared {
     pub(crate) http: HttpMetrics,
     pub(crate) tcp: TcpMetrics,
     pub(crate) tls: TlsMetrics,
-    pub(crate) active: AtomicUsize,
+    pub(crate) active: Arc<AtomicUsize>,
     pub(crate) draining: watch::Receiver<bool>,
     /// This proxy's own listener addresses (to refuse loops).
     pub(crate) listeners: std::sync::OnceLock<Vec<SocketAddr>>,
@@ -281,16 +281,34 @@ fn is_own_listener(own: &[SocketAddr], addr: SocketAddr, local: bool) -> bool {
 }
 
 /// Counts a connection in flight while alive.
-pub(crate) struct Active<'a>(&'a AtomicUsize);
+pub(crate) struct Active(Arc<AtomicUsize>);
 
-impl<'a> Active<'a> {
-    pub(crate) fn new(n: &'a AtomicUsize) -> Self {
+impl Active {
+    pub(crate) fn new(n: &Arc<AtomicUsize>) -> Self {
         n.fetch_add(1, Ordering::AcqRel);
-        Self(n)
+        Self(n.clone())
     }
 }
 
-impl Drop for Active<'_> {
+/// What an upgraded connection's splice does when it ends: until then it
+/// counts as in flight (a drain waits for it, as for any connection), and
+/// its bytes are counted as TCP's.
+pub(crate) fn upgraded(
+    shared: &Arc<Shared>,
+    direction: &'static str,
+    tls: &'static str,
+) -> impl FnOnce(std::io::Result<crate::forward::Transferred>) + Send + 'static {
+    let active = Active::new(&shared.active);
+    let shared = shared.clone();
+    move |moved| {
+        let _active = active;
+        if let Ok(moved) = moved {
+            count_tcp_bytes(&shared, direction, tls, moved);
+        }
+    }
+}
+
+impl Drop for Active {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
@@ -350,7 +368,7 @@ impl Proxy {
             http,
             tcp,
             tls,
-            active: AtomicUsize::new(0),
+            active: Arc::new(AtomicUsize::new(0)),
             draining,
             listeners: std::sync::OnceLock::new(),
             admin_listener: std::sync::OnceLock::new(),

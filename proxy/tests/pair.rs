@@ -511,6 +511,7 @@ async fn a_get_is_retried_when_its_endpoint_fails_and_a_post_is_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrades_pass_through_meshed_and_plain() {
     let p = pair(None).await;
+    let mut upgraded = Vec::new();
     for host in ["web.demo", "plain.demo"] {
         let mut s = TcpStream::connect(p.client.outbound_addr())
             .await
@@ -540,7 +541,34 @@ async fn upgrades_pass_through_meshed_and_plain() {
             .expect("in time")
             .expect("echo");
         assert_eq!(&back, b"ping over the upgraded connection", "{host}");
+        upgraded.push(s);
     }
+    // Closed, an upgraded connection's bytes are counted as TCP's.
+    let close = |mut s: TcpStream| async move {
+        s.shutdown().await.expect("half-close");
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    };
+    let (meshed, plain) = (upgraded.remove(0), upgraded.remove(0));
+    close(plain).await;
+    let counted = r#"strait_tcp_bytes_total{direction="outbound",tls="false",flow="read"} 33"#;
+    let m = metrics_containing(&p.client, counted).await;
+    assert!(m.contains(counted), "{m}");
+    // Open, it is in flight: a drain waits for it.
+    let drain = tokio::spawn(p.client.shutdown());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!drain.is_finished(), "the drain did not wait");
+    close(meshed).await;
+    let cut = tokio::time::timeout(Duration::from_secs(10), drain)
+        .await
+        .expect("drained once closed")
+        .expect("join");
+    assert_eq!(cut, 0);
+    // The server proxy got the meshed one as an opaque mesh stream: all
+    // of it, the upgrade request (72 bytes) too, is TCP there.
+    let counted = r#"strait_tcp_bytes_total{direction="inbound",tls="true",flow="read"} 105"#;
+    let m = metrics_containing(&p.server, counted).await;
+    assert!(m.contains(counted), "{m}");
 }
 
 /// An application that takes connections and never answers: an upgrade

@@ -315,9 +315,10 @@ impl Inbound {
         if crate::http::is_upgrade(&req) {
             // Rare, and its state large: boxed, so every plain request's
             // future stays small.
+            let on_end = super::upgraded(shared, DIRECTION, tls);
             let upgrade = Box::pin(async move {
                 let tcp = target.connect(shared.config.connect_timeout).await?;
-                crate::http::upgrade_via(req, tcp, shared.config.request_timeout).await
+                crate::http::upgrade_via(req, tcp, shared.config.request_timeout, on_end).await
             });
             let rsp = upgrade.await.unwrap_or_else(|error| {
                 tracing::info!(%target, %error, "upgrade to the application failed");

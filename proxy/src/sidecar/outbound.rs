@@ -307,13 +307,18 @@ impl Outbound {
                     .await
                 {
                     Ok(tls) => {
-                        crate::http::upgrade_via(req, tls, shared.config.request_timeout).await
+                        let on_end = super::upgraded(shared, DIRECTION, "true");
+                        crate::http::upgrade_via(req, tls, shared.config.request_timeout, on_end)
+                            .await
                     }
                     Err(e) => Err(std::io::Error::other(e)),
                 }
             }
             None => match connect_within(endpoint.addr, shared.config.connect_timeout).await {
-                Ok(tcp) => crate::http::upgrade_via(req, tcp, shared.config.request_timeout).await,
+                Ok(tcp) => {
+                    let on_end = super::upgraded(shared, DIRECTION, "false");
+                    crate::http::upgrade_via(req, tcp, shared.config.request_timeout, on_end).await
+                }
                 Err(e) => Err(e),
             },
         };
