@@ -72,12 +72,13 @@ pub struct ProxyConfig {
     pub request_timeout: Duration,
     /// How long an HTTP/1 client may take to send a whole request head,
     /// from when the proxy starts waiting for it (default 10 s, as
-    /// HAProxy's recommended `timeout http-request`). A connection that
-    /// sends a head slower than this (slowloris) is closed and counted as
-    /// `http_timeout`. An idle keep-alive connection is parked long before
-    /// (its hyper state dropped) and waits without this limit, unless its
-    /// last request had a body: then this is also its idle timeout, as in
-    /// HAProxy, whose `timeout http-keep-alive` defaults to it.
+    /// HAProxy's recommended `timeout http-request`); a head split by a
+    /// park gets at most twice this. A connection that sends a head slower
+    /// (slowloris) is closed and counted as `http_timeout`. An idle
+    /// keep-alive connection is parked long before (its hyper state
+    /// dropped) and waits without this limit, unless its last request had
+    /// a body: then this is also its idle timeout, as in HAProxy, whose
+    /// `timeout http-keep-alive` defaults to it.
     pub http1_header_timeout: Duration,
     /// How often an HTTP/2 client connection (a peer proxy's, the
     /// application's, an unmeshed client's) is pinged, and how long a ping

@@ -317,7 +317,12 @@ impl Inbound {
             // future stays small.
             let on_end = super::upgraded(shared, DIRECTION, tls);
             let upgrade = Box::pin(async move {
-                let tcp = target.connect(shared.config.connect_timeout).await?;
+                // (A connect that times out is a 502; only a response head
+                // that does not come in time is a 504.)
+                let tcp = target
+                    .connect(shared.config.connect_timeout)
+                    .await
+                    .map_err(std::io::Error::other)?;
                 crate::http::upgrade_via(req, tcp, shared.config.request_timeout, on_end).await
             });
             let rsp = upgrade.await.unwrap_or_else(|error| {

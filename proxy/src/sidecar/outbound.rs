@@ -314,7 +314,12 @@ impl Outbound {
                     Err(e) => Err(std::io::Error::other(e)),
                 }
             }
-            None => match connect_within(endpoint.addr, shared.config.connect_timeout).await {
+            // (A connect that times out is a 502, like any failed connect;
+            // only a response head that does not come in time is a 504.)
+            None => match connect_within(endpoint.addr, shared.config.connect_timeout)
+                .await
+                .map_err(std::io::Error::other)
+            {
                 Ok(tcp) => {
                     let on_end = super::upgraded(shared, DIRECTION, "false");
                     crate::http::upgrade_via(req, tcp, shared.config.request_timeout, on_end).await

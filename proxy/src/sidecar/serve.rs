@@ -101,6 +101,14 @@ impl Idle {
         }
     }
 
+    /// Marks the head being awaited as begun now, unless it began before.
+    fn head_began_by_now(&self) {
+        if self.head_since.load(Ordering::Relaxed) == 0 {
+            let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+            self.head_since.store(ms + 1, Ordering::Relaxed);
+        }
+    }
+
     /// The deadline of the head being awaited, if it has begun to arrive.
     fn head_deadline(&self, timeout: Duration) -> Option<Instant> {
         self.head_started().map(|t| t + timeout)
@@ -112,11 +120,8 @@ impl Idle {
     /// Bytes were read from the client.
     fn read(&self) {
         self.active();
-        if self.in_flight.load(Ordering::Relaxed) == 0
-            && self.head_since.load(Ordering::Relaxed) == 0
-        {
-            let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
-            self.head_since.store(ms + 1, Ordering::Relaxed);
+        if self.in_flight.load(Ordering::Relaxed) == 0 {
+            self.head_began_by_now();
         }
     }
 
@@ -403,16 +408,14 @@ where
         idle.parking.store(false, Ordering::Relaxed);
         // A fresh hyper connection is busy until it has answered a request.
         idle.parkable.store(false, Ordering::Relaxed);
-        // A head that began to arrive before a park has what is left of
-        // its time (and so, if its exchange completes, has the idle wait
-        // after it in this hyper connection).
-        let header_timeout = idle.head_deadline(head_limit).map_or(head_limit, |d| {
-            d.saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(1))
-        });
+        // hyper's timer runs from each wait for a head, a resumed one's
+        // too: a head split by a park has at most twice the limit in all
+        // (its time while parked is held to the first). A shorter timer
+        // here would also be the idle wait after the exchange, closing the
+        // connection before it could be parked again.
         // Boxed: a parked connection's task then holds no hyper state.
         let mut conn = Box::pin(
-            http1(header_timeout)
+            http1(head_limit)
                 .serve_connection(TokioIo::new(io), service.clone())
                 .with_upgrades(),
         );
@@ -450,8 +453,16 @@ where
             return true;
         };
         io = parts.io.into_inner();
-        // (A slow client's partial request head, kept to replay.)
-        let unread = parts.read_buf;
+        // A slow client's partial request head, kept to replay: copied, not
+        // holding on to hyper's whole read buffer. Read while the last
+        // response was still going out (or pipelined behind it), it began
+        // no later than now.
+        let unread = if parts.read_buf.is_empty() {
+            Bytes::new()
+        } else {
+            idle.head_began_by_now();
+            Bytes::copy_from_slice(&parts.read_buf)
+        };
         let parked = Parked::new(&shared.http.parked, direction);
         let mut next = [0u8; 1];
         // Idle, it may wait as long as it likes; halfway through a head,
