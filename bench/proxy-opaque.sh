@@ -15,21 +15,13 @@ cd "$(dirname "$0")/.."
 N=${1:-2000}
 SIZE=${2:-262144}
 
-need=()
-command -v iperf3 >/dev/null || need+=(iperf3)
-command -v haproxy >/dev/null || need+=(haproxy)
-if [ ${#need[@]} -gt 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+source bench/common.sh
+bench_tools iperf3:iperf3 haproxy:haproxy
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 cargo build --release -q -p strait-proxy --bin strait-proxy -p strait-cli --bin strait
 BIN=$PWD/target/release
-WORK=$(mktemp -d /tmp/strait-opaque-bench.XXXXXX)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
-cd "$WORK"
+bench_workdir strait-opaque-bench
 "$BIN/strait" certs root >/dev/null
 "$BIN/strait" certs issuer --cluster bench >/dev/null
 

@@ -6,23 +6,13 @@
 # (HAProxy's client side) and HAPROXY_SERVER_PID; a trap stops them all.
 # Installs wrk, nghttp2-client (h2load), haproxy and openssl if missing.
 WRAP=(${WRAP:-})
-need=()
-command -v wrk >/dev/null || need+=(wrk)
-command -v h2load >/dev/null || need+=(nghttp2-client)
-command -v haproxy >/dev/null || need+=(haproxy)
-command -v openssl >/dev/null || need+=(openssl)
-if [ ${#need[@]} -gt 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+source bench/common.sh
+bench_tools wrk:wrk h2load:nghttp2-client haproxy:haproxy openssl:openssl
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 cargo build --release -q -p strait-proxy --bin strait-proxy -p strait-cli --bin strait -p strait-tests --bin strait-loadgen
 BIN=$PWD/target/release
-WORK=$(mktemp -d /tmp/strait-proxy-bench.XXXXXX)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
-cd "$WORK"
+bench_workdir strait-proxy-bench
 
 # Ports below the ephemeral range: the idle-connection runs leave thousands
 # of client sockets (and TIME_WAITs) on ephemeral ports.

@@ -16,22 +16,12 @@ cd "$(dirname "$0")/.."
 SECS=${1:-5}
 RATE=${2:-1000}
 
-need=()
-command -v iperf3 >/dev/null || need+=(iperf3)
-command -v stunnel4 >/dev/null || need+=(stunnel4)
-command -v openssl >/dev/null || need+=(openssl)
-command -v dig >/dev/null || need+=(dnsutils)
-if [ ${#need[@]} -gt 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+source bench/common.sh
+bench_tools iperf3:iperf3 stunnel4:stunnel4 openssl:openssl dig:dnsutils
 
 cargo build --release -q -p strait-cli --bin strait -p strait-tests --bin strait-loadgen
 BIN=$PWD/target/release
-WORK=$(mktemp -d /tmp/strait-bench.XXXXXX)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
-cd "$WORK"
+bench_workdir strait-bench
 
 # Backends.
 iperf3 -s -B 127.0.0.1 -p 35201 >/dev/null 2>&1 & PIDS+=($!)

@@ -72,9 +72,9 @@ struct Idle {
     /// skipped.
     parking: AtomicBool,
     /// When the first bytes of a next request head arrived (milliseconds
-    /// after `born`, plus one), 0 until they have: a client's time to send
-    /// a head runs from then, across parks, and a header timeout with none
-    /// is an idle connection closing.
+    /// after `born`, plus one), 0 until they have: a parked connection
+    /// holding part of a head waits only until the head is due, and a
+    /// header timeout with none is an idle connection closing.
     head_since: AtomicU64,
     notify: Notify,
 }
@@ -113,6 +113,7 @@ impl Idle {
     fn head_deadline(&self, timeout: Duration) -> Option<Instant> {
         self.head_started().map(|t| t + timeout)
     }
+
     fn active(&self) {
         self.activity.fetch_add(1, Ordering::Relaxed);
     }
