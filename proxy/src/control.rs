@@ -78,9 +78,7 @@ pub fn channel(
                     .map_err(std::io::Error::other)?;
                 tls.connect(name, tcp).await
             };
-            let stream = tokio::time::timeout(timeout, connect)
-                .await
-                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+            let stream = crate::net::timed(timeout, connect).await?;
             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
         }
     });

@@ -470,9 +470,7 @@ impl H2Pool {
                         .await
                         .map_err(std::io::Error::other)
                 };
-                tokio::time::timeout(connect_timeout, connect)
-                    .await
-                    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+                crate::net::timed(connect_timeout, connect).await
             })
         };
         let mut sender = self.conns.get(&target, dial).await?;

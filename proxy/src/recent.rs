@@ -29,33 +29,28 @@ impl<V> Recent<V> {
         }
     }
 
-    /// The value for `name`, made by `make` if there is none, marked used
-    /// `now`; a new name may first sweep out those unused for the idle
-    /// time. Returns whether a sweep ran, too (always `Some`).
-    pub(crate) fn use_or_insert(
-        &mut self,
-        name: &str,
-        now: Instant,
-        make: impl FnOnce() -> V,
-    ) -> Option<(&mut V, bool)> {
-        let mut swept = false;
-        // Looked up by reference: the key is allocated only for a new name.
-        if !self.entries.contains_key(name) {
-            if self
-                .last_sweep
-                .is_none_or(|t| now.saturating_duration_since(t) >= self.idle)
-            {
-                let idle = self.idle;
-                self.entries
-                    .retain(|_, (_, used)| now.saturating_duration_since(*used) < idle);
-                self.last_sweep = Some(now);
-                swept = true;
-            }
-            self.entries.insert(name.to_string(), (make(), now));
+    /// Adds `value` for a new `name` (one not [`Recent::contains`]),
+    /// used `now`; first, at most once per idle time, sweeps out the names
+    /// unused for that long. Returns whether it swept.
+    pub(crate) fn insert(&mut self, name: &str, now: Instant, value: V) -> bool {
+        let sweep = self
+            .last_sweep
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.idle);
+        if sweep {
+            let idle = self.idle;
+            self.entries
+                .retain(|_, (_, used)| now.saturating_duration_since(*used) < idle);
+            self.last_sweep = Some(now);
         }
+        self.entries.insert(name.to_string(), (value, now));
+        sweep
+    }
+
+    /// The value for `name`, if kept, marked used `now`.
+    pub(crate) fn use_mut(&mut self, name: &str, now: Instant) -> Option<&mut V> {
         let (value, used) = self.entries.get_mut(name)?;
         *used = now;
-        Some((value, swept))
+        Some(value)
     }
 
     /// The value for `name`, if kept (not marked used).
@@ -85,9 +80,10 @@ mod tests {
         let t0 = Instant::now();
         let at = |s: u64| t0 + Duration::from_secs(s);
         let mut m = Recent::new(idle);
+        // What a caller does: add a new name, then use it.
         let mut put = |name: &str, s: u64, v: u64| {
-            let (value, swept) = m.use_or_insert(name, at(s), || v).expect("kept");
-            (*value, swept)
+            let swept = !m.contains(name) && m.insert(name, at(s), v);
+            (*m.use_mut(name, at(s)).expect("kept"), swept)
         };
         let (v, swept) = put("a", 0, 1);
         assert_eq!((v, swept), (1, true), "the first insert sweeps (nothing)");
@@ -118,7 +114,7 @@ mod tests {
         let mut most = 0;
         for s in 0..3600u64 {
             let name = format!("tenant-{s}.example");
-            m.use_or_insert(&name, t0 + Duration::from_secs(s), || s);
+            m.insert(&name, t0 + Duration::from_secs(s), s);
             most = most.max(m.len());
         }
         assert!(most <= 121, "{most}");

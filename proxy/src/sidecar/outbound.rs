@@ -355,15 +355,15 @@ impl Outbound {
     ) -> Option<Endpoint> {
         let now = Instant::now();
         let mut balancers = self.0.balancers.lock().unwrap_or_else(|e| e.into_inner());
-        let (_, swept) = balancers.use_or_insert(authority, now, || {
-            Balancer::new(BalanceConfig::default(), rand::random())
-        })?;
-        if swept {
+        // Looked up by reference: the key is allocated only for a new name.
+        let new = !balancers.contains(authority);
+        let balancer = || Balancer::new(BalanceConfig::default(), rand::random());
+        if new && balancers.insert(authority, now, balancer()) {
             // Budgets of forgotten authorities go too.
             let mut budgets = self.0.budgets.lock().unwrap_or_else(|e| e.into_inner());
             budgets.retain(|name, _| name == authority || balancers.contains(name));
         }
-        let b = balancers.get_mut(authority)?;
+        let b = balancers.use_mut(authority, now)?;
         b.update(endpoints.iter().map(|e| e.addr), now);
         let mut key = b.pick(now)?.key;
         // P2C may draw a tried endpoint again; a few more draws find another.
