@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use serde::Deserialize;
+use tokio::sync::{watch, Semaphore};
 
 use crate::identity::SpiffeId;
 
@@ -198,10 +199,25 @@ pub const DNS_FAILURE_FOR: Duration = Duration::from_secs(1);
 pub const DNS_TIMEOUT: Duration = Duration::from_secs(2);
 /// Names whose answers are kept at most.
 const DNS_MAX_CACHED: usize = 1024;
+/// System-resolver lookups running at once, at most: each holds a thread
+/// of tokio's blocking pool until `getaddrinfo` returns, which for an
+/// unanswering server is long after [`DNS_TIMEOUT`].
+pub const DNS_MAX_LOOKUPS: usize = 16;
 
 /// A lookup of `host:port`.
 type Lookup =
     Arc<dyn Fn(String) -> BoxFuture<'static, std::io::Result<Vec<SocketAddr>>> + Send + Sync>;
+
+/// What the cache holds for a name.
+#[derive(Clone)]
+enum Cached {
+    /// An answer (`None`: the name failed) and when it came.
+    Done(Instant, Option<Destination>),
+    /// A lookup under way, started then; its answer arrives on the channel.
+    Pending(Instant, watch::Receiver<Option<Option<Destination>>>),
+}
+
+type DnsCache = Arc<Mutex<crate::FastMap<String, Cached>>>;
 
 /// Resolves `host:port` with the system resolver; endpoints are unmeshed.
 ///
@@ -209,12 +225,19 @@ type Lookup =
 /// resolver (`getaddrinfo`, on tokio's blocking pool) neither caches nor
 /// bounds its time: each would be one more query to the cluster DNS (one
 /// per search domain), and a slow server would hold requests beyond their
-/// timeout. So an answer is kept for [`DNS_ANSWER_FOR`] (a failure for
-/// [`DNS_FAILURE_FOR`]) and a lookup has [`DNS_TIMEOUT`].
+/// timeout. So:
+/// - an answer is kept for [`DNS_ANSWER_FOR`], a failure for
+///   [`DNS_FAILURE_FOR`];
+/// - requests that miss the cache together share one lookup;
+/// - a lookup has [`DNS_TIMEOUT`], and at most [`DNS_MAX_LOOKUPS`] run at
+///   once, each counted until the system resolver returns, past its
+///   timeout if need be, so a dead DNS server cannot fill the blocking
+///   pool with stuck threads.
 pub struct DnsResolver {
     lookup: Lookup,
     timeout: Duration,
-    cache: Mutex<crate::FastMap<String, (Instant, Option<Destination>)>>,
+    cache: DnsCache,
+    running: Arc<Semaphore>,
 }
 
 impl Default for DnsResolver {
@@ -226,6 +249,7 @@ impl Default for DnsResolver {
                 )
             }),
             DNS_TIMEOUT,
+            DNS_MAX_LOOKUPS,
         )
     }
 }
@@ -239,49 +263,82 @@ impl std::fmt::Debug for DnsResolver {
 }
 
 impl DnsResolver {
-    fn with_lookup(lookup: Lookup, timeout: Duration) -> Self {
+    fn with_lookup(lookup: Lookup, timeout: Duration, max_lookups: usize) -> Self {
         Self {
             lookup,
             timeout,
-            cache: Mutex::default(),
+            cache: Arc::default(),
+            running: Arc::new(Semaphore::new(max_lookups)),
         }
     }
 
-    fn cached(&self, authority: &str, now: Instant) -> Option<Option<Destination>> {
-        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        let (at, answer) = cache.get(authority)?;
-        let keep = if answer.is_some() {
-            DNS_ANSWER_FOR
-        } else {
-            DNS_FAILURE_FOR
-        };
-        (now.saturating_duration_since(*at) < keep).then(|| answer.clone())
-    }
-
-    fn remember(&self, authority: &str, now: Instant, answer: Option<Destination>) {
+    /// The cached answer for `authority` if still fresh at `now`, else a
+    /// lookup of it: one already under way, or a new one.
+    fn cached_or_lookup(
+        &self,
+        authority: &str,
+        now: Instant,
+    ) -> Result<Option<Destination>, watch::Receiver<Option<Option<Destination>>>> {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        match cache.get(authority) {
+            Some(Cached::Done(at, answer)) if fresh(*at, answer, now) => return Ok(answer.clone()),
+            Some(Cached::Pending(_, rx)) => return Err(rx.clone()),
+            _ => {}
+        }
         if cache.len() >= DNS_MAX_CACHED && !cache.contains_key(authority) {
-            cache.retain(|_, (at, _)| now.saturating_duration_since(*at) < DNS_ANSWER_FOR);
+            // Lookups end within their timeout, so a pending entry that
+            // old belongs to a lookup task that is gone.
+            cache.retain(|_, c| match c {
+                Cached::Done(at, answer) => fresh(*at, answer, now),
+                Cached::Pending(at, _) => now.saturating_duration_since(*at) < self.timeout * 2,
+            });
             if cache.len() >= DNS_MAX_CACHED {
                 // All fresh: start over rather than grow.
                 cache.clear();
             }
         }
-        cache.insert(authority.to_string(), (now, answer));
+        let (tx, rx) = watch::channel(None);
+        cache.insert(authority.to_string(), Cached::Pending(now, rx.clone()));
+        drop(cache);
+        tokio::spawn(self.lookup_task(authority.to_string(), tx));
+        Err(rx)
     }
-}
 
-impl Resolve for DnsResolver {
-    fn resolve<'a>(&'a self, authority: &'a str) -> BoxFuture<'a, Option<Destination>> {
-        Box::pin(async move {
-            if let Some(answer) = self.cached(authority, Instant::now()) {
-                return answer;
-            }
-            let lookup = (self.lookup)(authority.to_string());
-            let addrs = match tokio::time::timeout(self.timeout, lookup).await {
-                Ok(Ok(addrs)) => addrs,
-                Ok(Err(error)) => {
+    /// Looks `authority` up, within the timeout and a lookup slot, then
+    /// caches the answer and hands it to whoever waits.
+    fn lookup_task(
+        &self,
+        authority: String,
+        tx: watch::Sender<Option<Option<Destination>>>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let lookup = (self.lookup)(authority.clone());
+        let running = self.running.clone();
+        let cache = self.cache.clone();
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        async move {
+            // The lookup runs in a task of its own that keeps its slot
+            // until the system resolver returns, even after the deadline.
+            let looked_up = tokio::spawn(async move {
+                let Ok(slot) = tokio::time::timeout_at(deadline, running.acquire_owned()).await
+                else {
+                    return Err(None);
+                };
+                let result = lookup.await;
+                drop(slot);
+                result.map_err(Some)
+            });
+            let addrs = match tokio::time::timeout_at(deadline, looked_up).await {
+                Ok(Ok(Ok(addrs))) => addrs,
+                Ok(Ok(Err(Some(error)))) => {
                     tracing::debug!(%authority, %error, "DNS lookup failed");
+                    Vec::new()
+                }
+                Ok(Ok(Err(None))) => {
+                    tracing::debug!(%authority, "DNS lookup found no free slot in time");
+                    Vec::new()
+                }
+                Ok(Err(error)) => {
+                    tracing::debug!(%authority, %error, "DNS lookup task failed");
                     Vec::new()
                 }
                 Err(_) => {
@@ -301,7 +358,39 @@ impl Resolve for DnsResolver {
                 endpoints,
                 opaque: false,
             });
-            self.remember(authority, Instant::now(), answer.clone());
+            cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(authority, Cached::Done(Instant::now(), answer.clone()));
+            // No receiver left is fine: the answer is cached.
+            let _ = tx.send(Some(answer));
+        }
+    }
+}
+
+/// An answer is used for [`DNS_ANSWER_FOR`], a failure for [`DNS_FAILURE_FOR`].
+fn fresh(at: Instant, answer: &Option<Destination>, now: Instant) -> bool {
+    let keep = if answer.is_some() {
+        DNS_ANSWER_FOR
+    } else {
+        DNS_FAILURE_FOR
+    };
+    now.saturating_duration_since(at) < keep
+}
+
+impl Resolve for DnsResolver {
+    fn resolve<'a>(&'a self, authority: &'a str) -> BoxFuture<'a, Option<Destination>> {
+        Box::pin(async move {
+            let mut rx = match self.cached_or_lookup(authority, Instant::now()) {
+                Ok(answer) => return answer,
+                Err(rx) => rx,
+            };
+            let answer = match rx.wait_for(Option::is_some).await {
+                Ok(answer) => answer.clone().flatten(),
+                // The lookup task is gone without an answer (the runtime
+                // is shutting down).
+                Err(_) => None,
+            };
             answer
         })
     }
@@ -351,13 +440,20 @@ mod tests {
     }
 
     /// A lookup that counts its calls and answers `127.0.0.1:<port>`
-    /// (port 0: nothing) after `delay`.
-    fn counting(delay: Duration) -> (DnsResolver, Arc<std::sync::atomic::AtomicUsize>) {
+    /// (port 0: nothing) once `gate` lets it through, after `delay`.
+    fn gated(
+        delay: Duration,
+        gate: Arc<Semaphore>,
+        max_lookups: usize,
+    ) -> (DnsResolver, Arc<std::sync::atomic::AtomicUsize>) {
         let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counted = calls.clone();
         let lookup: Lookup = Arc::new(move |authority: String| {
-            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let gate = gate.clone();
+            let counted = counted.clone();
             Box::pin(async move {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _pass = gate.acquire().await;
                 tokio::time::sleep(delay).await;
                 let port: u16 = authority
                     .rsplit_once(':')
@@ -371,16 +467,29 @@ mod tests {
             })
         });
         (
-            DnsResolver::with_lookup(lookup, Duration::from_millis(200)),
+            DnsResolver::with_lookup(lookup, Duration::from_millis(200), max_lookups),
             calls,
         )
+    }
+
+    /// A lookup that counts its calls and answers after `delay`.
+    fn counting(delay: Duration) -> (DnsResolver, Arc<std::sync::atomic::AtomicUsize>) {
+        gated(
+            delay,
+            Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)),
+            DNS_MAX_LOOKUPS,
+        )
+    }
+
+    fn port(d: Option<Destination>) -> Option<u16> {
+        d.map(|d| d.endpoints[0].addr.port())
     }
 
     #[tokio::test]
     async fn dns_answers_are_kept_briefly_and_lookups_bounded() {
         use std::sync::atomic::Ordering::SeqCst;
         let (dns, calls) = counting(Duration::ZERO);
-        let addr = |d: Option<Destination>| d.map(|d| d.endpoints[0].addr.port());
+        let addr = port;
         assert_eq!(addr(dns.resolve("a:80").await), Some(80));
         assert_eq!(addr(dns.resolve("a:80").await), Some(80));
         assert_eq!(
@@ -393,7 +502,10 @@ mod tests {
         assert_eq!(calls.load(SeqCst), 2, "a failure is kept too");
         // An answer for five seconds, a failure for one.
         let now = Instant::now();
-        let kept = |name: &str, after: Duration| dns.cached(name, now + after).is_some();
+        let kept = |name: &str, after: Duration| match dns.cache.lock().expect("lock").get(name) {
+            Some(Cached::Done(at, answer)) => fresh(*at, answer, now + after),
+            _ => false,
+        };
         assert!(kept("a:80", DNS_FAILURE_FOR) && !kept("a:80", DNS_ANSWER_FOR));
         assert!(!kept("none:0", DNS_FAILURE_FOR));
         // A lookup slower than the timeout fails, and is remembered as such.
@@ -409,6 +521,41 @@ mod tests {
         }
         let kept = dns.cache.lock().expect("lock").len();
         assert!(kept <= DNS_MAX_CACHED, "{kept}");
+    }
+
+    #[tokio::test]
+    async fn requests_that_miss_together_share_one_lookup() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (dns, calls) = counting(Duration::from_millis(50));
+        let answers = futures::future::join_all((0..20).map(|_| dns.resolve("a:80"))).await;
+        assert!(answers.into_iter().all(|a| port(a) == Some(80)));
+        assert_eq!(calls.load(SeqCst), 1);
+        // A caller that gives up does not take the answer with it.
+        let gave_up = tokio::time::timeout(Duration::from_millis(5), dns.resolve("b:81")).await;
+        assert!(gave_up.is_err());
+        assert_eq!(port(dns.resolve("b:81").await), Some(81));
+        assert_eq!(calls.load(SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_hanging_resolver_holds_at_most_the_lookup_slots() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let gate = Arc::new(Semaphore::new(0));
+        let (dns, calls) = gated(Duration::ZERO, gate.clone(), 2);
+        let started = Instant::now();
+        let names: Vec<String> = (1..=5).map(|i| format!("n{i}:{i}")).collect();
+        let answers = futures::future::join_all(names.iter().map(|n| dns.resolve(n))).await;
+        assert!(answers.into_iter().all(|a| a.is_none()), "all timed out");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert_eq!(calls.load(SeqCst), 2, "two slots, two lookups");
+        // The two hung lookups keep their slots past their timeout.
+        assert!(dns.resolve("n6:6").await.is_none());
+        assert_eq!(calls.load(SeqCst), 2);
+        // Once the resolver answers, the slots come back.
+        gate.add_permits(Semaphore::MAX_PERMITS >> 1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(port(dns.resolve("n7:7").await), Some(7));
+        assert_eq!(calls.load(SeqCst), 3);
     }
 
     #[test]
