@@ -145,7 +145,9 @@ async fn try_forward(client: &mut TcpStream, direction: Direction) -> Result<()>
     let mut upstream = TcpStream::connect(target)
         .await
         .with_context(|| format!("connect {target}"))?;
-    strait_proxy::forward::splice(client, &mut upstream).await?;
+    strait_proxy::forward::splice(client, &mut upstream)
+        .await
+        .1?;
     Ok(())
 }
 

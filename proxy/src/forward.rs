@@ -36,8 +36,10 @@ pub struct Transferred {
 
 /// Copies `a` to `b` and `b` to `a` until both directions reach end of
 /// stream, propagating each end of stream as a write shutdown (half-close).
-/// The first error of either direction ends both.
-pub async fn splice<A, B>(a: &mut A, b: &mut B) -> io::Result<Transferred>
+/// The first error of either direction ends both. Gives the bytes moved
+/// either way, the ones moved before an error too (a reset connection's
+/// bytes still count), and the error if one ended it.
+pub async fn splice<A, B>(a: &mut A, b: &mut B) -> (Transferred, io::Result<()>)
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -72,16 +74,22 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    type Output = io::Result<Transferred>;
+    type Output = (Transferred, io::Result<()>);
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        let a_to_b = this.a_to_b.poll_copy(cx, &mut *this.a, &mut *this.b)?;
-        let b_to_a = this.b_to_a.poll_copy(cx, &mut *this.b, &mut *this.a)?;
+        let a_to_b = this.a_to_b.poll_copy(cx, &mut *this.a, &mut *this.b);
+        let b_to_a = match a_to_b {
+            Poll::Ready(Err(_)) => Poll::Pending,
+            _ => this.b_to_a.poll_copy(cx, &mut *this.b, &mut *this.a),
+        };
+        let moved = Transferred {
+            a_to_b: this.a_to_b.moved,
+            b_to_a: this.b_to_a.moved,
+        };
         match (a_to_b, b_to_a) {
-            (Poll::Ready(a_to_b), Poll::Ready(b_to_a)) => {
-                Poll::Ready(Ok(Transferred { a_to_b, b_to_a }))
-            }
+            (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => Poll::Ready((moved, Err(e))),
+            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => Poll::Ready((moved, Ok(()))),
             _ => Poll::Pending,
         }
     }
@@ -100,6 +108,7 @@ struct Direction {
     eof: bool,
     /// The writer has been shut down: this direction is finished.
     done: bool,
+    /// Bytes written so far.
     moved: u64,
 }
 
@@ -110,20 +119,19 @@ impl Direction {
     }
 
     /// Moves what `reader` has to `writer` until one of them is not ready,
-    /// or, at end of stream, shuts `writer` down; gives the bytes moved
-    /// once finished.
+    /// or, at end of stream, shuts `writer` down; ready once finished.
     fn poll_copy<R, W>(
         &mut self,
         cx: &mut Context<'_>,
         reader: &mut R,
         writer: &mut W,
-    ) -> Poll<io::Result<u64>>
+    ) -> Poll<io::Result<()>>
     where
         R: AsyncRead + Unpin + ?Sized,
         W: AsyncWrite + Unpin + ?Sized,
     {
         if self.done {
-            return Poll::Ready(Ok(self.moved));
+            return Poll::Ready(Ok(()));
         }
         loop {
             // Everything read goes out before the next read.
@@ -145,7 +153,7 @@ impl Direction {
                 }
                 ready!(Pin::new(&mut *writer).poll_shutdown(cx))?;
                 self.done = true;
-                return Poll::Ready(Ok(self.moved));
+                return Poll::Ready(Ok(()));
             }
             let size = if self.bulk {
                 COPY_BUFFER_BYTES
@@ -202,7 +210,8 @@ mod tests {
         let mut back = Vec::new();
         client.read_to_end(&mut back).await.expect("client reads");
         assert_eq!(back, b"response");
-        let moved = task.await.expect("join").expect("splice");
+        let (moved, result) = task.await.expect("join");
+        result.expect("splice");
         assert_eq!(
             moved,
             Transferred {
@@ -245,7 +254,8 @@ mod tests {
             tokio::join!(send_and_read(client, 1), send_and_read(server, 2));
         assert!(at_server == pattern(LEN, 1), "client to server corrupted");
         assert!(at_client == pattern(LEN, 2), "server to client corrupted");
-        let moved = task.await.expect("join").expect("splice");
+        let (moved, result) = task.await.expect("join");
+        result.expect("splice");
         assert_eq!(
             moved,
             Transferred {
@@ -291,5 +301,68 @@ mod tests {
         assert!(futures::poll!(splice.as_mut()).is_pending());
         assert_eq!(splice.held(), 0);
         assert_eq!(got, vec![7u8; 120]);
+    }
+
+    /// A stream whose reads fail once its peer has gone: an application
+    /// that resets its connection.
+    struct ResetAfter(tokio::io::DuplexStream);
+
+    impl AsyncRead for ResetAfter {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let before = buf.filled().len();
+            ready!(Pin::new(&mut self.get_mut().0).poll_read(cx, buf))?;
+            if buf.filled().len() == before {
+                return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for ResetAfter {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+        }
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().0).poll_flush(cx)
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+        }
+    }
+
+    /// Bytes moved before a reset are still reported, with the error.
+    #[tokio::test]
+    async fn bytes_moved_before_an_error_count() {
+        let (mut client, proxy_a) = tokio::io::duplex(1024);
+        let (mut proxy_b, mut server) = tokio::io::duplex(1024);
+        let mut proxy_a = ResetAfter(proxy_a);
+        let task = tokio::spawn(async move { splice(&mut proxy_a, &mut proxy_b).await });
+        client.write_all(b"hello").await.expect("write");
+        let mut got = [0u8; 5];
+        server.read_exact(&mut got).await.expect("read");
+        server.write_all(b"bye").await.expect("write");
+        let mut back = [0u8; 3];
+        client.read_exact(&mut back).await.expect("read");
+        drop(client);
+        let (moved, result) = task.await.expect("join");
+        assert_eq!(
+            result.expect_err("reset").kind(),
+            io::ErrorKind::ConnectionReset
+        );
+        assert_eq!(
+            moved,
+            Transferred {
+                a_to_b: 5,
+                b_to_a: 3
+            }
+        );
     }
 }

@@ -393,7 +393,7 @@ pub async fn upgrade_via<S, E>(
 ) -> Result<Response<Body>, std::io::Error>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    E: FnOnce(std::io::Result<crate::forward::Transferred>) + Send + 'static,
+    E: FnOnce(crate::forward::Transferred, std::io::Result<()>) + Send + 'static,
 {
     let client_side = hyper::upgrade::on(&mut req);
     let (mut sender, conn) =
@@ -423,7 +423,8 @@ where
             };
             let mut client = hyper_util::rt::TokioIo::new(client);
             let mut server = hyper_util::rt::TokioIo::new(server);
-            on_end(crate::forward::splice(&mut client, &mut server).await);
+            let (moved, result) = crate::forward::splice(&mut client, &mut server).await;
+            on_end(moved, result);
         });
     }
     Ok(rsp.map(boxed))

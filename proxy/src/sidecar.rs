@@ -293,19 +293,17 @@ impl Active {
 
 /// What an upgraded connection's splice does when it ends: until then it
 /// counts as in flight (a drain waits for it, as for any connection), and
-/// its bytes are counted as TCP's.
+/// its bytes are counted as TCP's, however it ended.
 pub(crate) fn upgraded(
     shared: &Arc<Shared>,
     direction: &'static str,
     tls: &'static str,
-) -> impl FnOnce(std::io::Result<crate::forward::Transferred>) + Send + 'static {
+) -> impl FnOnce(crate::forward::Transferred, std::io::Result<()>) + Send + 'static {
     let active = Active::new(&shared.active);
     let shared = shared.clone();
-    move |moved| {
+    move |moved, _result| {
         let _active = active;
-        if let Ok(moved) = moved {
-            count_tcp_bytes(&shared, direction, tls, moved);
-        }
+        count_tcp_bytes(&shared, direction, tls, moved);
     }
 }
 

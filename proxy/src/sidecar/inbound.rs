@@ -373,13 +373,9 @@ impl Inbound {
                 return false;
             }
         };
-        match crate::forward::splice(&mut io, &mut app).await {
-            Ok(t) => {
-                super::count_tcp_bytes(shared, DIRECTION, tls, t);
-                true
-            }
-            Err(_) => false,
-        }
+        let (moved, result) = crate::forward::splice(&mut io, &mut app).await;
+        super::count_tcp_bytes(shared, DIRECTION, tls, moved);
+        result.is_ok()
     }
 }
 

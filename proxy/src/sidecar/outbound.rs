@@ -568,7 +568,7 @@ impl Outbound {
             .await
             .and_then(|d| d.endpoints.into_iter().find(|e| e.addr == orig))
             .and_then(|e| e.identity);
-        let moved = match meshed {
+        let spliced = match meshed {
             Some(id) => {
                 let peer = SocketAddr::new(orig.ip(), shared.config.peer_inbound_port);
                 match self
@@ -578,19 +578,18 @@ impl Outbound {
                     .await
                 {
                     Ok(mut tls) => crate::forward::splice(&mut io, &mut tls).await,
-                    Err(error) => Err(std::io::Error::other(error)),
+                    Err(error) => (Default::default(), Err(std::io::Error::other(error))),
                 }
             }
             None => match connect_within(orig, shared.config.connect_timeout).await {
                 Ok(mut up) => crate::forward::splice(&mut io, &mut up).await,
-                Err(e) => Err(e),
+                Err(e) => (Default::default(), Err(e)),
             },
         };
-        match moved {
-            Ok(t) => {
-                super::count_tcp_bytes(shared, DIRECTION, "false", t);
-                true
-            }
+        let (moved, result) = spliced;
+        super::count_tcp_bytes(shared, DIRECTION, "false", moved);
+        match result {
+            Ok(()) => true,
             Err(error) => {
                 tracing::debug!(%orig, %error, "outbound TCP forwarding failed");
                 false
