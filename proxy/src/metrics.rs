@@ -186,8 +186,10 @@ pub struct RetryLabels {
     pub result: &'static str,
 }
 
-/// At most this many authorities get their own label value; the rest are
-/// `other`, so a client cannot blow up the metric cardinality.
+/// At most this many authorities per direction get their own label value;
+/// the rest are `other`, so a client cannot blow up the metric
+/// cardinality, and inbound clients naming many hosts cannot push the
+/// application's own outbound authorities into `other`.
 pub const MAX_AUTHORITIES: usize = 100;
 
 /// Per-request metrics of the proxy.
@@ -206,9 +208,12 @@ pub struct HttpMetrics {
     /// Idle HTTP/1 connections parked (hyper's buffers freed), by
     /// direction.
     pub parked: Family<DirectionLabels, Gauge>,
-    /// Series handles by authority label, then direction and tls.
-    routes: Arc<Mutex<crate::FastMap<String, Vec<Arc<RouteMetrics>>>>>,
+    /// Series handles by direction, then authority label, then tls.
+    routes: Arc<Mutex<crate::FastMap<&'static str, Routes>>>,
 }
+
+/// One direction's series handles by authority label, then tls.
+type Routes = crate::FastMap<String, Vec<Arc<RouteMetrics>>>;
 
 /// The series of one direction, authority and tls, taken from the
 /// families once: a request then counts without hashing its labels (the
@@ -338,23 +343,24 @@ impl HttpMetrics {
 
     /// The series of requests in `direction` to `authority` over `tls`.
     /// The authority label is the authority itself for the first
-    /// [`MAX_AUTHORITIES`] seen, `other` after.
+    /// [`MAX_AUTHORITIES`] seen in that direction, `other` after.
     pub fn route(
         &self,
         direction: &'static str,
         authority: &str,
         tls: &'static str,
     ) -> Arc<RouteMetrics> {
-        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        let routes = all.entry(direction).or_default();
         let label = if routes.contains_key(authority) || routes.len() < MAX_AUTHORITIES {
             authority
         } else {
             "other"
         };
-        if let Some(r) = routes.get(label).and_then(|v| {
-            v.iter()
-                .find(|r| r.labels.direction == direction && r.labels.tls == tls)
-        }) {
+        if let Some(r) = routes
+            .get(label)
+            .and_then(|v| v.iter().find(|r| r.labels.tls == tls))
+        {
             return r.clone();
         }
         let labels = RequestLabels {
@@ -483,15 +489,22 @@ mod tests {
         a.response("2xx", "");
         a.response("2xx", "7");
         a.latency("2xx", 0.001);
-        for n in 1..MAX_AUTHORITIES {
+        for n in 0..MAX_AUTHORITIES {
             http.route("inbound", &format!("a{n}:80"), "false");
         }
         // Past the bound, and only for a new authority: `other`.
         let late = http.route("inbound", "late:80", "false");
         assert_eq!(late.labels().authority, "other");
         assert_eq!(
-            http.route("inbound", "web:80", "false").labels().authority,
-            "web:80"
+            http.route("inbound", "a1:80", "true").labels().authority,
+            "a1:80"
+        );
+        // Each direction has its own bound.
+        assert_eq!(
+            http.route("outbound", "late:80", "false")
+                .labels()
+                .authority,
+            "late:80"
         );
         late.request();
         let text = encode(&registry);
