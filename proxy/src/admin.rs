@@ -106,12 +106,17 @@ impl Drop for AdminServer {
     }
 }
 
-/// What one admin client may hold.
+/// What admin clients may hold.
 #[derive(Clone, Copy, Debug)]
 pub struct AdminLimits {
     /// Connections served at once (default 64); more wait in the listen
     /// queue.
     pub max_connections: usize,
+    /// Connections served at once from one client address (default 8);
+    /// more are closed when accepted. The kubelet's probes, from the
+    /// node's address, and Prometheus each need one or two, and a client
+    /// holding many cannot starve them.
+    pub per_source: usize,
     /// How long a client may take to send a request head, and so stay
     /// idle between requests (default 10 s).
     pub header_timeout: std::time::Duration,
@@ -121,6 +126,7 @@ impl Default for AdminLimits {
     fn default() -> Self {
         Self {
             max_connections: 64,
+            per_source: 8,
             header_timeout: std::time::Duration::from_secs(10),
         }
     }
@@ -128,7 +134,8 @@ impl Default for AdminLimits {
 
 async fn serve(listener: tokio::net::TcpListener, router: Router, limits: AdminLimits) {
     use tower::ServiceExt as _;
-    let listener = crate::net::LimitedAccept::new(listener, limits.max_connections, "admin");
+    let listener = crate::net::LimitedAccept::new(listener, limits.max_connections, "admin")
+        .per_source(limits.per_source);
     loop {
         let (tcp, remote, slot) = listener.accept().await;
         let router = router.clone();
@@ -199,6 +206,7 @@ mod tests {
         );
         let limits = AdminLimits {
             max_connections: 2,
+            per_source: 2,
             header_timeout: Duration::from_secs(1),
         };
         let server = AdminServer::bind_with("127.0.0.1:0".parse().expect("addr"), router, limits)
@@ -227,5 +235,53 @@ mod tests {
         assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
         let me = third.local_addr().expect("addr").to_string();
         assert!(rsp.ends_with(&me), "{rsp} (from {me})");
+    }
+
+    /// One address holding its share of connections cannot keep another
+    /// out: its next connection is closed at once, another address's is
+    /// served, and a slot given back is taken again.
+    #[tokio::test]
+    async fn one_address_cannot_take_every_slot() {
+        let limits = AdminLimits {
+            max_connections: 8,
+            per_source: 2,
+            header_timeout: Duration::from_secs(30),
+        };
+        let router = router(Arc::new(Registry::default()), Readiness::default());
+        let server = AdminServer::bind_with("127.0.0.1:0".parse().expect("addr"), router, limits)
+            .await
+            .expect("bind");
+        let addr = server.local_addr();
+        let from = |ip: &str| {
+            let ip: std::net::IpAddr = ip.parse().expect("ip");
+            async move {
+                let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+                socket.bind(SocketAddr::new(ip, 0)).expect("bind");
+                socket.connect(addr).await.expect("connect")
+            }
+        };
+        let get = "GET /live HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n";
+        let held = [from("127.0.0.1").await, from("127.0.0.1").await];
+        let mut third = from("127.0.0.1").await;
+        let _ = third.write_all(get.as_bytes()).await;
+        let started = Instant::now();
+        assert_eq!(read_all(&mut third).await, "", "closed, not served");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let mut other = from("127.0.0.2").await;
+        other.write_all(get.as_bytes()).await.expect("write");
+        assert!(read_all(&mut other).await.starts_with("HTTP/1.1 200"));
+        drop(held);
+        // The server sees the close, then the address has room again.
+        let mut served = false;
+        for _ in 0..50 {
+            let mut again = from("127.0.0.1").await;
+            let _ = again.write_all(get.as_bytes()).await;
+            if read_all(&mut again).await.starts_with("HTTP/1.1 200") {
+                served = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(served, "slots given back");
     }
 }

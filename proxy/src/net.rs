@@ -1,6 +1,7 @@
 //! Listening sockets, bound the same way everywhere.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -57,12 +58,39 @@ impl Target {
     }
 }
 
-/// A listener's connections, at most so many being served at once.
+/// A listener's connections, at most so many being served at once, and
+/// optionally at most so many from one address.
 #[derive(Debug)]
 pub struct LimitedAccept {
     listener: TcpListener,
-    slots: std::sync::Arc<tokio::sync::Semaphore>,
+    slots: Arc<tokio::sync::Semaphore>,
+    per_source: Option<(usize, Sources)>,
     name: &'static str,
+}
+
+/// Connections being served, by client address.
+type Sources = Arc<Mutex<crate::FastMap<IpAddr, usize>>>;
+
+/// What an accepted connection holds while it is served: its share of
+/// the listener's limits, given back when dropped.
+#[derive(Debug)]
+pub struct Slot {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    source: Option<(IpAddr, Sources)>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some((ip, sources)) = self.source.take() {
+            let mut sources = sources.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = sources.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    sources.remove(&ip);
+                }
+            }
+        }
+    }
 }
 
 impl LimitedAccept {
@@ -71,29 +99,67 @@ impl LimitedAccept {
     pub fn new(listener: TcpListener, max: usize, name: &'static str) -> Self {
         Self {
             listener,
-            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(max)),
+            slots: Arc::new(tokio::sync::Semaphore::new(max)),
+            per_source: None,
             name,
         }
     }
 
-    /// The next connection, with the slot it holds until dropped. Waits
-    /// while every slot is taken (connections queue in the kernel's
+    /// Also at most `max` connections from one client address at once: a
+    /// connection beyond that is closed as soon as it is accepted, so one
+    /// client cannot take every slot and the others still get theirs.
+    pub fn per_source(mut self, max: usize) -> Self {
+        self.per_source = Some((max, Sources::default()));
+        self
+    }
+
+    /// The next connection, with the [`Slot`] it holds until dropped.
+    /// Waits while every slot is taken (connections queue in the kernel's
     /// backlog). A failed accept (out of descriptors, most likely) is
     /// logged and retried shortly, letting some connections close.
-    pub async fn accept(&self) -> (TcpStream, SocketAddr, tokio::sync::OwnedSemaphorePermit) {
+    pub async fn accept(&self) -> (TcpStream, SocketAddr, Slot) {
         loop {
             let slot = match self.slots.clone().acquire_owned().await {
                 Ok(slot) => slot,
                 // Never closed.
                 Err(_) => continue,
             };
-            match self.listener.accept().await {
-                Ok((tcp, remote)) => return (tcp, remote, slot),
+            let (tcp, remote) = match self.listener.accept().await {
+                Ok(accepted) => accepted,
                 Err(error) => {
                     tracing::warn!(listener = self.name, %error, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
                 }
+            };
+            let Some((max, sources)) = &self.per_source else {
+                return (
+                    tcp,
+                    remote,
+                    Slot {
+                        _slot: slot,
+                        source: None,
+                    },
+                );
+            };
+            let ip = remote.ip().to_canonical();
+            let mut held = sources.lock().unwrap_or_else(|e| e.into_inner());
+            let n = held.entry(ip).or_default();
+            if *n >= *max {
+                drop(held);
+                tracing::debug!(listener = self.name, %remote, "too many connections from one address; closed");
+                continue;
             }
+            *n += 1;
+            let source = Some((ip, sources.clone()));
+            return (
+                tcp,
+                remote,
+                Slot {
+                    _slot: slot,
+                    source,
+                },
+            );
         }
     }
 }
