@@ -19,16 +19,35 @@ pub fn parse<C: clap::Parser>() -> Result<C, ExitCode> {
 }
 
 /// Logs to stderr with `default_filter`, unless `STRAIT_LOG` says
-/// otherwise; installs Strait's crypto provider.
+/// otherwise; installs Strait's crypto provider. A `STRAIT_LOG` that does
+/// not parse is reported on stderr and the default used.
 pub fn init(default_filter: &str) {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("STRAIT_LOG")
-                .unwrap_or_else(|_| default_filter.into()),
-        )
-        .with_writer(std::io::stderr)
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let from_env = std::env::var("STRAIT_LOG").ok();
+    let filter = match from_env.as_deref().map(log_filter) {
+        Some(Ok(filter)) => filter,
+        Some(Err(error)) => {
+            eprintln!("STRAIT_LOG: {error}; logging with {default_filter:?}");
+            log_filter(default_filter).unwrap_or_default()
+        }
+        None => log_filter(default_filter).unwrap_or_default(),
+    };
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
         .init();
     crate::tls::install_default_provider();
+}
+
+/// A log filter: `level` or `target=level`, comma-separated (`info`,
+/// `warn,strait_proxy=debug`), as tracing's `EnvFilter` takes them
+/// without span and field directives (and so without a regex engine in
+/// every binary).
+pub fn log_filter(
+    spec: &str,
+) -> Result<tracing_subscriber::filter::Targets, tracing_subscriber::filter::ParseError> {
+    spec.parse()
 }
 
 /// Runs `f` on a runtime with `threads` workers (default: one per CPU).
@@ -83,6 +102,29 @@ pub fn exit(result: anyhow::Result<()>) -> ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn log_filters_parse_levels_and_targets_only() {
+        use tracing::level_filters::LevelFilter;
+        let f = super::log_filter("warn,strait_proxy=debug,h2=off").expect("parses");
+        assert_eq!(f.default_level(), Some(LevelFilter::WARN));
+        assert!(f.would_enable("strait_proxy::sidecar", &tracing::Level::DEBUG));
+        assert!(!f.would_enable("h2::codec", &tracing::Level::ERROR));
+        assert!(!f.would_enable("hyper", &tracing::Level::INFO));
+        assert!(super::log_filter("strait_proxy=loud").is_err());
+        // The binaries' defaults.
+        for default in [
+            "warn",
+            "warn,strait_proxy=info",
+            "warn,kube_client=off",
+            "warn,strait_gateway=info,strait_proxy=info",
+        ] {
+            assert!(super::log_filter(default).is_ok(), "{default}");
         }
     }
 }

@@ -207,9 +207,12 @@ async fn pair_listening(
 ) -> Pair {
     strait_proxy::tls::install_default_provider();
     if let Ok(filter) = std::env::var("STRAIT_TEST_LOG") {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-            .with_test_writer()
+        use tracing_subscriber::layer::SubscriberExt as _;
+        use tracing_subscriber::util::SubscriberInitExt as _;
+        let filter = strait_proxy::cli::log_filter(&filter).expect("STRAIT_TEST_LOG parses");
+        let _ = tracing_subscriber::registry()
+            .with(tracing_subscriber::fmt::layer().with_test_writer())
+            .with(filter)
             .try_init();
     }
     let (issuer, anchors) = trust();
