@@ -43,11 +43,25 @@ pub fn init(default_filter: &str) {
 /// A log filter: `level` or `target=level`, comma-separated (`info`,
 /// `warn,strait_proxy=debug`), as tracing's `EnvFilter` takes them
 /// without span and field directives (and so without a regex engine in
-/// every binary).
-pub fn log_filter(
-    spec: &str,
-) -> Result<tracing_subscriber::filter::Targets, tracing_subscriber::filter::ParseError> {
-    spec.parse()
+/// every binary). Empty pieces are skipped, as `EnvFilter` does; a span
+/// or field directive is refused rather than taken as a target.
+pub fn log_filter(spec: &str) -> Result<tracing_subscriber::filter::Targets, String> {
+    let mut directives = Vec::new();
+    for piece in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if piece.contains(['[', ']', '{', '}']) {
+            return Err(format!(
+                "{piece:?}: span and field directives are not supported"
+            ));
+        }
+        directives.push(piece);
+    }
+    if directives.is_empty() {
+        return Err("no directives".to_string());
+    }
+    directives
+        .join(",")
+        .parse()
+        .map_err(|e: tracing_subscriber::filter::ParseError| e.to_string())
 }
 
 /// Runs `f` on a runtime with `threads` workers (default: one per CPU).
@@ -73,10 +87,14 @@ pub fn run_async(
         .enable_all()
         .build()
         .map_err(|e| anyhow::anyhow!("starting the runtime: {e}"))?;
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         tokio::spawn(timer_floor());
         f.await
-    })
+    });
+    // Blocking work still running (a `getaddrinfo` a dead DNS server
+    // holds) must not keep the process from exiting.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
 }
 
 /// Keeps a timer at most a second away in tokio's timer wheel, for the
@@ -117,6 +135,13 @@ mod tests {
         assert!(!f.would_enable("h2::codec", &tracing::Level::ERROR));
         assert!(!f.would_enable("hyper", &tracing::Level::INFO));
         assert!(super::log_filter("strait_proxy=loud").is_err());
+        // A trailing or doubled comma is no directive (tracing's parser
+        // would take it as `error` for everything).
+        let f = super::log_filter("info,,strait_proxy=debug,").expect("parses");
+        assert_eq!(f.default_level(), Some(LevelFilter::INFO));
+        assert!(super::log_filter("strait_proxy[conn]=debug").is_err());
+        assert!(super::log_filter("[{peer=x}]=debug").is_err());
+        assert!(super::log_filter(" , ").is_err());
         // The binaries' defaults.
         for default in [
             "warn",

@@ -279,10 +279,30 @@ impl DnsResolver {
         authority: &str,
         now: Instant,
     ) -> Result<Option<Destination>, watch::Receiver<Option<Option<Destination>>>> {
+        // An address needs no lookup (and must not wait for a slot
+        // behind lookups of names a dead DNS server holds).
+        if let Ok(addr) = authority.parse::<SocketAddr>() {
+            return Ok(Some(Destination {
+                endpoints: vec![Endpoint {
+                    addr,
+                    identity: None,
+                    weight: 1,
+                }],
+                opaque: false,
+            }));
+        }
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         match cache.get(authority) {
             Some(Cached::Done(at, answer)) if fresh(*at, answer, now) => return Ok(answer.clone()),
-            Some(Cached::Pending(_, rx)) => return Err(rx.clone()),
+            // A lookup under way, unless its task is gone without an
+            // answer (it never is but at runtime shutdown; then look
+            // again rather than answer nothing for good).
+            Some(Cached::Pending(at, rx))
+                if rx.has_changed().is_ok()
+                    && now.saturating_duration_since(*at) < self.timeout * 2 =>
+            {
+                return Err(rx.clone())
+            }
             _ => {}
         }
         if cache.len() >= DNS_MAX_CACHED && !cache.contains_key(authority) {
@@ -316,25 +336,30 @@ impl DnsResolver {
         let cache = self.cache.clone();
         let deadline = tokio::time::Instant::now() + self.timeout;
         async move {
+            let Ok(Ok(slot)) = tokio::time::timeout_at(deadline, running.acquire_owned()).await
+            else {
+                // Not the name's failure: nothing is cached, and the next
+                // request asks again.
+                tracing::debug!(%authority, "DNS lookup found no free slot in time");
+                let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+                if matches!(cache.get(&authority), Some(Cached::Pending(..))) {
+                    cache.remove(&authority);
+                }
+                drop(cache);
+                let _ = tx.send(Some(None));
+                return;
+            };
             // The lookup runs in a task of its own that keeps its slot
             // until the system resolver returns, even after the deadline.
             let looked_up = tokio::spawn(async move {
-                let Ok(slot) = tokio::time::timeout_at(deadline, running.acquire_owned()).await
-                else {
-                    return Err(None);
-                };
                 let result = lookup.await;
                 drop(slot);
-                result.map_err(Some)
+                result
             });
             let addrs = match tokio::time::timeout_at(deadline, looked_up).await {
                 Ok(Ok(Ok(addrs))) => addrs,
-                Ok(Ok(Err(Some(error)))) => {
+                Ok(Ok(Err(error))) => {
                     tracing::debug!(%authority, %error, "DNS lookup failed");
-                    Vec::new()
-                }
-                Ok(Ok(Err(None))) => {
-                    tracing::debug!(%authority, "DNS lookup found no free slot in time");
                     Vec::new()
                 }
                 Ok(Err(error)) => {
@@ -445,6 +470,7 @@ mod tests {
         delay: Duration,
         gate: Arc<Semaphore>,
         max_lookups: usize,
+        timeout: Duration,
     ) -> (DnsResolver, Arc<std::sync::atomic::AtomicUsize>) {
         let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counted = calls.clone();
@@ -467,7 +493,7 @@ mod tests {
             })
         });
         (
-            DnsResolver::with_lookup(lookup, Duration::from_millis(200), max_lookups),
+            DnsResolver::with_lookup(lookup, timeout, max_lookups),
             calls,
         )
     }
@@ -478,6 +504,7 @@ mod tests {
             delay,
             Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)),
             DNS_MAX_LOOKUPS,
+            Duration::from_millis(200),
         )
     }
 
@@ -526,30 +553,56 @@ mod tests {
     #[tokio::test]
     async fn requests_that_miss_together_share_one_lookup() {
         use std::sync::atomic::Ordering::SeqCst;
-        let (dns, calls) = counting(Duration::from_millis(50));
-        let answers = futures::future::join_all((0..20).map(|_| dns.resolve("a:80"))).await;
-        assert!(answers.into_iter().all(|a| port(a) == Some(80)));
-        assert_eq!(calls.load(SeqCst), 1);
+        // Lookups answer when the test opens the gate, well within their
+        // timeout however slow the machine.
+        let gate = Arc::new(Semaphore::new(0));
+        let (dns, calls) = gated(
+            Duration::ZERO,
+            gate.clone(),
+            DNS_MAX_LOOKUPS,
+            Duration::from_secs(30),
+        );
         // A caller that gives up does not take the answer with it.
         let gave_up = tokio::time::timeout(Duration::from_millis(5), dns.resolve("b:81")).await;
         assert!(gave_up.is_err());
+        let opened = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            gate.add_permits(Semaphore::MAX_PERMITS >> 1);
+        };
+        let all = futures::future::join_all((0..20).map(|_| dns.resolve("a:80")));
+        let (answers, ()) = tokio::join!(all, opened);
+        assert!(answers.into_iter().all(|a| port(a) == Some(80)));
         assert_eq!(port(dns.resolve("b:81").await), Some(81));
-        assert_eq!(calls.load(SeqCst), 2);
+        assert_eq!(calls.load(SeqCst), 2, "one lookup per name");
     }
 
     #[tokio::test]
     async fn a_hanging_resolver_holds_at_most_the_lookup_slots() {
         use std::sync::atomic::Ordering::SeqCst;
         let gate = Arc::new(Semaphore::new(0));
-        let (dns, calls) = gated(Duration::ZERO, gate.clone(), 2);
+        let (dns, calls) = gated(Duration::ZERO, gate.clone(), 2, Duration::from_millis(200));
         let started = Instant::now();
         let names: Vec<String> = (1..=5).map(|i| format!("n{i}:{i}")).collect();
         let answers = futures::future::join_all(names.iter().map(|n| dns.resolve(n))).await;
         assert!(answers.into_iter().all(|a| a.is_none()), "all timed out");
         assert!(started.elapsed() < Duration::from_secs(2));
         assert_eq!(calls.load(SeqCst), 2, "two slots, two lookups");
+        // The two names looked up are remembered as failed; the three that
+        // found no slot are not (that was no failure of theirs).
+        let remembered = names
+            .iter()
+            .filter(|n| {
+                let cache = dns.cache.lock().expect("lock");
+                matches!(cache.get(n.as_str()), Some(Cached::Done(_, None)))
+            })
+            .count();
+        assert_eq!(remembered, 2);
         // The two hung lookups keep their slots past their timeout.
         assert!(dns.resolve("n6:6").await.is_none());
+        assert_eq!(calls.load(SeqCst), 2);
+        // An address needs no slot, nor a lookup.
+        assert_eq!(port(dns.resolve("10.1.2.3:8080").await), Some(8080));
+        assert_eq!(port(dns.resolve("[fd00::1]:8443").await), Some(8443));
         assert_eq!(calls.load(SeqCst), 2);
         // Once the resolver answers, the slots come back.
         gate.add_permits(Semaphore::MAX_PERMITS >> 1);

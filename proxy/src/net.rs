@@ -109,7 +109,7 @@ impl LimitedAccept {
     /// connection beyond that is closed as soon as it is accepted, so one
     /// client cannot take every slot and the others still get theirs.
     pub fn per_source(mut self, max: usize) -> Self {
-        self.per_source = Some((max, Sources::default()));
+        self.per_source = Some((max.max(1), Sources::default()));
         self
     }
 

@@ -568,6 +568,7 @@ impl Outbound {
             .await
             .and_then(|d| d.endpoints.into_iter().find(|e| e.addr == orig))
             .and_then(|e| e.identity);
+        let tls = if meshed.is_some() { "true" } else { "false" };
         let spliced = match meshed {
             Some(id) => {
                 let peer = SocketAddr::new(orig.ip(), shared.config.peer_inbound_port);
@@ -587,7 +588,7 @@ impl Outbound {
             },
         };
         let (moved, result) = spliced;
-        super::count_tcp_bytes(shared, DIRECTION, "false", moved);
+        super::count_tcp_bytes(shared, DIRECTION, tls, moved);
         match result {
             Ok(()) => true,
             Err(error) => {
