@@ -19,7 +19,9 @@ source bench/common.sh
 bench_tools iperf3:iperf3 haproxy:haproxy
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-cargo build --release -q -p strait-proxy --bin strait-proxy -p strait-cli --bin strait
+# The proxy on its own, as its image builds it (see proxy-pair.sh).
+cargo build --release -q -p strait-proxy --bin strait-proxy
+cargo build --release -q -p strait-cli --bin strait
 BIN=$PWD/target/release
 bench_workdir strait-opaque-bench
 "$BIN/strait" certs root >/dev/null
