@@ -13,6 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use tokio::sync::{watch, Semaphore};
 
@@ -238,6 +242,15 @@ pub struct DnsResolver {
     timeout: Duration,
     cache: DnsCache,
     running: Arc<Semaphore>,
+    lookups: Family<DnsLookupLabels, Counter>,
+}
+
+/// Labels of the DNS fallback's lookups.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsLookupLabels {
+    /// `ok` (addresses), `failed` (an error or no address), `timeout`, or
+    /// `no_slot` (every lookup slot held past the timeout).
+    pub result: &'static str,
 }
 
 impl Default for DnsResolver {
@@ -269,7 +282,18 @@ impl DnsResolver {
             timeout,
             cache: Arc::default(),
             running: Arc::new(Semaphore::new(max_lookups)),
+            lookups: Family::default(),
         }
+    }
+
+    /// Counts lookups in `registry`, as `strait_proxy_dns_lookups_total`.
+    pub fn with_metrics(self, registry: &mut Registry) -> Self {
+        registry.register(
+            "strait_proxy_dns_lookups",
+            "Lookups of names only DNS knows, by result (ok, failed, timeout, no_slot)",
+            self.lookups.clone(),
+        );
+        self
     }
 
     /// The cached answer for `authority` if still fresh at `now`, else a
@@ -334,6 +358,8 @@ impl DnsResolver {
         let lookup = (self.lookup)(authority.clone());
         let running = self.running.clone();
         let cache = self.cache.clone();
+        let lookups = self.lookups.clone();
+        let count = move |result| lookups.get_or_create(&DnsLookupLabels { result }).inc();
         let deadline = tokio::time::Instant::now() + self.timeout;
         async move {
             let Ok(Ok(slot)) = tokio::time::timeout_at(deadline, running.acquire_owned()).await
@@ -341,6 +367,7 @@ impl DnsResolver {
                 // Not the name's failure: nothing is cached, and the next
                 // request asks again.
                 tracing::debug!(%authority, "DNS lookup found no free slot in time");
+                count("no_slot");
                 let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
                 if matches!(cache.get(&authority), Some(Cached::Pending(..))) {
                     cache.remove(&authority);
@@ -357,17 +384,23 @@ impl DnsResolver {
                 result
             });
             let addrs = match tokio::time::timeout_at(deadline, looked_up).await {
-                Ok(Ok(Ok(addrs))) => addrs,
+                Ok(Ok(Ok(addrs))) => {
+                    count(if addrs.is_empty() { "failed" } else { "ok" });
+                    addrs
+                }
                 Ok(Ok(Err(error))) => {
                     tracing::debug!(%authority, %error, "DNS lookup failed");
+                    count("failed");
                     Vec::new()
                 }
                 Ok(Err(error)) => {
                     tracing::debug!(%authority, %error, "DNS lookup task failed");
+                    count("failed");
                     Vec::new()
                 }
                 Err(_) => {
                     tracing::debug!(%authority, "DNS lookup timed out");
+                    count("timeout");
                     Vec::new()
                 }
             };
@@ -597,6 +630,8 @@ mod tests {
             })
             .count();
         assert_eq!(remembered, 2);
+        let counted = |result| dns.lookups.get_or_create(&DnsLookupLabels { result }).get();
+        assert_eq!((counted("timeout"), counted("no_slot")), (2, 3));
         // The two hung lookups keep their slots past their timeout.
         assert!(dns.resolve("n6:6").await.is_none());
         assert_eq!(calls.load(SeqCst), 2);
@@ -609,6 +644,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(port(dns.resolve("n7:7").await), Some(7));
         assert_eq!(calls.load(SeqCst), 3);
+        assert_eq!((counted("ok"), counted("no_slot")), (1, 4));
     }
 
     #[test]

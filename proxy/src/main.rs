@@ -348,7 +348,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.destinations {
         resolvers.push(Box::new(StaticResolver::load(path)?));
     }
-    resolvers.push(Box::new(DnsResolver::default()));
+    resolvers.push(Box::new(DnsResolver::default().with_metrics(&mut registry)));
     let proxy = Proxy::start(config, store, anchors, Arc::new(Chain(resolvers)), registry).await?;
     let v6 = proxy
         .outbound_ipv6_addr()
