@@ -1,13 +1,40 @@
-//! Links the binaries with packed relative relocations (DT_RELR, glibc
-//! 2.36 and binutils 2.38 or later, as in the Debian 12 images): a
-//! position-independent executable keeps its address randomisation while
-//! its relocation table shrinks from ~350 KB of 24-byte entries, all read
-//! at every start, to a few kilobytes of bitmaps.
+//! Links the binaries with packed relative relocations (DT_RELR) where the
+//! C library loading them knows the format (glibc 2.36 or later, as in the
+//! Debian 12 image): a position-independent executable keeps its address
+//! randomisation while its relocation table shrinks from ~350 KB of
+//! 24-byte entries, all read at every start, to a few kilobytes of bitmaps.
+//! A binary built so would not start on an older glibc, so the build only
+//! asks for it when it runs on the glibc the binary is built for.
 
 fn main() {
-    let os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
-    let env = std::env::var("CARGO_CFG_TARGET_ENV").unwrap_or_default();
-    if os == "linux" && env == "gnu" {
+    println!("cargo:rerun-if-changed=build.rs");
+    let var = |name: &str| std::env::var(name).unwrap_or_default();
+    let native = var("TARGET") == var("HOST");
+    if var("CARGO_CFG_TARGET_OS") == "linux"
+        && var("CARGO_CFG_TARGET_ENV") == "gnu"
+        && native
+        && glibc_at_least(2, 36)
+    {
         println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
+    }
+}
+
+/// Whether this machine's glibc (`getconf GNU_LIBC_VERSION`: `glibc 2.36`)
+/// is at least `major.minor`; false when that cannot be told.
+fn glibc_at_least(major: u32, minor: u32) -> bool {
+    let Ok(out) = std::process::Command::new("getconf")
+        .arg("GNU_LIBC_VERSION")
+        .output()
+    else {
+        return false;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let Some(version) = text.trim().strip_prefix("glibc ") else {
+        return false;
+    };
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(a), Some(b)) => (a, b) >= (major, minor),
+        _ => false,
     }
 }

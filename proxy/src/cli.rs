@@ -53,6 +53,10 @@ pub fn log_filter(spec: &str) -> Result<tracing_subscriber::filter::Targets, Str
                 "{piece:?}: span and field directives are not supported"
             ));
         }
+        // tracing would read `target=` as `target=error`.
+        if piece.ends_with('=') {
+            return Err(format!("{piece:?}: no level"));
+        }
         directives.push(piece);
     }
     if directives.is_empty() {
@@ -142,6 +146,7 @@ mod tests {
         assert!(super::log_filter("strait_proxy[conn]=debug").is_err());
         assert!(super::log_filter("[{peer=x}]=debug").is_err());
         assert!(super::log_filter(" , ").is_err());
+        assert!(super::log_filter("info,h2=").is_err());
         // The binaries' defaults.
         for default in [
             "warn",

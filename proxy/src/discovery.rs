@@ -344,7 +344,7 @@ impl DnsResolver {
         let (tx, rx) = watch::channel(None);
         cache.insert(authority.to_string(), Cached::Pending(now, rx.clone()));
         drop(cache);
-        tokio::spawn(self.lookup_task(authority.to_string(), tx));
+        tokio::spawn(self.lookup_task(authority.to_string(), tx, rx.clone()));
         Err(rx)
     }
 
@@ -354,25 +354,47 @@ impl DnsResolver {
         &self,
         authority: String,
         tx: watch::Sender<Option<Option<Destination>>>,
+        own: watch::Receiver<Option<Option<Destination>>>,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let lookup = (self.lookup)(authority.clone());
         let running = self.running.clone();
         let cache = self.cache.clone();
         let lookups = self.lookups.clone();
         let count = move |result| lookups.get_or_create(&DnsLookupLabels { result }).inc();
-        let deadline = tokio::time::Instant::now() + self.timeout;
+        let timeout = self.timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        // Settles this lookup's cache entry: replaced by `done` (or
+        // removed), unless a newer lookup has taken the name's entry since
+        // (after the cache was cleared).
+        let name = authority.clone();
+        let settle = move |done: Option<Cached>| {
+            let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+            let ours = match cache.get(&name) {
+                Some(Cached::Pending(_, rx)) => rx.same_channel(&own),
+                Some(Cached::Done(..)) => false,
+                None => true,
+            };
+            if ours {
+                match done {
+                    Some(done) => cache.insert(name, done),
+                    None => cache.remove(&name),
+                };
+            }
+        };
         async move {
-            let Ok(Ok(slot)) = tokio::time::timeout_at(deadline, running.acquire_owned()).await
-            else {
+            // A slot freed too late to look up within the timeout is as
+            // good as none: the lookup would be abandoned, and its slot
+            // and thread held, for nothing.
+            let slot = match tokio::time::timeout_at(deadline, running.acquire_owned()).await {
+                Ok(Ok(slot)) if deadline - tokio::time::Instant::now() >= timeout / 2 => Some(slot),
+                _ => None,
+            };
+            let Some(slot) = slot else {
                 // Not the name's failure: nothing is cached, and the next
                 // request asks again.
                 tracing::debug!(%authority, "DNS lookup found no free slot in time");
                 count("no_slot");
-                let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
-                if matches!(cache.get(&authority), Some(Cached::Pending(..))) {
-                    cache.remove(&authority);
-                }
-                drop(cache);
+                settle(None);
                 let _ = tx.send(Some(None));
                 return;
             };
@@ -416,10 +438,7 @@ impl DnsResolver {
                 endpoints,
                 opaque: false,
             });
-            cache
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(authority, Cached::Done(Instant::now(), answer.clone()));
+            settle(Some(Cached::Done(Instant::now(), answer.clone())));
             // No receiver left is fine: the answer is cached.
             let _ = tx.send(Some(answer));
         }
@@ -645,6 +664,28 @@ mod tests {
         assert_eq!(port(dns.resolve("n7:7").await), Some(7));
         assert_eq!(calls.load(SeqCst), 3);
         assert_eq!((counted("ok"), counted("no_slot")), (1, 4));
+    }
+
+    /// A slot that frees with less than half the timeout left is not
+    /// used: the name is neither looked up nor remembered as failed.
+    #[tokio::test]
+    async fn a_slot_freed_too_late_is_no_slot() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let gate = Arc::new(Semaphore::new(0));
+        let (dns, calls) = gated(Duration::ZERO, gate.clone(), 1, Duration::from_millis(400));
+        let opened = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            gate.add_permits(Semaphore::MAX_PERMITS >> 1);
+        };
+        let late = async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            dns.resolve("b:2").await
+        };
+        let (first, late, ()) = tokio::join!(dns.resolve("h:1"), late, opened);
+        assert_eq!(port(first), Some(1));
+        assert!(late.is_none());
+        assert_eq!(calls.load(SeqCst), 1, "b:2 was not looked up");
+        assert!(dns.cache.lock().expect("lock").get("b:2").is_none());
     }
 
     #[test]
