@@ -24,20 +24,34 @@ pub fn parse<C: clap::Parser>() -> Result<C, ExitCode> {
 pub fn init(default_filter: &str) {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
-    let from_env = std::env::var("STRAIT_LOG").ok();
-    let filter = match from_env.as_deref().map(log_filter) {
-        Some(Ok(filter)) => filter,
-        Some(Err(error)) => {
-            eprintln!("STRAIT_LOG: {error}; logging with {default_filter:?}");
-            log_filter(default_filter).unwrap_or_default()
-        }
-        None => log_filter(default_filter).unwrap_or_default(),
-    };
+    let from_env = std::env::var("STRAIT_LOG").ok().and_then(|spec| {
+        log_filter(&spec)
+            .map_err(|error| eprintln!("STRAIT_LOG: {error}; logging with {default_filter:?}"))
+            .ok()
+    });
+    let filter = from_env
+        .or_else(|| log_filter(default_filter).ok())
+        .unwrap_or_default();
     tracing_subscriber::registry()
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
         .with(filter)
         .init();
     crate::tls::install_default_provider();
+}
+
+/// For tests: logs through the test harness's capture when
+/// `STRAIT_TEST_LOG` holds a filter (`debug`, `strait_proxy=debug`); a
+/// filter that does not parse fails the test. Later calls do nothing.
+pub fn test_logs() {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    if let Ok(spec) = std::env::var("STRAIT_TEST_LOG") {
+        let filter = log_filter(&spec).expect("STRAIT_TEST_LOG parses");
+        let _ = tracing_subscriber::registry()
+            .with(tracing_subscriber::fmt::layer().with_test_writer())
+            .with(filter)
+            .try_init();
+    }
 }
 
 /// A log filter: `level` or `target=level`, comma-separated (`info`,

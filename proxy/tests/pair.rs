@@ -206,15 +206,7 @@ async fn pair_listening(
     client_outbound_v6: Option<SocketAddr>,
 ) -> Pair {
     strait_proxy::tls::install_default_provider();
-    if let Ok(filter) = std::env::var("STRAIT_TEST_LOG") {
-        use tracing_subscriber::layer::SubscriberExt as _;
-        use tracing_subscriber::util::SubscriberInitExt as _;
-        let filter = strait_proxy::cli::log_filter(&filter).expect("STRAIT_TEST_LOG parses");
-        let _ = tracing_subscriber::registry()
-            .with(tracing_subscriber::fmt::layer().with_test_writer())
-            .with(filter)
-            .try_init();
-    }
+    strait_proxy::cli::test_logs();
     let (issuer, anchors) = trust();
     let app = app().await;
     let echo = echo().await;

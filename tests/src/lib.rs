@@ -48,15 +48,7 @@ impl Testbed {
     pub fn new(clusters: &[&str]) -> Self {
         tls::install_default_provider();
         // STRAIT_TEST_LOG=debug shows the gateways' logs.
-        if let Ok(filter) = std::env::var("STRAIT_TEST_LOG") {
-            use tracing_subscriber::layer::SubscriberExt as _;
-            use tracing_subscriber::util::SubscriberInitExt as _;
-            let filter = strait_proxy::cli::log_filter(&filter).expect("STRAIT_TEST_LOG parses");
-            let _ = tracing_subscriber::registry()
-                .with(tracing_subscriber::fmt::layer().with_test_writer())
-                .with(filter)
-                .try_init();
-        }
+        strait_proxy::cli::test_logs();
         let dir = tempfile::tempdir().expect("tempdir");
         write_certs(dir.path(), clusters).expect("certificates");
         Self {
