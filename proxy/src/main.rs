@@ -119,6 +119,9 @@ struct RunArgs {
     /// Refuse plaintext inbound connections.
     #[arg(long, env = "STRAIT_PROXY_REQUIRE_MTLS")]
     require_mtls: bool,
+    /// Connections served at once in each direction; beyond it new ones wait in the listen backlog.
+    #[arg(long, env = "STRAIT_PROXY_MAX_CONNECTIONS", default_value_t = 20_000)]
+    max_connections: u32,
     /// Drain deadline after SIGTERM, ms.
     #[arg(long, env = "STRAIT_PROXY_SHUTDOWN_GRACE_MS", default_value = "30000", value_parser = ms)]
     shutdown_grace_ms: Duration,
@@ -296,6 +299,28 @@ fn identity(
     Ok((store, Some(task)))
 }
 
+/// Raises the soft limit on open descriptors to the hard limit, as Go's
+/// runtime does for every program: a container's soft limit may be 1,024,
+/// far below the connections the proxy is meant to hold. Warns when even
+/// the hard limit is short of `max_connections` in both directions (each
+/// connection's own descriptor and, at worst, one to its destination):
+/// accepts would then fail for want of descriptors before the connection
+/// limit applies.
+fn raise_descriptor_limit(max_connections: usize) {
+    let wanted = (max_connections as u64)
+        .saturating_mul(4)
+        .saturating_add(256);
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < wanted => tracing::warn!(
+            limit,
+            wanted,
+            "the open descriptor limit is below what --max-connections needs"
+        ),
+        Ok(limit) => tracing::debug!(limit, "open descriptor limit"),
+        Err(error) => tracing::warn!(%error, "could not raise the open descriptor limit"),
+    }
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = ProxyConfig {
         outbound: args.outbound_listen,
@@ -315,8 +340,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         http2_keepalive: args.http2_keepalive_ms,
         require_mtls: args.require_mtls,
         shutdown_grace: args.shutdown_grace_ms,
+        max_connections: args.max_connections as usize,
     };
     config.validate()?;
+    raise_descriptor_limit(config.max_connections);
     let anchors = match (&args.trust_anchors, &args.trust_anchors_pem) {
         (Some(path), _) => TrustAnchors::load(path)?,
         (None, Some(pem)) => {

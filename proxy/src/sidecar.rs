@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use prometheus_client::registry::Registry;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use crate::admin::{AdminServer, Readiness};
 use crate::discovery::Resolve;
@@ -91,6 +91,15 @@ pub struct ProxyConfig {
     pub require_mtls: bool,
     /// How long in-flight work may take after SIGTERM (default 30 s).
     pub shutdown_grace: Duration,
+    /// Connections served at once in each direction (default 20,000, both
+    /// outbound listeners together). Beyond it a listener stops accepting
+    /// until one closes, and new connections wait in the kernel's listen
+    /// backlog, as with HAProxy's `maxconn`: a client opening connections
+    /// without end cannot run the proxy out of descriptors or memory (an
+    /// idle HTTP/1 connection costs about 8 KB, a busy one more). Each
+    /// pause is counted as `strait_proxy_errors_total{reason=
+    /// "connection_limit"}`.
+    pub max_connections: usize,
 }
 
 impl Default for ProxyConfig {
@@ -113,6 +122,7 @@ impl Default for ProxyConfig {
             http2_keepalive: Duration::from_secs(10),
             require_mtls: false,
             shutdown_grace: Duration::from_secs(30),
+            max_connections: 20_000,
         }
     }
 }
@@ -155,6 +165,12 @@ impl ProxyConfig {
             return Err(ConfigError {
                 field: "inbound-ips",
                 message: format!("{ip} is not a pod address"),
+            });
+        }
+        if !(1..=Semaphore::MAX_PERMITS).contains(&self.max_connections) {
+            return Err(ConfigError {
+                field: "max-connections",
+                message: format!("must be from 1 to {}", Semaphore::MAX_PERMITS),
             });
         }
         if self.peer_inbound_port == 0 {
@@ -416,10 +432,15 @@ impl Proxy {
         let out = outbound::Outbound::new(shared.clone())?;
         let inn = inbound::Inbound::new(shared.clone())?;
         let mut tasks = Vec::new();
+        let outbound_slots = Arc::new(Semaphore::new(config.max_connections));
         for listener in std::iter::once(outbound).chain(outbound_v6) {
             let out = out.clone();
             tasks.push(tokio::spawn(accept(
-                listener,
+                Listener {
+                    tcp: listener,
+                    direction: "outbound",
+                    slots: outbound_slots.clone(),
+                },
                 shared.clone(),
                 move |tcp, s| {
                     let out = out.clone();
@@ -428,7 +449,11 @@ impl Proxy {
             )));
         }
         tasks.push(tokio::spawn(accept(
-            inbound,
+            Listener {
+                tcp: inbound,
+                direction: "inbound",
+                slots: Arc::new(Semaphore::new(config.max_connections)),
+            },
             shared.clone(),
             move |tcp, s| {
                 let inn = inn.clone();
@@ -527,16 +552,51 @@ impl Drop for Proxy {
     }
 }
 
-async fn accept<F, Fut>(listener: TcpListener, shared: Arc<Shared>, serve: F)
+/// A data listener and the connection slots of its direction.
+struct Listener {
+    tcp: TcpListener,
+    direction: &'static str,
+    /// [`ProxyConfig::max_connections`], shared by the listeners of one
+    /// direction; each connection holds one until it closes.
+    slots: Arc<Semaphore>,
+}
+
+async fn accept<F, Fut>(listener: Listener, shared: Arc<Shared>, serve: F)
 where
     F: Fn(TcpStream, Arc<Shared>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let Listener {
+        tcp: listener,
+        direction,
+        slots,
+    } = listener;
     loop {
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                shared.http.error(direction, "connection_limit");
+                tracing::warn!(
+                    direction,
+                    max = shared.config.max_connections,
+                    "connection limit reached: new connections wait in the listen backlog"
+                );
+                match slots.clone().acquire_owned().await {
+                    Ok(slot) => slot,
+                    // Never closed.
+                    Err(_) => return,
+                }
+            }
+        };
         match listener.accept().await {
             Ok((tcp, _)) => {
                 let _ = tcp.set_nodelay(true);
-                tokio::spawn(serve(tcp, shared.clone()));
+
+                let served = serve(tcp, shared.clone());
+                tokio::spawn(async move {
+                    served.await;
+                    drop(slot);
+                });
             }
             Err(error) => {
                 tracing::warn!(%error, "accept failed");

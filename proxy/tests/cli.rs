@@ -216,6 +216,18 @@ fn the_http1_header_timeout_must_leave_time_to_park() {
     }
 }
 
+/// A connection limit of none, or of more than a u32, is refused.
+#[test]
+fn the_connection_limit_must_allow_a_connection() {
+    for (max, code, why) in [
+        ("0", 1, "must be from 1"),
+        ("4294967296", 2, "not in 0..=4294967295"),
+    ] {
+        let args = ["--inbound-target", "127.0.0.1:1", "--max-connections", max];
+        refused_with(&args, code, "max-connections", why);
+    }
+}
+
 #[test]
 fn trust_anchors_come_from_exactly_one_place() {
     for args in [

@@ -852,6 +852,49 @@ async fn idle_keep_alive_connections_are_parked_and_resumed() {
     let _ = (&p.app, &p.client_registry);
 }
 
+/// Past `max_connections` in a direction the listener stops accepting:
+/// the next connection waits in the listen backlog, unanswered, until one
+/// closes, and the pause is counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_limit_wait_for_one_to_close() {
+    let s = served_with(ProxyConfig {
+        max_connections: 2,
+        ..local_config()
+    })
+    .await;
+    let inbound = s.server.inbound_addr();
+    let first = answered_once(inbound).await;
+    let mut second = answered_once(inbound).await;
+    let mut third = TcpStream::connect(inbound).await.expect("connect");
+    third
+        .write_all(b"GET /three HTTP/1.1\r\nhost: web.demo\r\n\r\n")
+        .await
+        .expect("write");
+    let mut byte = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(500), third.read(&mut byte)).await;
+    assert!(early.is_err(), "answered past the limit: {early:?}");
+    let paused = r#"strait_proxy_errors_total{direction="inbound",reason="connection_limit"} 1"#;
+    let m = metrics_containing(&s.server, paused).await;
+    assert!(m.contains(paused), "{m}");
+    // The connections held still serve, and the limit is per direction:
+    // the outbound listener has slots of its own.
+    second
+        .write_all(b"GET /again HTTP/1.1\r\nhost: web.demo\r\n\r\n")
+        .await
+        .expect("write");
+    let rsp = read_response(&mut second, &mut Vec::new()).await;
+    assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
+    let out = raw_http1(
+        s.server.outbound_addr(),
+        "GET / HTTP/1.1\r\nhost: nowhere.demo\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 "), "outbound not served: {out:?}");
+    drop(first);
+    let rsp = read_response(&mut third, &mut Vec::new()).await;
+    assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_whose_last_request_had_a_body_is_not_parked() {
     let p = pair(None).await;
