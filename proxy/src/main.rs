@@ -302,10 +302,10 @@ fn identity(
 /// Raises the soft limit on open descriptors to the hard limit, as Go's
 /// runtime does for every program: a container's soft limit may be 1,024,
 /// far below the connections the proxy is meant to hold. Warns when even
-/// the hard limit is short of `max_connections` in both directions (each
-/// connection's own descriptor and, at worst, one to its destination):
-/// accepts would then fail for want of descriptors before the connection
-/// limit applies.
+/// the hard limit is short of `max_connections` in both directions, at
+/// roughly two descriptors each (its own and one to its destination;
+/// pooled upstream connections add some): accepts would then fail for want
+/// of descriptors before the connection limit applies.
 fn raise_descriptor_limit(max_connections: usize) {
     let wanted = (max_connections as u64)
         .saturating_mul(4)

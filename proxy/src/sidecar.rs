@@ -571,40 +571,61 @@ where
         direction,
         slots,
     } = listener;
+    let mut warned: Option<tokio::time::Instant> = None;
+    let mut paused = |why| {
+        shared.http.error(direction, "connection_limit");
+        if warned.is_none_or(|at| at.elapsed() >= LIMIT_WARNING_EVERY) {
+            warned = Some(tokio::time::Instant::now());
+            tracing::warn!(
+                direction,
+                max = shared.config.max_connections,
+                "connection limit reached: {why}"
+            );
+        }
+    };
     loop {
+        // Wait for a free slot without taking it: an idle listener must
+        // not hold one the other listener of its direction could use.
+        if slots.available_permits() == 0 {
+            paused("new connections wait in the listen backlog");
+            match slots.acquire().await {
+                Ok(free) => drop(free),
+                // Never closed.
+                Err(_) => return,
+            }
+        }
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(error) => {
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
         let slot = match slots.clone().try_acquire_owned() {
             Ok(slot) => slot,
+            // The other listener took the slot first: this connection waits
+            // for the next (one such per listener at most).
             Err(_) => {
-                shared.http.error(direction, "connection_limit");
-                tracing::warn!(
-                    direction,
-                    max = shared.config.max_connections,
-                    "connection limit reached: new connections wait in the listen backlog"
-                );
+                paused("a connection accepted waits for a slot");
                 match slots.clone().acquire_owned().await {
                     Ok(slot) => slot,
-                    // Never closed.
                     Err(_) => return,
                 }
             }
         };
-        match listener.accept().await {
-            Ok((tcp, _)) => {
-                let _ = tcp.set_nodelay(true);
-
-                let served = serve(tcp, shared.clone());
-                tokio::spawn(async move {
-                    served.await;
-                    drop(slot);
-                });
-            }
-            Err(error) => {
-                tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
+        let _ = tcp.set_nodelay(true);
+        let served = serve(tcp, shared.clone());
+        tokio::spawn(async move {
+            served.await;
+            drop(slot);
+        });
     }
 }
+
+/// How often a listener held at its connection limit logs so (each pause
+/// is counted).
+const LIMIT_WARNING_EVERY: Duration = Duration::from_secs(10);
 
 /// The destination of an accepted connection: `SO_ORIGINAL_DST` when
 /// transparent, else `fallback`.

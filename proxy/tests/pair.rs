@@ -873,7 +873,7 @@ async fn connections_past_the_limit_wait_for_one_to_close() {
     let mut byte = [0u8; 1];
     let early = tokio::time::timeout(Duration::from_millis(500), third.read(&mut byte)).await;
     assert!(early.is_err(), "answered past the limit: {early:?}");
-    let paused = r#"strait_proxy_errors_total{direction="inbound",reason="connection_limit"} 1"#;
+    let paused = "strait_proxy_errors_total{direction=\"inbound\",reason=\"connection_limit\"} 1\n";
     let m = metrics_containing(&s.server, paused).await;
     assert!(m.contains(paused), "{m}");
     // The connections held still serve, and the limit is per direction:
@@ -893,6 +893,29 @@ async fn connections_past_the_limit_wait_for_one_to_close() {
     drop(first);
     let rsp = read_response(&mut third, &mut Vec::new()).await;
     assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
+}
+
+/// The IPv4 and IPv6 outbound listeners share one limit without either
+/// holding a slot while idle: with a limit of one, connections taking
+/// turns on both are each served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_listeners_share_their_limit_without_holding_it() {
+    let s = served_with(ProxyConfig {
+        max_connections: 1,
+        outbound_ipv6: Some("[::1]:0".parse().expect("addr")),
+        ..local_config()
+    })
+    .await;
+    let v4 = s.server.outbound_addr();
+    let v6 = s.server.outbound_ipv6_addr().expect("an IPv6 listener");
+    for addr in [v4, v4, v6, v6, v4] {
+        let rsp = raw_http1(
+            addr,
+            "GET / HTTP/1.1\r\nhost: nowhere.demo\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(rsp.starts_with("HTTP/1.1 "), "{addr} not served: {rsp:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
