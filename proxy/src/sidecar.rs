@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use prometheus_client::registry::Registry;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
@@ -615,11 +616,10 @@ where
             }
         };
         let _ = tcp.set_nodelay(true);
-        let served = serve(tcp, shared.clone());
-        tokio::spawn(async move {
-            served.await;
-            drop(slot);
-        });
+        // `map`, not an async block: one awaiting the serving future holds it
+        // twice over (captured, and pinned while polled), 0.5 KB more per
+        // connection.
+        tokio::spawn(serve(tcp, shared.clone()).map(move |()| drop(slot)));
     }
 }
 
