@@ -2,9 +2,10 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::Semaphore;
 
 /// Pending connections a listener queues (the kernel caps it at
 /// `net.core.somaxconn`): a burst of new connections, such as a client's
@@ -60,13 +61,29 @@ impl Target {
 
 /// A listener's connections, at most so many being served at once, and
 /// optionally at most so many from one address.
-#[derive(Debug)]
 pub struct LimitedAccept {
     listener: TcpListener,
-    slots: Arc<tokio::sync::Semaphore>,
+    slots: Arc<Semaphore>,
     per_source: Option<(usize, Sources)>,
     name: &'static str,
+    on_limit: Option<Box<dyn Fn() + Send + Sync>>,
+    /// When the last pause at the limit was logged.
+    warned: Mutex<Option<Instant>>,
 }
+
+impl std::fmt::Debug for LimitedAccept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LimitedAccept")
+            .field("listener", &self.listener)
+            .field("free", &self.slots.available_permits())
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How often a listener held at its limit logs so (each pause is passed
+/// to [`LimitedAccept::on_limit`]).
+const LIMIT_WARNING_EVERY: Duration = Duration::from_secs(10);
 
 /// Connections being served, by client address.
 type Sources = Arc<Mutex<crate::FastMap<IpAddr, usize>>>;
@@ -97,12 +114,28 @@ impl LimitedAccept {
     /// Accepts from `listener` while fewer than `max` accepted connections
     /// are being served; `name` is for logs.
     pub fn new(listener: TcpListener, max: usize, name: &'static str) -> Self {
+        Self::sharing(listener, Arc::new(Semaphore::new(max)), name)
+    }
+
+    /// Accepts from `listener` while `slots`, which other listeners may
+    /// share, has one free; `name` is for logs. A listener waiting for a
+    /// connection holds no slot, so an idle one never keeps a slot from
+    /// the others.
+    pub fn sharing(listener: TcpListener, slots: Arc<Semaphore>, name: &'static str) -> Self {
         Self {
             listener,
-            slots: Arc::new(tokio::sync::Semaphore::new(max)),
+            slots,
             per_source: None,
             name,
+            on_limit: None,
+            warned: Mutex::new(None),
         }
+    }
+
+    /// Calls `counted` each time the listener pauses at its limit.
+    pub fn on_limit(mut self, counted: impl Fn() + Send + Sync + 'static) -> Self {
+        self.on_limit = Some(Box::new(counted));
+        self
     }
 
     /// Also at most `max` connections from one client address at once: a
@@ -119,17 +152,32 @@ impl LimitedAccept {
     /// logged and retried shortly, letting some connections close.
     pub async fn accept(&self) -> (TcpStream, SocketAddr, Slot) {
         loop {
-            let slot = match self.slots.clone().acquire_owned().await {
-                Ok(slot) => slot,
+            // Wait for a free slot without taking it.
+            if self.slots.available_permits() == 0 {
+                self.paused("new connections wait in the listen backlog");
                 // Never closed.
-                Err(_) => continue,
-            };
+                let _ = self.slots.acquire().await;
+            }
             let (tcp, remote) = match self.listener.accept().await {
                 Ok(accepted) => accepted,
                 Err(error) => {
                     tracing::warn!(listener = self.name, %error, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
+                }
+            };
+            let slot = match self.slots.clone().try_acquire_owned() {
+                Ok(slot) => slot,
+                // A listener sharing the slots took the last one first:
+                // this connection waits for the next (one such per
+                // listener at most).
+                Err(_) => {
+                    self.paused("a connection accepted waits for a slot");
+                    match self.slots.clone().acquire_owned().await {
+                        Ok(slot) => slot,
+                        // Never closed.
+                        Err(_) => continue,
+                    }
                 }
             };
             let Some((max, sources)) = &self.per_source else {
@@ -160,6 +208,18 @@ impl LimitedAccept {
                     source,
                 },
             );
+        }
+    }
+
+    /// Counts a pause at the limit, and logs it unless one was lately.
+    fn paused(&self, why: &str) {
+        if let Some(counted) = &self.on_limit {
+            counted();
+        }
+        let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
+        if warned.is_none_or(|at| at.elapsed() >= LIMIT_WARNING_EVERY) {
+            *warned = Some(Instant::now());
+            tracing::warn!(listener = self.name, "connection limit reached: {why}");
         }
     }
 }

@@ -28,6 +28,7 @@ use crate::admin::{AdminServer, Readiness};
 use crate::discovery::Resolve;
 use crate::identity::{CertStore, TrustAnchors};
 use crate::metrics::{HttpMetrics, TcpMetrics, TlsMetrics};
+use crate::net::LimitedAccept;
 
 /// Everything the sidecar needs; validated by [`ProxyConfig::validate`].
 #[derive(Clone, Debug)]
@@ -437,11 +438,7 @@ impl Proxy {
         for listener in std::iter::once(outbound).chain(outbound_v6) {
             let out = out.clone();
             tasks.push(tokio::spawn(accept(
-                Listener {
-                    tcp: listener,
-                    direction: "outbound",
-                    slots: outbound_slots.clone(),
-                },
+                limited(listener, "outbound", &outbound_slots, &shared),
                 shared.clone(),
                 move |tcp, s| {
                     let out = out.clone();
@@ -450,11 +447,12 @@ impl Proxy {
             )));
         }
         tasks.push(tokio::spawn(accept(
-            Listener {
-                tcp: inbound,
-                direction: "inbound",
-                slots: Arc::new(Semaphore::new(config.max_connections)),
-            },
+            limited(
+                inbound,
+                "inbound",
+                &Arc::new(Semaphore::new(config.max_connections)),
+                &shared,
+            ),
             shared.clone(),
             move |tcp, s| {
                 let inn = inn.clone();
@@ -553,68 +551,15 @@ impl Drop for Proxy {
     }
 }
 
-/// A data listener and the connection slots of its direction.
-struct Listener {
-    tcp: TcpListener,
-    direction: &'static str,
-    /// [`ProxyConfig::max_connections`], shared by the listeners of one
-    /// direction; each connection holds one until it closes.
-    slots: Arc<Semaphore>,
-}
-
-async fn accept<F, Fut>(listener: Listener, shared: Arc<Shared>, serve: F)
+/// Serves each connection `listener` accepts, holding its slot until the
+/// connection is done.
+async fn accept<F, Fut>(listener: LimitedAccept, shared: Arc<Shared>, serve: F)
 where
     F: Fn(TcpStream, Arc<Shared>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let Listener {
-        tcp: listener,
-        direction,
-        slots,
-    } = listener;
-    let mut warned: Option<tokio::time::Instant> = None;
-    let mut paused = |why| {
-        shared.http.error(direction, "connection_limit");
-        if warned.is_none_or(|at| at.elapsed() >= LIMIT_WARNING_EVERY) {
-            warned = Some(tokio::time::Instant::now());
-            tracing::warn!(
-                direction,
-                max = shared.config.max_connections,
-                "connection limit reached: {why}"
-            );
-        }
-    };
     loop {
-        // Wait for a free slot without taking it: an idle listener must
-        // not hold one the other listener of its direction could use.
-        if slots.available_permits() == 0 {
-            paused("new connections wait in the listen backlog");
-            match slots.acquire().await {
-                Ok(free) => drop(free),
-                // Never closed.
-                Err(_) => return,
-            }
-        }
-        let tcp = match listener.accept().await {
-            Ok((tcp, _)) => tcp,
-            Err(error) => {
-                tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let slot = match slots.clone().try_acquire_owned() {
-            Ok(slot) => slot,
-            // The other listener took the slot first: this connection waits
-            // for the next (one such per listener at most).
-            Err(_) => {
-                paused("a connection accepted waits for a slot");
-                match slots.clone().acquire_owned().await {
-                    Ok(slot) => slot,
-                    Err(_) => return,
-                }
-            }
-        };
+        let (tcp, _, slot) = listener.accept().await;
         let _ = tcp.set_nodelay(true);
         // `map`, not an async block: one awaiting the serving future holds it
         // twice over (captured, and pinned while polled), 0.5 KB more per
@@ -623,9 +568,19 @@ where
     }
 }
 
-/// How often a listener held at its connection limit logs so (each pause
-/// is counted).
-const LIMIT_WARNING_EVERY: Duration = Duration::from_secs(10);
+/// A data listener of `direction`, sharing `slots` with the direction's
+/// other listener ([`ProxyConfig::max_connections`]); each pause at the
+/// limit is counted as `connection_limit`.
+fn limited(
+    tcp: TcpListener,
+    direction: &'static str,
+    slots: &Arc<Semaphore>,
+    shared: &Arc<Shared>,
+) -> LimitedAccept {
+    let shared = shared.clone();
+    LimitedAccept::sharing(tcp, slots.clone(), direction)
+        .on_limit(move || shared.http.error(direction, "connection_limit"))
+}
 
 /// The destination of an accepted connection: `SO_ORIGINAL_DST` when
 /// transparent, else `fallback`.
