@@ -59,7 +59,8 @@ impl Target {
     }
 }
 
-/// A listener's connections, at most so many being served at once, and
+/// A listener's connections, at most so many being served at once
+/// (counted with the other listeners sharing its slots, if any), and
 /// optionally at most so many from one address.
 pub struct LimitedAccept {
     listener: TcpListener,
@@ -148,7 +149,8 @@ impl LimitedAccept {
 
     /// The next connection, with the [`Slot`] it holds until dropped.
     /// Waits while every slot is taken (connections queue in the kernel's
-    /// backlog). A failed accept (out of descriptors, most likely) is
+    /// backlog; with shared slots, one connection per listener may instead
+    /// wait accepted, when another listener took the slot). A failed accept (out of descriptors, most likely) is
     /// logged and retried shortly, letting some connections close.
     pub async fn accept(&self) -> (TcpStream, SocketAddr, Slot) {
         loop {
