@@ -150,8 +150,9 @@ impl LimitedAccept {
     /// The next connection, with the [`Slot`] it holds until dropped.
     /// Waits while every slot is taken (connections queue in the kernel's
     /// backlog; with shared slots, one connection per listener may instead
-    /// wait accepted, when another listener took the slot). A failed accept (out of descriptors, most likely) is
-    /// logged and retried shortly, letting some connections close.
+    /// wait accepted, when another listener took the slot). A failed
+    /// accept (out of descriptors, most likely) is logged and retried
+    /// shortly, letting some connections close.
     pub async fn accept(&self) -> (TcpStream, SocketAddr, Slot) {
         loop {
             // Wait for a free slot without taking it.

@@ -96,7 +96,7 @@ pub struct ProxyConfig {
     /// Connections served at once in each direction (default 20,000, both
     /// outbound listeners together). Beyond it a listener stops accepting
     /// until one closes, and new connections wait in the kernel's listen
-    /// backlog, as with HAProxy's `maxconn`: a client opening connections
+    /// backlog (see [`LimitedAccept::accept`]), as with HAProxy's `maxconn`: a client opening connections
     /// without end cannot run the proxy out of descriptors or memory (an
     /// idle HTTP/1 connection costs about 8 KB, a busy one more). Each
     /// pause is counted as `strait_proxy_errors_total{reason=
@@ -438,7 +438,7 @@ impl Proxy {
         for listener in std::iter::once(outbound).chain(outbound_v6) {
             let out = out.clone();
             tasks.push(tokio::spawn(accept(
-                limited(listener, "outbound", &outbound_slots, &shared),
+                limited(listener, "outbound", outbound_slots.clone(), &shared),
                 shared.clone(),
                 move |tcp, s| {
                     let out = out.clone();
@@ -450,7 +450,7 @@ impl Proxy {
             limited(
                 inbound,
                 "inbound",
-                &Arc::new(Semaphore::new(config.max_connections)),
+                Arc::new(Semaphore::new(config.max_connections)),
                 &shared,
             ),
             shared.clone(),
@@ -574,11 +574,11 @@ where
 fn limited(
     tcp: TcpListener,
     direction: &'static str,
-    slots: &Arc<Semaphore>,
+    slots: Arc<Semaphore>,
     shared: &Arc<Shared>,
 ) -> LimitedAccept {
     let shared = shared.clone();
-    LimitedAccept::sharing(tcp, slots.clone(), direction)
+    LimitedAccept::sharing(tcp, slots, direction)
         .on_limit(move || shared.http.error(direction, "connection_limit"))
 }
 
