@@ -43,17 +43,25 @@ fn peer_proxy_failed(rsp: &Response<Body>) -> bool {
         )
 }
 
-/// A request that can be sent again when it is idempotent and its body
-/// was small enough to buffer; otherwise it is sent once.
-enum Replay {
-    Once(Option<Request<Body>>),
-    Buffered {
-        method: http::Method,
-        uri: http::Uri,
-        version: Version,
-        headers: http::HeaderMap,
-        body: bytes::Bytes,
-    },
+/// A request to send, and to send again when it is idempotent and its
+/// body was small enough to buffer.
+struct Replay {
+    /// The request as received, for the first attempt. Its header map has
+    /// the room hyper left for the header added for a peer proxy; a clone
+    /// has none, and adding one reallocates it.
+    first: Option<Request<Body>>,
+    /// What later attempts are built from; `None` when the request can be
+    /// sent only once.
+    again: Option<Buffered>,
+}
+
+/// A copy of a request whose body was buffered whole.
+struct Buffered {
+    method: http::Method,
+    uri: http::Uri,
+    version: Version,
+    headers: http::HeaderMap,
+    body: bytes::Bytes,
 }
 
 impl Replay {
@@ -65,7 +73,10 @@ impl Replay {
             .upper()
             .is_some_and(|n| n <= MAX_BUFFERED_BODY as u64);
         if !is_idempotent(req.method()) || !small {
-            return Ok(Self::Once(Some(req)));
+            return Ok(Self {
+                first: Some(req),
+                again: None,
+            });
         }
         let (parts, body) = req.into_parts();
         // Bounded by its size hint, which the server connection enforces
@@ -81,42 +92,40 @@ impl Replay {
                 .filter(|b| b.len() <= MAX_BUFFERED_BODY)
                 .ok_or_else(|| error_response(StatusCode::BAD_REQUEST, "request body failed"))?
         };
-        Ok(Self::Buffered {
-            method: parts.method,
-            uri: parts.uri,
+        let again = Buffered {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
             version: parts.version,
-            headers: parts.headers,
-            body,
+            headers: parts.headers.clone(),
+            body: body.clone(),
+        };
+        Ok(Self {
+            first: Some(Request::from_parts(parts, whole(body))),
+            again: Some(again),
         })
     }
 
     fn can_replay(&self) -> bool {
-        matches!(self, Self::Buffered { .. })
+        self.again.is_some()
     }
 
     fn next(&mut self) -> Option<Request<Body>> {
-        match self {
-            Self::Once(r) => r.take(),
-            Self::Buffered {
-                method,
-                uri,
-                version,
-                headers,
-                body,
-            } => {
-                let mut req = Request::new(
-                    http_body_util::Full::new(body.clone())
-                        .map_err(|never| match never {})
-                        .boxed(),
-                );
-                *req.method_mut() = method.clone();
-                *req.uri_mut() = uri.clone();
-                *req.version_mut() = *version;
-                *req.headers_mut() = headers.clone();
-                Some(req)
-            }
+        if let Some(first) = self.first.take() {
+            return Some(first);
         }
+        let again = self.again.as_ref()?;
+        let mut req = Request::new(whole(again.body.clone()));
+        *req.method_mut() = again.method.clone();
+        *req.uri_mut() = again.uri.clone();
+        *req.version_mut() = again.version;
+        *req.headers_mut() = again.headers.clone();
+        Some(req)
     }
+}
+
+/// A body of `bytes`, whole.
+fn whole(bytes: bytes::Bytes) -> Body {
+    crate::http::boxed(http_body_util::Full::new(bytes))
 }
 
 /// The outbound proxy; cheap to clone.
