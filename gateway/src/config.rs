@@ -18,6 +18,7 @@
 //! links:
 //!   - name: east
 //!     addresses: ["east-gateway.example.com:4143"]
+//! maxConnections: 20000
 //! ```
 
 use std::net::SocketAddr;
@@ -66,6 +67,18 @@ pub struct GatewayConfig {
     /// The sidecar injector webhook (off unless set).
     #[serde(default)]
     pub injector: Option<InjectorConfig>,
+    /// Connections served at once in each direction (default 20,000).
+    /// Outbound, the egress listeners share it: past it they stop
+    /// accepting until a connection ends, and new ones wait in the listen
+    /// backlog. Inbound, streams from peers share it (each takes a
+    /// connection to an endpoint): past it, the TCP tunnel listener stops
+    /// accepting and QUIC streams wait to be served.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+}
+
+fn default_max_connections() -> u32 {
+    20_000
 }
 
 /// The sidecar injector: a mutating admission webhook the API server calls
@@ -619,6 +632,12 @@ impl GatewayConfig {
         if self.mesh.proxy_inbound_port == 0 {
             return Err(invalid("mesh.proxyInboundPort", "must not be 0"));
         }
+        if self.max_connections == 0 {
+            return Err(invalid(
+                "maxConnections",
+                "must be positive (0 would serve nothing)",
+            ));
+        }
         if self
             .injector
             .as_ref()
@@ -775,6 +794,7 @@ source: { file: c.yaml }
         assert_eq!(c.listen.dns.port(), 5353);
         assert_eq!(c.listen.destination.port(), 8086);
         assert_eq!(c.trust_domain(), "west.strait.local");
+        assert_eq!(c.max_connections, 20_000);
     }
 
     const KUBE: &str = r#"
@@ -838,6 +858,7 @@ identity: { trustAnchors: root.pem, issuerCert: i.pem, issuerKey: i.key }
             ("imports: {vipRange: 127.0.0.0/30}", "imports.vipRange"),
             ("tunnel: {maxUdpPayload: 9000}", "tunnel.maxUdpPayload"),
             ("imports: {vipRange: 10.77.0.0/16}", "imports.vipRange"),
+            ("maxConnections: 0", "maxConnections"),
                         ("links: [{name: east}, {name: north, identity: 'spiffe://east.strait.local/ns/strait-system/sa/strait-gateway'}]", "links[1].identity"),
             ("links: [{name: east, identity: 'spiffe://west.strait.local/ns/strait-system/sa/strait-gateway'}]", "links[0].identity"),
         ] {

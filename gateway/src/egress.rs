@@ -12,7 +12,9 @@ use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt as _;
 use strait_dns::ServiceRecord;
+use strait_proxy::net::LimitedAccept;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::catalog::ServiceKey;
@@ -142,18 +144,16 @@ pub async fn run(shared: Arc<Shared>) {
 
 async fn accept(listener: TcpListener, target: EgressTarget, shared: Arc<Shared>) {
     let target = Arc::new(target);
+    let metrics = shared.metrics.clone();
+    // Every egress listener shares the limit: at it, none accepts until a
+    // connection ends (new ones wait in the listen backlog).
+    let listener = LimitedAccept::sharing(listener, shared.egress_slots.clone(), "egress")
+        .on_limit(move || metrics.limit_paused("outbound"));
     loop {
-        match listener.accept().await {
-            Ok((tcp, _)) => {
-                let _ = tcp.set_nodelay(true);
-                tokio::spawn(forward(tcp, target.clone(), shared.clone()));
-            }
-            Err(error) => {
-                // Out of file descriptors and the like: back off briefly.
-                tracing::warn!(%error, "egress accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
+        let (tcp, _, slot) = listener.accept().await;
+        let _ = tcp.set_nodelay(true);
+        let forwarding = forward(tcp, target.clone(), shared.clone());
+        tokio::spawn(forwarding.map(move |()| drop(slot)));
     }
 }
 

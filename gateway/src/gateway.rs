@@ -16,8 +16,9 @@ use strait_proxy::admin::{AdminServer, Readiness};
 use strait_proxy::identity::{
     spawn_rotation, AllowedPeers, CertStore, Issuer, LinkedPeersVerifier, SpiffeId, TrustAnchors,
 };
+use strait_proxy::net::Limit;
 use strait_proxy::tls;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::catalog::{ClusterState, Protocol, ServiceType};
 use crate::config::GatewayConfig;
@@ -152,6 +153,13 @@ pub struct Shared {
     pub reconnect_max: Duration,
     /// How long a lost peer's imports are kept.
     pub grace_period: Duration,
+    /// The egress listeners' connections, at most `maxConnections`.
+    pub egress_slots: Arc<Semaphore>,
+    /// Streams from peers (TCP tunnel connections and QUIC streams), at
+    /// most `maxConnections`.
+    pub ingress_slots: Arc<Semaphore>,
+    /// `ingress_slots` as QUIC streams take them.
+    pub stream_limit: Limit,
 }
 
 /// Tasks aborted when dropped: a gateway that fails half-way through
@@ -267,6 +275,10 @@ impl Gateway {
     ) -> Result<Self, StartError> {
         tls::install_default_provider();
         config.validate()?;
+        strait_proxy::net::raise_descriptor_limit(
+            config.max_connections as usize,
+            "maxConnections",
+        );
         let mut registry = Registry::default();
         let metrics = GatewayMetrics::register(&mut registry);
         let dns_metrics = DnsMetrics::register(&mut registry);
@@ -394,6 +406,8 @@ impl Gateway {
             metrics.tls.sink("endpoint"),
             crate::ingress::CONNECT_TIMEOUT,
         );
+        let max_connections = config.max_connections as usize;
+        let ingress_slots = Arc::new(Semaphore::new(max_connections));
         let shared = Arc::new(Shared {
             cluster: config.cluster.clone(),
             anchors,
@@ -418,6 +432,13 @@ impl Gateway {
             reconnect_min: Duration::from_millis(config.tunnel.reconnect_min_ms),
             reconnect_max: Duration::from_millis(config.tunnel.reconnect_max_ms),
             grace_period: Duration::from_secs(config.imports.grace_period_seconds),
+            egress_slots: Arc::new(Semaphore::new(max_connections)),
+            stream_limit: {
+                let metrics = metrics.clone();
+                Limit::new(ingress_slots.clone(), "tunnel streams")
+                    .on_limit(move || metrics.limit_paused("inbound"))
+            },
+            ingress_slots,
         });
         tasks.push(tokio::spawn(links::supervise(shared.clone(), links_rx)));
 

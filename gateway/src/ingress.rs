@@ -11,6 +11,7 @@ use std::time::Duration;
 use rustls::pki_types::CertificateDer;
 use strait_proto::tunnel::v1::{StreamHeader, StreamKind};
 use strait_proxy::identity::{identity_of, SpiffeId};
+use strait_proxy::net::LimitedAccept;
 use strait_proxy::transport::ProtocolHint;
 
 use crate::catalog::{Protocol, ServiceKey};
@@ -99,7 +100,15 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
                     recv,
                     peer: peer.clone(),
                 });
-                tokio::spawn(handle_stream(io, shared.clone(), peering.clone()));
+                let (shared, peering) = (shared.clone(), peering.clone());
+                tokio::spawn(async move {
+                    // At the limit the stream waits, unread: the peer's
+                    // flow control holds its data.
+                    let Some(_slot) = shared.stream_limit.slot().await else {
+                        return;
+                    };
+                    handle_stream(io, shared, peering).await;
+                });
             }
             Err(error) => {
                 tracing::info!(peer = %peer.name, %error, "peer disconnected");
@@ -137,15 +146,12 @@ pub async fn run_tcp(
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_HANDSHAKES));
+    let metrics = shared.metrics.clone();
+    // Each connection is one stream: it shares the limit with QUIC's.
+    let listener = LimitedAccept::sharing(listener, shared.ingress_slots.clone(), "tunnel")
+        .on_limit(move || metrics.limit_paused("inbound"));
     loop {
-        let (tcp, remote) = match listener.accept().await {
-            Ok(c) => c,
-            Err(error) => {
-                tracing::warn!(%error, "tunnel TCP accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (tcp, remote, slot) = listener.accept().await;
         let Ok(permit) = handshakes.clone().try_acquire_owned() else {
             tracing::warn!(%remote, "too many tunnel handshakes in progress; closing");
             continue;
@@ -188,6 +194,7 @@ pub async fn run_tcp(
                 slot: None,
             }));
             handle_stream(io, shared, Arc::default()).await;
+            drop(slot);
         });
     }
 }

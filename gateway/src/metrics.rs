@@ -72,6 +72,14 @@ pub struct EndpointConnectLabels {
     pub result: &'static str,
 }
 
+/// A direction: `outbound` (local clients through the egress listeners)
+/// or `inbound` (streams from peers).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+}
+
 /// Every gateway metric family.
 #[derive(Clone, Debug)]
 pub struct GatewayMetrics {
@@ -112,6 +120,9 @@ pub struct GatewayMetrics {
     /// Connections to local endpoints for inbound streams, by mTLS (to a
     /// meshed endpoint's proxy) and result.
     pub endpoint_connects: Family<EndpointConnectLabels, Counter>,
+    /// Times connections or tunnel streams waited at `maxConnections`, by
+    /// direction.
+    pub connection_limit_pauses: Family<DirectionLabels, Counter>,
     /// TLS refusals.
     pub tls: TlsMetrics,
     /// Kubernetes mirror metrics (registered in every mode; zero outside
@@ -204,6 +215,7 @@ impl GatewayMetrics {
             tokens_reloads: Family::default(),
             endpoint_connects: Family::default(),
             injector_requests: Family::default(),
+            connection_limit_pauses: Family::default(),
             tls: TlsMetrics::register(r),
             mirror: MirrorMetrics::register(r),
         };
@@ -288,11 +300,23 @@ impl GatewayMetrics {
             m.endpoint_connects.clone(),
         );
         r.register(
+            "strait_connection_limit_pauses",
+            "Times the gateway stopped accepting connections, or left a peer's stream waiting, because maxConnections were being served in that direction (outbound: the egress listeners; inbound: streams from peers)",
+            m.connection_limit_pauses.clone(),
+        );
+        r.register(
             "strait_identity_cert_expiry_timestamp_seconds",
             "Expiry of the gateway's current leaf certificate (Unix time)",
             m.cert_expiry.clone(),
         );
         m
+    }
+
+    /// Counts a pause at `maxConnections` in `direction`.
+    pub fn limit_paused(&self, direction: &'static str) {
+        self.connection_limit_pauses
+            .get_or_create(&DirectionLabels { direction })
+            .inc();
     }
 
     /// Records a finished stream.

@@ -299,28 +299,6 @@ fn identity(
     Ok((store, Some(task)))
 }
 
-/// Raises the soft limit on open descriptors to the hard limit, as Go's
-/// runtime does for every program: a container's soft limit may be 1,024,
-/// far below the connections the proxy is meant to hold. Warns when even
-/// the hard limit is short of `max_connections` in both directions, at
-/// roughly two descriptors each (its own and one to its destination;
-/// pooled upstream connections add some): accepts would then fail for want
-/// of descriptors before the connection limit applies.
-fn raise_descriptor_limit(max_connections: usize) {
-    let wanted = (max_connections as u64)
-        .saturating_mul(4)
-        .saturating_add(256);
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) if limit < wanted => tracing::warn!(
-            limit,
-            wanted,
-            "the open descriptor limit is below what --max-connections needs"
-        ),
-        Ok(limit) => tracing::debug!(limit, "open descriptor limit"),
-        Err(error) => tracing::warn!(%error, "could not raise the open descriptor limit"),
-    }
-}
-
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = ProxyConfig {
         outbound: args.outbound_listen,
@@ -343,7 +321,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         max_connections: args.max_connections as usize,
     };
     config.validate()?;
-    raise_descriptor_limit(config.max_connections);
+    strait_proxy::net::raise_descriptor_limit(config.max_connections, "--max-connections");
     let anchors = match (&args.trust_anchors, &args.trust_anchors_pem) {
         (Some(path), _) => TrustAnchors::load(path)?,
         (None, Some(pem)) => {

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Pending connections a listener queues (the kernel caps it at
 /// `net.core.somaxconn`): a burst of new connections, such as a client's
@@ -59,23 +59,20 @@ impl Target {
     }
 }
 
-/// A listener's connections, at most so many being served at once
-/// (counted with the other listeners sharing its slots, if any), and
-/// optionally at most so many from one address.
-pub struct LimitedAccept {
-    listener: TcpListener,
+/// A limit on what is served at once (connections, tunnel streams),
+/// counted in slots that several listeners may share. Each pause at the
+/// limit is passed to [`Limit::on_limit`] and logged, at most every 10 s.
+pub struct Limit {
     slots: Arc<Semaphore>,
-    per_source: Option<(usize, Sources)>,
     name: &'static str,
     on_limit: Option<Box<dyn Fn() + Send + Sync>>,
     /// When the last pause at the limit was logged.
     warned: Mutex<Option<Instant>>,
 }
 
-impl std::fmt::Debug for LimitedAccept {
+impl std::fmt::Debug for Limit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LimitedAccept")
-            .field("listener", &self.listener)
+        f.debug_struct("Limit")
             .field("free", &self.slots.available_permits())
             .field("name", &self.name)
             .finish_non_exhaustive()
@@ -83,8 +80,69 @@ impl std::fmt::Debug for LimitedAccept {
 }
 
 /// How often a listener held at its limit logs so (each pause is passed
-/// to [`LimitedAccept::on_limit`]).
+/// to [`Limit::on_limit`]).
 const LIMIT_WARNING_EVERY: Duration = Duration::from_secs(10);
+
+impl Limit {
+    /// A limit of `slots`, which others may share; `name` is for logs.
+    pub fn new(slots: Arc<Semaphore>, name: &'static str) -> Self {
+        Self {
+            slots,
+            name,
+            on_limit: None,
+            warned: Mutex::new(None),
+        }
+    }
+
+    /// Calls `counted` each time the limit makes something wait.
+    pub fn on_limit(mut self, counted: impl Fn() + Send + Sync + 'static) -> Self {
+        self.on_limit = Some(Box::new(counted));
+        self
+    }
+
+    /// Waits until a slot is free, without taking it (a listener waiting
+    /// for a connection then holds none that others sharing the slots
+    /// could use).
+    pub async fn free(&self) {
+        if self.slots.available_permits() == 0 {
+            self.paused("new connections wait in the listen backlog");
+            // Never closed.
+            let _ = self.slots.acquire().await;
+        }
+    }
+
+    /// A slot, at once if one is free, else when one is given back; held
+    /// until dropped. `None` only if the slots were closed (never done).
+    pub async fn slot(&self) -> Option<OwnedSemaphorePermit> {
+        if let Ok(slot) = self.slots.clone().try_acquire_owned() {
+            return Some(slot);
+        }
+        self.paused("one accepted waits for a slot");
+        self.slots.clone().acquire_owned().await.ok()
+    }
+
+    /// Counts a pause at the limit, and logs it unless one was lately.
+    fn paused(&self, why: &str) {
+        if let Some(counted) = &self.on_limit {
+            counted();
+        }
+        let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
+        if warned.is_none_or(|at| at.elapsed() >= LIMIT_WARNING_EVERY) {
+            *warned = Some(Instant::now());
+            tracing::warn!(limit = self.name, "connection limit reached: {why}");
+        }
+    }
+}
+
+/// A listener's connections, at most so many being served at once
+/// (counted with the other listeners sharing its slots, if any), and
+/// optionally at most so many from one address.
+#[derive(Debug)]
+pub struct LimitedAccept {
+    listener: TcpListener,
+    limit: Limit,
+    per_source: Option<(usize, Sources)>,
+}
 
 /// Connections being served, by client address.
 type Sources = Arc<Mutex<crate::FastMap<IpAddr, usize>>>;
@@ -93,7 +151,7 @@ type Sources = Arc<Mutex<crate::FastMap<IpAddr, usize>>>;
 /// the listener's limits, given back when dropped.
 #[derive(Debug)]
 pub struct Slot {
-    _slot: tokio::sync::OwnedSemaphorePermit,
+    _slot: OwnedSemaphorePermit,
     source: Option<(IpAddr, Sources)>,
 }
 
@@ -125,17 +183,14 @@ impl LimitedAccept {
     pub fn sharing(listener: TcpListener, slots: Arc<Semaphore>, name: &'static str) -> Self {
         Self {
             listener,
-            slots,
+            limit: Limit::new(slots, name),
             per_source: None,
-            name,
-            on_limit: None,
-            warned: Mutex::new(None),
         }
     }
 
     /// Calls `counted` each time the listener pauses at its limit.
     pub fn on_limit(mut self, counted: impl Fn() + Send + Sync + 'static) -> Self {
-        self.on_limit = Some(Box::new(counted));
+        self.limit = self.limit.on_limit(counted);
         self
     }
 
@@ -155,33 +210,19 @@ impl LimitedAccept {
     /// shortly, letting some connections close.
     pub async fn accept(&self) -> (TcpStream, SocketAddr, Slot) {
         loop {
-            // Wait for a free slot without taking it.
-            if self.slots.available_permits() == 0 {
-                self.paused("new connections wait in the listen backlog");
-                // Never closed.
-                let _ = self.slots.acquire().await;
-            }
+            self.limit.free().await;
             let (tcp, remote) = match self.listener.accept().await {
                 Ok(accepted) => accepted,
                 Err(error) => {
-                    tracing::warn!(listener = self.name, %error, "accept failed");
+                    tracing::warn!(listener = self.limit.name, %error, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             };
-            let slot = match self.slots.clone().try_acquire_owned() {
-                Ok(slot) => slot,
-                // A listener sharing the slots took the last one first:
-                // this connection waits for the next (one such per
-                // listener at most).
-                Err(_) => {
-                    self.paused("a connection accepted waits for a slot");
-                    match self.slots.clone().acquire_owned().await {
-                        Ok(slot) => slot,
-                        // Never closed.
-                        Err(_) => continue,
-                    }
-                }
+            // A listener sharing the slots may have taken the last one
+            // first: this connection then waits for the next.
+            let Some(slot) = self.limit.slot().await else {
+                continue;
             };
             let Some((max, sources)) = &self.per_source else {
                 return (
@@ -198,7 +239,7 @@ impl LimitedAccept {
             let n = held.entry(ip).or_default();
             if *n >= *max {
                 drop(held);
-                tracing::debug!(listener = self.name, %remote, "too many connections from one address; closed");
+                tracing::debug!(listener = self.limit.name, %remote, "too many connections from one address; closed");
                 continue;
             }
             *n += 1;
@@ -213,17 +254,28 @@ impl LimitedAccept {
             );
         }
     }
+}
 
-    /// Counts a pause at the limit, and logs it unless one was lately.
-    fn paused(&self, why: &str) {
-        if let Some(counted) = &self.on_limit {
-            counted();
-        }
-        let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
-        if warned.is_none_or(|at| at.elapsed() >= LIMIT_WARNING_EVERY) {
-            *warned = Some(Instant::now());
-            tracing::warn!(listener = self.name, "connection limit reached: {why}");
-        }
+/// Raises the soft limit on open descriptors to the hard limit, as Go's
+/// runtime does for every program: a container's soft limit may be 1,024,
+/// far below the connections a proxy or gateway is meant to hold. Warns,
+/// naming `setting`, when even the hard limit is short of
+/// `max_connections` in both directions at roughly two descriptors each
+/// (its own and one to its destination; pooled connections add some):
+/// accepts would then fail for want of descriptors before the connection
+/// limit applies.
+pub fn raise_descriptor_limit(max_connections: usize, setting: &str) {
+    let wanted = (max_connections as u64)
+        .saturating_mul(4)
+        .saturating_add(256);
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < wanted => tracing::warn!(
+            limit,
+            wanted,
+            "the open descriptor limit is below what {setting} needs"
+        ),
+        Ok(limit) => tracing::debug!(limit, "open descriptor limit"),
+        Err(error) => tracing::warn!(%error, "could not raise the open descriptor limit"),
     }
 }
 

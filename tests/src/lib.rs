@@ -197,6 +197,12 @@ tunnel:
 
     /// [`Testbed::start_hello_east`] with east's listeners on `listen`.
     pub async fn start_hello_east_on(&self, listen: std::net::IpAddr) -> Gateway {
+        self.start(self.hello_east_config_on(listen).await).await
+    }
+
+    /// The config [`Testbed::start_hello_east_on`] starts east with (its
+    /// endpoint started), to change before starting it.
+    pub async fn hello_east_config_on(&self, listen: std::net::IpAddr) -> GatewayConfig {
         let endpoint = spawn_hello_endpoint("east", "hello-0")
             .await
             .expect("endpoint");
@@ -204,8 +210,7 @@ tunnel:
             "east",
             &hello_cluster_yaml(&[("hello-0".to_string(), endpoint)], true),
         );
-        self.start(self.config_on("east", listen, None, &[("west", None, None)]))
-            .await
+        self.config_on("east", listen, None, &[("west", None, None)])
     }
 
     /// Starts a gateway.
@@ -357,4 +362,55 @@ pub fn dig(server: SocketAddr, name: &str, qtype: &str, tcp: bool) -> Vec<String
 /// Runs `dig` and returns its whole output (for status and sections).
 pub fn dig_full(server: SocketAddr, name: &str, qtype: &str, tcp: bool) -> String {
     String::from_utf8_lossy(&run_dig(server, name, qtype, tcp, &[]).stdout).into_owned()
+}
+
+/// How long the connection-limit checks wait for what they expect.
+const LIMIT_WAIT: Duration = Duration::from_secs(20);
+
+/// A connection to an egress `vip` (port 8080), held open until
+/// dropped, once `gw` counts it among its streams open with `peer` in
+/// `direction`.
+pub async fn hold(
+    vip: std::net::IpAddr,
+    gw: &Gateway,
+    peer: &str,
+    direction: &str,
+) -> tokio::net::TcpStream {
+    let held = tokio::net::TcpStream::connect((vip, 8080))
+        .await
+        .expect("connect");
+    let open = format!("strait_tunnel_streams_open{{peer=\"{peer}\",direction=\"{direction}\"}}");
+    eventually(LIMIT_WAIT, "the held connection's stream open", || async {
+        (sample(&metrics(gw).await, &open) == Some(1.0)).then_some(())
+    })
+    .await;
+    held
+}
+
+/// Past `maxConnections`, a request waits (it is neither refused nor
+/// lost) and is answered (by east's hello endpoint) once the held
+/// connection closes; meanwhile `gw` counts `added` pauses at the limit in
+/// `direction`.
+pub async fn waits_for_the_held_connection(
+    vip: std::net::IpAddr,
+    host: &str,
+    held: tokio::net::TcpStream,
+    gw: &Gateway,
+    direction: &str,
+    added: f64,
+) {
+    let paused = format!("strait_connection_limit_pauses_total{{direction=\"{direction}\"}}");
+    let before = sample(&metrics(gw).await, &paused).unwrap_or(0.0);
+    let host = host.to_string();
+    let waiting = tokio::spawn(async move { http_get((vip, 8080).into(), &host).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "served past the limit");
+    drop(held);
+    let body = waiting
+        .await
+        .expect("task")
+        .expect("answered once a slot is free");
+    assert!(body.starts_with("hello from east/"), "{body}");
+    let m = metrics(gw).await;
+    assert_eq!(sample(&m, &paused), Some(before + added), "{m}");
 }

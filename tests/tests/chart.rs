@@ -385,8 +385,12 @@ fn existing_issuer_secret_is_mounted_and_none_rendered() {
 #[test]
 fn schema_refuses_bad_values() {
     let certs = Certs::new();
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 7] = [
         (&["--set", "cluster=Bad_Name"], "/cluster"),
+        (
+            &["--set", "config.maxConnections=0"],
+            "/config/maxConnections",
+        ),
         (&["--set", "cluster="], "/cluster"),
         (&["--set", "replicas=x"], "/replicas"),
         (&["--set", "replicas=0"], "/replicas"),
@@ -761,6 +765,7 @@ fn config_file_has_the_gateway_shape() {
                 },
             },
             "imports": {"gracePeriodSeconds": 60, "dnsTtlSeconds": 5},
+            "maxConnections": 20000,
             "injector": {
                 "listen": "0.0.0.0:8443",
                 "certFile": "/var/run/strait/injector/tls.crt",
@@ -778,6 +783,12 @@ fn config_file_has_the_gateway_shape() {
     };
     let changed = documents(&render(&["--set", "config.dnsTtlSeconds=30"]));
     assert_ne!(checksum(&docs), checksum(&changed));
+    let limited = documents(&render(&["--set", "config.maxConnections=500"]));
+    let cm = find(&limited, "ConfigMap", "strait-gateway-config");
+    let text = cm["data"]["config.yaml"].as_str().expect("config.yaml");
+    let parsed = strait_gateway::GatewayConfig::parse(text, std::path::Path::new("config.yaml"))
+        .unwrap_or_else(|e| panic!("the gateway refuses the chart's config: {e}\n{text}"));
+    assert_eq!(parsed.max_connections, 500);
 }
 
 #[test]

@@ -193,3 +193,31 @@ async fn a_peer_holds_at_most_two_tcp_catalog_watches() {
     let m = metrics(&east).await;
     assert_eq!(sample(&m, busy), Some(1.0), "{m}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_streams_past_the_limit_wait_for_one_to_close() {
+    let bed = Testbed::new(&["west", "east"]);
+    let mut config = bed
+        .hello_east_config_on(std::net::Ipv4Addr::LOCALHOST.into())
+        .await;
+    config.max_connections = 1;
+    let east = bed.start(config).await;
+    let mut config = bed.config("west", None, &[("east", Some(east.tunnel_addr()), None)]);
+    config.links[0].transport = Transport::Tcp;
+    let west = bed.start(config).await;
+    let body = call_hello(&west).await;
+    assert!(body.contains("hello from east/hello-0"), "{body}");
+    let vip = west
+        .egress_synced()
+        .borrow()
+        .values()
+        .find(|i| i.dns_name() == HELLO)
+        .map(|i| IpAddr::V4(i.vip))
+        .expect("imported");
+    // The catalog watch's connection took the slot only until it was
+    // handed to the catalog service; a held stream's takes it for good.
+    let held = hold(vip, &east, "west", "inbound").await;
+    // The tunnel listener stops accepting again once the waiting
+    // stream's connection takes the slot.
+    waits_for_the_held_connection(vip, HELLO, held, &east, "inbound", 1.0).await;
+}

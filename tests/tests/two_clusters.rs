@@ -19,6 +19,11 @@ struct Linked {
 }
 
 async fn linked() -> Linked {
+    linked_with(20_000, 20_000).await
+}
+
+/// [`linked`], with each gateway's `maxConnections`.
+async fn linked_with(west_max: u32, east_max: u32) -> Linked {
     let bed = Testbed::new(&["west", "east"]);
     let mut endpoints = Vec::new();
     for name in ["hello-east-0", "hello-east-1"] {
@@ -28,12 +33,12 @@ async fn linked() -> Linked {
         ));
     }
     bed.write_cluster("east", &hello_cluster_yaml(&endpoints, true));
-    let east = bed
-        .start(bed.config("east", None, &[("west", None, None)]))
-        .await;
-    let west = bed
-        .start(bed.config("west", None, &[("east", Some(east.tunnel_addr()), None)]))
-        .await;
+    let mut config = bed.config("east", None, &[("west", None, None)]);
+    config.max_connections = east_max;
+    let east = bed.start(config).await;
+    let mut config = bed.config("west", None, &[("east", Some(east.tunnel_addr()), None)]);
+    config.max_connections = west_max;
+    let west = bed.start(config).await;
     Linked {
         bed,
         west,
@@ -341,4 +346,39 @@ async fn gateways_on_both_families_link_over_ipv6() {
             .await
             .unwrap_or_else(|e| panic!("TCP tunnel listener at {tunnel}: {e}"));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_connections_past_the_limit_wait_for_one_to_close() {
+    let l = linked_with(1, 20_000).await;
+    let vip = vip_of(&l.west).await;
+    let held = hold(vip, &l.west, "east", "outbound").await;
+    // The listeners stopped once the held connection took the slot, and
+    // stop again once the waiting one takes it.
+    let paused = "strait_connection_limit_pauses_total{direction=\"outbound\"}";
+    assert_eq!(sample(&metrics(&l.west).await, paused), Some(1.0));
+    waits_for_the_held_connection(vip, HELLO, held, &l.west, "outbound", 1.0).await;
+    // East had room all along.
+    let m = metrics(&l.east).await;
+    assert_eq!(
+        sample(
+            &m,
+            "strait_connection_limit_pauses_total{direction=\"inbound\"}"
+        ),
+        None,
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_from_a_peer_past_the_limit_wait_for_one_to_close() {
+    // West's catalog watch takes no slot: it is handed to the catalog
+    // service as soon as its header is read.
+    let l = linked_with(20_000, 1).await;
+    let vip = vip_of(&l.west).await;
+    let held = hold(vip, &l.east, "west", "inbound").await;
+    // A stream waits only past the limit: the waiting one is the first.
+    let paused = "strait_connection_limit_pauses_total{direction=\"inbound\"}";
+    assert_eq!(sample(&metrics(&l.east).await, paused), None);
+    waits_for_the_held_connection(vip, HELLO, held, &l.east, "inbound", 1.0).await;
 }

@@ -40,6 +40,7 @@ source:
 imports:
   gracePeriodSeconds: {{ int .Values.config.gracePeriodSeconds }}
   dnsTtlSeconds: {{ int .Values.config.dnsTtlSeconds }}
+maxConnections: {{ int (.Values.config.maxConnections | default 20000) }}
 {{- if .Values.injector.enabled }}
 injector:
   listen: "{{ $any }}:8443"
