@@ -12,7 +12,7 @@ mod inbound;
 mod outbound;
 mod serve;
 
-pub(crate) use serve::{serve_http, Version as HttpVersion};
+pub(crate) use serve::{serve_http, BoxedIo, Handler, Version as HttpVersion};
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};

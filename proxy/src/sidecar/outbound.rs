@@ -231,11 +231,11 @@ impl Outbound {
     ) -> bool {
         let this = self.clone();
         let shared = self.0.shared.clone();
-        super::serve_http(io, version, &shared, DIRECTION, move |req| {
+        let handle: super::Handler = Arc::new(move |req| {
             let this = this.clone();
-            async move { this.handle(req, orig).await }
-        })
-        .await
+            Box::pin(async move { this.handle(req, orig).await })
+        });
+        super::serve_http(Box::new(io), version, &shared, DIRECTION, handle).await
     }
 
     async fn handle(&self, mut req: Request<Incoming>, orig: Option<SocketAddr>) -> Response<Body> {
