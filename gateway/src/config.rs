@@ -70,9 +70,8 @@ pub struct GatewayConfig {
     /// Connections served at once in each direction (default 20,000).
     /// Outbound, the egress listeners share it: past it they stop
     /// accepting until a connection ends, and new ones wait in the listen
-    /// backlog. Inbound, streams from peers share it (each takes a
-    /// connection to an endpoint): past it, the TCP tunnel listener stops
-    /// accepting and QUIC streams wait to be served.
+    /// backlog. Inbound, streams from peers to endpoints share it: past it
+    /// a new one is refused (reset, `busy`). Catalog watches do not count.
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
 }

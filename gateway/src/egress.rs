@@ -148,7 +148,7 @@ async fn accept(listener: TcpListener, target: EgressTarget, shared: Arc<Shared>
     // Every egress listener shares the limit: at it, none accepts until a
     // connection ends (new ones wait in the listen backlog).
     let listener = LimitedAccept::sharing(listener, shared.egress_slots.clone(), "egress")
-        .on_limit(move || metrics.limit_paused("outbound"));
+        .on_limit(move || metrics.limit_reached("outbound"));
     loop {
         let (tcp, _, slot) = listener.accept().await;
         let _ = tcp.set_nodelay(true);

@@ -155,10 +155,7 @@ pub struct Shared {
     pub grace_period: Duration,
     /// The egress listeners' connections, at most `maxConnections`.
     pub egress_slots: Arc<Semaphore>,
-    /// Streams from peers (TCP tunnel connections and QUIC streams), at
-    /// most `maxConnections`.
-    pub ingress_slots: Arc<Semaphore>,
-    /// `ingress_slots` as QUIC streams take them.
+    /// Streams from peers to endpoints, at most `maxConnections`.
     pub stream_limit: Limit,
 }
 
@@ -407,7 +404,6 @@ impl Gateway {
             crate::ingress::CONNECT_TIMEOUT,
         );
         let max_connections = config.max_connections as usize;
-        let ingress_slots = Arc::new(Semaphore::new(max_connections));
         let shared = Arc::new(Shared {
             cluster: config.cluster.clone(),
             anchors,
@@ -435,10 +431,12 @@ impl Gateway {
             egress_slots: Arc::new(Semaphore::new(max_connections)),
             stream_limit: {
                 let metrics = metrics.clone();
-                Limit::new(ingress_slots.clone(), "tunnel streams")
-                    .on_limit(move || metrics.limit_paused("inbound"))
+                Limit::new(
+                    Arc::new(Semaphore::new(max_connections)),
+                    "streams from peers",
+                )
+                .on_limit(move || metrics.limit_reached("inbound"))
             },
-            ingress_slots,
         });
         tasks.push(tokio::spawn(links::supervise(shared.clone(), links_rx)));
 

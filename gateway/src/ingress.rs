@@ -11,7 +11,6 @@ use std::time::Duration;
 use rustls::pki_types::CertificateDer;
 use strait_proto::tunnel::v1::{StreamHeader, StreamKind};
 use strait_proxy::identity::{identity_of, SpiffeId};
-use strait_proxy::net::LimitedAccept;
 use strait_proxy::transport::ProtocolHint;
 
 use crate::catalog::{Protocol, ServiceKey};
@@ -100,15 +99,7 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
                     recv,
                     peer: peer.clone(),
                 });
-                let (shared, peering) = (shared.clone(), peering.clone());
-                tokio::spawn(async move {
-                    // At the limit the stream waits, unread: the peer's
-                    // flow control holds its data.
-                    let Some(_slot) = shared.stream_limit.slot().await else {
-                        return;
-                    };
-                    handle_stream(io, shared, peering).await;
-                });
+                tokio::spawn(handle_stream(io, shared.clone(), peering.clone()));
             }
             Err(error) => {
                 tracing::info!(peer = %peer.name, %error, "peer disconnected");
@@ -146,12 +137,15 @@ pub async fn run_tcp(
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_HANDSHAKES));
-    let metrics = shared.metrics.clone();
-    // Each connection is one stream: it shares the limit with QUIC's.
-    let listener = LimitedAccept::sharing(listener, shared.ingress_slots.clone(), "tunnel")
-        .on_limit(move || metrics.limit_paused("inbound"));
     loop {
-        let (tcp, remote, slot) = listener.accept().await;
+        let (tcp, remote) = match listener.accept().await {
+            Ok(c) => c,
+            Err(error) => {
+                tracing::warn!(%error, "tunnel TCP accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
         let Ok(permit) = handshakes.clone().try_acquire_owned() else {
             tracing::warn!(%remote, "too many tunnel handshakes in progress; closing");
             continue;
@@ -194,7 +188,6 @@ pub async fn run_tcp(
                 slot: None,
             }));
             handle_stream(io, shared, Arc::default()).await;
-            drop(slot);
         });
     }
 }
@@ -242,7 +235,18 @@ async fn handle_stream(
                 tracing::warn!("peering service gone");
             }
         }
-        _ => proxy(io, header, shared).await,
+        _ => {
+            // A stream to an endpoint holds one of `maxConnections` slots
+            // while it is relayed. Past them it is refused at once: left
+            // waiting unread, its data would hold the connection's flow
+            // control credit, and with it the peer's other streams.
+            let Some(slot) = shared.stream_limit.try_slot() else {
+                refuse(&mut io, &shared, Refusal::Busy);
+                return;
+            };
+            proxy(io, header, shared).await;
+            drop(slot);
+        }
     }
 }
 

@@ -73,7 +73,7 @@ pub struct EndpointConnectLabels {
 }
 
 /// A direction: `outbound` (local clients through the egress listeners)
-/// or `inbound` (streams from peers).
+/// or `inbound` (streams from peers to endpoints).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabels {
     /// `inbound` or `outbound`.
@@ -120,9 +120,8 @@ pub struct GatewayMetrics {
     /// Connections to local endpoints for inbound streams, by mTLS (to a
     /// meshed endpoint's proxy) and result.
     pub endpoint_connects: Family<EndpointConnectLabels, Counter>,
-    /// Times connections or tunnel streams waited at `maxConnections`, by
-    /// direction.
-    pub connection_limit_pauses: Family<DirectionLabels, Counter>,
+    /// Times `maxConnections` was reached, by direction.
+    pub connection_limit_reached: Family<DirectionLabels, Counter>,
     /// TLS refusals.
     pub tls: TlsMetrics,
     /// Kubernetes mirror metrics (registered in every mode; zero outside
@@ -215,7 +214,7 @@ impl GatewayMetrics {
             tokens_reloads: Family::default(),
             endpoint_connects: Family::default(),
             injector_requests: Family::default(),
-            connection_limit_pauses: Family::default(),
+            connection_limit_reached: Family::default(),
             tls: TlsMetrics::register(r),
             mirror: MirrorMetrics::register(r),
         };
@@ -300,9 +299,9 @@ impl GatewayMetrics {
             m.endpoint_connects.clone(),
         );
         r.register(
-            "strait_connection_limit_pauses",
-            "Times the gateway stopped accepting connections, or left a peer's stream waiting, because maxConnections were being served in that direction (outbound: the egress listeners; inbound: streams from peers)",
-            m.connection_limit_pauses.clone(),
+            "strait_connection_limit_reached",
+            "Times maxConnections was reached: outbound, an egress listener stopped accepting (new connections wait in its listen backlog; counted once per listener each time); inbound, a peer's stream to an endpoint was refused (reset, also counted in strait_tunnel_streams_total as busy)",
+            m.connection_limit_reached.clone(),
         );
         r.register(
             "strait_identity_cert_expiry_timestamp_seconds",
@@ -312,9 +311,9 @@ impl GatewayMetrics {
         m
     }
 
-    /// Counts a pause at `maxConnections` in `direction`.
-    pub fn limit_paused(&self, direction: &'static str) {
-        self.connection_limit_pauses
+    /// Counts `maxConnections` reached in `direction`.
+    pub fn limit_reached(&self, direction: &'static str) {
+        self.connection_limit_reached
             .get_or_create(&DirectionLabels { direction })
             .inc();
     }

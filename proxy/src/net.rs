@@ -121,6 +121,16 @@ impl Limit {
         self.slots.clone().acquire_owned().await.ok()
     }
 
+    /// A slot if one is free now; else `None`, counted and logged as the
+    /// limit reached (the caller refuses what wanted it).
+    pub fn try_slot(&self) -> Option<OwnedSemaphorePermit> {
+        let slot = self.slots.clone().try_acquire_owned().ok();
+        if slot.is_none() {
+            self.paused("one refused");
+        }
+        slot
+    }
+
     /// Counts a pause at the limit, and logs it unless one was lately.
     fn paused(&self, why: &str) {
         if let Some(counted) = &self.on_limit {

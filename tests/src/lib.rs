@@ -387,30 +387,30 @@ pub async fn hold(
     held
 }
 
-/// Past `maxConnections`, a request waits (it is neither refused nor
-/// lost) and is answered (by east's hello endpoint) once the held
-/// connection closes; meanwhile `gw` counts `added` pauses at the limit in
-/// `direction`.
-pub async fn waits_for_the_held_connection(
+/// Past `maxConnections` on `east` (the exporting side), a stream from
+/// west to an endpoint is refused at once, and counted; once the `held`
+/// connection closes, requests through `vip` are served again.
+pub async fn refused_while_held(
     vip: std::net::IpAddr,
     host: &str,
     held: tokio::net::TcpStream,
-    gw: &Gateway,
-    direction: &str,
-    added: f64,
+    east: &Gateway,
 ) {
-    let paused = format!("strait_connection_limit_pauses_total{{direction=\"{direction}\"}}");
-    let before = sample(&metrics(gw).await, &paused).unwrap_or(0.0);
-    let host = host.to_string();
-    let waiting = tokio::spawn(async move { http_get((vip, 8080).into(), &host).await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!waiting.is_finished(), "served past the limit");
+    let reached = "strait_connection_limit_reached_total{direction=\"inbound\"}";
+    let busy = "strait_tunnel_streams_total{peer=\"west\",direction=\"inbound\",result=\"busy\"}";
+    let before = sample(&metrics(east).await, reached).unwrap_or(0.0);
+    let refused = http_get((vip, 8080).into(), host).await;
+    assert!(refused.is_err(), "served past the limit: {refused:?}");
+    let m = eventually(LIMIT_WAIT, "the refusal counted", || async {
+        let m = metrics(east).await;
+        (sample(&m, busy) == Some(1.0)).then_some(m)
+    })
+    .await;
+    assert_eq!(sample(&m, reached), Some(before + 1.0), "{m}");
     drop(held);
-    let body = waiting
-        .await
-        .expect("task")
-        .expect("answered once a slot is free");
+    let body = eventually(LIMIT_WAIT, "served once a slot is free", || async {
+        http_get((vip, 8080).into(), host).await.ok()
+    })
+    .await;
     assert!(body.starts_with("hello from east/"), "{body}");
-    let m = metrics(gw).await;
-    assert_eq!(sample(&m, &paused), Some(before + added), "{m}");
 }
