@@ -356,13 +356,10 @@ async fn egress_connections_past_the_limit_wait_for_one_to_close() {
     // The listeners stopped once the held connection took the slot (the
     // accept loop runs on after spawning the held one's relay).
     let reached = "strait_connection_limit_reached_total{direction=\"outbound\"}";
-    let counted = |n: f64| {
-        let west = &l.west;
-        eventually(WAIT, "the limit reached counted", move || async move {
-            (sample(&metrics(west).await, reached) == Some(n)).then_some(())
-        })
-    };
-    counted(1.0).await;
+    eventually(WAIT, "the limit reached counted", || async {
+        (sample(&metrics(&l.west).await, reached) == Some(1.0)).then_some(())
+    })
+    .await;
     // Another waits in the listen backlog, neither refused nor lost...
     let waiting = tokio::spawn(http_get((vip, 8080).into(), HELLO));
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -374,8 +371,8 @@ async fn egress_connections_past_the_limit_wait_for_one_to_close() {
         .expect("task")
         .expect("answered once a slot is free");
     assert!(body.starts_with("hello from east/"), "{body}");
-    // The listeners stopped again when the waiting one took the slot.
-    counted(2.0).await;
+    // (The listener stops again if it looks before the waiting one's
+    // exchange is over, which a busy machine may not: not counted here.)
     // East had room all along.
     let m = metrics(&l.east).await;
     let inbound = "strait_connection_limit_reached_total{direction=\"inbound\"}";
