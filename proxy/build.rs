@@ -17,6 +17,16 @@ fn main() {
     {
         println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
     }
+    // The functions a running sidecar uses, laid out first and together
+    // (bench/symbol-order.sh says why and how the list is made). Only for
+    // the target whose default linker is rust-lld: GNU ld has no such
+    // option. Names the build does not have are skipped, silently.
+    if var("TARGET") == "x86_64-unknown-linux-gnu" {
+        println!("cargo:rerun-if-changed=symbol-order.txt");
+        let order = format!("{}/symbol-order.txt", var("CARGO_MANIFEST_DIR"));
+        println!("cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={order}");
+        println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
+    }
 }
 
 /// Whether this machine's glibc (`getconf GNU_LIBC_VERSION`: `glibc 2.36`)
