@@ -4,10 +4,13 @@
 //! randomisation while its relocation table shrinks from ~350 KB of
 //! 24-byte entries, all read at every start, to a few kilobytes of bitmaps.
 //! A binary built so would not start on an older glibc, so the build only
-//! asks for it when it runs on the glibc the binary is built for.
+//! asks for it when it runs on the glibc the binary is built for. With
+//! lld, the functions a running sidecar uses are also laid out together
+//! (`symbol-order.txt`).
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-env-changed=RUSTC_LINKER");
     let var = |name: &str| std::env::var(name).unwrap_or_default();
     let native = var("TARGET") == var("HOST");
     if var("CARGO_CFG_TARGET_OS") == "linux"
@@ -18,14 +21,37 @@ fn main() {
         println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
     }
     // The functions a running sidecar uses, laid out first and together
-    // (bench/symbol-order.sh says why and how the list is made). Only for
-    // the target whose default linker is rust-lld: GNU ld has no such
-    // option. Names the build does not have are skipped, silently.
-    if var("TARGET") == "x86_64-unknown-linux-gnu" {
+    // (bench/symbol-order.sh says why and how the list is made). Only
+    // where the linker is rust-lld: the default for this target since Rust
+    // 1.90, unless a linker is configured (GNU ld has no such option).
+    // Names the build does not have are skipped, silently.
+    let configured_linker = std::env::var_os("RUSTC_LINKER").is_some()
+        || var("CARGO_ENCODED_RUSTFLAGS").contains("link");
+    if var("TARGET") == "x86_64-unknown-linux-gnu"
+        && !configured_linker
+        && rustc_minor().is_some_and(|minor| minor >= 90)
+    {
         println!("cargo:rerun-if-changed=symbol-order.txt");
         let order = format!("{}/symbol-order.txt", var("CARGO_MANIFEST_DIR"));
         println!("cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={order}");
         println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
+    }
+}
+
+/// The minor version of the compiler building this (`rustc 1.95.0 ...`:
+/// 95), if it can be told.
+fn rustc_minor() -> Option<u32> {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let out = std::process::Command::new(rustc)
+        .arg("--version")
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text.split_whitespace().nth(1)?;
+    let mut parts = version.split('.');
+    match (parts.next(), parts.next()) {
+        (Some("1"), Some(minor)) => minor.parse().ok(),
+        _ => None,
     }
 }
 
