@@ -1,6 +1,6 @@
 # The `strait` gateway image the chart runs (values.image). Build from the
 # repository root:  docker build -t ghcr.io/strait/strait:0.1.0 .
-FROM rust:1.95-bookworm AS build
+FROM rust:1.95.0-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked -p strait-cli --bin strait \

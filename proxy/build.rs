@@ -4,13 +4,12 @@
 //! randomisation while its relocation table shrinks from ~350 KB of
 //! 24-byte entries, all read at every start, to a few kilobytes of bitmaps.
 //! A binary built so would not start on an older glibc, so the build only
-//! asks for it when it runs on the glibc the binary is built for. With
-//! lld, the functions a running sidecar uses are also laid out together
-//! (`symbol-order.txt`).
+//! asks for it when it runs on the glibc the binary is built for. Where the
+//! linker takes an ordering file, the functions a running sidecar uses are
+//! also laid out together (`symbol-order.txt`).
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-env-changed=RUSTC_LINKER");
     let var = |name: &str| std::env::var(name).unwrap_or_default();
     let native = var("TARGET") == var("HOST");
     if var("CARGO_CFG_TARGET_OS") == "linux"
@@ -21,38 +20,50 @@ fn main() {
         println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
     }
     // The functions a running sidecar uses, laid out first and together
-    // (bench/symbol-order.sh says why and how the list is made). Only
-    // where the linker is rust-lld: the default for this target since Rust
-    // 1.90, unless a linker is configured (GNU ld has no such option).
+    // (bench/symbol-order.sh says why and how the list is made), where the
+    // linker takes an ordering file: rust-lld, the default of rustup's
+    // toolchains on this target since Rust 1.90, does; GNU ld does not.
     // Names the build does not have are skipped, silently.
-    let configured_linker = std::env::var_os("RUSTC_LINKER").is_some()
-        || var("CARGO_ENCODED_RUSTFLAGS").contains("link");
-    if var("TARGET") == "x86_64-unknown-linux-gnu"
-        && !configured_linker
-        && rustc_minor().is_some_and(|minor| minor >= 90)
-    {
-        println!("cargo:rerun-if-changed=symbol-order.txt");
+    println!("cargo:rerun-if-changed=symbol-order.txt");
+    if links_with("-Wl,--symbol-ordering-file=/dev/null") {
         let order = format!("{}/symbol-order.txt", var("CARGO_MANIFEST_DIR"));
         println!("cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={order}");
         println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
     }
 }
 
-/// The minor version of the compiler building this (`rustc 1.95.0 ...`:
-/// 95), if it can be told.
-fn rustc_minor() -> Option<u32> {
-    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
-    let out = std::process::Command::new(rustc)
-        .arg("--version")
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let version = text.split_whitespace().nth(1)?;
-    let mut parts = version.split('.');
-    match (parts.next(), parts.next()) {
-        (Some("1"), Some(minor)) => minor.parse().ok(),
-        _ => None,
+/// Whether an empty program links for the target with `arg` added, as
+/// this build's binaries are linked (with its rustflags and linker).
+fn links_with(arg: &str) -> bool {
+    let var = |name: &str| std::env::var(name).unwrap_or_default();
+    let out = std::path::PathBuf::from(var("OUT_DIR"));
+    let source = out.join("link_probe.rs");
+    if std::fs::write(&source, "fn main() {}\n").is_err() {
+        return false;
     }
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let mut probe = std::process::Command::new(rustc);
+    probe
+        .arg("--target")
+        .arg(var("TARGET"))
+        .arg("-o")
+        .arg(out.join("link_probe"))
+        .arg("-C")
+        .arg(format!("link-arg={arg}"));
+    for flag in var("CARGO_ENCODED_RUSTFLAGS").split('\x1f') {
+        if !flag.is_empty() {
+            probe.arg(flag);
+        }
+    }
+    if let Ok(linker) = std::env::var("RUSTC_LINKER") {
+        probe.arg("-C").arg(format!("linker={linker}"));
+    }
+    probe
+        .arg(&source)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// Whether this machine's glibc (`getconf GNU_LIBC_VERSION`: `glibc 2.36`)
