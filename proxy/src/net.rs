@@ -60,8 +60,8 @@ impl Target {
 }
 
 /// A limit on what is served at once (connections, tunnel streams),
-/// counted in slots that several listeners may share. Each pause at the
-/// limit is passed to [`Limit::on_limit`] and logged, at most every 10 s.
+/// counted in slots that several listeners may share. Each time it is
+/// reached is passed to [`Limit::on_limit`] and logged, at most every 10 s.
 pub struct Limit {
     slots: Arc<Semaphore>,
     name: &'static str,
@@ -94,7 +94,8 @@ impl Limit {
         }
     }
 
-    /// Calls `counted` each time the limit makes something wait.
+    /// Calls `counted` each time the limit is reached (something waits or
+    /// is refused).
     pub fn on_limit(mut self, counted: impl Fn() + Send + Sync + 'static) -> Self {
         self.on_limit = Some(Box::new(counted));
         self
@@ -103,7 +104,7 @@ impl Limit {
     /// Waits until a slot is free, without taking it (a listener waiting
     /// for a connection then holds none that others sharing the slots
     /// could use).
-    pub async fn free(&self) {
+    async fn free(&self) {
         if self.slots.available_permits() == 0 {
             self.paused("new connections wait in the listen backlog");
             // Never closed.
@@ -113,7 +114,7 @@ impl Limit {
 
     /// A slot, at once if one is free, else when one is given back; held
     /// until dropped. `None` only if the slots were closed (never done).
-    pub async fn slot(&self) -> Option<OwnedSemaphorePermit> {
+    async fn slot(&self) -> Option<OwnedSemaphorePermit> {
         if let Ok(slot) = self.slots.clone().try_acquire_owned() {
             return Some(slot);
         }
