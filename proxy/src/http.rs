@@ -90,18 +90,17 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 
 /// An empty body.
 pub fn empty() -> Body {
-    Full::new(Bytes::new())
-        .map_err(|never| match never {})
-        .boxed()
+    whole(Bytes::new())
+}
+
+/// A body of `bytes`, whole.
+pub fn whole(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
 }
 
 /// A short plain-text error response produced by the proxy itself.
 pub fn error_response(status: StatusCode, why: &str) -> Response<Body> {
-    let mut rsp = Response::new(
-        Full::new(Bytes::from(format!("{why}\n")))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
+    let mut rsp = Response::new(whole(Bytes::from(format!("{why}\n"))));
     *rsp.status_mut() = status;
     rsp.headers_mut().insert(
         http::header::CONTENT_TYPE,

@@ -364,7 +364,20 @@ pub fn dig_full(server: SocketAddr, name: &str, qtype: &str, tcp: bool) -> Strin
     String::from_utf8_lossy(&run_dig(server, name, qtype, tcp, &[]).stdout).into_owned()
 }
 
-/// How long the connection-limit checks wait for what they expect.
+/// The virtual IP `gw` listens on for the import named `dns_name`, once
+/// it is imported and listening (within 20 s).
+pub async fn import_vip(gw: &Gateway, dns_name: &str) -> std::net::IpAddr {
+    eventually(LIMIT_WAIT, "the import listening", || async {
+        let synced = gw.egress_synced().borrow().clone();
+        synced
+            .values()
+            .find(|i| i.dns_name() == dns_name)
+            .map(|i| std::net::IpAddr::V4(i.vip))
+    })
+    .await
+}
+
+/// How long the helpers below wait for what they expect.
 const LIMIT_WAIT: Duration = Duration::from_secs(20);
 
 /// A connection to an egress `vip` (port 8080), held open until

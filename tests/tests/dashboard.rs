@@ -2,7 +2,6 @@
 //! headless Chromium loads the page, its script fetches the API, and the
 //! rendered DOM lists the peer, the import and the export.
 
-use std::net::IpAddr;
 use std::process::Command;
 use std::time::Duration;
 
@@ -38,14 +37,7 @@ async fn the_dashboard_shows_peers_imports_and_exports_in_a_browser() {
     let west = bed
         .start(bed.config("west", None, &[("east", Some(east.tunnel_addr()), None)]))
         .await;
-    let vip = eventually(Duration::from_secs(20), "hello imported", || async {
-        let synced = west.egress_synced().borrow().clone();
-        synced
-            .values()
-            .find(|i| i.dns_name() == HELLO)
-            .map(|i| IpAddr::V4(i.vip))
-    })
-    .await;
+    let vip = import_vip(&west, HELLO).await;
     eventually(Duration::from_secs(20), "east connected", || async {
         west.peers().iter().any(|p| p.connected).then_some(())
     })

@@ -3,7 +3,7 @@
 //! connection per stream; `auto` falls back to it when QUIC does not get
 //! through.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use strait_gateway::config::Transport;
@@ -29,14 +29,7 @@ async fn linked(
 }
 
 async fn call_hello(west: &Gateway) -> String {
-    let vip = eventually(WAIT, "hello imported", || async {
-        let synced = west.egress_synced().borrow().clone();
-        synced
-            .values()
-            .find(|i| i.dns_name() == HELLO)
-            .map(|i| IpAddr::V4(i.vip))
-    })
-    .await;
+    let vip = import_vip(west, HELLO).await;
     assert_eq!(dig(west.dns_addr(), HELLO, "A", false), [vip.to_string()]);
     eventually(WAIT, "a response through the tunnel", || async {
         http_get(SocketAddr::new(vip, 8080), "hello").await.ok()
@@ -207,13 +200,7 @@ async fn tcp_streams_past_the_limit_are_refused() {
     let west = bed.start(config).await;
     let body = call_hello(&west).await;
     assert!(body.contains("hello from east/hello-0"), "{body}");
-    let vip = west
-        .egress_synced()
-        .borrow()
-        .values()
-        .find(|i| i.dns_name() == HELLO)
-        .map(|i| IpAddr::V4(i.vip))
-        .expect("imported");
+    let vip = import_vip(&west, HELLO).await;
     // The catalog watches' connections take no slot; a held stream's does.
     let held = hold(vip, &east, "west", "inbound").await;
     refused_while_held(vip, HELLO, held, &east).await;

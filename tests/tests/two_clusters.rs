@@ -48,14 +48,7 @@ async fn linked_with(west_max: u32, east_max: u32) -> Linked {
 }
 
 async fn vip_of(west: &Gateway) -> IpAddr {
-    eventually(WAIT, "hello imported and listening", || async {
-        let synced = west.egress_synced().borrow().clone();
-        synced
-            .values()
-            .find(|i| i.dns_name() == HELLO)
-            .map(|i| IpAddr::V4(i.vip))
-    })
-    .await
+    import_vip(west, HELLO).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

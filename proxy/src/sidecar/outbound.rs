@@ -100,7 +100,7 @@ impl Replay {
             body: body.clone(),
         };
         Ok(Self {
-            first: Some(Request::from_parts(parts, whole(body))),
+            first: Some(Request::from_parts(parts, crate::http::whole(body))),
             again: Some(again),
         })
     }
@@ -114,18 +114,13 @@ impl Replay {
             return Some(first);
         }
         let again = self.again.as_ref()?;
-        let mut req = Request::new(whole(again.body.clone()));
+        let mut req = Request::new(crate::http::whole(again.body.clone()));
         *req.method_mut() = again.method.clone();
         *req.uri_mut() = again.uri.clone();
         *req.version_mut() = again.version;
         *req.headers_mut() = again.headers.clone();
         Some(req)
     }
-}
-
-/// A body of `bytes`, whole.
-fn whole(bytes: bytes::Bytes) -> Body {
-    crate::http::boxed(http_body_util::Full::new(bytes))
 }
 
 /// The outbound proxy; cheap to clone.
