@@ -81,11 +81,15 @@ struct Endpoint {
 }
 
 /// A P2C peak-EWMA balancer over endpoints identified by `K`.
+///
+/// Endpoints are kept in a vector in the order given, with a map from key
+/// to position for the reports: a pick (once per request) draws positions
+/// and hashes nothing.
 #[derive(Debug)]
 pub struct Balancer<K> {
     config: BalanceConfig,
-    endpoints: FastMap<K, Endpoint>,
-    order: Vec<K>,
+    endpoints: Vec<(K, Endpoint)>,
+    index: FastMap<K, usize>,
     rng: u64,
 }
 
@@ -103,28 +107,38 @@ impl<K: Clone + Eq + Hash> Balancer<K> {
     pub fn new(config: BalanceConfig, seed: u64) -> Self {
         Self {
             config,
-            endpoints: FastMap::default(),
-            order: Vec::new(),
+            endpoints: Vec::new(),
+            index: FastMap::default(),
             rng: seed | 1,
         }
     }
 
     /// Replaces the endpoint set, keeping what is known of endpoints that
     /// stay.
-    pub fn update(&mut self, keys: impl IntoIterator<Item = K>, now: Instant) {
-        let keys: Vec<K> = keys.into_iter().collect();
-        if keys == self.order {
-            // The common case, once per request: nothing changed.
+    pub fn update<I>(&mut self, keys: I, now: Instant)
+    where
+        I: IntoIterator<Item = K>,
+        I::IntoIter: Clone,
+    {
+        let keys = keys.into_iter();
+        // The common case, once per request: nothing changed.
+        let mut same = keys.clone();
+        if self
+            .endpoints
+            .iter()
+            .all(|(k, _)| same.next().as_ref() == Some(k))
+            && same.next().is_none()
+        {
             return;
         }
-        let mut next = FastMap::default();
-        let mut order = Vec::new();
+        let mut known: FastMap<K, Endpoint> = self.endpoints.drain(..).collect();
+        self.index.clear();
         let default_ns = self.config.default_rtt.as_nanos() as f64;
         for k in keys {
-            if next.contains_key(&k) {
+            if self.index.contains_key(&k) {
                 continue;
             }
-            let e = self.endpoints.remove(&k).unwrap_or(Endpoint {
+            let e = known.remove(&k).unwrap_or(Endpoint {
                 ewma: PeakEwma {
                     cost_ns: default_ns,
                     stamp: now,
@@ -134,21 +148,19 @@ impl<K: Clone + Eq + Hash> Balancer<K> {
                 ejections_in_a_row: 0,
                 ejected_until: None,
             });
-            order.push(k.clone());
-            next.insert(k, e);
+            self.index.insert(k.clone(), self.endpoints.len());
+            self.endpoints.push((k, e));
         }
-        self.endpoints = next;
-        self.order = order;
     }
 
     /// Number of endpoints.
     pub fn len(&self) -> usize {
-        self.order.len()
+        self.endpoints.len()
     }
 
     /// Whether there are no endpoints.
     pub fn is_empty(&self) -> bool {
-        self.order.is_empty()
+        self.endpoints.is_empty()
     }
 
     fn next_random(&mut self) -> u64 {
@@ -159,10 +171,15 @@ impl<K: Clone + Eq + Hash> Balancer<K> {
         self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 
-    fn cost(&self, k: &K, now: Instant) -> f64 {
-        self.endpoints.get(k).map_or(f64::MAX, |e| {
-            e.ewma.at(now, self.config.decay).max(1.0) * f64::from(e.pending + 1)
-        })
+    fn cost(&self, i: usize, now: Instant) -> f64 {
+        let e = &self.endpoints[i].1;
+        e.ewma.at(now, self.config.decay).max(1.0) * f64::from(e.pending + 1)
+    }
+
+    /// The endpoint known as `key`.
+    fn get_mut(&mut self, key: &K) -> Option<&mut Endpoint> {
+        let i = *self.index.get(key)?;
+        self.endpoints.get_mut(i).map(|(_, e)| e)
     }
 
     /// Chooses an endpoint and counts a request in flight on it (end it
@@ -171,54 +188,56 @@ impl<K: Clone + Eq + Hash> Balancer<K> {
     /// endpoint is ejected, the one whose ejection ends first is probed, so
     /// a service never goes dark while its endpoints may have recovered.
     pub fn pick(&mut self, now: Instant) -> Option<Pick<K>> {
-        let available: Vec<usize> = (0..self.order.len())
-            .filter(|i| {
-                self.endpoints
-                    .get(&self.order[*i])
-                    .is_some_and(|e| e.ejected_until.is_none_or(|t| t <= now))
-            })
-            .collect();
-        let (key, probe) = match available.len() {
-            0 => {
-                let k = self
-                    .order
-                    .iter()
-                    .min_by_key(|k| self.endpoints.get(*k).and_then(|e| e.ejected_until))?
-                    .clone();
-                (k, true)
+        let live = |e: &Endpoint| e.ejected_until.is_none_or(|t| t <= now);
+        let n = self.endpoints.iter().filter(|(_, e)| live(e)).count();
+        // The position of the `j`th endpoint in, when `n` are.
+        let nth = |this: &Self, j: usize| {
+            if n == this.endpoints.len() {
+                return j;
             }
-            1 => (self.order[available[0]].clone(), false),
+            let mut ins = this
+                .endpoints
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, e))| live(e));
+            ins.nth(j).map_or(0, |(i, _)| i)
+        };
+        let i = match n {
+            0 => {
+                self.endpoints
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, (_, e))| e.ejected_until)?
+                    .0
+            }
+            1 => nth(self, 0),
             n => {
                 let a = (self.next_random() % n as u64) as usize;
                 let mut b = (self.next_random() % (n as u64 - 1)) as usize;
                 if b >= a {
                     b += 1;
                 }
-                let (ka, kb) = (&self.order[available[a]], &self.order[available[b]]);
-                let k = if self.cost(ka, now) <= self.cost(kb, now) {
-                    ka.clone()
+                let (a, b) = (nth(self, a), nth(self, b));
+                if self.cost(a, now) <= self.cost(b, now) {
+                    a
                 } else {
-                    kb.clone()
-                };
-                (k, false)
+                    b
+                }
             }
         };
-        let probe = probe
-            || self
-                .endpoints
-                .get(&key)
-                .is_some_and(|e| e.ejected_until.is_some());
-        if let Some(e) = self.endpoints.get_mut(&key) {
-            e.pending += 1;
-        }
-        Some(Pick { key, probe })
+        let (key, e) = &mut self.endpoints[i];
+        e.pending += 1;
+        Some(Pick {
+            key: key.clone(),
+            probe: n == 0 || e.ejected_until.is_some(),
+        })
     }
 
     /// Reports a success that took `latency`; the endpoint is back in if
     /// it was out.
     pub fn observe(&mut self, key: &K, latency: Duration, now: Instant) {
         let decay = self.config.decay;
-        if let Some(e) = self.endpoints.get_mut(key) {
+        if let Some(e) = self.get_mut(key) {
             e.pending = e.pending.saturating_sub(1);
             e.ewma.observe(latency, now, decay);
             e.consecutive_failures = 0;
@@ -233,7 +252,7 @@ impl<K: Clone + Eq + Hash> Balancer<K> {
     /// [`Balancer::release`] when it ends.
     pub fn sample(&mut self, key: &K, latency: Duration, now: Instant) {
         let decay = self.config.decay;
-        if let Some(e) = self.endpoints.get_mut(key) {
+        if let Some(e) = self.get_mut(key) {
             e.ewma.observe(latency, now, decay);
             e.consecutive_failures = 0;
             e.ejections_in_a_row = 0;
@@ -244,7 +263,7 @@ impl<K: Clone + Eq + Hash> Balancer<K> {
     /// Reports a finished request without a latency sample (a long-lived
     /// stream ended, say).
     pub fn release(&mut self, key: &K) {
-        if let Some(e) = self.endpoints.get_mut(key) {
+        if let Some(e) = self.get_mut(key) {
             e.pending = e.pending.saturating_sub(1);
         }
     }
@@ -252,8 +271,8 @@ impl<K: Clone + Eq + Hash> Balancer<K> {
     /// Reports a failure (refused connection, reset, timeout); enough in a
     /// row take the endpoint out, for longer each time.
     pub fn failed(&mut self, key: &K, now: Instant) {
-        let config = &self.config;
-        if let Some(e) = self.endpoints.get_mut(key) {
+        let config = self.config.clone();
+        if let Some(e) = self.get_mut(key) {
             e.pending = e.pending.saturating_sub(1);
             e.consecutive_failures += 1;
             let was_out = e.ejected_until.is_some();
@@ -272,9 +291,9 @@ impl<K: Clone + Eq + Hash> Balancer<K> {
 
     /// Whether `key` is taken out at `now`.
     pub fn is_ejected(&self, key: &K, now: Instant) -> bool {
-        self.endpoints
+        self.index
             .get(key)
-            .and_then(|e| e.ejected_until)
+            .and_then(|&i| self.endpoints[i].1.ejected_until)
             .is_some_and(|t| t > now)
     }
 }

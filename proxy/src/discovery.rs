@@ -61,6 +61,16 @@ pub trait Resolve: Send + Sync {
     }
 }
 
+/// What `resolver` knows of `authority` at once ([`Resolve::peek`]), else
+/// its answer when it has one ([`Resolve::resolve`]): the same answer,
+/// without a boxed future for a name already known.
+pub async fn destination(resolver: &dyn Resolve, authority: &str) -> Option<Destination> {
+    match resolver.peek(authority) {
+        Some(d) => Some(d),
+        None => resolver.resolve(authority).await,
+    }
+}
+
 /// A fixed table of destinations.
 #[derive(Clone, Debug, Default)]
 pub struct StaticResolver {
@@ -456,6 +466,13 @@ fn fresh(at: Instant, answer: &Option<Destination>, now: Instant) -> bool {
 }
 
 impl Resolve for DnsResolver {
+    fn peek(&self, authority: &str) -> Option<Destination> {
+        // (A name not yet known is looked up, for the next request.)
+        self.cached_or_lookup(authority, Instant::now())
+            .ok()
+            .flatten()
+    }
+
     fn resolve<'a>(&'a self, authority: &'a str) -> BoxFuture<'a, Option<Destination>> {
         Box::pin(async move {
             let mut rx = match self.cached_or_lookup(authority, Instant::now()) {
@@ -562,6 +579,21 @@ mod tests {
 
     fn port(d: Option<Destination>) -> Option<u16> {
         d.map(|d| d.endpoints[0].addr.port())
+    }
+
+    #[tokio::test]
+    async fn a_known_answer_is_peeked_and_an_unknown_one_waited_for_once() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (dns, calls) = counting(Duration::from_millis(20));
+        assert_eq!(dns.peek("a:80"), None, "not known yet");
+        // The peek started the lookup; the wait joins it.
+        assert_eq!(port(destination(&dns, "a:80").await), Some(80));
+        assert_eq!(calls.load(SeqCst), 1);
+        assert_eq!(port(dns.peek("a:80")), Some(80), "known now");
+        assert_eq!(port(destination(&dns, "a:80").await), Some(80));
+        assert_eq!(port(destination(&dns, "none:0").await), None);
+        assert_eq!(port(destination(&dns, "none:0").await), None);
+        assert_eq!(calls.load(SeqCst), 2, "one lookup per name");
     }
 
     #[tokio::test]

@@ -140,6 +140,14 @@ pub const MAX_HOST_LEN: usize = 254;
 
 /// `text` as a lowercase `host[:port]`, if it is one.
 fn routable(text: &[u8]) -> Result<String, InvalidHost> {
+    match plain_routable(text) {
+        Some(plain) => Ok(plain),
+        None => parsed_routable(text),
+    }
+}
+
+/// [`routable`] by way of the `http` crate's authority parse.
+fn parsed_routable(text: &[u8]) -> Result<String, InvalidHost> {
     // The `http` crate takes user information and any port text; its
     // `host()` needs a host after an `@`, so that is refused first.
     if text.contains(&b'@') {
@@ -171,6 +179,31 @@ fn routable(text: &[u8]) -> Result<String, InvalidHost> {
     }
     let kept = if port == ":" { host } else { s };
     Ok(kept.to_ascii_lowercase())
+}
+
+/// [`routable`] for the common case, a host of letters, digits, dots,
+/// hyphens and underscores with perhaps a port, without the general parse
+/// and its copy; `None` for anything else, which the general parse
+/// decides (it accepts everything this does, with the same result).
+fn plain_routable(text: &[u8]) -> Option<String> {
+    let (host, port) = match text.iter().rposition(|&b| b == b':') {
+        Some(i) => (&text[..i], &text[i + 1..]),
+        None => (text, &b""[..]),
+    };
+    let host_ok = !host.is_empty()
+        && host.len() <= MAX_HOST_LEN
+        && host
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    let port_ok = port.len() <= 5
+        && port.iter().all(u8::is_ascii_digit)
+        && port.iter().fold(0u32, |n, &d| n * 10 + u32::from(d - b'0')) <= u32::from(u16::MAX);
+    if !host_ok || !port_ok {
+        return None;
+    }
+    // An empty port is dropped, as the general parse drops it.
+    let kept = if port.is_empty() { host } else { text };
+    Some(std::str::from_utf8(kept).ok()?.to_ascii_lowercase())
 }
 
 /// An authority (URI or `Host`) that cannot name the request's target.
@@ -227,16 +260,14 @@ pub fn to_mesh(mut req: Request<Body>, authority: &str) -> Result<Request<Body>,
 
 /// Makes the request's URI absolute, `http://<authority><path and query>`.
 pub fn retarget<B>(req: &mut Request<B>, authority: &str) -> Result<(), http::Error> {
-    let path = req
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
-    *req.uri_mut() = http::Uri::builder()
-        .scheme("http")
-        .authority(authority)
-        .path_and_query(path)
-        .build()?;
+    // The path is kept as it is (no copy, no second parse).
+    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(authority.parse()?);
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    *req.uri_mut() = http::Uri::from_parts(parts)?;
     Ok(())
 }
 

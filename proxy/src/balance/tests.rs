@@ -57,8 +57,8 @@ fn in_flight_requests_spread_load() {
         assert_ne!(p.key, "", "picked");
     }
     // 10 in flight spread over both, never all on one.
-    let a = b.endpoints["a"].pending;
-    let bb = b.endpoints["b"].pending;
+    let pending = |k: &str| b.endpoints[b.index[k]].1.pending;
+    let (a, bb) = (pending("a"), pending("b"));
     assert_eq!(a + bb, 10);
     assert!(a.abs_diff(bb) <= 2, "a={a} b={bb}");
 }
@@ -89,6 +89,26 @@ fn failing_endpoints_are_ejected_and_probed_back() {
     // One success brings it fully back.
     b.observe(&"bad", ms(1), now + cfg.base_ejection * 3);
     assert!(!b.is_ejected(&"bad", now + cfg.base_ejection * 3));
+}
+
+#[test]
+fn picks_skip_an_ejected_endpoint_wherever_it_stands() {
+    let cfg = BalanceConfig::default();
+    let mut b = Balancer::new(cfg.clone(), 3);
+    let now = Instant::now();
+    b.update(["bad", "x", "y"], now);
+    for _ in 0..cfg.failures_to_eject {
+        b.failed(&"bad", now);
+    }
+    let mut counts = std::collections::HashMap::new();
+    for _ in 0..200 {
+        let p = b.pick(now).expect("pick");
+        assert!(!p.probe, "{p:?}");
+        *counts.entry(p.key).or_insert(0) += 1;
+        b.observe(&p.key, ms(1), now);
+    }
+    assert_eq!(counts.get("bad"), None, "{counts:?}");
+    assert!(counts["x"] > 50 && counts["y"] > 50, "{counts:?}");
 }
 
 #[test]

@@ -147,3 +147,32 @@ fn an_absolute_target_is_the_host_sent_on() {
     host_from_target(&mut r);
     assert_eq!(r.headers()["host"], "web.demo", "origin form: untouched");
 }
+
+#[test]
+fn plain_hosts_take_the_short_way_to_the_same_answer() {
+    // Every host[:port] built from these parts that the short way takes
+    // gets the general parse's answer.
+    let hosts = [
+        "web", "Web.Demo", "a-b_c.d", "10.0.0.1", "x", "-", "..", "[::1]", "a@b", "",
+    ];
+    let ports = [
+        "", ":", ":80", ":08080", ":65535", ":65536", ":99999", ":123456", ":8a", "::80",
+    ];
+    let mut taken = 0;
+    for h in hosts {
+        for p in ports {
+            let text = format!("{h}{p}");
+            if let Some(short) = plain_routable(text.as_bytes()) {
+                taken += 1;
+                assert_eq!(Ok(short), parsed_routable(text.as_bytes()), "{text}");
+            }
+        }
+    }
+    assert!(taken > 30, "{taken}");
+    let long = "a".repeat(MAX_HOST_LEN + 1);
+    assert_eq!(plain_routable(long.as_bytes()), None);
+    assert_eq!(plain_routable(b"web:65536"), None);
+    assert_eq!(plain_routable(b"[::1]:80"), None);
+    assert_eq!(plain_routable(b"Web:80").as_deref(), Some("web:80"));
+    assert_eq!(plain_routable(b"web:").as_deref(), Some("web"));
+}

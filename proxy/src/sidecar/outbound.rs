@@ -253,7 +253,7 @@ impl Outbound {
             shared.http.error(DIRECTION, "no_authority");
             return error_response(StatusCode::BAD_REQUEST, "request has no authority");
         };
-        let authority = with_port(&authority, orig.filter(|_| shared.config.transparent));
+        let authority = with_port(authority, orig.filter(|_| shared.config.transparent));
         let observed = |rsp, tls| {
             let route = shared.http.route(DIRECTION, &authority, tls);
             route.request();
@@ -285,7 +285,7 @@ impl Outbound {
         orig: Option<SocketAddr>,
     ) -> Response<Body> {
         let shared = &self.0.shared;
-        let endpoints = match shared.resolver.resolve(authority).await {
+        let endpoints = match crate::discovery::destination(&*shared.resolver, authority).await {
             Some(d) if !d.endpoints.is_empty() => d.endpoints,
             _ => orig
                 .map(|o| {
@@ -410,7 +410,7 @@ impl Outbound {
         started: Instant,
     ) -> Result<(Response<Body>, &'static str), Response<Body>> {
         let shared = &self.0.shared;
-        let endpoints = match shared.resolver.resolve(authority).await {
+        let endpoints = match crate::discovery::destination(&*shared.resolver, authority).await {
             Some(d) if !d.endpoints.is_empty() => d.endpoints,
             _ => match orig {
                 // Nothing knows the name: the original destination, as is.
@@ -605,7 +605,7 @@ impl Outbound {
 
 /// An authority with an explicit port: the original destination's, else
 /// 80 (HTTP/1 `Host` headers often omit it).
-fn with_port(authority: &str, orig: Option<SocketAddr>) -> String {
+fn with_port(mut authority: String, orig: Option<SocketAddr>) -> String {
     // A port is digits after the last colon, unless that colon is inside
     // an IPv6 literal (`[::1]` has none, `[::1]:80` has one).
     let has_port = authority.rsplit_once(':').is_some_and(|(host, port)| {
@@ -613,13 +613,11 @@ fn with_port(authority: &str, orig: Option<SocketAddr>) -> String {
             && port.bytes().all(|b| b.is_ascii_digit())
             && (!host.contains(':') || host.ends_with(']'))
     });
-    let mut s = String::with_capacity(authority.len() + 6);
-    s.push_str(authority);
     if !has_port {
         use std::fmt::Write as _;
-        let _ = write!(s, ":{}", orig.map_or(80, |o| o.port()));
+        let _ = write!(authority, ":{}", orig.map_or(80, |o| o.port()));
     }
-    s
+    authority
 }
 
 #[cfg(test)]
@@ -638,7 +636,7 @@ mod tests {
             ("10.0.0.2:81", None, "10.0.0.2:81"),
             ("web:", None, "web::80"),
         ] {
-            assert_eq!(with_port(authority, orig), expected, "{authority}");
+            assert_eq!(with_port(authority.into(), orig), expected, "{authority}");
         }
     }
 }
