@@ -11,6 +11,11 @@
 #
 #   bench/proxy.sh [SECONDS]        default 10 s per throughput run
 #
+# Throughput is measured in ROUNDS rounds (default 3, env STRAIT_BENCH_ROUNDS),
+# each running direct, the strait pair and the HAProxy pair in turn, so a
+# neighbour's burst on the shared machine falls on both pairs rather than on
+# one; the ratio printed last is the median of the rounds' ratios.
+#
 # Installs wrk, nghttp2-client (h2load), haproxy and openssl if missing.
 # Loopback only; everything stops when the script exits. One worker thread
 # per proxy (STRAIT_BENCH_THREADS), HAProxy with nbthread 1, on 2 cores
@@ -19,6 +24,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-10}
 THREADS=${STRAIT_BENCH_THREADS:-1}
+ROUNDS=${STRAIT_BENCH_ROUNDS:-3}
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || { echo "STRAIT_BENCH_ROUNDS must be a positive number, not '$ROUNDS'" >&2; exit 2; }
 
 source bench/proxy-pair.sh
 
@@ -34,15 +41,32 @@ h2_rps() { h2load -c50 -m10 -t1 -D "$SECS" -H ":authority: bench" "http://$1/" 2
 lat() { "$BIN/strait-loadgen" http "$1" --rate 1000 --seconds 5 --connections 8 --host bench; }
 field() { python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
 
-echo "== HTTP/1.1, 50 connections, ${SECS}s (wrk) =="
-D=$(wrk_rps $BACKEND); S=$(wrk_rps 127.0.0.1:27140); H=$(wrk_rps 127.0.0.1:28141)
-printf "%-14s %10s req/s\n" direct "$D" "strait pair" "$S" "haproxy pair" "$H"
-python3 -c "print('strait/haproxy = %.2f   strait/direct = %.2f' % ($S/$H, $S/$D))"
+# ROUNDS rounds of `$1` (a rate function) against direct ($2), the strait
+# pair ($3) and the HAProxy pair ($4): each round's rates and ratios, then
+# the medians.
+rounds() {
+  local rate=$1 direct=$2 strait=$3 haproxy=$4 rows=()
+  for r in $(seq 1 "$ROUNDS"); do
+    local d s h
+    d=$($rate "$direct"); s=$($rate "$strait"); h=$($rate "$haproxy")
+    printf "round %d: direct %10s   strait pair %10s   haproxy pair %10s req/s\n" "$r" "$d" "$s" "$h"
+    rows+=("$d $s $h")
+  done
+  printf '%s\n' "${rows[@]}" | python3 -c '
+import statistics, sys
+rows = [tuple(map(float, l.split())) for l in sys.stdin if l.strip()]
+med = lambda xs: statistics.median(xs)
+print("median: direct %.0f   strait pair %.0f   haproxy pair %.0f req/s" % tuple(med([r[i] for r in rows]) for i in range(3)))
+sh = [s / h for _, s, h in rows]
+print("strait/haproxy = %.2f (rounds %s)   strait/direct = %.2f" % (
+    med(sh), " ".join("%.2f" % x for x in sh), med([s / d for d, s, _ in rows])))'
+}
 
-echo "== HTTP/2, 50 connections x 10 streams, ${SECS}s (h2load) =="
-D2=$(h2_rps $BACKEND); S2=$(h2_rps 127.0.0.1:27140); H2=$(h2_rps 127.0.0.1:28140)
-printf "%-14s %10s req/s\n" direct "$D2" "strait pair" "$S2" "haproxy pair" "$H2"
-python3 -c "print('strait/haproxy = %.2f   strait/direct = %.2f' % ($S2/$H2, $S2/$D2))"
+echo "== HTTP/1.1, 50 connections, ${SECS}s (wrk), $ROUNDS rounds =="
+rounds wrk_rps $BACKEND 127.0.0.1:27140 127.0.0.1:28141
+
+echo "== HTTP/2, 50 connections x 10 streams, ${SECS}s (h2load), $ROUNDS rounds =="
+rounds h2_rps $BACKEND 127.0.0.1:27140 127.0.0.1:28140
 
 echo "== latency at 1000 req/s, HTTP/1.1 keep-alive, 8 connections, 5s =="
 LD=$(lat $BACKEND); LS=$(lat 127.0.0.1:27140); LH=$(lat 127.0.0.1:28141)
