@@ -235,7 +235,7 @@ async fn handle_stream(
                 tracing::warn!("peering service gone");
             }
         }
-        _ => {
+        Ok(StreamKind::Tcp) => {
             // A stream to an endpoint holds one of `maxConnections` slots
             // while it is relayed. Past them it is refused at once: left
             // waiting unread, its data would hold the connection's flow
@@ -246,6 +246,10 @@ async fn handle_stream(
             };
             proxy(io, header, shared).await;
             drop(slot);
+        }
+        // (The header's decoding refuses every other kind.)
+        Ok(StreamKind::Unspecified) | Err(_) => {
+            refuse_as(&mut io, &shared, Refusal::BadHeader, "bad_header");
         }
     }
 }

@@ -82,25 +82,28 @@ impl Replay {
         // Bounded by its size hint, which the server connection enforces
         // (a body longer than its content-length is an error). Most have
         // none at all: nothing to collect.
-        let body = if body.is_end_stream() {
-            bytes::Bytes::new()
+        // An empty body is sent as it is; one collected, as a copy.
+        let (first, body) = if body.is_end_stream() {
+            (body, bytes::Bytes::new())
         } else {
-            body.collect()
+            let collected = body
+                .collect()
                 .await
                 .ok()
                 .map(|c| c.to_bytes())
                 .filter(|b| b.len() <= MAX_BUFFERED_BODY)
-                .ok_or_else(|| error_response(StatusCode::BAD_REQUEST, "request body failed"))?
+                .ok_or_else(|| error_response(StatusCode::BAD_REQUEST, "request body failed"))?;
+            (crate::http::whole(collected.clone()), collected)
         };
         let again = Buffered {
             method: parts.method.clone(),
             uri: parts.uri.clone(),
             version: parts.version,
             headers: parts.headers.clone(),
-            body: body.clone(),
+            body,
         };
         Ok(Self {
-            first: Some(Request::from_parts(parts, crate::http::whole(body))),
+            first: Some(Request::from_parts(parts, first)),
             again: Some(again),
         })
     }

@@ -25,7 +25,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
@@ -380,12 +379,11 @@ pub(crate) async fn serve_http(
                 if closes(rsp.headers()) {
                     in_flight.0.parkable.store(false, Ordering::Relaxed);
                 }
-                Ok::<_, std::convert::Infallible>(rsp.map(|inner| {
-                    Tracked {
-                        inner,
-                        _in_flight: in_flight,
-                    }
-                    .boxed()
+                // (Served as it is: a second box around the body would be
+                // one more allocation and indirection per request.)
+                Ok::<_, std::convert::Infallible>(rsp.map(|inner| Tracked {
+                    inner,
+                    _in_flight: in_flight,
                 }))
             }
         })
