@@ -45,7 +45,7 @@ field() { python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
 # pair ($3) and the HAProxy pair ($4): each round's rates and ratios, then
 # the medians.
 rounds() {
-  local rate=$1 direct=$2 strait=$3 haproxy=$4 rows=()
+  local rate=$1 direct=$2 strait=$3 haproxy=$4 rows=() r
   for r in $(seq 1 "$ROUNDS"); do
     local d s h
     d=$($rate "$direct"); s=$($rate "$strait"); h=$($rate "$haproxy")

@@ -53,21 +53,39 @@ pub trait Resolve: Send + Sync {
     /// The destination for `authority`, if known.
     fn resolve<'a>(&'a self, authority: &'a str) -> BoxFuture<'a, Option<Destination>>;
 
-    /// What is already known of `authority`, without waiting (and, where
-    /// answers come from a control plane, starting to ask so the next
-    /// connection knows). Default: nothing.
+    /// What any resolver already knows of `authority`, without waiting
+    /// (and, where answers come from a control plane, starting to ask so
+    /// the next connection knows). A hint: unlike [`Resolve::known`], it
+    /// takes a later resolver's answer while an earlier one would wait.
+    /// Default: nothing.
     fn peek(&self, _authority: &str) -> Option<Destination> {
         None
     }
+
+    /// [`Resolve::resolve`]'s answer if it would come at once, with the
+    /// same side effects (a lookup or watch started); [`Known::Later`] if
+    /// it would wait. Default: it would.
+    fn known(&self, _authority: &str) -> Known {
+        Known::Later
+    }
 }
 
-/// What `resolver` knows of `authority` at once ([`Resolve::peek`]), else
-/// its answer when it has one ([`Resolve::resolve`]): the same answer,
-/// without a boxed future for a name already known.
+/// What a resolver can answer without waiting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Known {
+    /// [`Resolve::resolve`] would answer this at once.
+    Now(Option<Destination>),
+    /// It would wait (for a lookup, for the control plane).
+    Later,
+}
+
+/// `resolver`'s answer for `authority`: [`Resolve::known`] when it has
+/// one, else [`Resolve::resolve`]. The same answer, without a boxed future
+/// for a name already known.
 pub async fn destination(resolver: &dyn Resolve, authority: &str) -> Option<Destination> {
-    match resolver.peek(authority) {
-        Some(d) => Some(d),
-        None => resolver.resolve(authority).await,
+    match resolver.known(authority) {
+        Known::Now(d) => d,
+        Known::Later => resolver.resolve(authority).await,
     }
 }
 
@@ -202,6 +220,10 @@ impl Resolve for StaticResolver {
 
     fn peek(&self, authority: &str) -> Option<Destination> {
         self.table.get(authority).cloned()
+    }
+
+    fn known(&self, authority: &str) -> Known {
+        Known::Now(self.table.get(authority).cloned())
     }
 }
 
@@ -466,11 +488,12 @@ fn fresh(at: Instant, answer: &Option<Destination>, now: Instant) -> bool {
 }
 
 impl Resolve for DnsResolver {
-    fn peek(&self, authority: &str) -> Option<Destination> {
-        // (A name not yet known is looked up, for the next request.)
-        self.cached_or_lookup(authority, Instant::now())
-            .ok()
-            .flatten()
+    fn known(&self, authority: &str) -> Known {
+        // (A name not yet known is looked up; resolve() joins the lookup.)
+        match self.cached_or_lookup(authority, Instant::now()) {
+            Ok(answer) => Known::Now(answer),
+            Err(_) => Known::Later,
+        }
     }
 
     fn resolve<'a>(&'a self, authority: &'a str) -> BoxFuture<'a, Option<Destination>> {
@@ -507,6 +530,18 @@ impl Resolve for Chain {
 
     fn peek(&self, authority: &str) -> Option<Destination> {
         self.0.iter().find_map(|r| r.peek(authority))
+    }
+
+    fn known(&self, authority: &str) -> Known {
+        // In order, as resolve() asks: a resolver that would wait decides
+        // that the chain would.
+        for r in &self.0 {
+            match r.known(authority) {
+                Known::Now(None) => continue,
+                answered => return answered,
+            }
+        }
+        Known::Now(None)
     }
 }
 
@@ -582,14 +617,17 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_known_answer_is_peeked_and_an_unknown_one_waited_for_once() {
+    async fn a_known_answer_is_taken_at_once_and_an_unknown_one_waited_for_once() {
         use std::sync::atomic::Ordering::SeqCst;
         let (dns, calls) = counting(Duration::from_millis(20));
-        assert_eq!(dns.peek("a:80"), None, "not known yet");
-        // The peek started the lookup; the wait joins it.
+        assert_eq!(dns.known("a:80"), Known::Later, "not known yet");
+        // That started the lookup; the wait joins it.
         assert_eq!(port(destination(&dns, "a:80").await), Some(80));
         assert_eq!(calls.load(SeqCst), 1);
-        assert_eq!(port(dns.peek("a:80")), Some(80), "known now");
+        assert!(
+            matches!(dns.known("a:80"), Known::Now(Some(_))),
+            "known now"
+        );
         assert_eq!(port(destination(&dns, "a:80").await), Some(80));
         assert_eq!(port(destination(&dns, "none:0").await), None);
         assert_eq!(port(destination(&dns, "none:0").await), None);

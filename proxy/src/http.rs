@@ -260,10 +260,11 @@ pub fn to_mesh(mut req: Request<Body>, authority: &str) -> Result<Request<Body>,
 
 /// Makes the request's URI absolute, `http://<authority><path and query>`.
 pub fn retarget<B>(req: &mut Request<B>, authority: &str) -> Result<(), http::Error> {
+    let authority = authority.parse()?;
     // The path is kept as it is (no copy, no second parse).
     let mut parts = std::mem::take(req.uri_mut()).into_parts();
     parts.scheme = Some(http::uri::Scheme::HTTP);
-    parts.authority = Some(authority.parse()?);
+    parts.authority = Some(authority);
     if parts.path_and_query.is_none() {
         parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
     }

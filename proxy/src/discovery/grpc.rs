@@ -36,7 +36,7 @@ use strait_proto::destination::v1::{update, GetDestination, Update};
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
-use super::{Destination, Endpoint, Resolve};
+use super::{Destination, Endpoint, Known, Resolve};
 use crate::identity::SpiffeId;
 use strait_proto::tunnel::v1::ProtocolHint;
 
@@ -391,6 +391,23 @@ impl Resolve for GrpcResolver {
         match &*state {
             State::Current(d) => d.clone(),
             State::Pending | State::NotServed => None,
+        }
+    }
+
+    fn known(&self, authority: &str) -> Known {
+        // resolve() without its wait.
+        let key = authority.to_ascii_lowercase();
+        if !has_port(&key) {
+            return Known::Now(None);
+        }
+        let Some(rx) = self.watch(&key) else {
+            return Known::Now(None);
+        };
+        let state = rx.borrow();
+        match &*state {
+            State::Pending => Known::Later,
+            State::Current(d) => Known::Now(d.clone()),
+            State::NotServed => Known::Now(None),
         }
     }
 

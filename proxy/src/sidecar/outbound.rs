@@ -82,7 +82,8 @@ impl Replay {
         // Bounded by its size hint, which the server connection enforces
         // (a body longer than its content-length is an error). Most have
         // none at all: nothing to collect.
-        // An empty body is sent as it is; one collected, as a copy.
+        // An empty body is sent as it is; a collected one shares its bytes
+        // with the copy kept for a retry.
         let (first, body) = if body.is_end_stream() {
             (body, bytes::Bytes::new())
         } else {

@@ -252,6 +252,33 @@ async fn follows_a_stream_from_the_cache() {
 }
 
 #[tokio::test]
+async fn the_control_plane_is_waited_for_before_the_resolvers_after_it() {
+    use crate::discovery::{destination, Chain, StaticResolver};
+    let mock = Mock::default();
+    let (_tx, rx) = watch::channel(Some(set(vec![addr("10.0.0.1:80", ID, 1)])));
+    mock.route("web.demo:80", Route::Stream(rx));
+    let r = GrpcResolver::for_addr(mock.serve().await).with_timeout(Duration::from_secs(5));
+    let file = "destinations:\n  - authority: web.demo:80\n    endpoints:\n      - { addr: 10.9.9.9:80 }\n";
+    let fallback = StaticResolver::parse(file, "x").expect("valid");
+    let chain = Chain(vec![Box::new(r), Box::new(fallback)]);
+    // Asked, not answered yet: the chain would wait, not take the file's.
+    assert_eq!(chain.known("web.demo:80"), Known::Later);
+    assert!(chain.peek("web.demo:80").is_some(), "peek takes any answer");
+    assert_eq!(
+        addrs(&destination(&chain, "web.demo:80").await),
+        ["10.0.0.1:80"]
+    );
+    // Answered: the control plane's, at once.
+    match chain.known("web.demo:80") {
+        Known::Now(d) => assert_eq!(addrs(&d), ["10.0.0.1:80"]),
+        Known::Later => panic!("answered, yet it would wait"),
+    }
+    assert_eq!(mock.calls("web.demo:80"), 1);
+    // A name without a port is not the control plane's: the next resolver's.
+    assert_eq!(chain.known("web"), Known::Now(None));
+}
+
+#[tokio::test]
 async fn unknown_and_refused_names_fall_back_and_are_cached() {
     let mock = Mock::default();
     mock.route(
