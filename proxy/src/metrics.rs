@@ -252,7 +252,7 @@ impl RouteMetrics {
         if let Some((_, _, c)) = seen
             .responses
             .iter()
-            .find(|(s, g, _)| *s == status_class && *g == grpc_status)
+            .find(|(s, g, _)| same(s, status_class) && same(g, grpc_status))
         {
             c.inc();
             return;
@@ -274,7 +274,7 @@ impl RouteMetrics {
     /// Records the time to a response's headers.
     pub fn latency(&self, status_class: &'static str, seconds: f64) {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, h)) = seen.latency.iter().find(|(s, _)| *s == status_class) {
+        if let Some((_, h)) = seen.latency.iter().find(|(s, _)| same(s, status_class)) {
             h.observe(seconds);
             return;
         }
@@ -291,6 +291,12 @@ impl RouteMetrics {
 }
 
 type Histogram = prometheus_client::metrics::histogram::Histogram;
+
+/// Whether two label values are equal: at once when they are the same
+/// constant, as they nearly always are.
+fn same(a: &str, b: &str) -> bool {
+    std::ptr::eq(a, b) || a == b
+}
 
 impl HttpMetrics {
     /// Registers the families in `registry`.
@@ -352,14 +358,19 @@ impl HttpMetrics {
     ) -> Arc<RouteMetrics> {
         let mut all = self.routes.lock().unwrap_or_else(|e| e.into_inner());
         let routes = all.entry(direction).or_default();
-        let label = if routes.contains_key(authority) || routes.len() < MAX_AUTHORITIES {
+        // The common case, a series already made: one lookup.
+        let known = routes.get(authority);
+        if let Some(r) = known.and_then(|v| v.iter().find(|r| same(r.labels.tls, tls))) {
+            return r.clone();
+        }
+        let label = if known.is_some() || routes.len() < MAX_AUTHORITIES {
             authority
         } else {
             "other"
         };
         if let Some(r) = routes
             .get(label)
-            .and_then(|v| v.iter().find(|r| r.labels.tls == tls))
+            .and_then(|v| v.iter().find(|r| same(r.labels.tls, tls)))
         {
             return r.clone();
         }

@@ -301,7 +301,7 @@ impl Outbound {
                 })
                 .unwrap_or_default(),
         };
-        let Some(endpoint) = self.pick(authority, &endpoints, &[]) else {
+        let Some(endpoint) = self.pick(authority, &endpoints, &[], Instant::now()) else {
             shared.http.error(DIRECTION, "no_endpoints");
             return error_response(StatusCode::SERVICE_UNAVAILABLE, "no endpoints");
         };
@@ -337,12 +337,17 @@ impl Outbound {
         };
         match result {
             Ok(rsp) => {
-                self.report(authority, endpoint.addr, Some(std::time::Duration::ZERO));
+                self.report(
+                    authority,
+                    endpoint.addr,
+                    Some(std::time::Duration::ZERO),
+                    Instant::now(),
+                );
                 rsp
             }
             Err(error) => {
                 tracing::info!(%authority, %error, "upgrade failed");
-                self.report(authority, endpoint.addr, None);
+                self.report(authority, endpoint.addr, None, Instant::now());
                 if error.kind() == std::io::ErrorKind::TimedOut {
                     shared.http.error(DIRECTION, "timeout");
                     return error_response(StatusCode::GATEWAY_TIMEOUT, "upstream timed out");
@@ -353,15 +358,15 @@ impl Outbound {
         }
     }
 
-    /// Picks an endpoint, avoiding those already `tried` for this request
-    /// when others exist.
+    /// Picks an endpoint at `now`, avoiding those already `tried` for this
+    /// request when others exist.
     fn pick(
         &self,
         authority: &str,
         endpoints: &[Endpoint],
         tried: &[SocketAddr],
+        now: Instant,
     ) -> Option<Endpoint> {
-        let now = Instant::now();
         let mut balancers = self.0.balancers.lock().unwrap_or_else(|e| e.into_inner());
         // Looked up by reference: the key is allocated only for a new name.
         let new = !balancers.contains(authority);
@@ -392,8 +397,15 @@ impl Outbound {
         endpoints.iter().find(|e| e.addr == key).cloned()
     }
 
-    fn report(&self, authority: &str, addr: SocketAddr, ok: Option<std::time::Duration>) {
-        let now = Instant::now();
+    /// Reports how an attempt at `addr` ended at `now`: its latency, or
+    /// `None` for a failure.
+    fn report(
+        &self,
+        authority: &str,
+        addr: SocketAddr,
+        ok: Option<std::time::Duration>,
+        now: Instant,
+    ) {
         let mut balancers = self.0.balancers.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(b) = balancers.get_mut(authority) {
             match ok {
@@ -445,14 +457,17 @@ impl Outbound {
                 &format!("{authority} resolves to this proxy"),
             ));
         }
-        self.budget(authority, |b| b.deposit(Instant::now()));
+        // (The clock is read as seldom as it can be: once for the deposit
+        // and the first pick, once at each attempt's end.)
+        let mut now = Instant::now();
+        self.budget(authority, |b| b.deposit(now));
         let mut replay = Replay::new(req).await?;
         let mut tried: Vec<SocketAddr> = Vec::new();
         for attempt in 1..=MAX_ATTEMPTS {
             let Some(req) = replay.next() else {
                 break;
             };
-            let Some(endpoint) = self.pick(authority, &endpoints, &tried) else {
+            let Some(endpoint) = self.pick(authority, &endpoints, &tried, now) else {
                 shared.http.error(DIRECTION, "no_endpoints");
                 return Err(error_response(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -464,14 +479,15 @@ impl Outbound {
                 Ok((rsp, _)) => peer_proxy_failed(rsp),
                 Err(_) => true,
             };
+            let ended = Instant::now();
             if !failed {
-                self.report(authority, endpoint.addr, Some(started.elapsed()));
+                self.report(authority, endpoint.addr, Some(ended - started), ended);
                 return result;
             }
-            self.report(authority, endpoint.addr, None);
+            self.report(authority, endpoint.addr, None, ended);
             let retry = replay.can_replay()
                 && attempt < MAX_ATTEMPTS
-                && self.budget(authority, |b| b.withdraw(Instant::now()));
+                && self.budget(authority, |b| b.withdraw(ended));
             if !retry {
                 if replay.can_replay() && attempt < MAX_ATTEMPTS {
                     self.retried("budget_exhausted");
@@ -479,6 +495,7 @@ impl Outbound {
                 return result;
             }
             self.retried("retried");
+            now = ended;
             tracing::debug!(%authority, endpoint = %endpoint.addr, attempt, "retrying");
             tried.push(endpoint.addr);
         }
