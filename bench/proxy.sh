@@ -16,6 +16,11 @@
 # neighbour's burst on the shared machine falls on both pairs rather than on
 # one; the ratio printed last is the median of the rounds' ratios.
 #
+# Last, HTTP/1.1 again with each pair's two proxies pinned to one CPU and
+# wrk and the backend to another (taskset): the pairs then get the same
+# core, whatever the scheduler would have made of four busy processes on
+# two, so the ratio is that of their CPU time per request.
+#
 # Installs wrk, nghttp2-client (h2load), haproxy and openssl if missing.
 # Loopback only; everything stops when the script exits. One worker thread
 # per proxy (STRAIT_BENCH_THREADS), HAProxy with nbthread 1, on 2 cores
@@ -28,6 +33,7 @@ ROUNDS=${STRAIT_BENCH_ROUNDS:-3}
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || { echo "STRAIT_BENCH_ROUNDS must be a positive number, not '$ROUNDS'" >&2; exit 2; }
 
 source bench/proxy-pair.sh
+bench_tools taskset:util-linux
 
 rss_kib() { awk '/VmRSS/ {print $2}' /proc/$1/status; }
 # Private memory: what the process alone holds (RSS also counts the pages
@@ -99,3 +105,13 @@ printf "RSS idle: %.1f MiB (private %.1f MiB), %.1f MiB after the runs; with 100
 HA_IDLE_RSS=$(rss_kib $HAPROXY_PID)
 HA_HELD_RSS=$(rss_holding 127.0.0.1:28141 9000 $HAPROXY_PID)
 printf "HAProxy client side RSS after the runs: %.1f MiB; with 9000 idle connections: %.1f MiB (%.1f KB per connection)\n" "$(echo "$HA_IDLE_RSS/1024" | bc -l)" "$(echo "$HA_HELD_RSS/1024" | bc -l)" "$(echo "($HA_HELD_RSS-$HA_IDLE_RSS)*1.024/9000" | bc -l)"
+
+if [ "$(nproc)" -ge 2 ]; then
+  echo "== HTTP/1.1 on one core: each pair's proxies on CPU 1, wrk and the backend on CPU 0, ${SECS}s, $ROUNDS rounds =="
+  for p in $CLIENT_PID $SERVER_PID $HAPROXY_PID $HAPROXY_SERVER_PID; do taskset -a -p -c 1 "$p" >/dev/null; done
+  taskset -a -p -c 0 "${PIDS[0]}" >/dev/null
+  pinned_rps() { taskset -c 0 wrk -t1 -c50 -d"${SECS}s" -H "Host: bench" "http://$1/" | awk '/Requests\/sec/ {print $2}'; }
+  rounds pinned_rps $BACKEND 127.0.0.1:27140 127.0.0.1:28141
+else
+  echo "== HTTP/1.1 on one core: not run, this machine has one CPU =="
+fi
