@@ -17,13 +17,15 @@
 # one; the ratio printed last is the median of the rounds' ratios.
 #
 # Last, HTTP/1.1 again with each pair's two proxies pinned to one CPU and
-# wrk and the backend to another (taskset): the pairs then get the same
-# core, whatever the scheduler would have made of four busy processes on
-# two, so the ratio is that of their CPU time per request.
+# wrk and the backend to another (taskset), so that both pairs get the
+# same core whatever the scheduler would have made of four busy processes
+# on two; besides requests/s it prints each pair's CPU time (user and
+# system, from /proc/<pid>/stat) per request and how busy its core was.
 #
-# Installs wrk, nghttp2-client (h2load), haproxy and openssl if missing.
-# Loopback only; everything stops when the script exits. One worker thread
-# per proxy (STRAIT_BENCH_THREADS), HAProxy with nbthread 1, on 2 cores
+# Installs wrk, nghttp2-client (h2load), haproxy, openssl and util-linux
+# (taskset) if missing. Loopback only; everything stops when the script
+# exits. One worker thread per proxy (STRAIT_BENCH_THREADS), HAProxy with
+# nbthread 1; until the last section, on the cores this script may use,
 # shared with the load generator and the backend.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -106,12 +108,44 @@ HA_IDLE_RSS=$(rss_kib $HAPROXY_PID)
 HA_HELD_RSS=$(rss_holding 127.0.0.1:28141 9000 $HAPROXY_PID)
 printf "HAProxy client side RSS after the runs: %.1f MiB; with 9000 idle connections: %.1f MiB (%.1f KB per connection)\n" "$(echo "$HA_IDLE_RSS/1024" | bc -l)" "$(echo "$HA_HELD_RSS/1024" | bc -l)" "$(echo "($HA_HELD_RSS-$HA_IDLE_RSS)*1.024/9000" | bc -l)"
 
-if [ "$(nproc)" -ge 2 ]; then
-  echo "== HTTP/1.1 on one core: each pair's proxies on CPU 1, wrk and the backend on CPU 0, ${SECS}s, $ROUNDS rounds =="
-  for p in $CLIENT_PID $SERVER_PID $HAPROXY_PID $HAPROXY_SERVER_PID; do taskset -a -p -c 1 "$p" >/dev/null; done
-  taskset -a -p -c 0 "${PIDS[0]}" >/dev/null
-  pinned_rps() { taskset -c 0 wrk -t1 -c50 -d"${SECS}s" -H "Host: bench" "http://$1/" | awk '/Requests\/sec/ {print $2}'; }
-  rounds pinned_rps $BACKEND 127.0.0.1:27140 127.0.0.1:28141
+# The first two CPUs this script may run on (not CPUs 0 and 1: a
+# container's may be any).
+read -r CPU_LOAD CPU_PAIR < <(python3 -c 'import os; c = sorted(os.sched_getaffinity(0)); print(*(c[:2] if len(c) > 1 else ["-", "-"]))')
+if [ "$CPU_PAIR" != "-" ]; then
+  echo "== HTTP/1.1 on one core: each pair's proxies on CPU $CPU_PAIR, wrk and the backend on CPU $CPU_LOAD, ${SECS}s, $ROUNDS rounds =="
+  for p in $CLIENT_PID $SERVER_PID $HAPROXY_PID $HAPROXY_SERVER_PID; do taskset -a -p -c "$CPU_PAIR" "$p" >/dev/null; done
+  taskset -a -p -c "$CPU_LOAD" "${PIDS[0]}" >/dev/null
+  ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $t; }
+  # "requests/s CPU-microseconds-per-request busy-percent" of wrk through
+  # $1, the pair being the processes $2...
+  pinned() {
+    local url=$1 t0 t1 start end out; shift
+    t0=$(ticks "$@"); start=$(date +%s.%N)
+    out=$(taskset -c "$CPU_LOAD" wrk -t1 -c50 -d"${SECS}s" -H "Host: bench" "http://$url/")
+    t1=$(ticks "$@"); end=$(date +%s.%N)
+    echo "$out" | python3 -c '
+import re, sys
+text = sys.stdin.read()
+n = int(re.search(r"(\d+) requests in", text).group(1))
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+cpu = (int(sys.argv[2]) - int(sys.argv[1])) / float(sys.argv[5])
+print("%.0f %.2f %.0f" % (rps, cpu * 1e6 / n, 100 * cpu / (float(sys.argv[4]) - float(sys.argv[3]))))' \
+      "$t0" "$t1" "$start" "$end" "$(getconf CLK_TCK)"
+  }
+  rows=()
+  for r in $(seq 1 "$ROUNDS"); do
+    read -r s_rps s_cpu s_busy < <(pinned 127.0.0.1:27140 "$CLIENT_PID" "$SERVER_PID")
+    read -r h_rps h_cpu h_busy < <(pinned 127.0.0.1:28141 "$HAPROXY_PID" "$HAPROXY_SERVER_PID")
+    printf "round %d: strait pair %8s req/s, %6s us CPU per request (core %s%% busy)   haproxy pair %8s req/s, %6s us (%s%%)\n" \
+      "$r" "$s_rps" "$s_cpu" "$s_busy" "$h_rps" "$h_cpu" "$h_busy"
+    rows+=("$s_rps $s_cpu $h_rps $h_cpu")
+  done
+  printf '%s\n' "${rows[@]}" | python3 -c '
+import statistics, sys
+rows = [tuple(map(float, l.split())) for l in sys.stdin if l.strip()]
+med = statistics.median
+print("median strait/haproxy: requests/s %.2f, CPU per request %.2f" % (
+    med([r[0] / r[2] for r in rows]), med([r[1] / r[3] for r in rows])))'
 else
-  echo "== HTTP/1.1 on one core: not run, this machine has one CPU =="
+  echo "== HTTP/1.1 on one core: not run, this script may use one CPU only =="
 fi

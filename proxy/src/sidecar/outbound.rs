@@ -457,11 +457,12 @@ impl Outbound {
                 &format!("{authority} resolves to this proxy"),
             ));
         }
+        let mut replay = Replay::new(req).await?;
         // (The clock is read as seldom as it can be: once for the deposit
-        // and the first pick, once at each attempt's end.)
+        // and the first pick, after the body is buffered, and once at each
+        // attempt's end.)
         let mut now = Instant::now();
         self.budget(authority, |b| b.deposit(now));
-        let mut replay = Replay::new(req).await?;
         let mut tried: Vec<SocketAddr> = Vec::new();
         for attempt in 1..=MAX_ATTEMPTS {
             let Some(req) = replay.next() else {
