@@ -378,60 +378,56 @@ fn has_port(authority: &str) -> bool {
         .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
 }
 
-impl Resolve for GrpcResolver {
-    fn peek(&self, authority: &str) -> Option<Destination> {
+impl GrpcResolver {
+    /// The watch of `authority`, started if nobody follows it yet; `None`
+    /// for a name the control plane is not asked about (no port, or no
+    /// room for another watch).
+    fn watched(&self, authority: &str) -> Option<watch::Receiver<State>> {
         let key = authority.to_ascii_lowercase();
         if !has_port(&key) {
             return None;
         }
-        // Starts following the name if nobody does yet: the next
-        // connection to it will know.
-        let rx = self.watch(&key)?;
-        let state = rx.borrow();
-        match &*state {
+        self.watch(&key)
+    }
+}
+
+impl State {
+    /// The destination this state answers (none while pending).
+    fn answer(&self) -> Option<Destination> {
+        match self {
             State::Current(d) => d.clone(),
             State::Pending | State::NotServed => None,
         }
     }
+}
+
+impl Resolve for GrpcResolver {
+    fn peek(&self, authority: &str) -> Option<Destination> {
+        // (Following the name from now on: the next connection will know.)
+        self.watched(authority)?.borrow().answer()
+    }
 
     fn known(&self, authority: &str) -> Known {
-        // resolve() without its wait.
-        let key = authority.to_ascii_lowercase();
-        if !has_port(&key) {
-            return Known::Now(None);
-        }
-        let Some(rx) = self.watch(&key) else {
+        let Some(rx) = self.watched(authority) else {
             return Known::Now(None);
         };
         let state = rx.borrow();
         match &*state {
             State::Pending => Known::Later,
-            State::Current(d) => Known::Now(d.clone()),
-            State::NotServed => Known::Now(None),
+            answered => Known::Now(answered.answer()),
         }
     }
 
     fn resolve<'a>(&'a self, authority: &'a str) -> BoxFuture<'a, Option<Destination>> {
         Box::pin(async move {
-            let key = authority.to_ascii_lowercase();
-            if !has_port(&key) {
-                return None;
-            }
-            let mut rx = self.watch(&key)?;
-            let pending = matches!(*rx.borrow(), State::Pending);
-            let state = if pending {
-                let answered = rx.wait_for(|s| !matches!(s, State::Pending));
-                match tokio::time::timeout(self.timeout, answered).await {
-                    Ok(Ok(s)) => s.clone(),
-                    _ => return None,
-                }
-            } else {
-                rx.borrow().clone()
+            let mut rx = self.watched(authority)?;
+            // (At once when answered already.)
+            let answered = rx.wait_for(|s| !matches!(s, State::Pending));
+            let answer = match tokio::time::timeout(self.timeout, answered).await {
+                Ok(Ok(state)) => state.answer(),
+                _ => None,
             };
-            match state {
-                State::Current(d) => d,
-                State::Pending | State::NotServed => None,
-            }
+            answer
         })
     }
 }
