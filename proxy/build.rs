@@ -24,9 +24,14 @@ fn main() {
     // linker takes an ordering file: rust-lld, the default of rustup's
     // toolchains on this target since Rust 1.90, does; GNU ld does not.
     // Names the build does not have are skipped, silently.
-    println!("cargo:rerun-if-changed=symbol-order.txt");
+    // Watched by its absolute path, the one handed to the linker: another
+    // checkout sharing the target directory reuses this script's output
+    // (cargo keys it by the path within the workspace), and once that
+    // path is gone cargo runs the script again instead of linking against
+    // a file that is no longer there.
+    let order = format!("{}/symbol-order.txt", var("CARGO_MANIFEST_DIR"));
+    println!("cargo:rerun-if-changed={order}");
     if links_with("-Wl,--symbol-ordering-file=/dev/null") {
-        let order = format!("{}/symbol-order.txt", var("CARGO_MANIFEST_DIR"));
         println!("cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={order}");
         println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
     }
