@@ -366,14 +366,15 @@ impl HttpMetrics {
         let label = if known.is_some() || routes.len() < MAX_AUTHORITIES {
             authority
         } else {
+            // Past the bound: the `other` series, made once.
+            if let Some(r) = routes
+                .get("other")
+                .and_then(|v| v.iter().find(|r| same(r.labels.tls, tls)))
+            {
+                return r.clone();
+            }
             "other"
         };
-        if let Some(r) = routes
-            .get(label)
-            .and_then(|v| v.iter().find(|r| same(r.labels.tls, tls)))
-        {
-            return r.clone();
-        }
         let labels = RequestLabels {
             direction,
             authority: label.to_string(),
@@ -506,6 +507,10 @@ mod tests {
         // Past the bound, and only for a new authority: `other`.
         let late = http.route("inbound", "late:80", "false");
         assert_eq!(late.labels().authority, "other");
+        assert!(
+            Arc::ptr_eq(&late, &http.route("inbound", "later:80", "false")),
+            "one `other` series"
+        );
         assert_eq!(
             http.route("inbound", "a1:80", "true").labels().authority,
             "a1:80"
