@@ -796,6 +796,24 @@ source: { file: c.yaml }
         assert_eq!(c.max_connections, 20_000);
     }
 
+    proptest::proptest! {
+        /// A mangled file gets an error that names the file (YAML) or the
+        /// field (values), or a config; never a panic.
+        #[test]
+        fn mangled_config_files_get_an_answer(text in crate::testing::edited_yaml(BASE)) {
+            match GatewayConfig::parse(&text, Path::new("g.yaml")) {
+                Err(e @ ConfigError::Parse { .. }) => {
+                    proptest::prop_assert!(e.to_string().starts_with("parsing g.yaml: "), "{}", e)
+                }
+                Err(e @ ConfigError::Invalid { .. }) => {
+                    proptest::prop_assert!(!e.to_string().starts_with(": "), "{}", e)
+                }
+                Err(e) => proptest::prop_assert!(false, "{}", e),
+                Ok(_) => {}
+            }
+        }
+    }
+
     const KUBE: &str = r#"
 cluster: west
 identity: { trustAnchors: root.pem, issuerCert: i.pem, issuerKey: i.key }

@@ -192,4 +192,119 @@ mod tests {
             Err(FrameError::Version(2))
         ));
     }
+
+    /// A label as [`is_label`] takes it, or nothing (proxies name no
+    /// service).
+    fn label() -> impl proptest::strategy::Strategy<Value = String> {
+        proptest::prop_oneof![
+            proptest::strategy::Just(String::new()),
+            "[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?",
+        ]
+    }
+
+    fn header() -> impl proptest::strategy::Strategy<Value = StreamHeader> {
+        (
+            label(),
+            label(),
+            1..=u32::from(u16::MAX),
+            0..=4i32,
+            ".{0,200}",
+            proptest::option::of(("[ -~]{0,80}", "[ -~]{0,80}")),
+        )
+            .prop_map(
+                |(service, namespace, port, protocol, source_identity, trace)| StreamHeader {
+                    version: VERSION,
+                    kind: StreamKind::Tcp as i32,
+                    service,
+                    namespace,
+                    port,
+                    protocol,
+                    source_identity,
+                    trace: trace.map(|(traceparent, tracestate)| {
+                        strait_proto::tunnel::v1::TraceContext {
+                            traceparent,
+                            tracestate,
+                        }
+                    }),
+                },
+            )
+    }
+
+    /// Reads one header from `bytes` at once; the header (or error) and
+    /// the bytes left unread.
+    fn read_from(bytes: &[u8]) -> (Result<StreamHeader, FrameError>, &[u8]) {
+        let mut rest = bytes;
+        let got = futures::executor::block_on(read(&mut rest));
+        (got, rest)
+    }
+
+    use proptest::prelude::*;
+
+    proptest::proptest! {
+        /// Every valid header comes back as sent, and the stream's bytes
+        /// after it are left for the stream.
+        #[test]
+        fn valid_headers_round_trip_and_leave_the_payload(
+            h in header(),
+            payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+        ) {
+            let mut bytes = encode(&h).expect("encode").to_vec();
+            bytes.extend_from_slice(&payload);
+            let (got, rest) = read_from(&bytes);
+            proptest::prop_assert_eq!(got.expect("read"), h);
+            proptest::prop_assert_eq!(rest, &payload[..]);
+        }
+
+        /// Any bytes at all: an answer, never a panic; never more read than
+        /// the length prefix declares; and what is accepted is a header
+        /// this side would have sent.
+        #[test]
+        fn any_bytes_get_an_answer_and_lose_nothing_past_the_header(
+            bytes in proptest::collection::vec(any::<u8>(), 0..300),
+        ) {
+            let (got, rest) = read_from(&bytes);
+            let read = bytes.len() - rest.len();
+            let declared = match bytes.get(..2) {
+                Some(p) => 2 + usize::from(u16::from_be_bytes([p[0], p[1]])),
+                None => 2,
+            };
+            proptest::prop_assert!(read <= declared);
+            if got.is_ok() {
+                proptest::prop_assert_eq!(read, declared);
+            }
+        }
+
+        /// A header that decodes is taken exactly when its fields are ones
+        /// this side sends: version 1, a known kind, and for TCP a port
+        /// and DNS-label names.
+        #[test]
+        fn headers_are_taken_exactly_when_their_fields_are_valid(
+            version in 0..=2u32,
+            kind in -1..=3i32,
+            port in proptest::prop_oneof![1..=u32::from(u16::MAX), any::<u32>()],
+            service in proptest::prop_oneof![label(), ".{0,70}"],
+            namespace in proptest::prop_oneof![label(), ".{0,70}"],
+        ) {
+            let h = StreamHeader { version, kind, service, namespace, port, ..Default::default() };
+            let valid = version == VERSION
+                && match StreamKind::try_from(kind) {
+                    Ok(StreamKind::Peering) => true,
+                    Ok(StreamKind::Tcp) => {
+                        u16::try_from(port).is_ok_and(|p| p != 0)
+                            && [&h.service, &h.namespace].iter().all(|n| n.is_empty() || is_label(n))
+                    }
+                    _ => false,
+                };
+            let body = h.encode_to_vec();
+            let mut bytes = (body.len() as u16).to_be_bytes().to_vec();
+            bytes.extend_from_slice(&body);
+            match read_from(&bytes).0 {
+                Ok(got) => {
+                    proptest::prop_assert!(valid, "took {:?}", h);
+                    proptest::prop_assert_eq!(got, h);
+                }
+                Err(e) => proptest::prop_assert!(!valid, "refused {:?}: {}", h, e),
+            }
+        }
+    }
 }

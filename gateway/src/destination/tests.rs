@@ -288,3 +288,38 @@ async fn streams_the_current_set_then_changes_until_stopped() {
         "streams end when the server stops"
     );
 }
+
+proptest::proptest! {
+    /// Every cluster form of every valid name, in any case, with or without
+    /// the root dot, names the same service and port.
+    #[test]
+    fn every_cluster_form_names_the_service(
+        name in "[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?",
+        ns in "[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?",
+        port in 1..=u16::MAX,
+        form in 0..3usize,
+        upper in proptest::collection::vec(proptest::prelude::any::<bool>(), 64),
+        root_dot in proptest::prelude::any::<bool>(),
+    ) {
+        let suffix = ["", ".svc", ".svc.cluster.local"][form];
+        let host: String = format!("{name}.{ns}{suffix}")
+            .chars()
+            .zip(upper.iter().cycle())
+            .map(|(c, &up)| if up { c.to_ascii_uppercase() } else { c })
+            .collect();
+        let dot = if root_dot { "." } else { "" };
+        let authority = format!("{host}{dot}:{port}");
+        proptest::prop_assert_eq!(parse_authority(&authority), Ok(svc(&ns, &name, port)), "{}", authority);
+    }
+
+    /// Any text: an answer, never a panic, and a service only with valid
+    /// labels and a port.
+    #[test]
+    fn any_authority_gets_an_answer(text in "[a-zA-Z0-9.:\\[\\]-]{0,40}|.{0,40}") {
+        if let Ok(Target::Service { key, port }) = parse_authority(&text) {
+            proptest::prop_assert!(port != 0);
+            proptest::prop_assert!(crate::catalog::validate_label("namespace", &key.namespace).is_ok());
+            proptest::prop_assert!(crate::catalog::validate_label("name", &key.name).is_ok());
+        }
+    }
+}

@@ -414,6 +414,17 @@ services:
     ports: [{ port: 9000 }]
 "#;
 
+    proptest::proptest! {
+        /// A mangled cluster document gets a clear error (naming the file)
+        /// or a cluster state, never a panic.
+        #[test]
+        fn mangled_cluster_documents_get_an_answer(text in crate::testing::edited_yaml(GOOD)) {
+            if let Err(e) = parse(&text, Path::new("x.yaml")) {
+                proptest::prop_assert!(e.to_string().contains("x.yaml"), "{}", e);
+            }
+        }
+    }
+
     #[test]
     fn parses_services_ports_and_endpoints() {
         let s = parse(GOOD, Path::new("x.yaml")).expect("valid");

@@ -176,3 +176,48 @@ fn plain_hosts_take_the_short_way_to_the_same_answer() {
     assert_eq!(plain_routable(b"Web:80").as_deref(), Some("web:80"));
     assert_eq!(plain_routable(b"web:").as_deref(), Some("web"));
 }
+
+/// Authority text: mostly the characters authorities are made of, with
+/// the odd byte of anything.
+fn authority_text() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+    use proptest::prelude::*;
+    let piece = prop_oneof![
+        8 => proptest::sample::select(b"aZ09.-_:[]@%".to_vec()),
+        2 => b'0'..=b'9',
+        1 => any::<u8>(),
+    ];
+    prop_oneof![
+        proptest::collection::vec(piece, 0..24),
+        // Near the length limit.
+        ("[a-z.]{250,262}", proptest::option::of(0..=99999u32)).prop_map(|(h, p)| {
+            let mut t = h.into_bytes();
+            if let Some(p) = p {
+                t.extend_from_slice(format!(":{p}").as_bytes());
+            }
+            t
+        }),
+    ]
+}
+
+proptest::proptest! {
+    /// The short way and the general parse agree wherever the short way
+    /// answers.
+    #[test]
+    fn the_short_way_agrees_with_the_general_parse(text in authority_text()) {
+        if let Some(short) = plain_routable(&text) {
+            proptest::prop_assert_eq!(Ok(short), parsed_routable(&text));
+        }
+    }
+
+    /// Whatever a client sends as its authority, the answer is an error or
+    /// a bounded lowercase authority that maps to itself (it is routed on,
+    /// sent on, and read again by the peer proxy).
+    #[test]
+    fn a_routable_authority_is_bounded_lowercase_and_stable(text in authority_text()) {
+        if let Ok(a) = routable(&text) {
+            proptest::prop_assert!(a.len() <= MAX_HOST_LEN + 6, "{}", a);
+            proptest::prop_assert_eq!(a.to_ascii_lowercase(), a.clone());
+            proptest::prop_assert_eq!(routable(a.as_bytes()), Ok(a));
+        }
+    }
+}

@@ -503,3 +503,24 @@ fn renewals_are_spread_and_never_hot() {
     assert!(near(renew_after(Duration::from_secs(2), 1.0), 2.0));
     assert_eq!(renew_after(Duration::ZERO, 0.3), Duration::ZERO);
 }
+
+proptest::proptest! {
+    /// Any text: an answer, never a panic. An ID that parses names its
+    /// trust domain as written, prints as it was read, and parses again to
+    /// itself.
+    #[test]
+    fn spiffe_ids_parse_to_what_they_print(
+        text in proptest::prop_oneof![
+            "spiffe://[a-zA-Z0-9._/%:@-]{0,40}",
+            "[sS]piffe:/{0,3}[a-z.]{0,8}(/[a-zA-Z0-9._-]{0,6}){0,4}/?",
+            ".{0,60}",
+        ],
+    ) {
+        if let Ok(id) = SpiffeId::parse(&text) {
+            let domain = text["spiffe://".len()..].split('/').next().unwrap_or_default();
+            proptest::prop_assert_eq!(id.trust_domain(), domain);
+            proptest::prop_assert_eq!(id.to_string(), text.clone());
+            proptest::prop_assert_eq!(SpiffeId::parse(&id.to_string()), Ok(id));
+        }
+    }
+}
