@@ -43,7 +43,7 @@ mod zone;
 pub use handle::ZoneHandle;
 pub use metrics::DnsMetrics;
 pub use respond::{Responder, Transport};
-pub use server::{DnsError, DnsServer};
+pub use server::{DnsError, DnsServer, TcpLimits};
 pub use zone::{
     HeadlessEndpoint, Lookup, PortProtocol, ServiceKind, ServicePort, ServiceRecord, Zone,
     ZoneError, NEGATIVE_TTL, SCHEMA_VERSION,

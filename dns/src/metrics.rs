@@ -55,6 +55,22 @@ pub struct DnsMetrics {
     duration: Histogram,
     zone_records: Gauge,
     zone_last_update: Gauge<f64, AtomicU64>,
+    tcp_drops: Family<TcpDropLabels, Counter>,
+}
+
+/// Why a TCP connection was closed by the server before the client was
+/// done with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum TcpDrop {
+    /// Too many connections were open already.
+    Limit,
+    /// The client did not take an answer in time.
+    SlowReader,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TcpDropLabels {
+    reason: &'static str,
 }
 
 impl DnsMetrics {
@@ -65,6 +81,7 @@ impl DnsMetrics {
             duration: Histogram::new(DURATION_BUCKETS),
             zone_records: Gauge::default(),
             zone_last_update: Gauge::default(),
+            tcp_drops: Family::default(),
         };
         // The counter's `_total` suffix is added by the encoder.
         registry.register(
@@ -87,7 +104,23 @@ impl DnsMetrics {
             "Unix time at which the currently served zone was published",
             metrics.zone_last_update.clone(),
         );
+        registry.register(
+            "strait_dns_tcp_connections_dropped",
+            "TCP connections the DNS server closed: limit (too many open) or slow_reader (answers not taken in time)",
+            metrics.tcp_drops.clone(),
+        );
         metrics
+    }
+
+    /// Counts a TCP connection closed by the server.
+    pub(crate) fn record_tcp_drop(&self, why: TcpDrop) {
+        let reason = match why {
+            TcpDrop::Limit => "limit",
+            TcpDrop::SlowReader => "slow_reader",
+        };
+        self.tcp_drops
+            .get_or_create(&TcpDropLabels { reason })
+            .inc();
     }
 
     /// Counts one answered query and observes its duration.

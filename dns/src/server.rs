@@ -21,6 +21,7 @@ use tokio::task::JoinSet;
 use tokio::time::timeout;
 use tracing::{debug, info, trace, warn};
 
+use crate::metrics::TcpDrop;
 use crate::{DnsMetrics, Transport, ZoneHandle};
 
 #[cfg(test)]
@@ -30,9 +31,29 @@ mod tests;
 /// and TCP when asked for port 0.
 const BIND_ATTEMPTS: usize = 8;
 
-/// A TCP connection that sends no query for this long is closed; so is one
-/// that takes this long to send a query it has started.
-const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Limits on the TCP side of a [`DnsServer`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpLimits {
+    /// Connections served at once; one more is closed as soon as it is
+    /// accepted (and counted), as BIND's `tcp-clients` does.
+    pub max_connections: usize,
+    /// A connection that sends no query for this long is closed; so is one
+    /// that takes this long to send a query it has started, or to take an
+    /// answer (a client that sends queries and never reads would otherwise
+    /// hold its connection, and its buffers, for good).
+    pub timeout: Duration,
+}
+
+impl Default for TcpLimits {
+    /// 1024 connections (a cluster's resolvers, CoreDNS, reuse a handful
+    /// each) and 10 s.
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
 
 /// Largest DNS message over UDP (and the receive buffer size).
 const MAX_DATAGRAM: usize = 65_535;
@@ -100,6 +121,16 @@ impl DnsServer {
         zone: ZoneHandle,
         metrics: DnsMetrics,
     ) -> Result<DnsServer, DnsError> {
+        Self::bind_with(addr, zone, metrics, TcpLimits::default()).await
+    }
+
+    /// [`DnsServer::bind`] with the given TCP limits.
+    pub async fn bind_with(
+        addr: SocketAddr,
+        zone: ZoneHandle,
+        metrics: DnsMetrics,
+        limits: TcpLimits,
+    ) -> Result<DnsServer, DnsError> {
         let (udp, tcp) = bind_pair(addr).await?;
         let local_addr = udp.local_addr().map_err(|source| DnsError::Bind {
             protocol: "udp",
@@ -117,7 +148,7 @@ impl DnsServer {
         for _ in 0..workers {
             tasks.spawn(serve_udp(udp.clone(), zone.clone(), metrics.clone()));
         }
-        tasks.spawn(serve_tcp(tcp, zone, metrics));
+        tasks.spawn(serve_tcp(tcp, zone, metrics, limits));
         info!(%local_addr, udp_tasks = workers, "DNS server listening on UDP and TCP");
         Ok(DnsServer { local_addr, tasks })
     }
@@ -256,8 +287,16 @@ async fn serve_udp(socket: Arc<UdpSocket>, zone: ZoneHandle, metrics: DnsMetrics
 }
 
 /// Accepts TCP connections until the task is aborted; aborting it aborts
-/// the connections too.
-async fn serve_tcp(listener: TcpListener, zone: ZoneHandle, metrics: DnsMetrics) {
+/// the connections too. Past [`TcpLimits::max_connections`] a connection
+/// is closed at once: the client learns now, not after a timeout, and
+/// tries another server or UDP.
+async fn serve_tcp(
+    listener: TcpListener,
+    zone: ZoneHandle,
+    metrics: DnsMetrics,
+    limits: TcpLimits,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let mut connections = JoinSet::new();
     loop {
         let accepted = listener.accept().await;
@@ -275,23 +314,29 @@ async fn serve_tcp(listener: TcpListener, zone: ZoneHandle, metrics: DnsMetrics)
         if !answerable(client) {
             continue;
         }
-        connections.spawn(serve_connection(
-            stream,
-            client,
-            zone.clone(),
-            metrics.clone(),
-        ));
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics.record_tcp_drop(TcpDrop::Limit);
+            debug!(%client, limit = limits.max_connections, "DNS connection refused: too many open");
+            continue;
+        };
+        let (zone, metrics) = (zone.clone(), metrics.clone());
+        connections.spawn(async move {
+            serve_connection(stream, client, zone, metrics, limits.timeout).await;
+            drop(slot);
+        });
     }
 }
 
 /// Answers the queries of one TCP connection (RFC 7766: two-octet length,
 /// then the message), in order, until the client closes it, breaks the
-/// framing or stays idle for [`TCP_IDLE_TIMEOUT`].
+/// framing, stays idle for `timeout` or takes longer than that to take an
+/// answer.
 async fn serve_connection(
     stream: TcpStream,
     client: SocketAddr,
     zone: ZoneHandle,
     metrics: DnsMetrics,
+    timeout_after: Duration,
 ) {
     let (reader, mut writer) = stream.into_split();
     let mut reader = BufReader::new(reader);
@@ -299,7 +344,7 @@ async fn serve_connection(
     let mut response = Vec::new();
     let mut frame = Vec::new();
     loop {
-        let read = timeout(TCP_IDLE_TIMEOUT, async {
+        let read = timeout(timeout_after, async {
             let len = reader.read_u16().await?;
             query.resize(usize::from(len), 0);
             reader.read_exact(&mut query).await
@@ -335,9 +380,17 @@ async fn serve_connection(
         frame.extend_from_slice(&len.to_be_bytes());
         frame.extend_from_slice(&response);
         metrics.record_query(outcome.qtype, outcome.rcode, start.elapsed());
-        if let Err(error) = writer.write_all(&frame).await {
-            debug!(%client, %error, "cannot send a DNS response");
-            return;
+        match timeout(timeout_after, writer.write_all(&frame)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                debug!(%client, %error, "cannot send a DNS response");
+                return;
+            }
+            Err(_) => {
+                metrics.record_tcp_drop(TcpDrop::SlowReader);
+                debug!(%client, "DNS connection closed: the client does not take its answers");
+                return;
+            }
         }
     }
 }

@@ -55,13 +55,18 @@ struct Fixture {
 
 impl Fixture {
     async fn start() -> Self {
+        Self::start_with(TcpLimits::default()).await
+    }
+
+    async fn start_with(limits: TcpLimits) -> Self {
         let mut registry = Registry::default();
         let metrics = DnsMetrics::register(&mut registry);
         let zone = ZoneHandle::new(Zone::build(ORIGIN, &services(), 30).expect("zone builds"));
-        let server = DnsServer::bind(
+        let server = DnsServer::bind_with(
             SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             zone.clone(),
             metrics,
+            limits,
         )
         .await
         .expect("server binds");
@@ -565,6 +570,124 @@ async fn several_queries_on_one_tcp_connection() {
         let response = Message::from_vec(&body).expect("decodes");
         assert_eq!(response.metadata.id, q.metadata.id);
         assert_eq!(a_addresses(&response).len(), 1);
+    }
+}
+
+/// A framed query, as a TCP client sends it.
+fn framed(message: &Message) -> Vec<u8> {
+    let body = encode_message(message);
+    let mut frame = u16::try_from(body.len())
+        .expect("fits")
+        .to_be_bytes()
+        .to_vec();
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// The line of `text` for series `series`, if any.
+fn metric_line<'a>(text: &'a str, series: &str) -> Option<&'a str> {
+    text.lines().find(|l| l.starts_with(series))
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_its_answers_is_dropped() {
+    let limits = TcpLimits {
+        timeout: Duration::from_millis(300),
+        ..TcpLimits::default()
+    };
+    let fx = Fixture::start_with(limits).await;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("small buffer");
+    let stream = socket.connect(fx.addr()).await.expect("connects");
+    let (mut reader, mut writer) = stream.into_split();
+    // Big answers (100 addresses each), asked for and never read: the
+    // server's writes stall once the socket buffers are full.
+    let big = query("big.default.svc.clusterset.local.", RecordType::A);
+    let one = 2 + encode_message(&tcp(fx.addr(), &big).await).len();
+    let q = framed(&big);
+    let sent = 20_000;
+    let flood = tokio::spawn(async move {
+        for _ in 0..sent {
+            if writer.write_all(&q).await.is_err() {
+                break;
+            }
+        }
+        writer
+    });
+    let series = "strait_dns_tcp_connections_dropped_total{reason=\"slow_reader\"}";
+    let deadline = std::time::Instant::now() + IO_TIMEOUT;
+    while metric_line(&fx.metrics_text(), series) != Some(&format!("{series} 1")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not dropped:\n{}",
+            fx.metrics_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // What was answered before the stall can still be read; then the
+    // connection ends, short of the queries sent.
+    let mut answered = Vec::new();
+    let _ = timeout(IO_TIMEOUT, reader.read_to_end(&mut answered))
+        .await
+        .expect("ends");
+    assert!(answered.len() < sent * one, "{} bytes", answered.len());
+    flood.abort();
+    // Others are still served.
+    let response = tcp(
+        fx.addr(),
+        &query("web.default.svc.clusterset.local.", RecordType::A),
+    )
+    .await;
+    assert_eq!(a_addresses(&response).len(), 1);
+}
+
+#[tokio::test]
+async fn connections_past_the_limit_are_closed_at_once_and_counted() {
+    let limits = TcpLimits {
+        max_connections: 2,
+        ..TcpLimits::default()
+    };
+    let fx = Fixture::start_with(limits).await;
+    let q = query("web.default.svc.clusterset.local.", RecordType::A);
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(fx.addr()).await.expect("connects");
+        // Answered: the connection holds a slot.
+        tcp_frame(&mut stream, &encode_message(&q)).await;
+        held.push(stream);
+    }
+    let mut third = TcpStream::connect(fx.addr())
+        .await
+        .expect("accepted by the kernel");
+    let _ = third.write_all(&framed(&q)).await;
+    let mut rest = Vec::new();
+    let read = timeout(IO_TIMEOUT, third.read_to_end(&mut rest))
+        .await
+        .expect("closed at once");
+    assert!(read.is_err() || rest.is_empty(), "answered past the limit");
+    let series = "strait_dns_tcp_connections_dropped_total{reason=\"limit\"}";
+    assert_eq!(
+        metric_line(&fx.metrics_text(), series),
+        Some(&*format!("{series} 1"))
+    );
+    // A slot freed is a slot taken again.
+    drop(held.pop());
+    let deadline = std::time::Instant::now() + IO_TIMEOUT;
+    loop {
+        let mut stream = TcpStream::connect(fx.addr()).await.expect("connects");
+        let _ = stream.write_all(&framed(&q)).await;
+        let mut len = [0u8; 2];
+        if timeout(IO_TIMEOUT, stream.read_exact(&mut len))
+            .await
+            .is_ok_and(|r| r.is_ok())
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the freed slot was not reused"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
