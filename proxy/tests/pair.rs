@@ -662,6 +662,34 @@ async fn an_http2_client_that_stops_answering_pings_is_closed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_reset_before_it_is_detected_is_counted() {
+    let p = pair(None).await;
+    // Its first byte, then a reset: no protocol, no bytes for anyone, but
+    // a connection all the same.
+    for first in [&b"G"[..], &[0x16, 0x03, 0x01, 0x40, 0x00, 0x01][..]] {
+        let s = TcpStream::connect(p.server.inbound_addr())
+            .await
+            .expect("connect");
+        let _ = s.try_write(first);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .expect("linger");
+        drop(s);
+    }
+    let detect = r#"strait_proxy_errors_total{direction="inbound",reason="detect"} 2"#;
+    let m = metrics_containing(&p.server, detect).await;
+    assert!(m.contains(detect), "{m}");
+    // Still serving.
+    let rsp = raw_http1(
+        p.client.outbound_addr(),
+        "GET / HTTP/1.1\r\nhost: web.demo\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_to_the_proxy_itself_is_refused_not_looped() {
     let p = pair(None).await;
     let own = p.client.outbound_addr();

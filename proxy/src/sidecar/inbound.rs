@@ -99,10 +99,13 @@ impl Inbound {
             shared.http.error(DIRECTION, "loop");
             return;
         }
+        // A connection that fails before it is known for what it is (a
+        // reset in its first bytes) is counted as outbound counts it.
         let (proto, prefix) = match detect(&mut tcp, shared.config.detect_timeout).await {
             Ok(d) => d,
             Err(error) => {
                 tracing::debug!(%error, "inbound detection failed");
+                shared.http.error(DIRECTION, "detect");
                 return;
             }
         };
@@ -111,7 +114,11 @@ impl Inbound {
                 .await
             {
                 Ok(p) => p,
-                Err(_) => return,
+                Err(error) => {
+                    tracing::debug!(%error, "reading an inbound ClientHello failed");
+                    shared.http.error(DIRECTION, "detect");
+                    return;
+                }
             }
         } else {
             prefix
