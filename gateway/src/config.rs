@@ -720,10 +720,7 @@ impl GatewayConfig {
                 return Err(invalid(format!("{field}.name"), "duplicate link"));
             }
             for (j, a) in link.addresses.iter().enumerate() {
-                let ok = a
-                    .rsplit_once(':')
-                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
-                if !ok {
+                if !strait_proxy::net::has_host_and_port(a) {
                     return Err(invalid(
                         format!("{field}.addresses[{j}]"),
                         format!("{a:?} is not host:port"),

@@ -99,10 +99,8 @@ pub fn parse_authority(authority: &str) -> Result<Target, InvalidAuthority> {
     let (host, port) = authority
         .rsplit_once(':')
         .ok_or_else(|| InvalidAuthority::MissingPort(authority.to_string()))?;
-    let port = match port.parse::<u16>() {
-        Ok(p) if p > 0 => p,
-        _ => return Err(InvalidAuthority::Port(authority.to_string())),
-    };
+    let port = strait_proxy::net::port_number(port)
+        .ok_or_else(|| InvalidAuthority::Port(authority.to_string()))?;
     let host = host.to_ascii_lowercase();
     let host = host.strip_suffix('.').unwrap_or(&host);
     let labels: Vec<&str> = host.split('.').collect();

@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::catalog::{ClusterState, Protocol, ServiceType};
 use crate::config::GatewayConfig;
-use crate::egress::{vip_listeners, EgressTarget, Realized};
+use crate::egress::{vip_listeners, Realized};
 use crate::imports::Import;
 use crate::imports::{ImportTable, VipAllocator};
 use crate::k8s::source::{Caches, KubeSource, KubeSourceSettings, TaskSet};
@@ -448,6 +448,7 @@ impl Gateway {
                     shared.clone(),
                     caches.clone(),
                     k.egress_address,
+                    k.egress_port_min..=k.egress_port_max,
                 )));
                 let (leading_tx, leading_rx) = watch::channel(false);
                 let client = client
@@ -807,7 +808,12 @@ async fn realize_vips(shared: Arc<Shared>) {
 /// In Kubernetes: every import on the egress ports the mirror Services
 /// record, answered in DNS with its clusterset Service's ClusterIP. Every
 /// replica runs this (only the leader writes the Services).
-async fn realize_kube(shared: Arc<Shared>, caches: Caches, listen: IpAddr) {
+async fn realize_kube(
+    shared: Arc<Shared>,
+    caches: Caches,
+    listen: IpAddr,
+    range: std::ops::RangeInclusive<u16>,
+) {
     let mut table_rx = shared.imports.watch();
     let mut changed = caches.changed.clone();
     loop {
@@ -815,38 +821,7 @@ async fn realize_kube(shared: Arc<Shared>, caches: Caches, listen: IpAddr) {
         changed.borrow_and_update();
         let services = caches.services.state();
         let observed = crate::k8s::mirror::observe(services.iter().map(|s| &**s));
-        let mut listeners: HashMap<SocketAddr, EgressTarget> = HashMap::new();
-        let mut clashing = Vec::new();
-        for (k, port) in &observed.allocations {
-            let served = table.get(&k.service).is_some_and(|i| {
-                i.peers_for(k.port)
-                    .iter()
-                    .any(|p| k.pin.as_ref().is_none_or(|pin| pin == p))
-            });
-            if !served {
-                continue;
-            }
-            let target = EgressTarget {
-                key: k.service.clone(),
-                port: k.port,
-                pin: k.pin.clone(),
-            };
-            // Two Services recording one port (edited by hand, say): the
-            // port carries neither until the writer reallocates.
-            if listeners
-                .insert(SocketAddr::new(listen, *port), target)
-                .is_some()
-            {
-                clashing.push(*port);
-            }
-        }
-        for port in clashing {
-            listeners.remove(&SocketAddr::new(listen, port));
-            tracing::warn!(
-                port,
-                "two mirror Services record one egress port; serving neither"
-            );
-        }
+        let listeners = crate::k8s::mirror::listeners(&observed, &table, listen, &range);
         let records = dns_records(&table, |i| observed.clusterset_ips.get(&i.key).copied());
         let realized = Realized {
             table,

@@ -12,6 +12,25 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// pool opening at once, waits instead of being refused.
 pub const LISTEN_BACKLOG: u32 = 1024;
 
+/// A port number as URIs (RFC 3986: `port = *DIGIT`) and Kubernetes write
+/// it: 1 to 65535 in decimal digits and nothing else. (`u16::from_str` also
+/// takes a leading `+`, which would give one port two spellings: two cache
+/// keys, two watches.)
+pub fn port_number(text: &str) -> Option<u16> {
+    if text.is_empty() || text.len() > 5 || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok().filter(|&p| p != 0)
+}
+
+/// Whether `authority` is `<host>:<port>` with a host and a
+/// [`port_number`].
+pub fn has_host_and_port(authority: &str) -> bool {
+    authority
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && port_number(p).is_some())
+}
+
 /// Binds a TCP listener on `addr` with `SO_REUSEADDR` (a restart does not
 /// wait out `TIME_WAIT`). An unspecified IPv6 address (`[::]`) is
 /// explicitly dual-stack, so IPv4 connections reach it too whatever the
@@ -328,6 +347,23 @@ impl From<SocketAddr> for Target {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn port_numbers_are_digits_only() {
+        for p in 1..=u16::MAX {
+            assert_eq!(port_number(&p.to_string()), Some(p));
+        }
+        assert_eq!(port_number("08080"), Some(8080));
+        for bad in [
+            "", "0", "00000", "+80", "-80", " 80", "80 ", "65536", "080800", "8o",
+        ] {
+            assert_eq!(port_number(bad), None, "{bad:?}");
+        }
+        assert!(has_host_and_port("web.demo:80"));
+        for bad in ["web.demo", ":80", "web:", "web:+80", "web:0"] {
+            assert!(!has_host_and_port(bad), "{bad:?}");
+        }
+    }
 
     const SECOND: Duration = Duration::from_secs(1);
 

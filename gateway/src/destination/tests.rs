@@ -74,6 +74,8 @@ fn other_authorities_are_refused_with_a_reason() {
         ("hello.demo:0", "invalid port"),
         ("hello.demo:http", "invalid port"),
         ("hello.demo:70000", "invalid port"),
+        ("hello.demo:+80", "invalid port"),
+        ("hello.demo: 80", "invalid port"),
         ("10.0.0.7:0", "invalid port"),
         ("hello:8080", "not a cluster-local"),
         ("api.example.com:443", "not a cluster-local"),

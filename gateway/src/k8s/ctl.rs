@@ -343,8 +343,8 @@ pub fn check_address(a: &str) -> Result<String, CtlError> {
                     return Err(bad("no host"));
                 }
                 Some(
-                    p.parse::<u16>()
-                        .map_err(|_| bad("the port is not a number"))?,
+                    strait_proxy::net::port_number(p)
+                        .ok_or_else(|| bad("the port is not a number from 1 to 65535"))?,
                 )
             }
             None => None,

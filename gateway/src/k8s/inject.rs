@@ -374,7 +374,7 @@ fn checked_ports(
         .split(',')
         .map(str::trim)
         .filter(|p| !p.is_empty())
-        .map(|p| p.parse::<u16>().ok().filter(|&n| n != 0).ok_or(()))
+        .map(|p| strait_proxy::net::port_number(p).ok_or(()))
         .collect();
     match ports {
         Ok(ports) if !ports.is_empty() => Ok(ports

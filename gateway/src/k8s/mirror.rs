@@ -123,13 +123,14 @@ pub fn format_egress_ports(ports: &BTreeMap<u16, u16>) -> String {
         .join(",")
 }
 
-/// Parses [`format_egress_ports`]; malformed pairs are skipped (the writer
-/// rewrites them).
+/// Parses [`format_egress_ports`]; malformed pairs (and port 0) are
+/// skipped (the writer rewrites them).
 pub fn parse_egress_ports(s: &str) -> BTreeMap<u16, u16> {
+    use strait_proxy::net::port_number;
     s.split(',')
         .filter_map(|pair| {
             let (p, e) = pair.trim().split_once('=')?;
-            Some((p.parse().ok()?, e.parse().ok()?))
+            Some((port_number(p)?, port_number(e)?))
         })
         .collect()
 }
@@ -161,6 +162,51 @@ pub struct Observed {
     pub allocations: Allocations,
     /// The ClusterIP of each import's clusterset Service.
     pub clusterset_ips: BTreeMap<ServiceKey, IpAddr>,
+}
+
+/// The egress listeners the mirror Services' allocations call for (pure):
+/// one per allocation of an import this gateway serves, on a port in the
+/// egress range. The leader's writer allocates only in the range, so a
+/// port outside it (an annotation edited by hand, an old range) waits for
+/// the writer to set it right; a port recorded by two Services carries
+/// neither until then.
+pub fn listeners(
+    observed: &Observed,
+    table: &ImportTable,
+    listen: std::net::IpAddr,
+    range: &std::ops::RangeInclusive<u16>,
+) -> std::collections::HashMap<std::net::SocketAddr, crate::egress::EgressTarget> {
+    let mut listeners = std::collections::HashMap::new();
+    let mut clashing = Vec::new();
+    for (k, port) in &observed.allocations {
+        let served = table.get(&k.service).is_some_and(|i| {
+            i.peers_for(k.port)
+                .iter()
+                .any(|p| k.pin.as_ref().is_none_or(|pin| pin == p))
+        });
+        if !served || !range.contains(port) {
+            continue;
+        }
+        let target = crate::egress::EgressTarget {
+            key: k.service.clone(),
+            port: k.port,
+            pin: k.pin.clone(),
+        };
+        if listeners
+            .insert(std::net::SocketAddr::new(listen, *port), target)
+            .is_some()
+        {
+            clashing.push(*port);
+        }
+    }
+    for port in clashing {
+        listeners.remove(&std::net::SocketAddr::new(listen, port));
+        tracing::warn!(
+            port,
+            "two mirror Services record one egress port; serving neither"
+        );
+    }
+    listeners
 }
 
 /// Reads allocations and ClusterIPs back from Services (pure).
@@ -542,12 +588,6 @@ pub fn merge_conditions(old: &[Condition], new: &[NewCondition], now: &str) -> V
             }
         })
         .collect()
-}
-
-/// The egress listeners every replica runs: egress port to what it
-/// carries (pure).
-pub fn listeners(allocations: &Allocations) -> BTreeMap<u16, AllocKey> {
-    allocations.iter().map(|(k, p)| (*p, k.clone())).collect()
 }
 
 #[cfg(test)]

@@ -371,20 +371,14 @@ fn answer(update: &Update) -> Option<Option<Destination>> {
     }
 }
 
-/// Whether `authority` ends in `:<port>` (anything else cannot be asked).
-fn has_port(authority: &str) -> bool {
-    authority
-        .rsplit_once(':')
-        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
-}
-
 impl GrpcResolver {
     /// The watch of `authority`, started if nobody follows it yet; `None`
     /// for a name the control plane is not asked about (no port, or no
     /// room for another watch).
     fn watched(&self, authority: &str) -> Option<watch::Receiver<State>> {
         let key = authority.to_ascii_lowercase();
-        if !has_port(&key) {
+        // Anything but `<host>:<port>` cannot be asked.
+        if !crate::net::has_host_and_port(&key) {
             return None;
         }
         self.watch(&key)

@@ -137,6 +137,11 @@ fn the_plan_has_an_import_a_clusterset_service_and_a_mirror_per_cluster() {
     let east = &d.services[1];
     let egress = &east.metadata.annotations.as_ref().expect("annotations")[labels::EGRESS_PORTS];
     assert_eq!(parse_egress_ports(egress).len(), 2);
+    assert_eq!(
+        parse_egress_ports("80=20001, +81=20002,82=+20003,83=0,0=20004,84=x,85"),
+        BTreeMap::from([(80, 20_001)]),
+        "one spelling of a port, never 0"
+    );
     // A slice per family per Service; the mirror's carries its cluster.
     assert_eq!(d.slices.len(), 6);
     let (owner, east_v4) = &d.slices[2];
@@ -163,8 +168,59 @@ fn the_plan_has_an_import_a_clusterset_service_and_a_mirror_per_cluster() {
     let seen = observe(&written);
     assert_eq!(seen.allocations, alloc);
     assert_eq!(seen.clusterset_ips, ips);
-    // Listeners: one per allocation, each on a distinct port.
-    assert_eq!(listeners(&alloc).len(), alloc.len());
+    // Listeners: one per allocation, each on its port.
+    let any = IpAddr::from([0, 0, 0, 0]);
+    let l = listeners(&seen, &t, any, &(20_000..=20_999));
+    assert_eq!(l.len(), alloc.len());
+    for (k, port) in &alloc {
+        let target = &l[&std::net::SocketAddr::new(any, *port)];
+        assert_eq!(
+            (&target.key, target.port, &target.pin),
+            (&k.service, k.port, &k.pin)
+        );
+    }
+}
+
+#[test]
+fn listeners_wait_out_ports_the_writer_would_not_have_allocated() {
+    let t = table(vec![import(
+        "shop",
+        "web",
+        &[("http", 80, &["east"]), ("db", 5432, &["east"])],
+    )]);
+    let range = 20_000..=20_999;
+    let any = IpAddr::from([0, 0, 0, 0]);
+    let on = |alloc: Allocations| {
+        let seen = Observed {
+            allocations: alloc,
+            ..Observed::default()
+        };
+        let mut ports: Vec<u16> = listeners(&seen, &t, any, &range)
+            .keys()
+            .map(|a| a.port())
+            .collect();
+        ports.sort_unstable();
+        ports
+    };
+    // Outside the range (an annotation edited by hand, an old range):
+    // nothing until the writer sets it right; the rest are served.
+    for wrong in [0, 1, 19_999, 21_000] {
+        let alloc = BTreeMap::from([
+            (key("web", None, 80), wrong),
+            (key("web", None, 5432), 20_001),
+        ]);
+        assert_eq!(on(alloc), [20_001], "port {wrong}");
+    }
+    // One port on two Services: neither.
+    let alloc = BTreeMap::from([
+        (key("web", None, 80), 20_001),
+        (key("web", None, 5432), 20_001),
+        (key("web", Some("east"), 80), 20_002),
+    ]);
+    assert_eq!(on(alloc), [20_002]);
+    // Not imported (any more): nothing.
+    let alloc = BTreeMap::from([(key("gone", None, 80), 20_003)]);
+    assert!(on(alloc).is_empty());
 }
 
 #[test]
