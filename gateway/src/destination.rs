@@ -32,6 +32,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use strait_proxy::net::{LimitedAccept, Slot};
+
 use strait_proto::destination::v1::destination_server::{
     Destination, DestinationServer as GrpcServer,
 };
@@ -269,46 +271,68 @@ pub struct DestinationServer {
     stop: watch::Sender<bool>,
 }
 
-/// One TLS connection to a control-plane gRPC service.
-pub(crate) struct TlsConn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
+/// One connection to a control-plane gRPC service (mTLS, TLS or, for the
+/// destination service without identities, plaintext), holding its share
+/// of the listener's connection limit until it closes.
+pub(crate) struct ControlConn {
+    io: ControlIo,
+    _slot: Slot,
+}
 
-impl tonic::transport::server::Connected for TlsConn {
+enum ControlIo {
+    Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
+    Plain(tokio::net::TcpStream),
+}
+
+impl tonic::transport::server::Connected for ControlConn {
     type ConnectInfo = ();
 
     fn connect_info(&self) {}
 }
 
-impl tokio::io::AsyncRead for TlsConn {
+impl tokio::io::AsyncRead for ControlConn {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+        match &mut self.io {
+            ControlIo::Tls(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            ControlIo::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
     }
 }
 
-impl tokio::io::AsyncWrite for TlsConn {
+impl tokio::io::AsyncWrite for ControlConn {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+        match &mut self.io {
+            ControlIo::Tls(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            ControlIo::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+        }
     }
 
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+        match &mut self.io {
+            ControlIo::Tls(s) => std::pin::Pin::new(s).poll_flush(cx),
+            ControlIo::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
     }
 
     fn poll_shutdown(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+        match &mut self.io {
+            ControlIo::Tls(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            ControlIo::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+        }
     }
 }
 
@@ -335,39 +359,66 @@ pub fn server_tls(
 /// TLS handshakes in progress at once, at most.
 const MAX_HANDSHAKES: usize = 128;
 
-/// Accepts TCP connections and hands on those whose mTLS handshake
-/// succeeds (refusals are counted by the verifier).
-pub(crate) fn tls_incoming(
+/// Connections a control-plane listener serves at once (one or two per
+/// sidecar in the cluster), and at most from one address: past either,
+/// one more is not served, so a single pod cannot take the descriptors
+/// the tunnels and egress listeners need, nor every slot.
+pub const MAX_CONTROL_CONNECTIONS: usize = 16_384;
+/// See [`MAX_CONTROL_CONNECTIONS`].
+pub const MAX_CONTROL_CONNECTIONS_PER_SOURCE: usize = 256;
+
+/// Accepts a control-plane service's connections within its limits and
+/// hands on those whose TLS handshake succeeds (refusals are counted by
+/// the verifier), or every one with no `tls`. `at_limit` counts each
+/// time the limit holds connections back.
+pub(crate) fn control_incoming(
     service: &'static str,
     listener: tokio::net::TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    at_limit: impl Fn() + Send + Sync + 'static,
     mut stopping: watch::Receiver<bool>,
-) -> ReceiverStream<std::io::Result<TlsConn>> {
+) -> ReceiverStream<std::io::Result<ControlConn>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let listener = LimitedAccept::new(listener, MAX_CONTROL_CONNECTIONS, service)
+        .per_source(MAX_CONTROL_CONNECTIONS_PER_SOURCE)
+        .on_limit(at_limit);
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
-            let accepted = tokio::select! {
+            let (tcp, remote, slot) = tokio::select! {
                 a = listener.accept() => a,
                 _ = stopping.wait_for(|s| *s) => return,
             };
-            let Ok((tcp, remote)) = accepted else {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = tcp.set_nodelay(true);
+            let Some(acceptor) = acceptor.clone() else {
+                let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(
+                    &socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)),
+                );
+                let conn = ControlConn {
+                    io: ControlIo::Plain(tcp),
+                    _slot: slot,
+                };
+                if tx.send(Ok(conn)).await.is_err() {
+                    return;
+                }
                 continue;
             };
             let Ok(permit) = handshakes.clone().try_acquire_owned() else {
                 continue;
             };
-            let _ = tcp.set_nodelay(true);
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            let tx = tx.clone();
             tokio::spawn(async move {
                 let handshake =
                     tokio::time::timeout(Duration::from_secs(5), acceptor.accept(tcp)).await;
                 drop(permit);
                 match handshake {
                     Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(TlsConn(stream))).await;
+                        let conn = ControlConn {
+                            io: ControlIo::Tls(Box::new(stream)),
+                            _slot: slot,
+                        };
+                        let _ = tx.send(Ok(conn)).await;
                     }
                     Ok(Err(error)) => {
                         tracing::info!(service, %remote, %error, "TLS handshake failed")
@@ -387,6 +438,7 @@ impl DestinationServer {
         addr: SocketAddr,
         local: watch::Receiver<Arc<ClusterState>>,
         tls: Option<Arc<rustls::ServerConfig>>,
+        at_limit: impl Fn() + Send + Sync + 'static,
     ) -> std::io::Result<Self> {
         let listener = strait_proxy::net::bind_listener(addr)?;
         let bound = listener.local_addr()?;
@@ -405,28 +457,12 @@ impl DestinationServer {
         let stopped = async move {
             let _ = shutdown.wait_for(|s| *s).await;
         };
-        match tls {
-            Some(tls) => {
-                let incoming = tls_incoming("destination", listener, tls, stopping);
-                tokio::spawn(async move {
-                    if let Err(error) = server.serve_with_incoming_shutdown(incoming, stopped).await
-                    {
-                        tracing::warn!(%error, "destination server stopped");
-                    }
-                });
+        let incoming = control_incoming("destination", listener, tls, at_limit, stopping);
+        tokio::spawn(async move {
+            if let Err(error) = server.serve_with_incoming_shutdown(incoming, stopped).await {
+                tracing::warn!(%error, "destination server stopped");
             }
-            None => {
-                let incoming = tonic::transport::server::TcpIncoming::from(listener)
-                    .with_nodelay(Some(true))
-                    .with_keepalive(Some(Duration::from_secs(60)));
-                tokio::spawn(async move {
-                    if let Err(error) = server.serve_with_incoming_shutdown(incoming, stopped).await
-                    {
-                        tracing::warn!(%error, "destination server stopped");
-                    }
-                });
-            }
-        }
+        });
         tracing::info!(addr = %bound, mtls, "destination discovery listening");
         Ok(Self { addr: bound, stop })
     }

@@ -557,6 +557,10 @@ impl Gateway {
             config.listen.destination,
             shared.local.clone(),
             destination_tls,
+            {
+                let metrics = metrics.clone();
+                move || metrics.limit_reached("destination")
+            },
         )
         .await
         .map_err(|source| StartError::Destination {
@@ -599,9 +603,12 @@ impl Gateway {
                 );
                 let addr = config.listen.identity;
                 Some(
-                    crate::identity::IdentityServer::bind(addr, service, shared.certs.clone())
-                        .await
-                        .map_err(|source| StartError::IdentityServer { addr, source })?,
+                    crate::identity::IdentityServer::bind(addr, service, shared.certs.clone(), {
+                        let metrics = metrics.clone();
+                        move || metrics.limit_reached("identity")
+                    })
+                    .await
+                    .map_err(|source| StartError::IdentityServer { addr, source })?,
                 )
             }
             None => None,

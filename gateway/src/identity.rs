@@ -490,6 +490,7 @@ impl IdentityServer {
         addr: SocketAddr,
         service: IdentityService,
         certs: Arc<CertStore>,
+        at_limit: impl Fn() + Send + Sync + 'static,
     ) -> std::io::Result<Self> {
         let tls = strait_proxy::tls::server_auth_only_config(
             certs,
@@ -503,8 +504,13 @@ impl IdentityServer {
             .concurrency_limit_per_connection(MAX_CONCURRENT_PER_CONNECTION)
             .timeout(Duration::from_secs(10))
             .add_service(GrpcServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES));
-        let incoming =
-            crate::destination::tls_incoming("identity", listener, Arc::new(tls), stopping.clone());
+        let incoming = crate::destination::control_incoming(
+            "identity",
+            listener,
+            Some(Arc::new(tls)),
+            at_limit,
+            stopping.clone(),
+        );
         let mut shutdown = stopping;
         tokio::spawn(async move {
             let stopped = async move {

@@ -23,7 +23,8 @@ pub struct PeerLabels {
 pub struct StreamLabels {
     /// The link name.
     pub peer: String,
-    /// `inbound` or `outbound`.
+    /// `inbound` or `outbound` (or, for connection limits, `destination`
+    /// or `identity`).
     pub direction: &'static str,
 }
 
@@ -32,7 +33,8 @@ pub struct StreamLabels {
 pub struct StreamResultLabels {
     /// The link name.
     pub peer: String,
-    /// `inbound` or `outbound`.
+    /// `inbound` or `outbound` (or, for connection limits, `destination`
+    /// or `identity`).
     pub direction: &'static str,
     /// `ok`, `error`, or a refusal reason (`not_exported`, `bad_header`...).
     pub result: &'static str,
@@ -76,7 +78,8 @@ pub struct EndpointConnectLabels {
 /// or `inbound` (streams from peers to endpoints).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabels {
-    /// `inbound` or `outbound`.
+    /// `inbound` or `outbound` (or, for connection limits, `destination`
+    /// or `identity`).
     pub direction: &'static str,
 }
 
@@ -300,7 +303,7 @@ impl GatewayMetrics {
         );
         r.register(
             "strait_connection_limit_reached",
-            "Times maxConnections was reached: outbound, an egress listener stopped accepting (new connections wait in its listen backlog; counted once per listener each time); inbound, a peer's stream to an endpoint was refused (reset, also counted in strait_tunnel_streams_total as busy)",
+            "Times maxConnections was reached: outbound, an egress listener stopped accepting (new connections wait in its listen backlog; counted once per listener each time); inbound, a peer's stream to an endpoint was refused (reset, also counted in strait_tunnel_streams_total as busy); destination, identity: that control-plane listener served its most connections (16384) and stopped accepting",
             m.connection_limit_reached.clone(),
         );
         r.register(

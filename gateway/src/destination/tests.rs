@@ -220,7 +220,7 @@ async fn next(s: &mut tonic::Streaming<Update>) -> Result<Option<Update>, Status
 #[tokio::test]
 async fn streams_the_current_set_then_changes_until_stopped() {
     let (tx, rx) = watch::channel(Arc::new(state(CLUSTER)));
-    let server = DestinationServer::bind("127.0.0.1:0".parse().expect("addr"), rx, None)
+    let server = DestinationServer::bind("127.0.0.1:0".parse().expect("addr"), rx, None, || {})
         .await
         .expect("bind");
     let mut client = DestinationClient::connect(format!("http://{}", server.local_addr()))
@@ -323,5 +323,45 @@ proptest::proptest! {
             proptest::prop_assert!(crate::catalog::validate_label("namespace", &key.namespace).is_ok());
             proptest::prop_assert!(crate::catalog::validate_label("name", &key.name).is_ok());
         }
+    }
+}
+
+#[tokio::test]
+async fn one_address_gets_at_most_its_share_of_connections() {
+    use tokio::io::AsyncReadExt;
+    let (_tx, rx) = watch::channel(Arc::new(state(CLUSTER)));
+    let server = DestinationServer::bind("127.0.0.1:0".parse().expect("addr"), rx, None, || {})
+        .await
+        .expect("bind");
+    let addr = server.local_addr();
+    let mut held = Vec::new();
+    for _ in 0..MAX_CONTROL_CONNECTIONS_PER_SOURCE {
+        held.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+    }
+    // One more from the same address is closed as soon as it is accepted.
+    let mut extra = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf))
+        .await
+        .expect("closed, not left waiting");
+    assert!(read.is_err() || read.is_ok_and(|n| n == 0));
+    // One given back is one to be had: a client gets its answers again.
+    held.clear();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let connected = DestinationClient::connect(format!("http://{addr}")).await;
+        if let Ok(mut client) = connected {
+            let got = client
+                .get(GetDestination {
+                    authority: "hello.demo.svc.cluster.local:8080".into(),
+                    context_token: String::new(),
+                })
+                .await;
+            if got.is_ok() {
+                break;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "no slot came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
