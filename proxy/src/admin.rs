@@ -118,7 +118,7 @@ pub struct AdminLimits {
     /// holding many cannot starve them.
     pub per_source: usize,
     /// How long a client may take to send a request head, and so stay
-    /// idle between requests (default 10 s).
+    /// idle between requests, or to take an answer (default 10 s).
     pub header_timeout: std::time::Duration,
 }
 
@@ -150,7 +150,13 @@ async fn serve(listener: tokio::net::TcpListener, router: Router, limits: AdminL
             let served = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(limits.header_timeout)
-                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                .serve_connection(
+                    hyper_util::rt::TokioIo::new(crate::net::WriteDeadline::new(
+                        tcp,
+                        limits.header_timeout,
+                    )),
+                    service,
+                )
                 .await;
             if let Err(error) = served {
                 tracing::debug!(%remote, %error, "admin connection ended");
@@ -235,6 +241,48 @@ mod tests {
         assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
         let me = third.local_addr().expect("addr").to_string();
         assert!(rsp.ends_with(&me), "{rsp} (from {me})");
+    }
+
+    /// A client that sends requests and never reads the answers is cut off
+    /// once its answers stall, and its slot taken again.
+    #[tokio::test]
+    async fn a_client_that_never_reads_is_cut_off() {
+        let limits = AdminLimits {
+            max_connections: 8,
+            per_source: 1,
+            header_timeout: Duration::from_millis(300),
+        };
+        let router = router(Arc::new(Registry::default()), Readiness::default());
+        let server = AdminServer::bind_with("127.0.0.1:0".parse().expect("addr"), router, limits)
+            .await
+            .expect("bind");
+        let addr = server.local_addr();
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("small buffer");
+        let stalled = socket.connect(addr).await.expect("connect");
+        let (_unread, mut writer) = stalled.into_split();
+        let flood = tokio::spawn(async move {
+            let get = b"GET /live HTTP/1.1\r\nhost: a\r\n\r\n".repeat(1000);
+            for _ in 0..1000 {
+                if writer.write_all(&get).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let get = "GET /live HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n";
+        let started = Instant::now();
+        let mut served = false;
+        while started.elapsed() < Duration::from_secs(10) {
+            let mut again = TcpStream::connect(addr).await.expect("connect");
+            let _ = again.write_all(get.as_bytes()).await;
+            if read_all(&mut again).await.starts_with("HTTP/1.1 200") {
+                served = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        flood.abort();
+        assert!(served, "the stalled connection kept its address's slot");
     }
 
     /// One address holding its share of connections cannot keep another

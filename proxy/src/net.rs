@@ -1,9 +1,13 @@
 //! Listening sockets, bound the same way everywhere.
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -341,6 +345,90 @@ impl From<SocketAddr> for Target {
             addr,
             fallback: None,
         }
+    }
+}
+
+/// An I/O object whose writes fail once the peer has taken nothing for
+/// `limit`: for servers whose answers are small (the admin port), where a
+/// client that sends requests and never reads the answers would otherwise
+/// hold its connection, and a slot, for good. Costs nothing until a write
+/// has to wait.
+#[derive(Debug)]
+pub struct WriteDeadline<I> {
+    io: I,
+    limit: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<I> WriteDeadline<I> {
+    /// Wraps `io`.
+    pub fn new(io: I, limit: Duration) -> Self {
+        Self {
+            io,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// The write that had to wait: pending still, or the error once it has
+    /// waited `limit` since the last write that went through.
+    fn waited(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
+        let limit = self.limit;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        ready!(stalled.as_mut().poll(cx));
+        Poll::Ready(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the peer took nothing written for {limit:?}"),
+        ))
+    }
+
+    /// `result` of a write, flush or shutdown: the deadline is off again
+    /// once one goes through.
+    fn after<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        match result {
+            Poll::Pending => self.waited(cx).map(Err),
+            done => {
+                self.stalled = None;
+                done
+            }
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for WriteDeadline<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.after(cx, result)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let result = Pin::new(&mut self.io).poll_flush(cx);
+        self.after(cx, result)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let result = Pin::new(&mut self.io).poll_shutdown(cx);
+        self.after(cx, result)
     }
 }
 
