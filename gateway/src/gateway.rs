@@ -132,8 +132,8 @@ pub struct Shared {
     pub realized: watch::Sender<Arc<Realized>>,
     /// Where accepted peering streams go.
     pub peering_tx: mpsc::Sender<TunnelIo>,
-    /// The connection each peer dialed to us.
-    pub accepted: crate::state::Accepted,
+    /// The connections each peer dialed to us.
+    pub accepted: Arc<crate::state::Accepted>,
     /// Each peer's open TCP peering watches.
     pub tcp_watches: crate::tunnel::io::WatchSlots,
     /// Endpoint balancers per exported service and port.

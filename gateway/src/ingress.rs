@@ -71,13 +71,8 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
         return;
     };
     tracing::info!(peer = %peer.name, remote = %conn.remote_address(), "peer connected");
-    // A peer's newer connection replaces its older one (it reconnected).
-    if let Some(old) = shared.accepted.replace(&peer.name, conn.clone()) {
-        old.close(
-            quinn::VarInt::from_u32(2),
-            b"replaced by a newer connection",
-        );
-    }
+    // Alongside any others of the peer's (its other replicas).
+    let _accepted = shared.accepted.add(&peer.name, &conn);
     let peering = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let Some(generation) = crate::links::generation(&shared, &peer.name) else {
         conn.close(quinn::VarInt::from_u32(1), b"unknown peer");

@@ -125,7 +125,7 @@ async fn apply(
         if let Some(PeerConn::Quic(conn)) = shared.peers.take_connection(&name) {
             conn.close(quinn::VarInt::from_u32(0), b"link changed");
         }
-        if let Some(conn) = shared.accepted.remove(&name) {
+        for conn in shared.accepted.remove(&name) {
             conn.close(quinn::VarInt::from_u32(0), b"link changed");
         }
         if want.contains_key(name.as_str()) {

@@ -404,24 +404,68 @@ impl Imports {
     }
 }
 
-/// The connection each peer dialed to us; a newer one replaces the older.
+/// The connections each peer dialed to us, while they are served. A peer
+/// may hold several at once: every replica of its gateway dials with the
+/// one identity, and they must not close each other's. A connection the
+/// peer abandoned (it restarted) ends at the tunnel's idle timeout.
 #[derive(Debug, Default)]
-pub struct Accepted(Mutex<BTreeMap<String, quinn::Connection>>);
+pub struct Accepted(Mutex<BTreeMap<String, BTreeMap<usize, quinn::Connection>>>);
 
 impl Accepted {
-    /// Forgets `peer`'s connection, returning it.
-    pub fn remove(&self, peer: &str) -> Option<quinn::Connection> {
+    /// Forgets `peer`'s connections, returning them.
+    pub fn remove(&self, peer: &str) -> Vec<quinn::Connection> {
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(peer)
+            .map(|c| c.into_values().collect())
+            .unwrap_or_default()
     }
 
-    /// Records `conn` as `peer`'s connection, returning the one it replaces.
-    pub fn replace(&self, peer: &str, conn: quinn::Connection) -> Option<quinn::Connection> {
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        m.retain(|_, c| c.close_reason().is_none());
-        m.insert(peer.to_string(), conn)
+    /// Records `conn` as one of `peer`'s connections until the returned
+    /// guard is dropped.
+    pub fn add(self: &Arc<Self>, peer: &str, conn: &quinn::Connection) -> AcceptedGuard {
+        let id = conn.stable_id();
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(peer.to_string())
+            .or_default()
+            .insert(id, conn.clone());
+        AcceptedGuard {
+            accepted: self.clone(),
+            peer: peer.to_string(),
+            id,
+        }
+    }
+
+    /// How many connections `peer` has open to us.
+    pub fn count(&self, peer: &str) -> usize {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(peer)
+            .map_or(0, BTreeMap::len)
+    }
+}
+
+/// Keeps a connection in [`Accepted`] while it is served.
+#[derive(Debug)]
+pub struct AcceptedGuard {
+    accepted: Arc<Accepted>,
+    peer: String,
+    id: usize,
+}
+
+impl Drop for AcceptedGuard {
+    fn drop(&mut self) {
+        let mut m = self.accepted.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(conns) = m.get_mut(&self.peer) {
+            conns.remove(&self.id);
+            if conns.is_empty() {
+                m.remove(&self.peer);
+            }
+        }
     }
 }
 

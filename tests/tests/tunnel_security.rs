@@ -186,6 +186,37 @@ async fn bad_streams_are_refused_cleanly_and_the_gateway_keeps_serving() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_of_one_peer_keep_their_connections_side_by_side() {
+    let bed = Testbed::new(&["west", "east"]);
+    let east = hello_east(&bed).await;
+    // Two replicas of west's gateway: one identity, two connections.
+    let (a_ep, a_tls) = bed.raw_client("west", "east");
+    let (b_ep, b_tls) = bed.raw_client("west", "east");
+    let a = a_ep
+        .connect(east.tunnel_addr(), a_tls)
+        .await
+        .expect("connects");
+    let b = b_ep
+        .connect(east.tunnel_addr(), b_tls)
+        .await
+        .expect("connects");
+    let mut get = frame::encode(&header("demo", "hello", 8080))
+        .expect("encode")
+        .to_vec();
+    get.extend_from_slice(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n");
+    // Each is served, and neither closes the other, however long they last.
+    for _ in 0..3 {
+        for conn in [&a, &b] {
+            let answer = send_raw(conn, &get).await.expect("served");
+            assert!(String::from_utf8_lossy(&answer).ends_with("hello-east-0\n"));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(a.close_reason(), None);
+        assert_eq!(b.close_reason(), None);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_that_refuses_connections_is_reported_to_the_peer() {
     let bed = Testbed::new(&["west", "east"]);
     // An endpoint on a port nobody listens on.
