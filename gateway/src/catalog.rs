@@ -240,6 +240,40 @@ pub enum InvalidExport {
     /// More than [`MAX_PORTS`] ports.
     #[error("{0} ports is more than the {MAX_PORTS} allowed")]
     TooManyPorts(usize),
+    /// An `appProtocol` Kubernetes would not take.
+    #[error("appProtocol {0:?} is not a qualified name (an IANA service name or <domain>/<name>, at most 63 characters after the domain)")]
+    AppProtocol(String),
+}
+
+/// The start of a refused value, for its error: a peer's value may be of
+/// any length.
+fn shown(value: &str) -> String {
+    const SHOWN: usize = 64;
+    match value.char_indices().nth(SHOWN) {
+        Some((end, _)) => format!("{}...", &value[..end]),
+        None => value.to_string(),
+    }
+}
+
+/// Whether `value` is a Kubernetes qualified name (what `appProtocol`
+/// must be): a name of 1-63 of `A-Za-z0-9-_.`, alphanumeric at both ends,
+/// optionally after a DNS subdomain and `/`.
+pub fn is_qualified_name(value: &str) -> bool {
+    let (prefix, name) = match value.split_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, value),
+    };
+    let b = name.as_bytes();
+    let name_ok = !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric();
+    let prefix_ok = prefix.is_none_or(|p| {
+        !p.is_empty() && p.len() <= 253 && p.split('.').all(|l| validate_label("domain", l).is_ok())
+    });
+    name_ok && prefix_ok
 }
 
 /// Checks an RFC 1123 label (Kubernetes names of namespaces and services).
@@ -256,7 +290,7 @@ pub fn validate_label(what: &'static str, value: &str) -> Result<(), InvalidExpo
     } else {
         Err(InvalidExport::Label {
             what,
-            value: value.to_string(),
+            value: shown(value),
         })
     }
 }
@@ -288,6 +322,9 @@ pub fn validate_ports(ports: &[Port]) -> Result<(), InvalidExport> {
             if !names.insert(p.name.as_str()) {
                 return Err(InvalidExport::DuplicatePort(p.name.clone()));
             }
+        }
+        if let Some(a) = p.app_protocol.as_deref().filter(|a| !is_qualified_name(a)) {
+            return Err(InvalidExport::AppProtocol(shown(a)));
         }
     }
     Ok(())
@@ -335,7 +372,7 @@ impl TryFrom<&pb::Export> for Export {
                     name: p.name.clone(),
                     port,
                     protocol: Protocol::parse(&p.protocol)
-                        .ok_or_else(|| InvalidExport::Protocol(p.protocol.clone()))?,
+                        .ok_or_else(|| InvalidExport::Protocol(shown(&p.protocol)))?,
                     app_protocol: (!p.app_protocol.is_empty()).then(|| p.app_protocol.clone()),
                 })
             })

@@ -4,7 +4,6 @@
 //! peering streams go to the catalog service.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -73,7 +72,8 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
     tracing::info!(peer = %peer.name, remote = %conn.remote_address(), "peer connected");
     // Alongside any others of the peer's (its other replicas).
     let _accepted = shared.accepted.add(&peer.name, &conn);
-    let peering = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // One catalog watch at a time on the connection.
+    let watch = Arc::new(tokio::sync::Semaphore::new(1));
     let Some(generation) = crate::links::generation(&shared, &peer.name) else {
         conn.close(quinn::VarInt::from_u32(1), b"unknown peer");
         return;
@@ -89,12 +89,8 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
         };
         match accepted {
             Ok((send, recv)) => {
-                let io = TunnelIo::Quic(QuicIo {
-                    send,
-                    recv,
-                    peer: peer.clone(),
-                });
-                tokio::spawn(handle_stream(io, shared.clone(), peering.clone()));
+                let io = TunnelIo::Quic(QuicIo::new(send, recv, peer.clone()));
+                tokio::spawn(handle_stream(io, shared.clone(), watch.clone()));
             }
             Err(error) => {
                 tracing::info!(peer = %peer.name, %error, "peer disconnected");
@@ -182,16 +178,12 @@ pub async fn run_tcp(
                 aborted: false,
                 slot: None,
             }));
-            handle_stream(io, shared, Arc::default()).await;
+            handle_stream(io, shared, Arc::new(tokio::sync::Semaphore::new(1))).await;
         });
     }
 }
 
-async fn handle_stream(
-    mut io: TunnelIo,
-    shared: Arc<Shared>,
-    peering: Arc<std::sync::atomic::AtomicBool>,
-) {
+async fn handle_stream(mut io: TunnelIo, shared: Arc<Shared>, watch: Arc<tokio::sync::Semaphore>) {
     let header = match tokio::time::timeout(HEADER_TIMEOUT, frame::read(&mut io)).await {
         Ok(Ok(h)) => h,
         Ok(Err(error)) => {
@@ -206,23 +198,22 @@ async fn handle_stream(
     };
     match StreamKind::try_from(header.kind) {
         Ok(StreamKind::Peering) => {
-            // One catalog watch per connection is all a peer needs; over
-            // TCP each watch is a connection of its own, so a peer may hold
-            // a couple at once (one being replaced), no more.
-            let slot = match &io {
-                TunnelIo::Tls(_) => match shared.tcp_watches.acquire(&io.peer().name) {
-                    Some(slot) => Some(slot),
-                    None => {
-                        refuse(&mut io, &shared, Refusal::Busy);
-                        return;
-                    }
-                },
-                TunnelIo::Quic(_) => None,
+            // One catalog watch at a time per QUIC connection is all a
+            // peer's gateway needs (it watches again on the same
+            // connection once a watch ends); over TCP each watch is a
+            // connection of its own, so a peer may hold a couple at once
+            // (one being replaced), no more.
+            let held = match &mut io {
+                TunnelIo::Tls(t) => shared
+                    .tcp_watches
+                    .acquire(&t.peer.name)
+                    .map(|slot| t.slot = Some(slot)),
+                TunnelIo::Quic(q) => watch
+                    .try_acquire_owned()
+                    .ok()
+                    .map(|permit| q.watch = Some(permit)),
             };
-            if let (TunnelIo::Tls(t), Some(slot)) = (&mut io, slot) {
-                t.slot = Some(slot);
-            }
-            if peering.swap(true, Ordering::AcqRel) {
+            if held.is_none() {
                 refuse(&mut io, &shared, Refusal::Busy);
                 return;
             }

@@ -128,8 +128,14 @@ async fn apply(
         for conn in shared.accepted.remove(&name) {
             conn.close(quinn::VarInt::from_u32(0), b"link changed");
         }
-        if want.contains_key(name.as_str()) {
+        if let Some(new) = want.get(name.as_str()) {
             tracing::info!(peer = %name, "link changed");
+            // A link that no longer dials watches no catalog: what it
+            // imported has nothing to keep it, nor a dialing task's grace
+            // timer to forget it.
+            if new.addresses.is_empty() {
+                shared.imports.forget(&name);
+            }
         } else {
             tracing::info!(peer = %name, "link removed");
             shared.peers.remove(&name);
@@ -137,6 +143,9 @@ async fn apply(
             shared.imports.set_policy(&name, None);
         }
     }
+    // New and changed links get their generation, published before any is
+    // dialed: a connection made under a generation must find it current.
+    let mut to_dial = Vec::new();
     for entry in desired {
         if running.contains_key(&entry.name) {
             continue;
@@ -148,6 +157,15 @@ async fn apply(
             entry.addresses.clone(),
         );
         shared.imports.set_policy(&entry.name, entry.accept.clone());
+        *next_generation += 1;
+        running.insert(
+            entry.name.clone(),
+            Running {
+                entry: entry.clone(),
+                task: None,
+                generation: *next_generation,
+            },
+        );
         let roots = match entry.roots(&shared.anchors) {
             Ok(r) => r,
             Err(error) => {
@@ -157,27 +175,16 @@ async fn apply(
                 continue;
             }
         };
-        let task = (!entry.addresses.is_empty()).then(|| {
-            tokio::spawn(run(
-                DialedLink {
-                    name: entry.name.clone(),
-                    identity: entry.identity.clone(),
-                    addresses: entry.addresses.clone(),
-                    roots,
-                    transport: entry.transport,
-                },
-                shared.clone(),
-            ))
-        });
-        *next_generation += 1;
-        running.insert(
-            entry.name.clone(),
-            Running {
-                entry: entry.clone(),
-                task,
+        if !entry.addresses.is_empty() {
+            to_dial.push(DialedLink {
+                name: entry.name.clone(),
+                identity: entry.identity.clone(),
+                addresses: entry.addresses.clone(),
+                roots,
+                transport: entry.transport,
                 generation: *next_generation,
-            },
-        );
+            });
+        }
     }
     shared.link_generations.send_replace(
         running
@@ -185,6 +192,11 @@ async fn apply(
             .map(|(name, r)| (name.clone(), r.generation))
             .collect(),
     );
+    for link in to_dial {
+        if let Some(r) = running.get_mut(&link.name) {
+            r.task = Some(tokio::spawn(run(link, shared.clone())));
+        }
+    }
     let by_identity: HashMap<SpiffeId, String> = desired
         .iter()
         .map(|l| (l.identity.clone(), l.name.clone()))
@@ -232,6 +244,8 @@ pub struct DialedLink {
     pub roots: Arc<RootCertStore>,
     /// How to reach it.
     pub transport: Transport,
+    /// The link's generation: what it opens is cut when that changes.
+    pub generation: u64,
 }
 
 /// Exponential backoff with jitter: each delay is drawn from
@@ -319,11 +333,19 @@ async fn dial_tcp(
         name: link.name.clone(),
         identity: link.identity.to_string(),
     };
-    let dialer = Arc::new(TcpDialer::new(
-        link.addresses.clone(),
-        client_tls.clone(),
-        peer,
-    ));
+    let revocations: crate::tunnel::tcp::Revocations = {
+        let gens = shared.link_generations.subscribe();
+        let (name, generation) = (link.name.clone(), link.generation);
+        Arc::new(move || {
+            let (mut gens, name) = (gens.clone(), name.clone());
+            Box::pin(async move {
+                let _ = gens.wait_for(|g| g.get(&name) != Some(&generation)).await;
+            })
+        })
+    };
+    let dialer = Arc::new(
+        TcpDialer::new(link.addresses.clone(), client_tls.clone(), peer).revoked_by(revocations),
+    );
     let header = frame::encode(&frame::peering_header(shared.certs.id().as_str()))
         .map_err(|e| e.to_string())?;
     let first = dialer

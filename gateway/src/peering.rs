@@ -161,6 +161,13 @@ pub fn convert(update: CatalogUpdate, invalid: &mut u64) -> Option<CatalogChange
 /// declared gone within two intervals.
 const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The largest catalog message taken from a peer: a snapshot carries every
+/// export at once, and the most a peer may export
+/// ([`crate::state::MAX_EXPORTS_PER_PEER`] services of a few ports each)
+/// is several times tonic's default of 4 MiB, past which the watch would
+/// fail, and fail again, for as long as the catalog stays that large.
+pub const MAX_CATALOG_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
 /// Why watching a peer's catalog stopped.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -217,7 +224,8 @@ pub async fn watch_peer(
         .keep_alive_while_idle(true)
         .connect_with_connector(connector)
         .await?;
-    let mut client = PeeringClient::new(channel);
+    let mut client =
+        PeeringClient::new(channel).max_decoding_message_size(MAX_CATALOG_MESSAGE_BYTES);
     let mut stream = client
         .watch_exports(WatchExportsRequest {
             cluster: cluster.to_string(),

@@ -102,7 +102,7 @@ impl PeerConn {
             Self::Quic(conn) => {
                 let (mut send, recv) = conn.open_bi().await.map_err(std::io::Error::from)?;
                 send.write_all(header).await?;
-                Ok(TunnelIo::Quic(QuicIo { send, recv, peer }))
+                Ok(TunnelIo::Quic(QuicIo::new(send, recv, peer)))
             }
             Self::Tcp(dialer) => {
                 let mut io = dialer.open(header).await?;

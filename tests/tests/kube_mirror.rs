@@ -204,6 +204,26 @@ impl Clusters {
             .expect("west gateway")
     }
 
+    /// West's Link to east set to `transport`, a west replica started, and
+    /// the mirror it writes once east's service is imported.
+    async fn west_over(&self, transport: &str) -> (Gateway, Vec<Value>) {
+        apply(
+            &self.west.client(),
+            json!({"apiVersion": "strait.io/v1alpha1", "kind": "Link",
+                "metadata": {"name": "east", "namespace": NS},
+                "spec": {"cluster": "east", "addresses": [self.east_gw.tunnel_addr().to_string()],
+                    "transport": transport}}),
+        )
+        .await;
+        let west = self
+            .west_replica("west-0", "127.0.0.1".parse().expect("ip"))
+            .await;
+        let svcs = self
+            .mirrored(&["shop/web-clusterset", "shop/web-east"])
+            .await;
+        (west, svcs)
+    }
+
     /// West's mirror once it holds exactly `services` (sorted ns/name).
     async fn mirrored(&self, services: &[&str]) -> Vec<Value> {
         let want: Vec<String> = services.iter().map(|s| s.to_string()).collect();
@@ -728,18 +748,7 @@ async fn clusters_with_separate_roots_link_through_trust_bundles() {
 async fn removing_the_accepting_link_cuts_the_tunnel(transport: &str) {
     let web = spawn_hello_endpoint("east", "web").await.expect("backend");
     let c = clusters(web).await;
-    apply(
-        &c.west.client(),
-        json!({"apiVersion": "strait.io/v1alpha1", "kind": "Link",
-            "metadata": {"name": "east", "namespace": NS},
-            "spec": {"cluster": "east", "addresses": [c.east_gw.tunnel_addr().to_string()],
-                "transport": transport}}),
-    )
-    .await;
-    let west = c
-        .west_replica("west-0", "127.0.0.1".parse().expect("ip"))
-        .await;
-    c.mirrored(&["shop/web-clusterset", "shop/web-east"]).await;
+    let (west, _) = c.west_over(transport).await;
     let peer = west
         .peers()
         .into_iter()
@@ -777,6 +786,98 @@ async fn removing_the_accepting_link_cuts_a_quic_tunnel() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_the_accepting_link_cuts_a_tcp_tunnel() {
     removing_the_accepting_link_cuts_the_tunnel("tcp").await;
+}
+
+/// Removing the Link on either side cuts the streams already open under
+/// it, over either transport (over TLS on TCP each stream is a connection
+/// of its own, and each must notice): a peer no longer trusted gets no
+/// more bytes from them.
+async fn removing_a_link_cuts_its_open_streams(transport: &str, side: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An echo backend: its connections last as long as the client's.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let backend = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let c = clusters(backend).await;
+    let (_west, svcs) = c.west_over(transport).await;
+    let egress = SocketAddr::from(([127, 0, 0, 1], egress_port(find(&svcs, "web-clusterset"))));
+    // Whether `s` still echoes.
+    async fn echoes(s: &mut tokio::net::TcpStream) -> bool {
+        if s.write_all(b"ping").await.is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 4];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut buf)).await,
+            Ok(Ok(_)) if &buf == b"ping"
+        )
+    }
+    let mut open = eventually(WAIT, "a connection through the tunnel", || async {
+        let mut s = tokio::net::TcpStream::connect(egress).await.ok()?;
+        echoes(&mut s).await.then_some(s)
+    })
+    .await;
+    assert!(echoes(&mut open).await, "lasts");
+    let (api, peer) = match side {
+        "dialing" => (c.west.client(), "east"),
+        _ => (c.east.client(), "west"),
+    };
+    Api::<Link>::namespaced(api, NS)
+        .delete(peer, &DeleteParams::default())
+        .await
+        .expect("delete link");
+    let started = std::time::Instant::now();
+    while echoes(&mut open).await {
+        assert!(started.elapsed() < WAIT, "the stream outlived its link");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A Link changed to let the peer in only (no addresses) no longer
+/// watches the peer's catalog: what it imported goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_changed_to_accept_only_drops_its_imports() {
+    let web = spawn_hello_endpoint("east", "web").await.expect("backend");
+    let c = clusters(web).await;
+    let west = c
+        .west_replica("west-0", "127.0.0.1".parse().expect("ip"))
+        .await;
+    c.mirrored(&["shop/web-clusterset", "shop/web-east"]).await;
+    link(&c.west.client(), "east", &[]).await;
+    eventually(WAIT, "the imports gone", || async {
+        west.imports().borrow().is_empty().then_some(())
+    })
+    .await;
+    c.mirrored(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_the_dialing_link_cuts_its_open_tcp_streams() {
+    removing_a_link_cuts_its_open_streams("tcp", "dialing").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_the_accepting_link_cuts_its_open_tcp_streams() {
+    removing_a_link_cuts_its_open_streams("tcp", "accepting").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_the_dialing_link_cuts_its_open_quic_streams() {
+    removing_a_link_cuts_its_open_streams("quic", "dialing").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_the_accepting_link_cuts_its_open_quic_streams() {
+    removing_a_link_cuts_its_open_streams("quic", "accepting").await;
 }
 
 /// A running pod `strait inject` meshed (label `strait.io/meshed=true`)

@@ -217,6 +217,29 @@ async fn replicas_of_one_peer_keep_their_connections_side_by_side() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_watches_again_on_the_same_connection_once_a_watch_ends() {
+    const BUSY: u64 = 0x15;
+    let bed = Testbed::new(&["west", "east"]);
+    let east = hello_east(&bed).await;
+    let (ep, tls) = bed.raw_client("west", "east");
+    let conn = ep.connect(east.tunnel_addr(), tls).await.expect("connects");
+    let watch = frame::encode(&frame::peering_header(
+        "spiffe://west.strait.local/ns/strait-system/sa/strait-gateway",
+    ))
+    .expect("encode")
+    .to_vec();
+    // A watch whose session ends at once (no HTTP/2 at all), then another:
+    // the first gives its place back when it ends.
+    assert_ne!(send_raw(&conn, &watch).await, Err(BUSY));
+    let again = eventually(WAIT, "a second watch taken", || async {
+        (send_raw(&conn, &watch).await != Err(BUSY)).then_some(())
+    });
+    tokio::time::timeout(Duration::from_secs(5), again)
+        .await
+        .expect("a watch may start again on a live connection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_that_refuses_connections_is_reported_to_the_peer() {
     let bed = Testbed::new(&["west", "east"]);
     // An endpoint on a port nobody listens on.

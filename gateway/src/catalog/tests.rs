@@ -82,6 +82,40 @@ fn invalid_exports_from_peers_are_refused() {
         Export::try_from(&bad),
         Err(InvalidExport::TooManyPorts(101))
     );
+    // appProtocol: what Kubernetes takes, and nothing of any length.
+    for ok in [
+        "http",
+        "kubernetes.io/h2c",
+        "grpc",
+        "example.com/my-proto.v1",
+        "HTTP2",
+    ] {
+        let mut e = good.clone();
+        e.ports[0].app_protocol = ok.into();
+        assert!(Export::try_from(&e).is_ok(), "{ok}");
+    }
+    for wrong in [
+        "x".repeat(100_000),
+        "a/b/c".into(),
+        "/h2c".into(),
+        "Example.com/h2c".into(),
+        "-http".into(),
+        "http proto".into(),
+        "a".repeat(64),
+    ] {
+        let mut e = good.clone();
+        e.ports[0].app_protocol = wrong.clone();
+        match Export::try_from(&e) {
+            Err(err @ InvalidExport::AppProtocol(_)) => {
+                assert!(err.to_string().len() < 300, "the value is cut short")
+            }
+            other => panic!("{:.80}: {other:?}", wrong),
+        }
+    }
+    let mut bad = good.clone();
+    bad.namespace = "n".repeat(1_000_000);
+    let err = Export::try_from(&bad).expect_err("too long").to_string();
+    assert!(err.len() < 300, "{}", err.len());
     let mut bad = good;
     bad.ports.clear();
     assert_eq!(Export::try_from(&bad), Err(InvalidExport::NoPorts));

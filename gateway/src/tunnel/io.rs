@@ -26,6 +26,22 @@ pub struct QuicIo {
     pub recv: quinn::RecvStream,
     /// The authenticated peer.
     pub peer: PeerInfo,
+    /// Held while this stream is its connection's catalog watch: given
+    /// back when the watch's session ends, so the peer can watch again on
+    /// the same connection.
+    pub watch: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl QuicIo {
+    /// A stream of `peer`'s (no watch held).
+    pub fn new(send: quinn::SendStream, recv: quinn::RecvStream, peer: PeerInfo) -> Self {
+        Self {
+            send,
+            recv,
+            peer,
+            watch: None,
+        }
+    }
 }
 
 impl AsyncRead for QuicIo {
@@ -482,9 +498,12 @@ pub async fn relay(
         }
         // TLS needs its bytes copied through rustls anyway: the proxy's
         // splice, with its half-close and its buffers held only while
-        // bytes are in flight.
-        (local, TunnelIo::Tls(t)) => {
-            let (moved, result) = strait_proxy::forward::splice(local, &mut t.stream).await;
+        // bytes are in flight. Through the tunnel stream itself, not its
+        // TLS stream: every read and write checks the link is still the
+        // one the connection was made under (a changed or removed link
+        // ends its streams).
+        (local, TunnelIo::Tls(_)) => {
+            let (moved, result) = strait_proxy::forward::splice(local, io).await;
             let moved = Spliced {
                 into_tunnel: moved.a_to_b,
                 out_of_tunnel: moved.b_to_a,

@@ -29,8 +29,14 @@ pub fn keepalive(tcp: &TcpStream) {
     let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka);
 }
 
+/// Makes, for each stream a dialer opens, the future that resolves when the
+/// link it was opened under is changed or removed (the stream ends then).
+pub type Revocations =
+    Arc<dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync>;
+
 /// Opens tunnel streams to one peer over TLS on TCP.
 pub struct TcpDialer {
+    revocations: Option<Revocations>,
     addresses: Vec<String>,
     connector: TlsConnector,
     peer: PeerInfo,
@@ -59,12 +65,19 @@ impl TcpDialer {
         peer: PeerInfo,
     ) -> Self {
         Self {
+            revocations: None,
             addresses,
             connector: TlsConnector::from(client_tls),
             peer,
             last: Mutex::new(None),
             rtt: Mutex::new(None),
         }
+    }
+
+    /// Ends every stream this dialer opens when `revocations` says so.
+    pub fn revoked_by(mut self, revocations: Revocations) -> Self {
+        self.revocations = Some(revocations);
+        self
     }
 
     /// The round-trip time the last connection's TCP handshake took.
@@ -92,7 +105,7 @@ impl TcpDialer {
         Ok(TunnelIo::Tls(Box::new(TlsIo {
             stream: tokio_rustls::TlsStream::Client(stream),
             peer: self.peer.clone(),
-            revoked: None,
+            revoked: self.revocations.as_ref().map(|r| r()),
             aborted: false,
             slot: None,
         })))
