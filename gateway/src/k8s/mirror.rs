@@ -209,6 +209,35 @@ pub fn listeners(
     listeners
 }
 
+/// The names a mirror Service's ports go by (and its EndpointSlices'): as
+/// exported, except that a Service of several ports needs every port
+/// named, each once, or the API server refuses it. A port with no name, or
+/// with one an earlier port took (two peers naming one service's ports
+/// differently: `80` unnamed in one cluster, `http: 80` and `metrics: 9090`
+/// in another), is called `tcp-<port>`.
+fn service_port_names(ports: &[(&crate::catalog::Port, u16)]) -> Vec<String> {
+    if let [(only, _)] = ports {
+        return vec![only.name.clone()];
+    }
+    let mut used = BTreeSet::new();
+    ports
+        .iter()
+        .map(|(p, _)| {
+            let mut name = p.name.clone();
+            if name.is_empty() || used.contains(&name) {
+                name = format!("tcp-{}", p.port);
+                let mut n = 1;
+                while used.contains(&name) {
+                    name = format!("tcp-{}-{n}", p.port);
+                    n += 1;
+                }
+            }
+            used.insert(name.clone());
+            name
+        })
+        .collect()
+}
+
 /// Reads allocations and ClusterIPs back from Services (pure).
 pub fn observe<'a>(services: impl IntoIterator<Item = &'a Service>) -> Observed {
     let mut out = Observed::default();
@@ -342,6 +371,7 @@ pub fn plan(
                     taken.insert((ns.clone(), name.clone()), owner);
                 }
             }
+            let port_names = service_port_names(&ports);
             let mut m = meta(ns, &name, &import.key.name, mirror);
             let egress: BTreeMap<u16, u16> = ports.iter().map(|(p, e)| (p.port, *e)).collect();
             m.annotations = Some(BTreeMap::from([(
@@ -355,8 +385,9 @@ pub fn plan(
                     ports: Some(
                         ports
                             .iter()
-                            .map(|(p, e)| KubeServicePort {
-                                name: (!p.name.is_empty()).then(|| p.name.clone()),
+                            .zip(&port_names)
+                            .map(|((p, e), name)| KubeServicePort {
+                                name: (!name.is_empty()).then(|| name.clone()),
                                 port: i32::from(p.port),
                                 target_port: Some(IntOrString::Int(i32::from(*e))),
                                 protocol: Some("TCP".into()),
@@ -404,8 +435,9 @@ pub fn plan(
                         ports: Some(
                             ports
                                 .iter()
-                                .map(|(p, e)| EndpointPort {
-                                    name: Some(p.name.clone()),
+                                .zip(&port_names)
+                                .map(|((p, e), name)| EndpointPort {
+                                    name: Some(name.clone()),
                                     port: Some(i32::from(*e)),
                                     protocol: Some("TCP".into()),
                                     app_protocol: p.app_protocol.clone(),

@@ -182,6 +182,89 @@ fn the_plan_has_an_import_a_clusterset_service_and_a_mirror_per_cluster() {
 }
 
 #[test]
+fn merged_ports_get_names_the_api_server_takes() {
+    // One port unnamed in east, named in north; another port named `http`
+    // by both for different numbers; and one of each alone.
+    let t = table(vec![
+        import(
+            "shop",
+            "web",
+            &[("", 80, &["east", "north"]), ("metrics", 9090, &["north"])],
+        ),
+        import(
+            "shop",
+            "api",
+            &[("http", 80, &["east"]), ("http", 8080, &["north"])],
+        ),
+        import("shop", "one", &[("", 5432, &["east"])]),
+    ]);
+    let (alloc, _) = allocate(&BTreeMap::new(), &wanted(&t), 20_000..=20_999);
+    let d = plan(
+        &t,
+        &alloc,
+        &BTreeMap::new(),
+        &["10.0.0.7".parse().expect("ip")],
+    );
+    for svc in &d.services {
+        let name = svc.metadata.name.clone().unwrap_or_default();
+        let ports = svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.ports.clone())
+            .expect("ports");
+        let names: Vec<String> = ports
+            .iter()
+            .map(|p| p.name.clone().unwrap_or_default())
+            .collect();
+        if ports.len() > 1 {
+            let unique: BTreeSet<&String> = names.iter().collect();
+            assert!(
+                names.iter().all(|n| !n.is_empty()) && unique.len() == names.len(),
+                "{name}: {names:?}"
+            );
+        }
+        // Its slices name the same ports.
+        for (owner, slice) in d.slices.iter().filter(|(o, _)| *o == name) {
+            let slice_names: Vec<String> = slice
+                .ports
+                .iter()
+                .flatten()
+                .map(|p| p.name.clone().unwrap_or_default())
+                .collect();
+            assert_eq!(slice_names, names, "{owner}");
+        }
+    }
+    let clusterset = d
+        .services
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some("web-clusterset"))
+        .expect("web-clusterset");
+    let named: Vec<Option<String>> = clusterset
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.clone())
+        .expect("ports")
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    assert_eq!(
+        named,
+        [Some("tcp-80".to_string()), Some("metrics".to_string())]
+    );
+    let one = d
+        .services
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some("one-clusterset"))
+        .expect("one-clusterset");
+    let port = &one
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.clone())
+        .expect("ports")[0];
+    assert_eq!(port.name, None, "a lone port keeps having no name");
+}
+
+#[test]
 fn listeners_wait_out_ports_the_writer_would_not_have_allocated() {
     let t = table(vec![import(
         "shop",
