@@ -634,6 +634,8 @@ impl Gateway {
                     ),
                     destination_mtls: config.listen.destination_mtls,
                     ipv6: i.ipv6,
+                    token_audience: config.identity.token_audience.clone(),
+                    proxy_inbound_port: config.mesh.proxy_inbound_port,
                 };
                 let listener = strait_proxy::net::bind_listener(i.listen)
                     .map_err(|e| failed(&format!("{}: {e}", i.listen)))?;

@@ -955,6 +955,7 @@ fn injected_workloads_pass_strict_validation() {
         control_plane_namespace: NAMESPACE.into(),
         destination_mtls: true,
         ipv6: true,
+        ..InjectConfig::default()
     };
     let manifests = r#"
 apiVersion: apps/v1

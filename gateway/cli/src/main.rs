@@ -134,6 +134,13 @@ enum Command {
         /// and serve IPv6 too.
         #[arg(long)]
         ipv6: bool,
+        /// The token audience the identity service checks (the gateway's
+        /// `identity.tokenAudience`).
+        #[arg(long, default_value = strait_gateway::k8s::inject::TOKEN_AUDIENCE)]
+        token_audience: String,
+        /// The proxies' inbound port (the gateway's `mesh.proxyInboundPort`).
+        #[arg(long, default_value_t = 4143, value_parser = clap::value_parser!(u16).range(1..))]
+        proxy_inbound_port: u16,
     },
     /// The linked peer gateways as this cluster sees them: alive, imports,
     /// round-trip time (from the Links' status).
@@ -174,10 +181,7 @@ fn inject(
     file: &std::path::Path,
     (cluster, trust_domain): (Option<String>, Option<String>),
     trust_anchors: &std::path::Path,
-    image: String,
-    control_plane_namespace: String,
-    destination_mtls: bool,
-    ipv6: bool,
+    settings: strait_gateway::k8s::inject::InjectConfig,
 ) -> anyhow::Result<()> {
     use std::io::Read;
     use strait_gateway::k8s::inject::{inject_yaml, InjectConfig, Outcome};
@@ -205,12 +209,9 @@ fn inject(
     strait_proxy::identity::SpiffeId::workload(&trust_domain, "ns", "sa")
         .with_context(|| format!("trust domain {trust_domain:?}"))?;
     let config = InjectConfig {
-        image,
         trust_domain,
         trust_anchors_pem,
-        control_plane_namespace,
-        destination_mtls,
-        ipv6,
+        ..settings
     };
     let (yaml, reports) = inject_yaml(&input, &config)?;
     print!("{yaml}");
@@ -535,14 +536,21 @@ fn main() -> ExitCode {
             control_plane_namespace,
             destination_mtls,
             ipv6,
+            token_audience,
+            proxy_inbound_port,
         } => inject(
             &file,
             (cluster, trust_domain),
             &trust_anchors,
-            image,
-            control_plane_namespace,
-            destination_mtls,
-            ipv6,
+            strait_gateway::k8s::inject::InjectConfig {
+                image,
+                control_plane_namespace,
+                destination_mtls,
+                ipv6,
+                token_audience,
+                proxy_inbound_port,
+                ..Default::default()
+            },
         ),
         Command::Crds => strait_gateway::k8s::crd::crds_yaml()
             .map(|y| print!("{y}"))

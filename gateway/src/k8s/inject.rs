@@ -68,7 +68,7 @@ const ANNOTATION_PORTS: [(&str, &str); 3] = [
 ];
 
 /// What the injected containers need to know about the cluster.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct InjectConfig {
     /// The `strait-proxy` image (init and proxy).
     pub image: String,
@@ -88,7 +88,31 @@ pub struct InjectConfig {
     /// listens on `[::]` for inbound and admin traffic and on `[::1]` for
     /// the application's IPv6 connections out.
     pub ipv6: bool,
+    /// The audience of the service account token the proxy shows the
+    /// identity service (the gateway's `identity.tokenAudience`).
+    pub token_audience: String,
+    /// The proxies' inbound port (the gateway's `mesh.proxyInboundPort`,
+    /// where it and other proxies reach meshed pods).
+    pub proxy_inbound_port: u16,
 }
+
+impl Default for InjectConfig {
+    fn default() -> Self {
+        Self {
+            image: String::new(),
+            trust_domain: String::new(),
+            trust_anchors_pem: String::new(),
+            control_plane_namespace: String::new(),
+            destination_mtls: false,
+            ipv6: false,
+            token_audience: TOKEN_AUDIENCE.to_string(),
+            proxy_inbound_port: DEFAULT_INBOUND_PORT,
+        }
+    }
+}
+
+/// The proxy's own default inbound port.
+const DEFAULT_INBOUND_PORT: u16 = 4143;
 
 /// What happened to one object.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -313,7 +337,7 @@ fn inject_pod(
         "name": TOKEN_VOLUME,
         "projected": {"sources": [{"serviceAccountToken": {
             "path": TOKEN_VOLUME,
-            "audience": TOKEN_AUDIENCE,
+            "audience": config.token_audience,
             "expirationSeconds": 3600,
         }}]},
     }));
@@ -406,12 +430,21 @@ fn proxy_container(config: &InjectConfig, ports: &[(&str, String)], threads: u16
         // inbound side refuses connections to anything else.
         json!({"name": "STRAIT_PROXY_INBOUND_IPS", "valueFrom": {"fieldRef": {"fieldPath": "status.podIPs"}}}),
     ];
+    let inbound = config.proxy_inbound_port;
     if config.ipv6 {
         env.extend([
-            json!({"name": "STRAIT_PROXY_INBOUND_LISTEN", "value": "[::]:4143"}),
+            json!({"name": "STRAIT_PROXY_INBOUND_LISTEN", "value": format!("[::]:{inbound}")}),
             json!({"name": "STRAIT_PROXY_ADMIN_LISTEN", "value": "[::]:4191"}),
             json!({"name": "STRAIT_PROXY_OUTBOUND_LISTEN_IPV6", "value": "[::1]:4140"}),
         ]);
+    } else if inbound != DEFAULT_INBOUND_PORT {
+        env.push(
+            json!({"name": "STRAIT_PROXY_INBOUND_LISTEN", "value": format!("0.0.0.0:{inbound}")}),
+        );
+    }
+    if inbound != DEFAULT_INBOUND_PORT {
+        // Where this proxy reaches the others, too.
+        env.push(json!({"name": "STRAIT_PROXY_PEER_INBOUND_PORT", "value": inbound.to_string()}));
     }
     if config.destination_mtls {
         let gateway = format!(
@@ -436,7 +469,7 @@ fn proxy_container(config: &InjectConfig, ports: &[(&str, String)], threads: u16
         "restartPolicy": "Always",
         "env": env,
         "ports": [
-            {"name": "strait-proxy", "containerPort": 4143, "protocol": "TCP"},
+            {"name": "strait-proxy", "containerPort": inbound, "protocol": "TCP"},
             {"name": "strait-admin", "containerPort": 4191, "protocol": "TCP"},
         ],
         // Up to two minutes to be certified before the pod's other
@@ -475,6 +508,10 @@ fn init_container(config: &InjectConfig, ports: &[(&str, String)]) -> Value {
     if config.ipv6 {
         args.push("--ipv6".to_string());
     }
+    if config.proxy_inbound_port != DEFAULT_INBOUND_PORT {
+        args.push("--inbound-port".to_string());
+        args.push(config.proxy_inbound_port.to_string());
+    }
     json!({
         "name": INIT_CONTAINER,
         "image": config.image,
@@ -509,6 +546,7 @@ pub(crate) fn test_config() -> InjectConfig {
         control_plane_namespace: "strait-system".into(),
         destination_mtls: false,
         ipv6: false,
+        ..InjectConfig::default()
     }
 }
 

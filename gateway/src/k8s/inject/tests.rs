@@ -382,6 +382,49 @@ fn ipv6_pods_redirect_and_listen_on_both_families() {
 }
 
 #[test]
+fn the_gateways_audience_and_inbound_port_reach_the_pod() {
+    let custom = InjectConfig {
+        token_audience: "identity.example.com".into(),
+        proxy_inbound_port: 4243,
+        ..config()
+    };
+    let (out, _) = inject_yaml(DEPLOYMENT, &custom).expect("inject");
+    let docs: Vec<Value> = serde_saphyr::from_str_multiple(&out).expect("YAML");
+    let spec = &docs[0]["spec"]["template"]["spec"];
+    let token = spec["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == "strait-identity")
+        .expect("token volume");
+    assert_eq!(
+        token["projected"]["sources"][0]["serviceAccountToken"]["audience"],
+        "identity.example.com"
+    );
+    let args: Vec<&str> = spec["initContainers"][0]["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        args.windows(2).any(|w| w == ["--inbound-port", "4243"]),
+        "{args:?}"
+    );
+    let proxy = &spec["initContainers"][1];
+    assert_eq!(
+        env(proxy, "STRAIT_PROXY_INBOUND_LISTEN"),
+        Some("0.0.0.0:4243")
+    );
+    assert_eq!(env(proxy, "STRAIT_PROXY_PEER_INBOUND_PORT"), Some("4243"));
+    assert_eq!(proxy["ports"][0]["containerPort"], 4243);
+    // The defaults add nothing the proxy's own defaults already say.
+    let (out, _) = inject_yaml(DEPLOYMENT, &config()).expect("inject");
+    assert!(!out.contains("--inbound-port") && !out.contains("PEER_INBOUND_PORT"));
+    assert!(out.contains("audience: identity.strait.io"), "{out}");
+}
+
+#[test]
 fn the_threads_annotation_sets_the_proxy_threads() {
     // Quoted or, as YAML allows, a bare number.
     for value in ["\"2\"", "2"] {
