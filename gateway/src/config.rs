@@ -336,7 +336,11 @@ impl KubernetesConfig {
             .unwrap_or_else(|| format!("strait-{}", std::process::id()))
     }
 
-    fn validate(&self, listen: &ListenConfig) -> Result<(), ConfigError> {
+    fn validate(
+        &self,
+        listen: &ListenConfig,
+        injector: Option<&InjectorConfig>,
+    ) -> Result<(), ConfigError> {
         let field = |f: &str| format!("source.kubernetes.{f}");
         if let Some(ns) = &self.namespace {
             validate_label("namespace", ns)
@@ -364,11 +368,15 @@ impl KubernetesConfig {
             ("dns", listen.dns),
             ("destination", listen.destination),
             ("identity", listen.identity),
-        ] {
+        ]
+        .into_iter()
+        .map(|(name, addr)| (format!("listen.{name}"), addr))
+        .chain(injector.map(|i| ("injector.listen".to_string(), i.listen)))
+        {
             if range.contains(&addr.port()) {
                 return Err(invalid(
                     field("egressPortMin"),
-                    format!("the egress range overlaps listen.{name} ({})", addr.port()),
+                    format!("the egress range overlaps {name} ({})", addr.port()),
                 ));
             }
         }
@@ -656,7 +664,7 @@ impl GatewayConfig {
         match (&self.source.file, &self.source.kubernetes) {
             (Some(_), None) => {}
             (None, Some(k)) => {
-                k.validate(&self.listen)?;
+                k.validate(&self.listen, self.injector.as_ref())?;
                 if !self.links.is_empty() {
                     return Err(invalid(
                         "links",
@@ -850,6 +858,12 @@ identity: { trustAnchors: root.pem, issuerCert: i.pem, issuerKey: i.key }
         let reserved = ok.replace("cluster: west", "cluster: clusterset");
         let err = GatewayConfig::parse(&reserved, Path::new("g.yaml")).expect_err("reserved");
         assert!(err.to_string().starts_with("cluster"), "{err}");
+        // The injector's port is a listener like the others.
+        let injector = format!(
+            "{KUBE}source: {{kubernetes: {{egressPortMin: 8100, egressPortMax: 9000}}}}\ninjector: {{certFile: a, keyFile: b}}\n"
+        );
+        let err = GatewayConfig::parse(&injector, Path::new("g.yaml")).expect_err("overlap");
+        assert!(err.to_string().contains("injector.listen (8443)"), "{err}");
         let links = format!("{KUBE}source: {{kubernetes: {{}}}}\nlinks: [{{name: east}}]\n");
         let err = GatewayConfig::parse(&links, Path::new("g.yaml")).expect_err("links");
         assert!(err.to_string().starts_with("links"), "{err}");

@@ -385,8 +385,13 @@ fn existing_issuer_secret_is_mounted_and_none_rendered() {
 #[test]
 fn schema_refuses_bad_values() {
     let certs = Certs::new();
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 8] = [
         (&["--set", "cluster=Bad_Name"], "/cluster"),
+        // A Lease name the gateway takes: a DNS label, no dots.
+        (
+            &["--set", "config.leaseName=strait.writer"],
+            "/config/leaseName",
+        ),
         (
             &["--set", "config.maxConnections=0"],
             "/config/maxConnections",

@@ -281,6 +281,16 @@ fn inject_pod(
         .or_insert_with(|| json!({}))
         .as_object_mut()
         .ok_or_else(|| shape("metadata", "mapping"))?;
+    // A static pod's mirror: the kubelet runs the static pod from its own
+    // manifest, never these containers, and the API server refuses the
+    // projected token volume on a mirror pod.
+    if metadata
+        .get("annotations")
+        .and_then(|a| a.get("kubernetes.io/config.mirror"))
+        .is_some()
+    {
+        return Ok(Outcome::Skipped("a static pod's mirror"));
+    }
     let mut ports: Vec<(&'static str, String)> = Vec::new();
     let mut threads = DEFAULT_THREADS;
     if let Some(annotations) = metadata.get("annotations").and_then(Value::as_object) {

@@ -282,6 +282,19 @@ pub async fn serve(
     config: Injecting,
     requests: Requests,
 ) {
+    serve_for(listener, tls, config, requests, CONNECTION_LIFETIME).await;
+}
+
+/// [`serve`], each connection closed after `lifetime`: gracefully, the
+/// review in flight answered first (with `connection: close`), or the
+/// API server would see its call cut and apply the failure policy.
+async fn serve_for(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    config: Injecting,
+    requests: Requests,
+    lifetime: std::time::Duration,
+) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let listener = strait_proxy::net::LimitedAccept::new(listener, MAX_CONNECTIONS, "injector");
     loop {
@@ -305,10 +318,22 @@ pub async fn serve(
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEAD_TIMEOUT)
                 .serve_connection(hyper_util::rt::TokioIo::new(tls), service);
-            match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
-                Ok(Err(error)) => tracing::debug!(%remote, %error, "injector connection ended"),
-                Ok(Ok(())) => {}
-                Err(_) => tracing::debug!(%remote, "injector connection closed after its lifetime"),
+            tokio::pin!(conn);
+            let ended = tokio::select! {
+                ended = conn.as_mut() => ended,
+                () = tokio::time::sleep(lifetime) => {
+                    tracing::debug!(%remote, "injector connection closing after its lifetime");
+                    conn.as_mut().graceful_shutdown();
+                    // A review takes at most what the API server allows
+                    // a call (30 s); its body, what `handle` allows.
+                    match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+                        Ok(ended) => ended,
+                        Err(_) => return,
+                    }
+                }
+            };
+            if let Err(error) = ended {
+                tracing::debug!(%remote, %error, "injector connection ended");
             }
         });
     }

@@ -256,20 +256,30 @@ spec: {template: {metadata: {annotations: {strait.io/inject: disabled}}, spec: {
 kind: DaemonSet
 metadata: {name: c}
 spec: {template: {spec: {hostNetwork: true, containers: [{name: c}]}}}
+---
+kind: Pod
+metadata: {name: d, annotations: {kubernetes.io/config.mirror: "8f2a"}}
+spec: {containers: [{name: d}]}
 "#;
     let (docs, reports) = inject(yaml);
+    assert_eq!(
+        reports[3].outcome,
+        Outcome::Skipped("a static pod's mirror")
+    );
     assert!(
         reports
             .iter()
             .all(|r| matches!(r.outcome, Outcome::Skipped(_))),
         "{reports:?}"
     );
-    for doc in &docs {
+    for doc in &docs[..3] {
         assert_eq!(
             names(&doc["spec"]["template"]["spec"]["containers"]).len(),
             1
         );
     }
+    assert_eq!(names(&docs[3]["spec"]["containers"]).len(), 1);
+    assert!(docs[3]["spec"]["initContainers"].is_null());
 }
 
 #[test]

@@ -237,3 +237,70 @@ fn rotated_trust_anchors_are_injected_without_a_restart() {
     assert!(patch.contains(line_of_b), "the new root is injected");
     assert_eq!(injecting.load().trust_anchors_pem, both);
 }
+
+/// A connection at the end of its lifetime finishes the review in flight
+/// (its body still coming in) before it closes.
+#[tokio::test]
+async fn a_review_in_flight_outlives_its_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("tmp");
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    const NAME: &str = "strait-injector.strait-system.svc";
+    let key_pair = rcgen::KeyPair::generate().expect("key");
+    let self_signed = rcgen::CertificateParams::new(vec![NAME.to_string()])
+        .expect("params")
+        .self_signed(&key_pair)
+        .expect("cert");
+    std::fs::write(&cert, self_signed.pem()).expect("write");
+    std::fs::write(&key, key_pair.serialize_pem()).expect("write");
+    let tls = Arc::new(
+        ReloadingCert::load(&cert, &key)
+            .expect("load")
+            .server_config()
+            .expect("tls"),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let injecting: Injecting = Arc::new(arc_swap::ArcSwap::from_pointee(config()));
+    let server = tokio::spawn(serve_for(
+        listener,
+        tls,
+        injecting,
+        Requests::default(),
+        std::time::Duration::from_millis(300),
+    ));
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(self_signed.der().clone()).expect("root");
+    let client = rustls::ClientConfig::builder_with_provider(strait_proxy::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name =
+        rustls::pki_types::ServerName::try_from("strait-injector.strait-system.svc").expect("name");
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(client))
+        .connect(name, tcp)
+        .await
+        .expect("handshake");
+    let body = review_of(pod(json!({})), "Pod", "CREATE");
+    let head = format!(
+        "POST /inject HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    tls.write_all(head.as_bytes()).await.expect("head");
+    // Half the body, then the rest after the connection's lifetime.
+    let (first, rest) = body.split_at(body.len() / 2);
+    tls.write_all(first).await.expect("body");
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    tls.write_all(rest).await.expect("the rest");
+    let mut out = Vec::new();
+    let _ =
+        tokio::time::timeout(std::time::Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains("\"allowed\":true"), "{out}");
+    server.abort();
+}
