@@ -19,7 +19,9 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::{allocate, export_conditions, merge_conditions, observe, plan, wanted, NewCondition};
+use super::{
+    allocate, export_conditions, merge_conditions, observe, plan, wanted, Allocations, NewCondition,
+};
 use crate::catalog::{ClusterState, ServiceKey};
 use crate::k8s::crd::{Condition, Link, ServiceExport, ServiceImport, ServiceImportStatus};
 use crate::k8s::labels;
@@ -89,14 +91,33 @@ impl<K> Kind for K where
 {
 }
 
-/// Last applied content per object, so unchanged objects are not written.
+/// What this leadership term wrote: the last applied content per object,
+/// so unchanged objects are not written again, and the egress ports it
+/// allocated.
 #[derive(Default)]
-struct Applied(HashMap<String, serde_json::Value>);
+struct Applied {
+    objects: HashMap<String, serde_json::Value>,
+    allocations: Allocations,
+}
 
 impl Applied {
     fn fresh(&self, id: &str, value: &serde_json::Value) -> bool {
-        self.0.get(id) == Some(value)
+        self.objects.get(id) == Some(value)
     }
+}
+
+/// The allocations to allocate from: what the Services cache shows, and
+/// what this term allocated that it does not show yet (a Service applied
+/// a moment ago, its watch event still on the way). Without the second, a
+/// pass that ran before the event came would hand the port to another key
+/// and move this one: connections kube-proxy still sends to the first
+/// Service's port would reach another service.
+fn known_allocations(observed: &Allocations, given: &Allocations) -> Allocations {
+    let mut known = observed.clone();
+    for (key, port) in given {
+        known.entry(key.clone()).or_insert(*port);
+    }
+    known
 }
 
 struct Sync<'a> {
@@ -149,11 +170,11 @@ impl Sync<'_> {
         {
             Ok(written) => {
                 self.ctx.metrics.write("apply");
-                self.applied.0.insert(id, value);
+                self.applied.objects.insert(id, value);
                 written.uid()
             }
             Err(e) => {
-                self.applied.0.remove(&id);
+                self.applied.objects.remove(&id);
                 self.fail("apply", format!("{id}: apply failed: {e}"));
                 cached_uid
             }
@@ -238,7 +259,7 @@ impl Sync<'_> {
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(e) => self.fail("delete", format!("{kind}/{ns}/{name}: delete: {e}")),
         }
-        self.applied.0.remove(&format!("{kind}/{ns}/{name}"));
+        self.applied.objects.remove(&format!("{kind}/{ns}/{name}"));
     }
 }
 
@@ -314,10 +335,11 @@ async fn sync_once(
     let services = ctx.caches.services.state();
     let observed = observe(services.iter().map(|s| &**s));
     let (allocations, exhausted) = allocate(
-        &observed.allocations,
+        &known_allocations(&observed.allocations, &s.applied.allocations),
         &wanted(&table),
         ctx.egress_ports.clone(),
     );
+    s.applied.allocations = allocations.clone();
     if !exhausted.is_empty() {
         s.fail(
             "exhausted",
@@ -627,5 +649,45 @@ pub async fn run(ctx: WriterContext) {
         }
         // Let a burst of changes settle into one pass.
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::mirror::AllocKey;
+
+    fn key(svc: &str) -> AllocKey {
+        AllocKey {
+            service: ServiceKey::new("shop", svc),
+            pin: None,
+            port: 80,
+        }
+    }
+
+    /// A port this term gave, its Service not in the cache yet, stays with
+    /// its key when a pass runs before the watch event: a new key sorting
+    /// first gets another port.
+    #[test]
+    fn a_port_just_given_stays_given_while_the_cache_lags() {
+        let range = 20_000..=20_010;
+        let (first, _) = allocate(
+            &Allocations::new(),
+            &BTreeSet::from([key("web")]),
+            range.clone(),
+        );
+        assert_eq!(first[&key("web")], 20_000);
+        // The next pass: the cache shows nothing yet, and `api` is wanted too.
+        let wanted = BTreeSet::from([key("api"), key("web")]);
+        let (next, _) = allocate(
+            &known_allocations(&Allocations::new(), &first),
+            &wanted,
+            range.clone(),
+        );
+        assert_eq!(next[&key("web")], 20_000, "kept");
+        assert_eq!(next[&key("api")], 20_001);
+        // What the cache shows wins over what this term remembers.
+        let observed = Allocations::from([(key("web"), 20_005)]);
+        assert_eq!(known_allocations(&observed, &first)[&key("web")], 20_005);
     }
 }
