@@ -871,11 +871,10 @@ fn rules(role: &Value) -> Value {
 #[test]
 fn rbac_is_least_privilege() {
     let docs = documents(&render(&[]));
-    let all = [
-        "get", "list", "watch", "create", "patch", "update", "delete",
-    ];
+    // Server-side apply and delete: no whole-object updates, no events.
+    let all = ["get", "list", "watch", "create", "patch", "delete"];
     let read = ["get", "list", "watch"];
-    let status = ["get", "patch", "update"];
+    let status = ["get", "patch"];
     assert_eq!(
         rules(find(&docs, "ClusterRole", "strait-gateway")),
         json!([
@@ -890,7 +889,6 @@ fn rbac_is_least_privilege() {
             {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["get", "list"]},
             {"apiGroups": [""], "resources": ["pods"], "verbs": read},
             {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
-            {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
         ])
     );
     let role = find(&docs, "Role", "strait-gateway");

@@ -160,9 +160,16 @@ async fn a_peer_holds_at_most_two_tcp_catalog_watches() {
     let west_id = "spiffe://west.strait.local/ns/strait-system/sa/strait-gateway";
     let header = frame::encode(&frame::peering_header(west_id)).expect("header");
     let mut held = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..2 {
         held.push(dialer.open(&header).await.expect("open"));
     }
+    // Both taken before the third comes, so the third is the one refused
+    // (east serves each header in a task of its own, in any order).
+    eventually(WAIT, "two watches accepted", || async {
+        (east.tcp_watches("west") == 2).then_some(())
+    })
+    .await;
+    held.push(dialer.open(&header).await.expect("open"));
     let busy = "strait_tunnel_streams_total{peer=\"west\",direction=\"inbound\",result=\"busy\"}";
     eventually(WAIT, "the third watch refused", || async {
         let m = metrics(&east).await;

@@ -595,13 +595,14 @@ async fn link_statuses(ctx: &WriterContext, sync_errors: &[String], applied: &mu
             .as_ref()
             .map(|x| x.conditions.clone())
             .unwrap_or_default();
-        let rtt = peer.and_then(|p| p.rtt_ms).map(|ms| format!("{ms:.1}ms"));
+        let rtt_ms = peer.and_then(|p| p.rtt_ms);
+        let rtt = rtt_ms.map(|ms| format!("{ms:.1}ms"));
         let old_status = link.status.clone().unwrap_or_default();
         let conditions =
             changed_conditions(&old, &[connected, synced], &now, link.metadata.generation);
         if conditions.is_none()
             && old_status.import_count == u32::try_from(imports).unwrap_or(u32::MAX)
-            && old_status.last_rtt == rtt
+            && !rtt_moved(old_status.last_rtt.as_deref(), rtt_ms)
         {
             continue;
         }
@@ -612,6 +613,19 @@ async fn link_statuses(ctx: &WriterContext, sync_errors: &[String], applied: &mu
             "observedGeneration": link.metadata.generation,
         });
         s.apply_status::<Link>(&ns, &name, status).await;
+    }
+}
+
+/// Whether a Link's round-trip time moved enough to be written again: by
+/// a tenth, and at least a millisecond. It is sampled every few seconds
+/// and nearly always differs in its last digit; each write is a watch
+/// event every replica folds its caches over again for.
+fn rtt_moved(written: Option<&str>, now_ms: Option<f64>) -> bool {
+    let written = written.and_then(|w| w.strip_suffix("ms")?.parse::<f64>().ok());
+    match (written, now_ms) {
+        (Some(w), Some(n)) => (n - w).abs() > (w * 0.1).max(1.0),
+        (None, None) => false,
+        _ => true,
     }
 }
 
@@ -663,6 +677,17 @@ mod tests {
             pin: None,
             port: 80,
         }
+    }
+
+    #[test]
+    fn round_trip_times_are_written_when_they_move() {
+        assert!(!rtt_moved(Some("35.2ms"), Some(35.3)));
+        assert!(!rtt_moved(Some("0.1ms"), Some(0.4)), "loopback noise");
+        assert!(rtt_moved(Some("35.2ms"), Some(40.0)));
+        assert!(rtt_moved(Some("35.2ms"), None), "gone");
+        assert!(rtt_moved(None, Some(3.0)), "first");
+        assert!(rtt_moved(Some("garbled"), Some(3.0)));
+        assert!(!rtt_moved(None, None));
     }
 
     /// A port this term gave, its Service not in the cache yet, stays with
