@@ -176,6 +176,16 @@ impl<K: Clone + Eq + Hash> Balancer<K> {
         e.ewma.at(now, self.config.decay).max(1.0) * f64::from(e.pending + 1)
     }
 
+    /// An endpoint's requests in flight and its latency estimate at `now`
+    /// (for tests).
+    #[cfg(test)]
+    pub(crate) fn state(&self, key: &K, now: Instant) -> Option<(u32, Duration)> {
+        let i = *self.index.get(key)?;
+        let e = &self.endpoints.get(i)?.1;
+        let ns = e.ewma.at(now, self.config.decay);
+        Some((e.pending, Duration::from_nanos(ns as u64)))
+    }
+
     /// The endpoint known as `key`.
     fn get_mut(&mut self, key: &K) -> Option<&mut Endpoint> {
         let i = *self.index.get(key)?;
@@ -188,8 +198,26 @@ impl<K: Clone + Eq + Hash> Balancer<K> {
     /// endpoint is ejected, the one whose ejection ends first is probed, so
     /// a service never goes dark while its endpoints may have recovered.
     pub fn pick(&mut self, now: Instant) -> Option<Pick<K>> {
-        let live = |e: &Endpoint| e.ejected_until.is_none_or(|t| t <= now);
-        let n = self.endpoints.iter().filter(|(_, e)| live(e)).count();
+        self.choose(now, |_| true)
+    }
+
+    /// [`Balancer::pick`] among the endpoints not in `tried` (a retry's
+    /// earlier attempts), when any is left: P2C over every endpoint would
+    /// draw a failing one again whenever it is the cheaper of the two, as
+    /// a fast failure leaves it.
+    pub fn pick_untried(&mut self, now: Instant, tried: &[K]) -> Option<Pick<K>> {
+        let untried = |k: &K| !tried.contains(k);
+        if self.endpoints.iter().any(|(k, _)| untried(k)) {
+            self.choose(now, untried)
+        } else {
+            self.pick(now)
+        }
+    }
+
+    /// P2C over the endpoints `allowed` says may be picked.
+    fn choose(&mut self, now: Instant, allowed: impl Fn(&K) -> bool) -> Option<Pick<K>> {
+        let live = |k: &K, e: &Endpoint| allowed(k) && e.ejected_until.is_none_or(|t| t <= now);
+        let n = self.endpoints.iter().filter(|(k, e)| live(k, e)).count();
         // The position of the `j`th endpoint in, when `n` are.
         let nth = |this: &Self, j: usize| {
             if n == this.endpoints.len() {
@@ -199,7 +227,7 @@ impl<K: Clone + Eq + Hash> Balancer<K> {
                 .endpoints
                 .iter()
                 .enumerate()
-                .filter(|(_, (_, e))| live(e));
+                .filter(|(_, (k, e))| live(k, e));
             ins.nth(j).map_or(0, |(i, _)| i)
         };
         let i = match n {
@@ -207,6 +235,7 @@ impl<K: Clone + Eq + Hash> Balancer<K> {
                 self.endpoints
                     .iter()
                     .enumerate()
+                    .filter(|(_, (k, _))| allowed(k))
                     .min_by_key(|(_, (_, e))| e.ejected_until)?
                     .0
             }

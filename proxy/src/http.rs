@@ -44,14 +44,15 @@ pub const ORIG_PROTO: HeaderName = HeaderName::from_static("strait-orig-proto");
 pub const PROXY_ERROR: HeaderName = HeaderName::from_static("strait-proxy-error");
 
 /// Headers that belong to one hop only (RFC 9110, 7.6.1) and must not be
-/// forwarded; HTTP/2 forbids them outright.
+/// forwarded; HTTP/2 forbids them outright. (`Trailer` is not one: it says
+/// which trailers follow, end to end, and an HTTP/1 encoder writes only
+/// the trailers it names.)
 const HOP_BY_HOP: &[&str] = &[
     "connection",
     "proxy-connection",
     "keep-alive",
     "transfer-encoding",
     "te",
-    "trailer",
     "upgrade",
 ];
 
@@ -96,6 +97,18 @@ pub fn empty() -> Body {
 /// A body of `bytes`, whole.
 pub fn whole(bytes: Bytes) -> Body {
     Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+/// A body of `bytes`, whole, then `trailers` if any (a buffered request
+/// sent again as it came).
+pub fn whole_with_trailers(bytes: Bytes, trailers: Option<HeaderMap>) -> Body {
+    match trailers {
+        None => whole(bytes),
+        Some(t) => Full::new(bytes)
+            .with_trailers(std::future::ready(Some(Ok(t))))
+            .map_err(|never| match never {})
+            .boxed(),
+    }
 }
 
 /// A short plain-text error response produced by the proxy itself.
@@ -438,6 +451,17 @@ where
     let mut fwd = Request::from_parts(parts, boxed(body));
     if let Some(pq) = fwd.uri().path_and_query().cloned() {
         *fwd.uri_mut() = http::Uri::from(pq);
+    }
+    // This hop's headers stay here, but for the upgrade itself.
+    let upgrade = fwd.headers_mut().remove(http::header::UPGRADE);
+    strip_hop_by_hop(fwd.headers_mut());
+    if let Some(protocol) = upgrade {
+        let headers = fwd.headers_mut();
+        headers.insert(http::header::UPGRADE, protocol);
+        headers.insert(
+            http::header::CONNECTION,
+            HeaderValue::from_static("upgrade"),
+        );
     }
     let mut rsp = crate::net::timed(timeout, async {
         sender

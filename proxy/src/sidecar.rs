@@ -685,14 +685,15 @@ impl PlainClient {
     }
 
     /// Sends `req` (for `authority`) to `target`, hop-by-hop headers
-    /// stripped both ways, within `timeout` to the response headers.
+    /// stripped both ways, its response headers due by `deadline`.
     pub(crate) async fn send(
         &self,
         mut req: http::Request<crate::http::Body>,
         authority: &str,
         target: impl Into<crate::net::Target>,
-        timeout: Duration,
+        deadline: std::time::Instant,
     ) -> Result<http::Response<crate::http::Body>, UpstreamError> {
+        let deadline = tokio::time::Instant::from_std(deadline);
         let target = target.into();
         crate::http::strip_hop_by_hop(req.headers_mut());
         let sent = if req.version() == http::Version::HTTP_2 {
@@ -701,7 +702,7 @@ impl PlainClient {
             // Boxed: HTTP/2 applications are the rarer kind, and every
             // HTTP/1 request's future would otherwise carry this state.
             let f = Box::pin(self.http2.send(target, req, self.connect_timeout));
-            tokio::time::timeout(timeout, f)
+            tokio::time::timeout_at(deadline, f)
                 .await
                 .map(|r| r.map_err(|e| e.to_string()))
         } else {
@@ -719,7 +720,7 @@ impl PlainClient {
                     req.headers_mut().insert(http::header::HOST, v);
                 }
             }
-            tokio::time::timeout(timeout, self.http1.send(target, req))
+            tokio::time::timeout_at(deadline, self.http1.send(target, req))
                 .await
                 .map(|r| r.map_err(|e| e.to_string()))
         };

@@ -389,10 +389,16 @@ pub async fn hold(
     peer: &str,
     direction: &str,
 ) -> tokio::net::TcpStream {
+    let open = format!("strait_tunnel_streams_open{{peer=\"{peer}\",direction=\"{direction}\"}}");
+    // Earlier streams gone first: one still closing would pass for the
+    // held one, and free its slot a moment later.
+    eventually(LIMIT_WAIT, "earlier streams closed", || async {
+        (sample(&metrics(gw).await, &open).unwrap_or(0.0) == 0.0).then_some(())
+    })
+    .await;
     let held = tokio::net::TcpStream::connect((vip, 8080))
         .await
         .expect("connect");
-    let open = format!("strait_tunnel_streams_open{{peer=\"{peer}\",direction=\"{direction}\"}}");
     eventually(LIMIT_WAIT, "the held connection's stream open", || async {
         (sample(&metrics(gw).await, &open) == Some(1.0)).then_some(())
     })

@@ -161,3 +161,23 @@ fn peak_ewma_jumps_up_and_decays_down() {
     e.observe(ms(1), now + Duration::from_secs(10), decay);
     assert!(e.cost_ns < 50e6 && e.cost_ns > 1e6, "{}", e.cost_ns);
 }
+
+#[test]
+fn a_retry_is_drawn_among_the_endpoints_not_tried() {
+    let now = Instant::now();
+    let mut b = Balancer::new(BalanceConfig::default(), 3);
+    b.update(["a", "b"], now);
+    // `a` failed fast: still the cheaper, P2C over both would draw it again.
+    let first = b.pick(now).expect("pick").key;
+    b.failed(&first, now);
+    let other = if first == "a" { "b" } else { "a" };
+    b.observe(&other, Duration::from_millis(50), now);
+    b.release(&other);
+    for _ in 0..20 {
+        let p = b.pick_untried(now, &[first]).expect("pick");
+        assert_eq!(p.key, other);
+        b.release(&p.key);
+    }
+    // Every endpoint tried: any may be drawn again.
+    assert!(b.pick_untried(now, &["a", "b"]).is_some());
+}

@@ -12,11 +12,15 @@ fn hop_by_hop_headers_are_removed_te_trailers_kept() {
     h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
     h.insert("te", HeaderValue::from_static("trailers"));
     h.insert("x-kept", HeaderValue::from_static("yes"));
+    // End to end (RFC 9110, 6.6.2): an HTTP/1 encoder writes only the
+    // trailers it names.
+    h.insert("trailer", HeaderValue::from_static("x-sum"));
     strip_hop_by_hop(&mut h);
     let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
-    assert_eq!(names.len(), 2, "{names:?}");
+    assert_eq!(names.len(), 3, "{names:?}");
     assert_eq!(h["te"], "trailers");
     assert_eq!(h["x-kept"], "yes");
+    assert_eq!(h["trailer"], "x-sum");
 }
 
 #[test]

@@ -352,7 +352,12 @@ impl Inbound {
         let rsp = match self
             .0
             .plain
-            .send(req, &authority, target, shared.config.request_timeout)
+            .send(
+                req,
+                &authority,
+                target,
+                started + shared.config.request_timeout,
+            )
             .await
         {
             Ok(rsp) => rsp,

@@ -62,6 +62,7 @@ struct Buffered {
     version: Version,
     headers: http::HeaderMap,
     body: bytes::Bytes,
+    trailers: Option<http::HeaderMap>,
 }
 
 impl Replay {
@@ -84,17 +85,20 @@ impl Replay {
         // none at all: nothing to collect.
         // An empty body is sent as it is; a collected one shares its bytes
         // with the copy kept for a retry.
-        let (first, body) = if body.is_end_stream() {
-            (body, bytes::Bytes::new())
+        let (first, body, trailers) = if body.is_end_stream() {
+            (body, bytes::Bytes::new(), None)
         } else {
-            let collected = body
-                .collect()
-                .await
-                .ok()
-                .map(|c| c.to_bytes())
+            let collected =
+                body.collect().await.ok().ok_or_else(|| {
+                    error_response(StatusCode::BAD_REQUEST, "request body failed")
+                })?;
+            // Trailers (an HTTP/2 client's) go with the body, every time.
+            let trailers = collected.trailers().cloned();
+            let bytes = Some(collected.to_bytes())
                 .filter(|b| b.len() <= MAX_BUFFERED_BODY)
                 .ok_or_else(|| error_response(StatusCode::BAD_REQUEST, "request body failed"))?;
-            (crate::http::whole(collected.clone()), collected)
+            let first = crate::http::whole_with_trailers(bytes.clone(), trailers.clone());
+            (first, bytes, trailers)
         };
         let again = Buffered {
             method: parts.method.clone(),
@@ -102,6 +106,7 @@ impl Replay {
             version: parts.version,
             headers: parts.headers.clone(),
             body,
+            trailers,
         };
         Ok(Self {
             first: Some(Request::from_parts(parts, first)),
@@ -118,7 +123,10 @@ impl Replay {
             return Some(first);
         }
         let again = self.again.as_ref()?;
-        let mut req = Request::new(crate::http::whole(again.body.clone()));
+        let mut req = Request::new(crate::http::whole_with_trailers(
+            again.body.clone(),
+            again.trailers.clone(),
+        ));
         *req.method_mut() = again.method.clone();
         *req.uri_mut() = again.uri.clone();
         *req.version_mut() = again.version;
@@ -257,7 +265,12 @@ impl Outbound {
             shared.http.error(DIRECTION, "no_authority");
             return error_response(StatusCode::BAD_REQUEST, "request has no authority");
         };
-        let authority = with_port(authority, orig.filter(|_| shared.config.transparent));
+        // Routed, balanced and counted with a port; sent on as the client
+        // named it (an HTTP/2 server matching `:authority` exactly must
+        // see what the client sent, not `web:80`).
+        let (authority, named_len) =
+            with_port(authority, orig.filter(|_| shared.config.transparent));
+        let sent_as = &authority[..named_len];
         let observed = |rsp, tls| {
             let route = shared.http.route(DIRECTION, &authority, tls);
             route.request();
@@ -273,7 +286,11 @@ impl Outbound {
             return Observed::wrap(rsp, route, started);
         }
         let req = req.map(crate::http::boxed);
-        match self.route(req, &authority, orig, started).await {
+        let to = Names {
+            routed: &authority,
+            sent_as,
+        };
+        match self.route(req, to, orig, started).await {
             Ok((rsp, tls)) => observed(rsp, tls),
             Err(rsp) => observed(rsp, "false"),
         }
@@ -289,22 +306,16 @@ impl Outbound {
         orig: Option<SocketAddr>,
     ) -> Response<Body> {
         let shared = &self.0.shared;
-        let endpoints = match crate::discovery::destination(&*shared.resolver, authority).await {
-            Some(d) if !d.endpoints.is_empty() => d.endpoints,
-            _ => orig
-                .map(|o| {
-                    vec![Endpoint {
-                        addr: o,
-                        identity: None,
-                        weight: 1,
-                    }]
-                })
-                .unwrap_or_default(),
+        let endpoints = match self.endpoints(authority, orig).await {
+            Ok(endpoints) => endpoints,
+            Err(rsp) => return rsp,
         };
-        let Some(endpoint) = self.pick(authority, &endpoints, &[], Instant::now()) else {
+        let started = Instant::now();
+        let Some(picked) = self.pick(authority, &endpoints, &[], started) else {
             shared.http.error(DIRECTION, "no_endpoints");
             return error_response(StatusCode::SERVICE_UNAVAILABLE, "no endpoints");
         };
+        let endpoint = picked.endpoint.clone();
         let result = match &endpoint.identity {
             Some(id) => {
                 let peer = SocketAddr::new(endpoint.addr.ip(), shared.config.peer_inbound_port);
@@ -335,19 +346,16 @@ impl Outbound {
                 Err(e) => Err(e),
             },
         };
+        let ended = Instant::now();
         match result {
             Ok(rsp) => {
-                self.report(
-                    authority,
-                    endpoint.addr,
-                    Some(std::time::Duration::ZERO),
-                    Instant::now(),
-                );
+                // The time to the response head, as for any request.
+                picked.report(Some(ended - started), ended);
                 rsp
             }
             Err(error) => {
                 tracing::info!(%authority, %error, "upgrade failed");
-                self.report(authority, endpoint.addr, None, Instant::now());
+                picked.report(None, ended);
                 if error.kind() == std::io::ErrorKind::TimedOut {
                     shared.http.error(DIRECTION, "timeout");
                     return error_response(StatusCode::GATEWAY_TIMEOUT, "upstream timed out");
@@ -358,15 +366,56 @@ impl Outbound {
         }
     }
 
-    /// Picks an endpoint at `now`, avoiding those already `tried` for this
-    /// request when others exist.
-    fn pick(
+    /// The endpoints of `authority` (the original destination when nothing
+    /// knows the name), never this proxy's own listeners: a name that
+    /// resolves to one would loop until every socket is gone. `Err` is the
+    /// proxy's own answer.
+    async fn endpoints(
         &self,
         authority: &str,
+        orig: Option<SocketAddr>,
+    ) -> Result<Vec<Endpoint>, Response<Body>> {
+        let shared = &self.0.shared;
+        let endpoints = match crate::discovery::destination(&*shared.resolver, authority).await {
+            Some(d) if !d.endpoints.is_empty() => d.endpoints,
+            _ => match orig {
+                Some(o) => vec![Endpoint {
+                    addr: o,
+                    identity: None,
+                    weight: 1,
+                }],
+                None => {
+                    shared.http.error(DIRECTION, "no_endpoints");
+                    return Err(error_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!("no endpoints for {authority}"),
+                    ));
+                }
+            },
+        };
+        let endpoints: Vec<Endpoint> = endpoints
+            .into_iter()
+            .filter(|e| !shared.is_own_listener(e.addr, false))
+            .collect();
+        if endpoints.is_empty() {
+            shared.http.error(DIRECTION, "loop");
+            return Err(error_response(
+                StatusCode::LOOP_DETECTED,
+                &format!("{authority} resolves to this proxy"),
+            ));
+        }
+        Ok(endpoints)
+    }
+
+    /// Picks an endpoint at `now`, avoiding those already `tried` for this
+    /// request when others exist.
+    fn pick<'a>(
+        &'a self,
+        authority: &'a str,
         endpoints: &[Endpoint],
         tried: &[SocketAddr],
         now: Instant,
-    ) -> Option<Endpoint> {
+    ) -> Option<Picked<'a>> {
         let mut balancers = self.0.balancers.lock().unwrap_or_else(|e| e.into_inner());
         // Looked up by reference: the key is allocated only for a new name.
         let new = !balancers.contains(authority);
@@ -378,23 +427,22 @@ impl Outbound {
         }
         let b = balancers.use_mut(authority, now)?;
         b.update(endpoints.iter().map(|e| e.addr), now);
-        let mut key = b.pick(now)?.key;
-        // P2C may draw a tried endpoint again; a few more draws find another.
-        if !tried.is_empty() {
-            let fresh: Vec<SocketAddr> = endpoints
-                .iter()
-                .map(|e| e.addr)
-                .filter(|a| !tried.contains(a))
-                .collect();
-            for _ in 0..4 {
-                if fresh.is_empty() || fresh.contains(&key) {
-                    break;
-                }
-                b.release(&key);
-                key = b.pick(now)?.key;
-            }
-        }
-        endpoints.iter().find(|e| e.addr == key).cloned()
+        // A retry goes to an endpoint not tried yet, while one is left.
+        let key = if tried.is_empty() {
+            b.pick(now)?.key
+        } else {
+            b.pick_untried(now, tried)?.key
+        };
+        let Some(endpoint) = endpoints.iter().find(|e| e.addr == key).cloned() else {
+            b.release(&key);
+            return None;
+        };
+        Some(Picked {
+            outbound: self,
+            authority,
+            endpoint,
+            reported: false,
+        })
     }
 
     /// Reports how an attempt at `addr` ended at `now`: its latency, or
@@ -421,46 +469,29 @@ impl Outbound {
     async fn route(
         &self,
         req: Request<Body>,
-        authority: &str,
+        to: Names<'_>,
         orig: Option<SocketAddr>,
         started: Instant,
     ) -> Result<(Response<Body>, &'static str), Response<Body>> {
         let shared = &self.0.shared;
-        let endpoints = match crate::discovery::destination(&*shared.resolver, authority).await {
-            Some(d) if !d.endpoints.is_empty() => d.endpoints,
-            _ => match orig {
-                // Nothing knows the name: the original destination, as is.
-                Some(o) => vec![Endpoint {
-                    addr: o,
-                    identity: None,
-                    weight: 1,
-                }],
-                None => {
-                    shared.http.error(DIRECTION, "no_endpoints");
-                    return Err(error_response(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        &format!("no endpoints for {authority}"),
-                    ));
-                }
-            },
+        let authority = to.routed;
+        let endpoints = self.endpoints(authority, orig).await?;
+        // One deadline for the whole request, its body and its retries
+        // included (as Linkerd's and Envoy's request timeouts are).
+        let deadline = started + shared.config.request_timeout;
+        let mut replay = match tokio::time::timeout_at(deadline.into(), Replay::new(req)).await {
+            Ok(replay) => replay?,
+            Err(_) => {
+                shared.http.error(DIRECTION, "timeout");
+                return Err(error_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "the request body did not come in time",
+                ));
+            }
         };
-        // Never send traffic back into this proxy (a name that resolves to
-        // our own listener would loop until every socket is gone).
-        let endpoints: Vec<Endpoint> = endpoints
-            .into_iter()
-            .filter(|e| !shared.is_own_listener(e.addr, false))
-            .collect();
-        if endpoints.is_empty() {
-            shared.http.error(DIRECTION, "loop");
-            return Err(error_response(
-                StatusCode::LOOP_DETECTED,
-                &format!("{authority} resolves to this proxy"),
-            ));
-        }
-        let mut replay = Replay::new(req).await?;
         // (The clock is read as seldom as it can be: once for the deposit
         // and the first pick, after the body is buffered, and once at each
-        // attempt's end.)
+        // attempt's end, which is the next attempt's start.)
         let mut now = Instant::now();
         self.budget(authority, |b| b.deposit(now));
         let mut tried: Vec<SocketAddr> = Vec::new();
@@ -468,37 +499,43 @@ impl Outbound {
             let Some(req) = replay.next() else {
                 break;
             };
-            let Some(endpoint) = self.pick(authority, &endpoints, &tried, now) else {
+            let Some(picked) = self.pick(authority, &endpoints, &tried, now) else {
                 shared.http.error(DIRECTION, "no_endpoints");
                 return Err(error_response(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "no endpoints",
                 ));
             };
-            let result = self.attempt(req, authority, &endpoint).await;
+            let result = self
+                .attempt(req, to.sent_as, &picked.endpoint, deadline)
+                .await;
             let failed = match &result {
                 Ok((rsp, _)) => peer_proxy_failed(rsp),
                 Err(_) => true,
             };
             let ended = Instant::now();
+            let addr = picked.endpoint.addr;
             if !failed {
-                self.report(authority, endpoint.addr, Some(ended - started), ended);
+                // This attempt's own time: not the body's upload, nor
+                // the attempts before it.
+                picked.report(Some(ended - now), ended);
                 return result;
             }
-            self.report(authority, endpoint.addr, None, ended);
+            picked.report(None, ended);
             let retry = replay.can_replay()
                 && attempt < MAX_ATTEMPTS
+                && ended < deadline
                 && self.budget(authority, |b| b.withdraw(ended));
             if !retry {
-                if replay.can_replay() && attempt < MAX_ATTEMPTS {
+                if replay.can_replay() && attempt < MAX_ATTEMPTS && ended < deadline {
                     self.retried("budget_exhausted");
                 }
                 return result;
             }
             self.retried("retried");
             now = ended;
-            tracing::debug!(%authority, endpoint = %endpoint.addr, attempt, "retrying");
-            tried.push(endpoint.addr);
+            tracing::debug!(%authority, endpoint = %addr, attempt, "retrying");
+            tried.push(addr);
         }
         Err(error_response(StatusCode::BAD_GATEWAY, "upstream failed"))
     }
@@ -531,9 +568,9 @@ impl Outbound {
         req: Request<Body>,
         authority: &str,
         endpoint: &Endpoint,
+        deadline: Instant,
     ) -> Result<(Response<Body>, &'static str), Response<Body>> {
         let shared = &self.0.shared;
-        let timeout = shared.config.request_timeout;
         let (sent, tls) = match &endpoint.identity {
             Some(id) => {
                 let req = to_mesh(req, authority).map_err(|_| {
@@ -541,7 +578,7 @@ impl Outbound {
                 })?;
                 let peer = SocketAddr::new(endpoint.addr.ip(), shared.config.peer_inbound_port);
                 let f = self.0.mesh.send(peer, id, endpoint.addr.port(), req);
-                let sent = match tokio::time::timeout(timeout, f).await {
+                let sent = match tokio::time::timeout_at(deadline.into(), f).await {
                     Ok(Ok(mut rsp)) => {
                         strip_hop_by_hop(rsp.headers_mut());
                         Ok(rsp)
@@ -555,7 +592,7 @@ impl Outbound {
             // client's, and every request's future (copied as it is built
             // and boxed) would carry it.
             None => (
-                Box::pin(self.0.plain.send(req, authority, endpoint.addr, timeout)).await,
+                Box::pin(self.0.plain.send(req, authority, endpoint.addr, deadline)).await,
                 "false",
             ),
         };
@@ -627,7 +664,8 @@ impl Outbound {
 
 /// An authority with an explicit port: the original destination's, else
 /// 80 (HTTP/1 `Host` headers often omit it).
-fn with_port(mut authority: String, orig: Option<SocketAddr>) -> String {
+fn with_port(mut authority: String, orig: Option<SocketAddr>) -> (String, usize) {
+    let named = authority.len();
     // A port is digits after the last colon, unless that colon is inside
     // an IPv6 literal (`[::1]` has none, `[::1]:80` has one).
     let has_port = authority.rsplit_once(':').is_some_and(|(host, port)| {
@@ -639,12 +677,220 @@ fn with_port(mut authority: String, orig: Option<SocketAddr>) -> String {
         use std::fmt::Write as _;
         let _ = write!(authority, ":{}", orig.map_or(80, |o| o.port()));
     }
-    authority
+    (authority, named)
+}
+
+/// The names of a request's destination: `routed` (with a port) for
+/// discovery, balancing and metrics; `sent_as` (as the client named it)
+/// on the wire.
+#[derive(Clone, Copy)]
+struct Names<'a> {
+    routed: &'a str,
+    sent_as: &'a str,
+}
+
+/// An endpoint picked for one attempt. Its balancer counts it in flight
+/// until the attempt is reported, or, should the request be dropped first
+/// (its client gone, a gRPC deadline), until this is dropped: a count that
+/// never came down would price the endpoint out for good.
+struct Picked<'a> {
+    outbound: &'a Outbound,
+    authority: &'a str,
+    endpoint: Endpoint,
+    reported: bool,
+}
+
+impl Picked<'_> {
+    /// How the attempt ended at `now`: its latency, or `None` for a
+    /// failure.
+    fn report(mut self, ok: Option<std::time::Duration>, now: Instant) {
+        self.reported = true;
+        self.outbound
+            .report(self.authority, self.endpoint.addr, ok, now);
+    }
+}
+
+impl Drop for Picked<'_> {
+    fn drop(&mut self) {
+        if self.reported {
+            return;
+        }
+        let mut balancers = self
+            .outbound
+            .0
+            .balancers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = balancers.get_mut(self.authority) {
+            b.release(&self.endpoint.addr);
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::with_port;
+    use super::*;
+    use crate::discovery::{Destination, StaticResolver};
+    use crate::identity::{CertStore, Issuer, SpiffeId, TrustAnchors};
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    /// An outbound proxy (not listening) whose static table sends
+    /// `web:80` to `endpoints`, plaintext.
+    fn outbound(endpoints: &[SocketAddr], request_timeout: Duration) -> Outbound {
+        crate::tls::install_default_provider();
+        let root = crate::identity::generate_root("test").expect("root");
+        let pem = crate::identity::generate_issuer(&root, "test.strait.local").expect("issuer");
+        let issuer =
+            Issuer::from_pem(pem.cert_pem.as_bytes(), pem.key_pem.as_bytes()).expect("issuer");
+        let id = SpiffeId::parse("spiffe://test.strait.local/ns/a/sa/b").expect("id");
+        let leaf = issuer.issue(&id, Duration::from_secs(3600)).expect("leaf");
+        let anchors = TrustAnchors::from_pem(root.cert_pem.as_bytes(), "root").expect("anchors");
+        let table = HashMap::from([(
+            "web:80".to_string(),
+            Destination {
+                endpoints: endpoints
+                    .iter()
+                    .map(|&addr| Endpoint {
+                        addr,
+                        identity: None,
+                        weight: 1,
+                    })
+                    .collect(),
+                opaque: false,
+            },
+        )]);
+        let mut registry = prometheus_client::registry::Registry::default();
+        let shared = Arc::new(Shared {
+            config: crate::sidecar::ProxyConfig {
+                request_timeout,
+                ..Default::default()
+            },
+            identity: CertStore::new(&leaf).expect("store"),
+            anchors,
+            resolver: Arc::new(StaticResolver::new(table)),
+            http: crate::metrics::HttpMetrics::register(&mut registry),
+            tcp: crate::metrics::TcpMetrics::register(&mut registry),
+            tls: crate::metrics::TlsMetrics::register(&mut registry),
+            active: Arc::default(),
+            draining: tokio::sync::watch::channel(false).1,
+            listeners: std::sync::OnceLock::new(),
+            admin_listener: std::sync::OnceLock::new(),
+        });
+        Outbound::new(shared).expect("outbound")
+    }
+
+    impl Outbound {
+        /// `addr`'s requests in flight and latency estimate for `authority`.
+        fn state(&self, authority: &str, addr: SocketAddr) -> Option<(u32, Duration)> {
+            let mut balancers = self.0.balancers.lock().unwrap_or_else(|e| e.into_inner());
+            balancers.get_mut(authority)?.state(&addr, Instant::now())
+        }
+    }
+
+    const WEB: Names<'static> = Names {
+        routed: "web:80",
+        sent_as: "web",
+    };
+
+    fn get() -> Request<Body> {
+        Request::get("http://web/")
+            .body(crate::http::empty())
+            .expect("request")
+    }
+
+    /// Accepts connections and, after `wait`, answers them with `answer`
+    /// (or, with none, closes them unanswered).
+    async fn server(wait: Duration, answer: Option<&'static str>) -> SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = s.read(&mut buf).await;
+                    tokio::time::sleep(wait).await;
+                    if let Some(a) = answer {
+                        let _ = s.write_all(a.as_bytes()).await;
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    const OK: &str = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+
+    #[tokio::test]
+    async fn a_request_dropped_mid_attempt_gives_its_endpoint_back() {
+        let hole = server(Duration::from_secs(3600), None).await;
+        let out = outbound(&[hole], Duration::from_secs(10));
+        // The client goes away while the attempt waits.
+        let gone = tokio::time::timeout(
+            Duration::from_millis(200),
+            out.route(get(), WEB, None, Instant::now()),
+        )
+        .await;
+        assert!(gone.is_err(), "still waiting");
+        let (pending, _) = out.state("web:80", hole).expect("known");
+        assert_eq!(pending, 0, "nothing in flight any more");
+    }
+
+    #[tokio::test]
+    async fn a_retry_reports_its_own_latency_not_the_attempts_before() {
+        // A fails after 300 ms (closes unanswered); B answers at once.
+        let a = server(Duration::from_millis(300), None).await;
+        let b = server(Duration::ZERO, Some(OK)).await;
+        let out = outbound(&[a, b], Duration::from_secs(10));
+        // A goes first: B starts with a request in flight, so costs more.
+        {
+            let now = Instant::now();
+            let mut balancers = out.0.balancers.lock().unwrap_or_else(|e| e.into_inner());
+            let balancer = Balancer::new(BalanceConfig::default(), 7);
+            balancers.insert("web:80", now, balancer);
+            let balancer = balancers.get_mut("web:80").expect("balancer");
+            balancer.update([a, b], now);
+            while let Some(p) = balancer.pick(now) {
+                if p.key == b {
+                    break;
+                }
+                balancer.release(&p.key);
+            }
+        }
+        let (rsp, _) = out
+            .route(get(), WEB, None, Instant::now())
+            .await
+            .map_err(|r| r.status())
+            .expect("answered");
+        assert_eq!(rsp.status(), StatusCode::OK);
+        let (_, b_latency) = out.state("web:80", b).expect("known");
+        assert!(
+            b_latency < Duration::from_millis(150),
+            "B charged with A's time: {b_latency:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_request_timeout_covers_the_retries() {
+        // Every endpoint hangs: one 504 when the request's time is up, not
+        // one per attempt.
+        let holes = [
+            server(Duration::from_secs(3600), None).await,
+            server(Duration::from_secs(3600), None).await,
+        ];
+        let out = outbound(&holes, Duration::from_millis(300));
+        let started = Instant::now();
+        let answered = out.route(get(), WEB, None, started).await;
+        let took = started.elapsed();
+        let status = answered
+            .map(|(r, _)| r.status())
+            .unwrap_or_else(|r| r.status());
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+        assert!(took < Duration::from_millis(550), "{took:?}");
+    }
 
     #[test]
     fn authorities_get_a_port_unless_they_have_one() {
@@ -658,7 +904,9 @@ mod tests {
             ("10.0.0.2:81", None, "10.0.0.2:81"),
             ("web:", None, "web::80"),
         ] {
-            assert_eq!(with_port(authority.into(), orig), expected, "{authority}");
+            let (routed, named) = with_port(authority.into(), orig);
+            assert_eq!(routed, expected, "{authority}");
+            assert_eq!(&routed[..named], authority, "the name as given");
         }
     }
 }
