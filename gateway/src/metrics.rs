@@ -23,8 +23,7 @@ pub struct PeerLabels {
 pub struct StreamLabels {
     /// The link name.
     pub peer: String,
-    /// `inbound` or `outbound` (or, for connection limits, `destination`
-    /// or `identity`).
+    /// `inbound` or `outbound`.
     pub direction: &'static str,
 }
 
@@ -33,8 +32,7 @@ pub struct StreamLabels {
 pub struct StreamResultLabels {
     /// The link name.
     pub peer: String,
-    /// `inbound` or `outbound` (or, for connection limits, `destination`
-    /// or `identity`).
+    /// `inbound` or `outbound`.
     pub direction: &'static str,
     /// `ok`, `error`, or a refusal reason (`not_exported`, `bad_header`...).
     pub result: &'static str,

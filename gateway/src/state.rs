@@ -404,12 +404,17 @@ impl Imports {
     }
 }
 
-/// The connections each peer dialed to us, while they are served. A peer
-/// may hold several at once: every replica of its gateway dials with the
-/// one identity, and they must not close each other's. A connection the
-/// peer abandoned (it restarted) ends at the tunnel's idle timeout.
+/// The connections each peer dialed to us, while they are served, oldest
+/// first. A peer may hold several at once: every replica of its gateway
+/// dials with the one identity, and they must not close each other's. A
+/// connection the peer abandoned (it restarted) ends at the tunnel's idle
+/// timeout, or when [`MAX_ACCEPTED_PER_PEER`] newer ones come.
 #[derive(Debug, Default)]
-pub struct Accepted(Mutex<BTreeMap<String, BTreeMap<usize, quinn::Connection>>>);
+pub struct Accepted(Mutex<BTreeMap<String, Vec<(usize, quinn::Connection)>>>);
+
+/// Most connections one peer may hold to us at once (one per replica of
+/// its gateway): past it, its oldest is closed.
+pub const MAX_ACCEPTED_PER_PEER: usize = 16;
 
 impl Accepted {
     /// Forgets `peer`'s connections, returning them.
@@ -418,7 +423,7 @@ impl Accepted {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(peer)
-            .map(|c| c.into_values().collect())
+            .map(|c| c.into_iter().map(|(_, c)| c).collect())
             .unwrap_or_default()
     }
 
@@ -426,12 +431,15 @@ impl Accepted {
     /// guard is dropped.
     pub fn add(self: &Arc<Self>, peer: &str, conn: &quinn::Connection) -> AcceptedGuard {
         let id = conn.stable_id();
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(peer.to_string())
-            .or_default()
-            .insert(id, conn.clone());
+        let oldest = {
+            let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            let conns = m.entry(peer.to_string()).or_default();
+            conns.push((id, conn.clone()));
+            (conns.len() > MAX_ACCEPTED_PER_PEER).then(|| conns.remove(0).1)
+        };
+        if let Some(oldest) = oldest {
+            oldest.close(quinn::VarInt::from_u32(2), b"too many connections");
+        }
         AcceptedGuard {
             accepted: self.clone(),
             peer: peer.to_string(),
@@ -445,7 +453,7 @@ impl Accepted {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(peer)
-            .map_or(0, BTreeMap::len)
+            .map_or(0, Vec::len)
     }
 }
 
@@ -461,7 +469,7 @@ impl Drop for AcceptedGuard {
     fn drop(&mut self) {
         let mut m = self.accepted.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(conns) = m.get_mut(&self.peer) {
-            conns.remove(&self.id);
+            conns.retain(|(id, _)| *id != self.id);
             if conns.is_empty() {
                 m.remove(&self.peer);
             }

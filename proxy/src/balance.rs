@@ -201,13 +201,19 @@ impl<K: Clone + Eq + Hash> Balancer<K> {
         self.choose(now, |_| true)
     }
 
-    /// [`Balancer::pick`] among the endpoints not in `tried` (a retry's
-    /// earlier attempts), when any is left: P2C over every endpoint would
+    /// [`Balancer::pick`] among the live endpoints not in `tried` (a
+    /// retry's earlier attempts), when any is left: P2C over every endpoint would
     /// draw a failing one again whenever it is the cheaper of the two, as
     /// a fast failure leaves it.
     pub fn pick_untried(&mut self, now: Instant, tried: &[K]) -> Option<Pick<K>> {
         let untried = |k: &K| !tried.contains(k);
-        if self.endpoints.iter().any(|(k, _)| untried(k)) {
+        // Only a live one: a retry must not probe an ejected endpoint
+        // while a live one (tried, but not out) remains.
+        if self
+            .endpoints
+            .iter()
+            .any(|(k, e)| untried(k) && e.ejected_until.is_none_or(|t| t <= now))
+        {
             self.choose(now, untried)
         } else {
             self.pick(now)

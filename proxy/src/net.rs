@@ -17,9 +17,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 pub const LISTEN_BACKLOG: u32 = 1024;
 
 /// A port number as URIs (RFC 3986: `port = *DIGIT`) and Kubernetes write
-/// it: 1 to 65535 in decimal digits and nothing else. (`u16::from_str` also
-/// takes a leading `+`, which would give one port two spellings: two cache
-/// keys, two watches.)
+/// it: 1 to 65535 in decimal digits (at most five) and nothing else.
+/// (`u16::from_str` also takes a leading `+`, a spelling no URI has.)
 pub fn port_number(text: &str) -> Option<u16> {
     if text.is_empty() || text.len() > 5 || !text.bytes().all(|b| b.is_ascii_digit()) {
         return None;

@@ -217,6 +217,29 @@ async fn replicas_of_one_peer_keep_their_connections_side_by_side() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_holds_a_bounded_number_of_connections() {
+    let bed = Testbed::new(&["west", "east"]);
+    let east = hello_east(&bed).await;
+    let mut conns = Vec::new();
+    for _ in 0..=strait_gateway::state::MAX_ACCEPTED_PER_PEER {
+        let (ep, tls) = bed.raw_client("west", "east");
+        let conn = ep.connect(east.tunnel_addr(), tls).await.expect("connects");
+        // Served (a stream answered) before the next one comes.
+        let _ = send_raw(&conn, &[0, 0]).await;
+        conns.push((ep, conn));
+    }
+    // The oldest goes; the newest stay.
+    let closed = tokio::time::timeout(Duration::from_secs(5), conns[0].1.closed())
+        .await
+        .expect("the oldest closed");
+    assert!(
+        format!("{closed}").contains("too many connections"),
+        "{closed}"
+    );
+    assert!(conns[1..].iter().all(|(_, c)| c.close_reason().is_none()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_watches_again_on_the_same_connection_once_a_watch_ends() {
     const BUSY: u64 = 0x15;
     let bed = Testbed::new(&["west", "east"]);

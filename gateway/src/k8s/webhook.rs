@@ -42,8 +42,9 @@ const MAX_BODY: usize = 4 * 1024 * 1024;
 const MAX_CONNECTIONS: usize = 32;
 /// The TLS handshake and a request's head each get this long.
 const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-/// A connection's whole life (the API server gives a webhook at most
-/// 30 s per call, and reconnects as it needs).
+/// How long a connection takes new reviews (the API server gives a webhook
+/// at most 30 s per call, and reconnects as it needs); the review then in
+/// flight is answered, within as long again.
 const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Why a review could not be answered (HTTP 400; the API server then

@@ -181,3 +181,21 @@ fn a_retry_is_drawn_among_the_endpoints_not_tried() {
     // Every endpoint tried: any may be drawn again.
     assert!(b.pick_untried(now, &["a", "b"]).is_some());
 }
+
+#[test]
+fn a_retry_never_probes_an_ejected_endpoint_while_a_live_one_remains() {
+    let now = Instant::now();
+    let mut b = Balancer::new(BalanceConfig::default(), 5);
+    b.update(["live", "out"], now);
+    for _ in 0..3 {
+        b.failed(&"out", now);
+    }
+    assert!(b.is_ejected(&"out", now));
+    // `live` failed once (not out): the retry goes there again, not to
+    // the endpoint that is out.
+    for _ in 0..20 {
+        let p = b.pick_untried(now, &["live"]).expect("pick");
+        assert_eq!(p.key, "live");
+        b.release(&p.key);
+    }
+}

@@ -100,7 +100,8 @@ impl Inbound {
             return;
         }
         // A connection that fails before it is known for what it is (a
-        // reset in its first bytes) is counted as outbound counts it.
+        // reset in its first bytes) is counted: as a `detect` error, the
+        // kind the mesh path counts (its TCP open is not counted yet).
         let (proto, prefix) = match detect(&mut tcp, shared.config.detect_timeout).await {
             Ok(d) => d,
             Err(error) => {

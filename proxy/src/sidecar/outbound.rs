@@ -479,12 +479,14 @@ impl Outbound {
         // One deadline for the whole request, its body and its retries
         // included (as Linkerd's and Envoy's request timeouts are).
         let deadline = started + shared.config.request_timeout;
+        let retry_floor = shared.config.request_timeout / 4;
         let mut replay = match tokio::time::timeout_at(deadline.into(), Replay::new(req)).await {
             Ok(replay) => replay?,
+            // The client's slowness, not the upstream's.
             Err(_) => {
-                shared.http.error(DIRECTION, "timeout");
+                shared.http.error(DIRECTION, "body_timeout");
                 return Err(error_response(
-                    StatusCode::GATEWAY_TIMEOUT,
+                    StatusCode::REQUEST_TIMEOUT,
                     "the request body did not come in time",
                 ));
             }
@@ -522,12 +524,16 @@ impl Outbound {
                 return result;
             }
             picked.report(None, ended);
+            // A retry needs a fair share of the request's time: one that
+            // starts with little left would time out for certain, and
+            // count against an endpoint that did nothing wrong.
+            let time_left = deadline.saturating_duration_since(ended) >= retry_floor;
             let retry = replay.can_replay()
                 && attempt < MAX_ATTEMPTS
-                && ended < deadline
+                && time_left
                 && self.budget(authority, |b| b.withdraw(ended));
             if !retry {
-                if replay.can_replay() && attempt < MAX_ATTEMPTS && ended < deadline {
+                if replay.can_replay() && attempt < MAX_ATTEMPTS && time_left {
                     self.retried("budget_exhausted");
                 }
                 return result;
