@@ -271,28 +271,49 @@ impl Outbound {
         let (authority, named_len) =
             with_port(authority, orig.filter(|_| shared.config.transparent));
         let sent_as = &authority[..named_len];
-        let observed = |rsp, tls| {
-            let route = shared.http.route(DIRECTION, &authority, tls);
-            route.request();
-            Observed::wrap(rsp, route, started)
-        };
-        if crate::http::is_upgrade(&req) {
-            // Counted before it is carried out (an upgrade may take long).
-            let route = shared.http.route(DIRECTION, &authority, "false");
-            route.request();
+        // Counted once its first endpoint is picked (its `tls` known), or,
+        // when none is, with the proxy's own answer.
+        let mut counted = None;
+        let rsp = if crate::http::is_upgrade(&req) {
             // Rare, and its TLS connect state is large: boxed, so every
             // plain request's future stays small.
-            let rsp = Box::pin(self.upgrade(req, &authority, orig)).await;
-            return Observed::wrap(rsp, route, started);
-        }
-        let req = req.map(crate::http::boxed);
-        let to = Names {
-            routed: &authority,
-            sent_as,
+            Box::pin(self.upgrade(req, &authority, orig, &mut counted)).await
+        } else {
+            let req = req.map(crate::http::boxed);
+            let to = Names {
+                routed: &authority,
+                sent_as,
+            };
+            match self.route(req, to, orig, started, &mut counted).await {
+                Ok((rsp, _)) | Err(rsp) => rsp,
+            }
         };
-        match self.route(req, to, orig, started).await {
-            Ok((rsp, tls)) => observed(rsp, tls),
-            Err(rsp) => observed(rsp, "false"),
+        let route = counted.unwrap_or_else(|| {
+            let route = shared.http.route(DIRECTION, &authority, "false");
+            route.request();
+            route
+        });
+        Observed::wrap(rsp, route, started)
+    }
+
+    /// Counts a request when its first endpoint is picked, under that
+    /// endpoint's `tls`: before anything is sent, so a request whose client
+    /// goes away before the response is counted too.
+    fn count(
+        &self,
+        authority: &str,
+        endpoint: &Endpoint,
+        counted: &mut Option<Arc<crate::metrics::RouteMetrics>>,
+    ) {
+        if counted.is_none() {
+            let tls = if endpoint.identity.is_some() {
+                "true"
+            } else {
+                "false"
+            };
+            let route = self.0.shared.http.route(DIRECTION, authority, tls);
+            route.request();
+            *counted = Some(route);
         }
     }
 
@@ -304,6 +325,7 @@ impl Outbound {
         req: Request<Incoming>,
         authority: &str,
         orig: Option<SocketAddr>,
+        counted: &mut Option<Arc<crate::metrics::RouteMetrics>>,
     ) -> Response<Body> {
         let shared = &self.0.shared;
         let endpoints = match self.endpoints(authority, orig).await {
@@ -316,6 +338,7 @@ impl Outbound {
             return error_response(StatusCode::SERVICE_UNAVAILABLE, "no endpoints");
         };
         let endpoint = picked.endpoint.clone();
+        self.count(authority, &endpoint, counted);
         let result = match &endpoint.identity {
             Some(id) => {
                 let peer = SocketAddr::new(endpoint.addr.ip(), shared.config.peer_inbound_port);
@@ -472,6 +495,7 @@ impl Outbound {
         to: Names<'_>,
         orig: Option<SocketAddr>,
         started: Instant,
+        counted: &mut Option<Arc<crate::metrics::RouteMetrics>>,
     ) -> Result<(Response<Body>, &'static str), Response<Body>> {
         let shared = &self.0.shared;
         let authority = to.routed;
@@ -508,6 +532,7 @@ impl Outbound {
                     "no endpoints",
                 ));
             };
+            self.count(authority, &picked.endpoint, counted);
             let result = self
                 .attempt(req, to.sent_as, &picked.endpoint, deadline)
                 .await;
@@ -835,14 +860,19 @@ mod tests {
         let hole = server(Duration::from_secs(3600), None).await;
         let out = outbound(&[hole], Duration::from_secs(10));
         // The client goes away while the attempt waits.
+        let mut counted = None;
         let gone = tokio::time::timeout(
             Duration::from_millis(200),
-            out.route(get(), WEB, None, Instant::now()),
+            out.route(get(), WEB, None, Instant::now(), &mut counted),
         )
         .await;
         assert!(gone.is_err(), "still waiting");
         let (pending, _) = out.state("web:80", hole).expect("known");
         assert_eq!(pending, 0, "nothing in flight any more");
+        // Counted all the same, under its endpoint's tls.
+        let route = counted.expect("counted when its endpoint was picked");
+        assert_eq!(route.labels().tls, "false");
+        assert_eq!(route.labels().authority, "web:80");
     }
 
     #[tokio::test]
@@ -867,7 +897,7 @@ mod tests {
             }
         }
         let (rsp, _) = out
-            .route(get(), WEB, None, Instant::now())
+            .route(get(), WEB, None, Instant::now(), &mut None)
             .await
             .map_err(|r| r.status())
             .expect("answered");
@@ -889,7 +919,7 @@ mod tests {
         ];
         let out = outbound(&holes, Duration::from_millis(300));
         let started = Instant::now();
-        let answered = out.route(get(), WEB, None, started).await;
+        let answered = out.route(get(), WEB, None, started, &mut None).await;
         let took = started.elapsed();
         let status = answered
             .map(|(r, _)| r.status())
