@@ -284,16 +284,17 @@ impl Outbound {
                 routed: &authority,
                 sent_as,
             };
-            match self.route(req, to, orig, started, &mut counted).await {
-                Ok((rsp, _)) | Err(rsp) => rsp,
-            }
+            self.route(req, to, orig, started, &mut counted).await
         };
-        let route = counted.unwrap_or_else(|| {
-            let route = shared.http.route(DIRECTION, &authority, "false");
-            route.request();
-            route
-        });
+        let route = counted.unwrap_or_else(|| self.counted(&authority, "false"));
         Observed::wrap(rsp, route, started)
+    }
+
+    /// The series of `authority` and `tls`, a request counted in it.
+    fn counted(&self, authority: &str, tls: &'static str) -> Arc<crate::metrics::RouteMetrics> {
+        let route = self.0.shared.http.route(DIRECTION, authority, tls);
+        route.request();
+        route
     }
 
     /// Counts a request when its first endpoint is picked, under that
@@ -311,9 +312,7 @@ impl Outbound {
             } else {
                 "false"
             };
-            let route = self.0.shared.http.route(DIRECTION, authority, tls);
-            route.request();
-            *counted = Some(route);
+            *counted = Some(self.counted(authority, tls));
         }
     }
 
@@ -488,7 +487,7 @@ impl Outbound {
 
     /// Sends the request to an endpoint, retrying idempotent requests with
     /// small bodies on another endpoint when an attempt fails (within the
-    /// retry budget); `Err` is the proxy's own answer.
+    /// retry budget); the response, or the proxy's own answer.
     async fn route(
         &self,
         req: Request<Body>,
@@ -496,23 +495,27 @@ impl Outbound {
         orig: Option<SocketAddr>,
         started: Instant,
         counted: &mut Option<Arc<crate::metrics::RouteMetrics>>,
-    ) -> Result<(Response<Body>, &'static str), Response<Body>> {
+    ) -> Response<Body> {
         let shared = &self.0.shared;
         let authority = to.routed;
-        let endpoints = self.endpoints(authority, orig).await?;
+        let endpoints = match self.endpoints(authority, orig).await {
+            Ok(endpoints) => endpoints,
+            Err(rsp) => return rsp,
+        };
         // One deadline for the whole request, its body and its retries
         // included (as Linkerd's and Envoy's request timeouts are).
         let deadline = started + shared.config.request_timeout;
         let retry_floor = shared.config.request_timeout / 4;
         let mut replay = match tokio::time::timeout_at(deadline.into(), Replay::new(req)).await {
-            Ok(replay) => replay?,
+            Ok(Ok(replay)) => replay,
+            Ok(Err(rsp)) => return rsp,
             // The client's slowness, not the upstream's.
             Err(_) => {
                 shared.http.error(DIRECTION, "body_timeout");
-                return Err(error_response(
+                return error_response(
                     StatusCode::REQUEST_TIMEOUT,
                     "the request body did not come in time",
-                ));
+                );
             }
         };
         // (The clock is read as seldom as it can be: once for the deposit
@@ -527,19 +530,17 @@ impl Outbound {
             };
             let Some(picked) = self.pick(authority, &endpoints, &tried, now) else {
                 shared.http.error(DIRECTION, "no_endpoints");
-                return Err(error_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "no endpoints",
-                ));
+                return error_response(StatusCode::SERVICE_UNAVAILABLE, "no endpoints");
             };
             self.count(authority, &picked.endpoint, counted);
             let result = self
                 .attempt(req, to.sent_as, &picked.endpoint, deadline)
                 .await;
             let failed = match &result {
-                Ok((rsp, _)) => peer_proxy_failed(rsp),
+                Ok(rsp) => peer_proxy_failed(rsp),
                 Err(_) => true,
             };
+            let result = result.unwrap_or_else(|rsp| rsp);
             let ended = Instant::now();
             let addr = picked.endpoint.addr;
             if !failed {
@@ -568,7 +569,7 @@ impl Outbound {
             tracing::debug!(%authority, endpoint = %addr, attempt, "retrying");
             tried.push(addr);
         }
-        Err(error_response(StatusCode::BAD_GATEWAY, "upstream failed"))
+        error_response(StatusCode::BAD_GATEWAY, "upstream failed")
     }
 
     fn budget<T>(&self, authority: &str, f: impl FnOnce(&mut Budget) -> T) -> T {
@@ -600,35 +601,31 @@ impl Outbound {
         authority: &str,
         endpoint: &Endpoint,
         deadline: Instant,
-    ) -> Result<(Response<Body>, &'static str), Response<Body>> {
+    ) -> Result<Response<Body>, Response<Body>> {
         let shared = &self.0.shared;
-        let (sent, tls) = match &endpoint.identity {
+        let sent = match &endpoint.identity {
             Some(id) => {
                 let req = to_mesh(req, authority).map_err(|_| {
                     error_response(StatusCode::BAD_REQUEST, "cannot form the request URI")
                 })?;
                 let peer = SocketAddr::new(endpoint.addr.ip(), shared.config.peer_inbound_port);
                 let f = self.0.mesh.send(peer, id, endpoint.addr.port(), req);
-                let sent = match tokio::time::timeout_at(deadline.into(), f).await {
+                match tokio::time::timeout_at(deadline.into(), f).await {
                     Ok(Ok(mut rsp)) => {
                         strip_hop_by_hop(rsp.headers_mut());
                         Ok(rsp)
                     }
                     Ok(Err(e)) => Err(UpstreamError::Failed(e.to_string())),
                     Err(_) => Err(UpstreamError::Timeout),
-                };
-                (sent, "true")
+                }
             }
             // Boxed: the plaintext client's state is twice the mesh
             // client's, and every request's future (copied as it is built
             // and boxed) would carry it.
-            None => (
-                Box::pin(self.0.plain.send(req, authority, endpoint.addr, deadline)).await,
-                "false",
-            ),
+            None => Box::pin(self.0.plain.send(req, authority, endpoint.addr, deadline)).await,
         };
         match sent {
-            Ok(rsp) => Ok((rsp, tls)),
+            Ok(rsp) => Ok(rsp),
             Err(UpstreamError::BadTarget) => Err(error_response(
                 StatusCode::BAD_REQUEST,
                 "bad request target",
@@ -896,11 +893,7 @@ mod tests {
                 balancer.release(&p.key);
             }
         }
-        let (rsp, _) = out
-            .route(get(), WEB, None, Instant::now(), &mut None)
-            .await
-            .map_err(|r| r.status())
-            .expect("answered");
+        let rsp = out.route(get(), WEB, None, Instant::now(), &mut None).await;
         assert_eq!(rsp.status(), StatusCode::OK);
         let (_, b_latency) = out.state("web:80", b).expect("known");
         assert!(
@@ -921,10 +914,7 @@ mod tests {
         let started = Instant::now();
         let answered = out.route(get(), WEB, None, started, &mut None).await;
         let took = started.elapsed();
-        let status = answered
-            .map(|(r, _)| r.status())
-            .unwrap_or_else(|r| r.status());
-        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(answered.status(), StatusCode::GATEWAY_TIMEOUT);
         assert!(took < Duration::from_millis(550), "{took:?}");
     }
 
