@@ -19,10 +19,10 @@ source bench/common.sh
 bench_tools iperf3:iperf3 haproxy:haproxy
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-# The proxy on its own, as its image builds it (see proxy-pair.sh).
-cargo build --release -q -p strait-proxy --bin strait-proxy
-cargo build --release -q -p strait-cli --bin strait
+# The proxy as its image ships it (see proxy-pair.sh).
+cargo build --release -q -p strait-cli --bin strait -p strait-tests --bin strait-loadgen
 BIN=$PWD/target/release
+PROXY=$(STRAIT_PGO_TOOLS=$BIN scripts/build-proxy.sh)
 bench_workdir strait-opaque-bench
 "$BIN/strait" certs root >/dev/null
 "$BIN/strait" certs issuer --cluster bench >/dev/null
@@ -74,7 +74,7 @@ iperf3 -s -p $IPERF >/dev/null 2>&1 & PIDS+=($!)
 
 # strait-proxy: the outbound listener forwards everything to one target.
 proxy() { # PORT TARGET
-  STRAIT_LOG=warn STRAIT_THREADS=1 "$BIN/strait-proxy" run \
+  STRAIT_LOG=warn STRAIT_THREADS=1 "$PROXY" run \
     --trust-anchors root.pem --issuer-cert bench-issuer.pem --issuer-key bench-issuer.key \
     --identity spiffe://bench.strait.local/ns/bench/sa/client \
     --outbound-listen 127.0.0.1:$1 --inbound-listen 127.0.0.1:$(($1 + 3)) \

@@ -1,7 +1,7 @@
 # The two proxy pairs and their backend, for bench/proxy.sh and
 # bench/proxy-instructions.sh: sourced from the repository root with THREADS
 # set and, optionally, WRAP (a command prefix for the four proxy processes,
-# such as valgrind). Leaves BIN, WORK (the current directory), PIDS,
+# such as valgrind). Leaves BIN, PROXY (the strait-proxy binary), WORK (the current directory), PIDS,
 # BACKEND, CLIENT_PID (strait's client proxy), SERVER_PID, HAPROXY_PID
 # (HAProxy's client side) and HAPROXY_SERVER_PID; a trap stops them all.
 # Installs wrk, nghttp2-client (h2load), haproxy and openssl if missing.
@@ -10,39 +10,22 @@ source bench/common.sh
 bench_tools wrk:wrk h2load:nghttp2-client haproxy:haproxy openssl:openssl
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-# The proxy on its own, as its image builds it: built together with the
-# gateway, it would take the features kube asks of shared crates (1 MB more).
-cargo build --release -q -p strait-proxy --bin strait-proxy
+# The proxy as its image ships it: built on its own (built together with
+# the gateway, it would take the features kube asks of shared crates, 1 MB
+# more) and optimised with its training run's profile (scripts/build-proxy.sh).
+# STRAIT_BENCH_PGO=0 measures the plain release build instead.
 cargo build --release -q -p strait-cli --bin strait -p strait-tests --bin strait-loadgen
 BIN=$PWD/target/release
+if [ "${STRAIT_BENCH_PGO:-1}" = 0 ]; then
+  cargo build --release -q -p strait-proxy --bin strait-proxy
+  PROXY=$BIN/strait-proxy
+else
+  PROXY=$(STRAIT_PGO_TOOLS=$BIN scripts/build-proxy.sh)
+fi
+echo "strait-proxy: $PROXY"
+REPO=$PWD
 bench_workdir strait-proxy-bench
-
-# Ports below the ephemeral range: the idle-connection runs leave thousands
-# of client sockets (and TIME_WAITs) on ephemeral ports.
-BACKEND=127.0.0.1:25080
-"$BIN/strait-loadgen" http-server $BACKEND & PIDS+=($!)
-
-# Strait pair.
-"$BIN/strait" certs root >/dev/null
-"$BIN/strait" certs issuer --cluster bench >/dev/null
-cat > destinations.yaml <<YAML
-destinations:
-  - authority: "bench:80"
-    endpoints:
-      - { addr: "$BACKEND", identity: "spiffe://bench.strait.local/ns/bench/sa/server" }
-YAML
-common=(--trust-anchors root.pem --issuer-cert bench-issuer.pem --issuer-key bench-issuer.key)
-STRAIT_LOG=warn STRAIT_THREADS=$THREADS "${WRAP[@]}" "$BIN/strait-proxy" run "${common[@]}" \
-  --identity spiffe://bench.strait.local/ns/bench/sa/server \
-  --outbound-listen 127.0.0.1:26140 --inbound-listen 127.0.0.1:26143 --admin-listen 127.0.0.1:26191 \
-  --inbound-target $BACKEND >server.log 2>&1 & PIDS+=($!)
-SERVER_PID=$!
-STRAIT_LOG=warn STRAIT_THREADS=$THREADS "${WRAP[@]}" "$BIN/strait-proxy" run "${common[@]}" \
-  --identity spiffe://bench.strait.local/ns/bench/sa/client \
-  --outbound-listen 127.0.0.1:27140 --inbound-listen 127.0.0.1:27143 --admin-listen 127.0.0.1:27191 \
-  --inbound-target 127.0.0.1:9 \
-  --peer-inbound-port 26143 --destinations destinations.yaml >client.log 2>&1 & PIDS+=($!)
-CLIENT_PID=$!
+source "$REPO/bench/strait-pair.sh"
 
 # HAProxy pair: h2 over TLS 1.3 with client certificates between; two
 # processes, one per side, as two sidecars are (and as the strait pair is:
@@ -84,14 +67,4 @@ HAPROXY_SERVER_PID=$!
 "${WRAP[@]}" haproxy -f haproxy-client.cfg -db >haproxy-client.log 2>&1 & PIDS+=($!)
 HAPROXY_PID=$!
 
-# Wait until all three paths answer (a minute: WRAP may slow the start).
-for _ in $(seq 1 600); do
-  ok=0
-  curl -sf -H "Host: bench" http://$BACKEND/ >/dev/null && ok=$((ok+1))
-  curl -sf -H "Host: bench" http://127.0.0.1:27140/ >/dev/null && ok=$((ok+1))
-  curl -sf -H "Host: bench" http://127.0.0.1:28141/ >/dev/null && ok=$((ok+1))
-  [ $ok = 3 ] && break
-  sleep 0.1
-done
-[ $ok = 3 ] || { echo "not all paths answer"; cat client.log server.log haproxy-*.log; exit 1; }
-
+bench_answers http://127.0.0.1:28141/ "the HAProxy pair" haproxy-*.log

@@ -42,7 +42,7 @@ while kill -0 "$CLIENT_PID" 2>/dev/null || kill -0 "$SERVER_PID" 2>/dev/null; do
 
 # Exclusive cost per function of the strait-proxy object, both proxies
 # summed; every function that ran, hottest first.
-python3 - "$BIN/strait-proxy" callgrind.* > "$ROOT/proxy/symbol-order.txt" <<'PY'
+python3 - "$PROXY" callgrind.* > "$ROOT/proxy/symbol-order.txt" <<'PY'
 import collections, re, sys
 exe, files = sys.argv[1], sys.argv[2:]
 cost = collections.Counter()
