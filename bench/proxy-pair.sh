@@ -17,8 +17,11 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 cargo build --release -q -p strait-cli --bin strait -p strait-tests --bin strait-loadgen
 BIN=$PWD/target/release
 if [ "${STRAIT_BENCH_PGO:-1}" = 0 ]; then
-  cargo build --release -q -p strait-proxy --bin strait-proxy
-  PROXY=$BIN/strait-proxy
+  # Naming the target, as scripts/build-proxy.sh does: that changes every
+  # symbol's hash, and proxy/symbol-order.txt names those of such builds.
+  HOST=$(rustc -vV | awk '/^host:/ {print $2}')
+  cargo build --release -q -p strait-proxy --bin strait-proxy --target "$HOST"
+  PROXY=$PWD/target/$HOST/release/strait-proxy
 else
   PROXY=$(STRAIT_PGO_TOOLS=$BIN scripts/build-proxy.sh)
 fi

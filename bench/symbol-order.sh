@@ -8,7 +8,10 @@
 # are read and mapped (idle RSS, bench/proxy.sh) and the hot path is
 # denser in the instruction cache.
 #
-# The names are mangled symbols of this toolchain and dependency set: a
+# The names are mangled symbols of the binary scripts/build-proxy.sh makes
+# (the one the image ships), of this toolchain and dependency set. A build
+# that does not name its target (`--target`) hashes every symbol
+# differently, and is laid out by nothing but the linker's defaults. A
 # new compiler or dependency version renames many, and a changed function
 # may be renamed. Missing names are skipped, so a stale file only orders
 # less; run this again after such changes (bench/proxy.sh shows the RSS).

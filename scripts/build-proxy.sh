@@ -31,17 +31,19 @@
 # comes from rustup's llvm-tools component, or Debian's llvm-N for rustc's
 # LLVM N; either is installed if missing, or the script fails saying so.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+shopt -s inherit_errexit
+# Everything but the path this script prints goes to stderr.
+exec 3>&1 1>&2
+cd -- "$(dirname "$0")/.."
 REPO=$PWD
 SECS=${STRAIT_PGO_SECONDS:-5}
 [[ $SECS =~ ^[1-9][0-9]*$ ]] || { echo "STRAIT_PGO_SECONDS must be a positive number, not '$SECS'" >&2; exit 2; }
 TARGET=${CARGO_TARGET_DIR:-$REPO/target}
+# Absolute: the training runs in a scratch directory.
+case $TARGET in /*) ;; *) TARGET=$REPO/$TARGET ;; esac
 OUT=$TARGET/pgo
 HOST=$(rustc -vV | awk '/^host:/ {print $2}')
 LLVM=$(rustc -vV | awk '/^LLVM version:/ {split($3, v, "."); print v[1]}')
-# Everything but what the script prints goes to stderr.
-exec 3>&1 1>&2
-
 source bench/common.sh
 bench_tools wrk:wrk h2load:nghttp2-client curl:curl
 
@@ -67,7 +69,7 @@ PROFDATA=$(profdata) || {
 }
 
 if [ -n "${STRAIT_PGO_TOOLS:-}" ]; then
-  BIN=$(cd "$STRAIT_PGO_TOOLS" && pwd)
+  BIN=$(cd -- "$STRAIT_PGO_TOOLS" >/dev/null && pwd)
 else
   cargo build --release -q --locked -p strait-cli --bin strait -p strait-tests --bin strait-loadgen
   BIN=$TARGET/release
@@ -78,17 +80,35 @@ done
 
 # The proxy alone (see bench/proxy-pair.sh), for the host named as the
 # target, so RUSTFLAGS reach the proxy's crates and not the build scripts
-# and proc-macros that run during the build.
+# and proc-macros that run during the build. (Naming the target also
+# changes every symbol's hash: proxy/symbol-order.txt is made from, and
+# for, builds that name it.)
 build() { # TARGET_DIR RUSTFLAG
   RUSTFLAGS="${RUSTFLAGS:-} $2" cargo build --release -q --locked -p strait-proxy --bin strait-proxy \
     --target "$HOST" --target-dir "$1"
-  echo "$1/$HOST/release/strait-proxy"
 }
 RAW=$OUT/raw
 PROFILE=$OUT/strait-proxy.profdata
 mkdir -p "$OUT"
-INSTRUMENTED=$(build "$OUT/generate" "-Cprofile-generate=$RAW")
-STAMP=$(sha256sum <"$INSTRUMENTED" | cut -d' ' -f1)
+build "$OUT/generate" "-Cprofile-generate=$RAW"
+INSTRUMENTED=$OUT/generate/$HOST/release/strait-proxy
+# A profile is of this instrumented binary and this training (whichever
+# build of the helpers served it: they set the pace, not the paths).
+STAMP=$(cat "$INSTRUMENTED" scripts/build-proxy.sh bench/strait-pair.sh <(echo "$SECS") \
+  | sha256sum | cut -d' ' -f1)
+
+# Stops proxies (SIGTERM, when an instrumented one writes its counts) and
+# fails unless each exits cleanly: one that could not start (its port
+# taken) does not pass for one that served.
+stop() { # PID...
+  kill -TERM "$@"
+  local p status
+  for p in "$@"; do
+    status=0
+    wait "$p" || status=$?
+    [ $status = 0 ] || { echo "error: a strait-proxy exited with status $status" >&2; cat ./*.log >&2; exit 1; }
+  done
+}
 
 # The training run, in a scratch directory; every process stops with it.
 train() {
@@ -109,11 +129,7 @@ train() {
   h2load -c50 -m10 -t1 -D "$SECS" -H ":authority: bench" http://127.0.0.1:27140/ 2>/dev/null | grep '^finished in'
   "$BIN/strait-loadgen" rr 127.0.0.1:$opaque --rate 2000 --seconds "$SECS" --size 16384 --connections 8 >/dev/null
   curl -sf http://127.0.0.1:27191/metrics >/dev/null
-  kill -TERM "$CLIENT_PID" "$SERVER_PID" "$opaque_pid"
-  local p
-  for p in "$CLIENT_PID" "$SERVER_PID" "$opaque_pid"; do
-    wait "$p" || { echo "error: a training proxy exited with status $?" >&2; cat ./*.log >&2; exit 1; }
-  done
+  stop "$CLIENT_PID" "$SERVER_PID" "$opaque_pid"
 }
 if [ "$(cat "$OUT/profile.sha256" 2>/dev/null)" != "$STAMP" ] || [ ! -s "$PROFILE" ]; then
   echo "training the instrumented strait-proxy (${SECS}s of each kind of traffic)"
@@ -123,10 +139,12 @@ if [ "$(cat "$OUT/profile.sha256" 2>/dev/null)" != "$STAMP" ] || [ ! -s "$PROFIL
   echo "$STAMP" >"$OUT/profile.sha256"
 fi
 
-OPTIMISED=$(build "$OUT/use" "-Cprofile-use=$PROFILE")
+build "$OUT/use" "-Cprofile-use=$PROFILE"
+OPTIMISED=$OUT/use/$HOST/release/strait-proxy
 
-# The optimised binary serves: HTTP/1.1 (bench/strait-pair.sh waits for
-# it) and HTTP/2 through the pair.
+# The optimised binary serves HTTP/1.1 (bench/strait-pair.sh waits for it)
+# and HTTP/2 through the pair, and both proxies stop cleanly on SIGTERM
+# (which also shows the answers were theirs).
 check() {
   PROXY=$OPTIMISED
   THREADS=1
@@ -134,7 +152,9 @@ check() {
   source "$REPO/bench/strait-pair.sh"
   curl -sf --http2-prior-knowledge -H "Host: bench" http://127.0.0.1:27140/ >/dev/null \
     || { echo "error: the optimised strait-proxy pair does not answer HTTP/2" >&2; cat ./*.log >&2; exit 1; }
+  stop "$CLIENT_PID" "$SERVER_PID"
 }
 (check)
-cp "$OPTIMISED" "$OUT/strait-proxy.tmp" && mv "$OUT/strait-proxy.tmp" "$OUT/strait-proxy"
+cp "$OPTIMISED" "$OUT/strait-proxy.tmp"
+mv "$OUT/strait-proxy.tmp" "$OUT/strait-proxy"
 echo "$OUT/strait-proxy" >&3
