@@ -101,7 +101,7 @@ STAMP=$(cat "$INSTRUMENTED" scripts/build-proxy.sh bench/strait-pair.sh <(echo "
 # fails unless each exits cleanly: one that could not start (its port
 # taken) does not pass for one that served.
 stop() { # PID...
-  kill -TERM "$@"
+  kill -TERM "$@" 2>/dev/null || true
   local p status
   for p in "$@"; do
     status=0
