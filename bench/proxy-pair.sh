@@ -1,9 +1,10 @@
 # The two proxy pairs and their backend, for bench/proxy.sh and
 # bench/proxy-instructions.sh: sourced from the repository root with THREADS
 # set and, optionally, WRAP (a command prefix for the four proxy processes,
-# such as valgrind). Leaves BIN, PROXY (the strait-proxy binary), WORK (the current directory), PIDS,
-# BACKEND, CLIENT_PID (strait's client proxy), SERVER_PID, HAPROXY_PID
-# (HAProxy's client side) and HAPROXY_SERVER_PID; a trap stops them all.
+# such as valgrind). Leaves BIN, PROXY (the strait-proxy binary), WORK (the
+# current directory), PIDS, BACKEND, CLIENT_PID (strait's client proxy),
+# SERVER_PID, HAPROXY_PID (HAProxy's client side) and HAPROXY_SERVER_PID; a
+# trap stops them all.
 # Installs wrk, nghttp2-client (h2load), haproxy and openssl if missing.
 WRAP=(${WRAP:-})
 source bench/common.sh
