@@ -260,3 +260,159 @@ async fn connections_to_addresses_no_longer_used_are_swept() {
     );
     assert_eq!(idle(&pool, b), 1);
 }
+
+/// A server answering each request head it reads, on any connection, with
+/// the next of `answers` (raw bytes), then closing the connection if that
+/// answer says so. Counts the connections it accepted.
+async fn scripted(answers: Vec<(&'static [u8], bool)>) -> (SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let answers = Arc::new(answers);
+    let next = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let (answers, next) = (answers.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let mut chunk = [0u8; 1024];
+                        match tcp.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0);
+                    buf.drain(..end + 4);
+                    let Some(&(answer, close)) = answers.get(next.fetch_add(1, Ordering::SeqCst))
+                    else {
+                        return;
+                    };
+                    if tcp.write_all(answer).await.is_err() || close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+fn wire_error(err: &super::Http1Error) -> &super::WireError {
+    match err {
+        super::Http1Error::Wire { source, .. } => source,
+        other => panic!("not a response error: {other}"),
+    }
+}
+
+#[tokio::test]
+async fn a_request_with_a_body_takes_a_connection_over_for_hyper() {
+    let (addr, accepted) = server().await;
+    let pool = pool(8, Duration::from_secs(30));
+    let rsp = pool.send(addr, get("/")).await.expect("response");
+    assert_eq!(body(rsp).await, "ok");
+    for _ in 0..2 {
+        let post = Request::post("/")
+            .header("host", "app.local")
+            .header("content-length", "5")
+            .body(crate::http::whole(Bytes::from_static(b"hello")))
+            .expect("request");
+        let rsp = pool.send(addr, post).await.expect("response");
+        assert_eq!(body(rsp).await, "ok");
+        let rsp = pool.send(addr, get("/")).await.expect("response");
+        assert_eq!(body(rsp).await, "ok");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection for all");
+}
+
+#[tokio::test]
+async fn bodies_are_framed_by_length_chunks_or_the_close() {
+    let (addr, accepted) = scripted(vec![
+        (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", false),
+        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 11\r\n\r\n", false),
+        (b"HTTP/1.1 200 OK\r\n\r\nuntil the end", true),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", false),
+    ])
+    .await;
+    let pool = pool(8, Duration::from_secs(30));
+    let rsp = pool.send(addr, get("/")).await.expect("response");
+    assert_eq!(body(rsp).await, "ok", "the interim response is skipped");
+    let head = Request::head("/")
+        .header("host", "app.local")
+        .body(crate::http::empty())
+        .expect("request");
+    let rsp = pool.send(addr, head).await.expect("response");
+    assert_eq!(rsp.headers()["content-length"], "5");
+    assert!(rsp.body().is_end_stream(), "no body after HEAD");
+    let rsp = pool.send(addr, get("/")).await.expect("response");
+    let collected = rsp.into_body().collect().await.expect("body");
+    assert_eq!(collected.trailers().expect("trailers")["x-sum"], "11");
+    assert_eq!(collected.to_bytes(), "hello world");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "all kept alive so far");
+    let rsp = pool.send(addr, get("/")).await.expect("response");
+    assert_eq!(body(rsp).await, "until the end");
+    let rsp = pool.send(addr, get("/")).await.expect("response");
+    assert_eq!(rsp.status(), http::StatusCode::NO_CONTENT);
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "a body that ends at the close ends its connection"
+    );
+}
+
+#[tokio::test]
+async fn a_broken_response_is_an_error_and_its_connection_is_not_reused() {
+    let (addr, accepted) = scripted(vec![
+        (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", false),
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokEXTRA",
+            false,
+        ),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\ncut", true),
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhelloX",
+            false,
+        ),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false),
+    ])
+    .await;
+    let pool = pool(8, Duration::from_secs(30));
+    let err = pool.send(addr, get("/")).await.expect_err("not HTTP");
+    assert!(
+        matches!(wire_error(&err), super::WireError::Head(_)),
+        "{err}"
+    );
+    // The answer is whole, but more follows it: the connection is not
+    // trusted with another request.
+    let rsp = pool.send(addr, get("/")).await.expect("response");
+    assert_eq!(body(rsp).await, "ok");
+    let rsp = pool.send(addr, get("/")).await.expect("response");
+    let err = rsp.into_body().collect().await.expect_err("cut short");
+    assert!(err.to_string().contains("closed before"), "{err}");
+    let rsp = pool.send(addr, get("/")).await.expect("response");
+    let err = rsp.into_body().collect().await.expect_err("bad chunk");
+    assert!(err.to_string().contains("chunked"), "{err}");
+    let rsp = pool.send(addr, get("/")).await.expect("response");
+    assert_eq!(body(rsp).await, "ok");
+    assert_eq!(accepted.load(Ordering::SeqCst), 5, "a connection each");
+}
+
+#[tokio::test]
+async fn a_connection_closed_while_idle_is_not_used_again() {
+    // The upstream closes each connection after its answer without saying
+    // so: the pool finds out before writing the next request there.
+    let ok: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+    let (addr, accepted) = scripted(vec![(ok, true), (ok, true), (ok, true)]).await;
+    let pool = pool(8, Duration::from_secs(30));
+    for _ in 0..3 {
+        let rsp = pool.send(addr, get("/")).await.expect("response");
+        assert_eq!(body(rsp).await, "ok");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+}
