@@ -88,6 +88,11 @@ const READ_SIZE: usize = 8 * 1024;
 const MAX_READ_SIZE: usize = 256 * 1024;
 /// An idle connection's read buffer above this is let go (bytes).
 const IDLE_BUFFER: usize = 16 * 1024;
+/// Idle connections are swept every quarter of the idle timeout, but
+/// not more often than this...
+const SWEEP_MIN: Duration = Duration::from_millis(50);
+/// ...nor less often than this (a closed connection is let go within it).
+const SWEEP_MAX: Duration = Duration::from_secs(5);
 
 /// A connection whose requests this module writes and whose responses it
 /// reads itself (see [`wire`]).
@@ -156,7 +161,8 @@ struct Conns {
     /// Keyed by the whole target: a connection that went to a fallback
     /// serves only requests that allow it.
     by_addr: crate::FastMap<Target, VecDeque<Idle>>,
-    last_sweep: Option<Instant>,
+    /// Whether a sweeper task is running (while any connection is idle).
+    sweeping: bool,
 }
 
 struct Shared {
@@ -208,7 +214,7 @@ impl Shared {
         found
     }
 
-    fn checkin(&self, addr: Target, conn: Conn) {
+    fn checkin(self: &Arc<Self>, addr: Target, conn: Conn) {
         if let Conn::Hyper(sender) = &conn {
             if sender.is_closed() {
                 return;
@@ -217,17 +223,8 @@ impl Shared {
         let now = Instant::now();
         let timeout = self.config.idle_timeout;
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        // Now and then, every address: connections to upstreams no
-        // request goes to any more are closed, and the addresses forgotten.
-        if idle
-            .last_sweep
-            .is_none_or(|t| now.duration_since(t) >= timeout)
-        {
-            idle.last_sweep = Some(now);
-            idle.by_addr.retain(|_, conns| {
-                conns.retain(|c| now.duration_since(c.since) < timeout && !c.is_closed());
-                !conns.is_empty()
-            });
+        if !idle.sweeping {
+            idle.sweeping = self.start_sweeper();
         }
         let conns = idle.by_addr.entry(addr).or_default();
         // Oldest first: the expired ones are at the front.
@@ -240,6 +237,46 @@ impl Shared {
         if conns.len() < self.config.max_idle {
             conns.push_back(Idle { conn, since: now });
         }
+    }
+}
+
+impl Shared {
+    /// Starts the task that, while connections are idle, closes the
+    /// expired ones and those their upstream closed (nothing else reads
+    /// an idle connection this module drives), and forgets addresses with
+    /// none left. Whether it started (not outside a runtime).
+    fn start_sweeper(self: &Arc<Self>) -> bool {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return false;
+        };
+        let every = (self.config.idle_timeout / 4).clamp(SWEEP_MIN, SWEEP_MAX);
+        let pool = Arc::downgrade(self);
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(pool) = pool.upgrade() else {
+                    return;
+                };
+                if !pool.sweep() {
+                    return;
+                }
+            }
+        });
+        true
+    }
+
+    /// One sweep; whether any connection is left idle (if none, the
+    /// sweeper stops, and the next checkin starts another).
+    fn sweep(&self) -> bool {
+        let now = Instant::now();
+        let timeout = self.config.idle_timeout;
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.by_addr.retain(|_, conns| {
+            conns.retain(|c| now.duration_since(c.since) < timeout && !c.is_closed());
+            !conns.is_empty()
+        });
+        idle.sweeping = !idle.by_addr.is_empty();
+        idle.sweeping
     }
 }
 
@@ -470,9 +507,13 @@ impl WireBody {
         let wire = self.wire.take();
         if let (Some(mut wire), Some((pool, addr))) = (wire, self.slot.take()) {
             if self.keep_alive && wire.buf.is_empty() {
-                if wire.buf.capacity() > IDLE_BUFFER {
+                // An idle connection keeps a small buffer of its own, not
+                // a large one, nor one shared with data still being
+                // relayed (which would keep all of it allocated).
+                if !(wire.buf.try_reclaim(READ_SIZE) && wire.buf.capacity() <= IDLE_BUFFER) {
                     wire.buf = BytesMut::new();
                 }
+                wire.read_size = READ_SIZE;
                 pool.checkin(addr, Conn::Wire(wire));
             }
         }

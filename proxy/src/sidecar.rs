@@ -685,7 +685,8 @@ impl PlainClient {
     }
 
     /// Sends `req` (for `authority`) to `target`, hop-by-hop headers
-    /// stripped both ways, its response headers due by `deadline`.
+    /// stripped both ways (and the response's `strait-proxy-error`), its
+    /// response headers due by `deadline`.
     pub(crate) async fn send(
         &self,
         mut req: http::Request<crate::http::Body>,
@@ -727,6 +728,10 @@ impl PlainClient {
         match sent {
             Ok(Ok(mut rsp)) => {
                 crate::http::strip_hop_by_hop(rsp.headers_mut());
+                // Only this proxy marks its own answers: an upstream's
+                // marking would make the client proxy take the upstream's
+                // 502 for this proxy's and retry it.
+                rsp.headers_mut().remove(crate::http::PROXY_ERROR);
                 Ok(rsp)
             }
             Ok(Err(e)) => Err(UpstreamError::Failed(e)),

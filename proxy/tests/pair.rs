@@ -75,6 +75,24 @@ async fn app() -> SocketAddr {
                             .expect("101");
                         return Ok::<_, String>(rsp);
                     }
+                    if let Some(tag) = path.strip_prefix("/marked/") {
+                        // An application's 502 dressed as a proxy's.
+                        *HITS
+                            .lock()
+                            .expect("lock")
+                            .entry(tag.to_string())
+                            .or_insert(0) += 1;
+                        let rsp = Response::builder()
+                            .status(502)
+                            .header("strait-proxy-error", "true")
+                            .body(
+                                Full::new(Bytes::from_static(b"app says no"))
+                                    .map_err(|never| match never {})
+                                    .boxed(),
+                            )
+                            .expect("502");
+                        return Ok::<_, String>(rsp);
+                    }
                     if let Some(tag) = path.strip_prefix("/once/") {
                         // Fails (closes the connection) the first time a
                         // tag is seen; counts every hit.
@@ -514,6 +532,57 @@ async fn a_get_is_retried_when_its_endpoint_fails_and_a_post_is_not() {
     assert!(
         c.contains(r#"strait_proxy_retries_total{direction="outbound",result="retried"} 2"#),
         "{c}"
+    );
+}
+
+/// Marks only a proxy may set are not taken from anyone else: an
+/// application's `strait-proxy-error` does not make its 502 look like the
+/// server proxy's (which the client proxy would retry), and a plaintext
+/// client's `strait-orig-proto` does not choose the version spoken to the
+/// application.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_marks_are_not_taken_from_applications_or_plain_clients() {
+    let p = pair(None).await;
+    for host in ["web.demo", "plain.demo"] {
+        let tag = format!("marked-{host}");
+        let rsp = raw_http1(
+            p.client.outbound_addr(),
+            &format!("GET /marked/{tag} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n"),
+        )
+        .await;
+        assert!(rsp.starts_with("HTTP/1.1 502"), "{host}: {rsp}");
+        assert!(
+            rsp.ends_with("app says no"),
+            "the application's own answer: {rsp}"
+        );
+        assert!(!rsp.contains("strait-proxy-error"), "{host}: {rsp}");
+        assert_eq!(
+            hits(&tag),
+            1,
+            "{host}: the application's 502 is not retried"
+        );
+    }
+    // A plaintext HTTP/2 client of the server proxy's inbound listener.
+    let tcp = TcpStream::connect(p.server.inbound_addr())
+        .await
+        .expect("connect");
+    let (mut h2, conn) = hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(
+        TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await
+    .expect("handshake");
+    tokio::spawn(conn);
+    let req = Request::get("http://web.demo/v")
+        .header("strait-orig-proto", "HTTP/1.1")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let rsp = h2.send_request(req).await.expect("response");
+    let body = rsp.into_body().collect().await.expect("body").to_bytes();
+    assert!(
+        body.starts_with(b"HTTP/2.0 /v"),
+        "sent on as HTTP/2: {}",
+        String::from_utf8_lossy(&body)
     );
 }
 

@@ -39,7 +39,12 @@ async fn server() -> (SocketAddr, Arc<AtomicUsize>) {
                             Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"t"))),
                             Ok(Frame::trailers(trailers)),
                         ];
-                        Response::new(boxed(StreamBody::new(futures::stream::iter(frames))))
+                        // Announced, or hyper's server leaves them out.
+                        let mut rsp =
+                            Response::new(boxed(StreamBody::new(futures::stream::iter(frames))));
+                        rsp.headers_mut()
+                            .insert("trailer", "grpc-status".parse().expect("value"));
+                        rsp
                     }
                     "/sized" => {
                         Response::new(boxed(Full::new(Bytes::from(vec![b'y'; 256 * 1024]))))
@@ -123,11 +128,14 @@ async fn a_connection_is_reused_once_its_response_is_read() {
         .insert("te", "trailers".parse().expect("value"));
     let rsp = pool.send(addr, req).await.expect("response");
     let mut b = rsp.into_body();
+    let mut trailers = None;
     while let Some(frame) = b.frame().await {
-        if frame.expect("ok").is_trailers() {
+        if let Ok(t) = frame.expect("ok").into_trailers() {
+            trailers = Some(t);
             break;
         }
     }
+    assert_eq!(trailers.expect("trailers")["grpc-status"], "0");
     drop(b);
     // A chunked one, read to its end.
     let rsp = pool.send(addr, get("/big")).await.expect("response");
@@ -415,4 +423,30 @@ async fn a_connection_closed_while_idle_is_not_used_again() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn idle_connections_are_swept_without_traffic() {
+    // The upstream closes its first connection after answering, keeps
+    // the second: with no request to find out, the sweeper lets the
+    // closed one go, and later the expired one.
+    let ok: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+    let (closing, _) = scripted(vec![(ok, true)]).await;
+    let (keeping, _) = scripted(vec![(ok, false)]).await;
+    // Swept every 500 ms.
+    let pool = pool(8, Duration::from_secs(2));
+    for addr in [closing, keeping] {
+        let rsp = pool.send(addr, get("/")).await.expect("response");
+        assert_eq!(body(rsp).await, "ok");
+        assert_eq!(idle(&pool, addr), 1);
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(idle(&pool, closing), 0, "closed by its upstream");
+    assert_eq!(idle(&pool, keeping), 1, "not expired yet");
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    assert_eq!(idle(&pool, keeping), 0, "expired");
+    assert!(
+        !pool.0.idle.lock().expect("lock").sweeping,
+        "the sweeper stops with nothing left to sweep"
+    );
 }

@@ -64,19 +64,18 @@ pub(super) fn suits<B: hyper::body::Body>(req: &http::Request<B>) -> bool {
 }
 
 /// Appends the head of a request without a body to `dst`: origin form
-/// (`/` when the URI has no path), HTTP/1.1, the header fields as they
+/// (path `/` when the URI has none), HTTP/1.1, the header fields as they
 /// are, and `Content-Length: 0` for the methods whose requests carry
 /// content (RFC 9110 §8.6), so the upstream does not wait for any.
 pub(super) fn encode_request(parts: &http::request::Parts, dst: &mut Vec<u8>) {
     dst.extend_from_slice(parts.method.as_str().as_bytes());
     dst.push(b' ');
-    let target = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .filter(|p| !p.is_empty())
-        .unwrap_or("/");
-    dst.extend_from_slice(target.as_bytes());
+    // (`Uri::path` is `/` when the URI has no path.)
+    dst.extend_from_slice(parts.uri.path().as_bytes());
+    if let Some(query) = parts.uri.query() {
+        dst.push(b'?');
+        dst.extend_from_slice(query.as_bytes());
+    }
     dst.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in &parts.headers {
         dst.extend_from_slice(name.as_str().as_bytes());
@@ -164,7 +163,7 @@ pub(super) fn parse_head(buf: &[u8], method: &Method) -> Result<Parsed, WireErro
         Version::HTTP_11
     };
     let mut headers = HeaderMap::with_capacity(rsp.headers.len());
-    let mut length: Option<u64> = None;
+    let mut has_length = false;
     let mut transfer_encoding = false;
     let mut chunked = false;
     let mut close = false;
@@ -173,11 +172,7 @@ pub(super) fn parse_head(buf: &[u8], method: &Method) -> Result<Parsed, WireErro
         let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| WireError::Header)?;
         let value = HeaderValue::from_bytes(field.value).map_err(|_| WireError::Header)?;
         if name == CONTENT_LENGTH {
-            let n = parse_length(field.value)?;
-            if length.is_some_and(|l| l != n) {
-                return Err(WireError::ContentLength);
-            }
-            length = Some(n);
+            has_length = true;
         } else if name == TRANSFER_ENCODING {
             transfer_encoding = true;
             // The coding applied last decides (of the last field line).
@@ -195,6 +190,16 @@ pub(super) fn parse_head(buf: &[u8], method: &Method) -> Result<Parsed, WireErro
         }
         headers.append(name, value);
     }
+    // Transfer-Encoding next to Content-Length, or in an HTTP/1.0
+    // response, is framing nobody should trust for a next response; and
+    // the length is not passed on, the coding having decided the body
+    // (RFC 9112 §6.1, §6.3).
+    let doubtful = transfer_encoding && (has_length || version == Version::HTTP_10);
+    if transfer_encoding && has_length {
+        headers.remove(CONTENT_LENGTH);
+    }
+    // (A response that has no body whatever its fields say is framed
+    // before any length is read: a wrong one there breaks nothing.)
     let framing = if method == Method::HEAD
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
@@ -207,16 +212,12 @@ pub(super) fn parse_head(buf: &[u8], method: &Method) -> Result<Parsed, WireErro
             Framing::Close
         }
     } else {
-        match length {
+        match content_length(&headers)? {
             Some(0) => Framing::Empty,
             Some(n) => Framing::Length(n),
             None => Framing::Close,
         }
     };
-    // Transfer-Encoding next to Content-Length, or in an HTTP/1.0
-    // response, is framing nobody should trust for a next response
-    // (RFC 9112 §6.1, §6.3).
-    let doubtful = transfer_encoding && (length.is_some() || version == Version::HTTP_10);
     let keep_alive = !close
         && !doubtful
         && framing != Framing::Close
@@ -235,11 +236,16 @@ pub(super) fn parse_head(buf: &[u8], method: &Method) -> Result<Parsed, WireErro
     ))
 }
 
-/// A `Content-Length` value: digits, or a list of the same digits (which
-/// some senders repeat), as RFC 9110 §8.6 allows a recipient to take.
-fn parse_length(value: &[u8]) -> Result<u64, WireError> {
+/// The length the `Content-Length` fields give, if any: digits, or lists
+/// of the same digits (which some senders repeat), as RFC 9110 §8.6 allows
+/// a recipient to take; fields that disagree are an error.
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, WireError> {
     let mut found = None;
-    for item in value.split(|&b| b == b',') {
+    let items = headers
+        .get_all(CONTENT_LENGTH)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','));
+    for item in items {
         let digits = item.trim_ascii();
         if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
             return Err(WireError::ContentLength);
@@ -253,7 +259,7 @@ fn parse_length(value: &[u8]) -> Result<u64, WireError> {
         }
         found = Some(n);
     }
-    found.ok_or(WireError::ContentLength)
+    Ok(found)
 }
 
 /// What [`Chunked::decode`] took from the buffer.

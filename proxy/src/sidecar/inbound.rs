@@ -349,7 +349,15 @@ impl Inbound {
             });
             return Observed::wrap(rsp, route, started);
         }
-        let req = from_mesh(req.map(crate::http::boxed));
+        let mut req = req.map(crate::http::boxed);
+        // Only a peer proxy says which version the application spoke; from
+        // any other client the marking is dropped, not followed.
+        let req = if tls == "true" {
+            from_mesh(req)
+        } else {
+            req.headers_mut().remove(crate::http::ORIG_PROTO);
+            req
+        };
         let rsp = match self
             .0
             .plain

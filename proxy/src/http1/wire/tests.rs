@@ -50,6 +50,10 @@ fn a_request_head_is_origin_form_http11_with_its_fields() {
         .body(())
         .expect("request");
     assert_eq!(encoded(req), "DELETE / HTTP/1.1\r\n\r\n");
+    let req = Request::get("http://app.local?x=1")
+        .body(())
+        .expect("request");
+    assert_eq!(encoded(req), "GET /?x=1 HTTP/1.1\r\n\r\n");
 }
 
 #[test]
@@ -164,10 +168,18 @@ fn the_framing_follows_rfc_9112() {
         get(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").framing,
         Framing::Empty
     );
-    // Both: the coding wins, and the connection is not trusted again.
+    // Both: the coding wins, the length is not passed on, and the
+    // connection is not trusted again.
     let both = get(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n");
     assert_eq!(both.framing, Framing::Chunked);
+    assert!(!both.response.headers().contains_key("content-length"));
     assert!(!both.keep_alive);
+    // A length no body follows is not read.
+    let head_rsp = head(
+        b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n",
+        &Method::HEAD,
+    );
+    assert_eq!(head_rsp.framing, Framing::Empty);
     // A repeated length that agrees is one length.
     assert_eq!(
         get(b"HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\ncontent-length: 5\r\n\r\n").framing,
@@ -224,6 +236,8 @@ fn malformed_heads_are_refused() {
         "a".repeat(super::MAX_HEAD)
     );
     assert!(matches!(refused(huge.as_bytes()), WireError::HeadTooLarge));
+    let whole = format!("{huge}\r\n");
+    assert!(matches!(refused(whole.as_bytes()), WireError::HeadTooLarge));
     let many: String = (0..101).map(|i| format!("x-{i}: v\r\n")).collect();
     let bytes = format!("HTTP/1.1 200 OK\r\n{many}\r\n");
     assert!(matches!(refused(bytes.as_bytes()), WireError::Head(_)));
