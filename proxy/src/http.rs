@@ -264,6 +264,10 @@ pub fn to_mesh(mut req: Request<Body>, authority: &str) -> Result<Request<Body>,
         };
         req.headers_mut()
             .insert(ORIG_PROTO, HeaderValue::from_static(v));
+    } else {
+        // Only this proxy marks a request: an application's own marking
+        // would make the peer speak HTTP/1 to its application.
+        req.headers_mut().remove(ORIG_PROTO);
     }
     strip_hop_by_hop(req.headers_mut());
     retarget(&mut req, authority)?;

@@ -86,8 +86,6 @@ const READ_SIZE: usize = 8 * 1024;
 /// for ask for twice as much next time, up to this, as a large body
 /// streams.
 const MAX_READ_SIZE: usize = 256 * 1024;
-/// An idle connection's read buffer above this is let go (bytes).
-const IDLE_BUFFER: usize = 16 * 1024;
 /// Idle connections are swept every quarter of the idle timeout, but
 /// not more often than this...
 const SWEEP_MIN: Duration = Duration::from_millis(50);
@@ -303,8 +301,8 @@ impl Pool {
 
     /// Sends `req` (origin-form URI, `Host` set) to `target` on an idle
     /// connection, or a new one. A request an idle connection closed
-    /// under before taking it is sent again on a new connection (it was
-    /// never written).
+    /// under before taking it whole is sent again on another connection
+    /// (the upstream cannot have acted on it).
     pub async fn send(
         &self,
         target: impl Into<Target>,
@@ -488,7 +486,9 @@ enum Framing {
 
 /// A response body read from its connection as the reader asks; the
 /// connection goes back to the pool when the body has ended (with its
-/// last frame, so a reader may stop there) if the response allows it.
+/// last frame when the length or trailers tell it is the last, so a
+/// reader may stop there; else with the poll after it) if the response
+/// allows it.
 /// A body dropped before its end takes the connection with it.
 struct WireBody {
     /// `None` once the body has ended or failed.
@@ -507,12 +507,11 @@ impl WireBody {
         let wire = self.wire.take();
         if let (Some(mut wire), Some((pool, addr))) = (wire, self.slot.take()) {
             if self.keep_alive && wire.buf.is_empty() {
-                // An idle connection keeps a small buffer of its own, not
-                // a large one, nor one shared with data still being
-                // relayed (which would keep all of it allocated).
-                if !(wire.buf.try_reclaim(READ_SIZE) && wire.buf.capacity() <= IDLE_BUFFER) {
-                    wire.buf = BytesMut::new();
-                }
+                // An idle connection keeps no buffer: its last one is
+                // usually shared with data still being relayed, and would
+                // keep all of that allocated (up to twice the largest
+                // read). The next request's first read takes a new one.
+                wire.buf = BytesMut::new();
                 wire.read_size = READ_SIZE;
                 pool.checkin(addr, Conn::Wire(wire));
             }

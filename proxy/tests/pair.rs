@@ -584,6 +584,36 @@ async fn proxy_marks_are_not_taken_from_applications_or_plain_clients() {
         "sent on as HTTP/2: {}",
         String::from_utf8_lossy(&body)
     );
+    // An application's HTTP/2 request carrying the marking, through the
+    // mesh: the peer does not take it for the client proxy's.
+    let tcp = TcpStream::connect(p.client.outbound_addr())
+        .await
+        .expect("connect");
+    let (mut h2, conn) = hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(
+        TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await
+    .expect("handshake");
+    tokio::spawn(conn);
+    let req = Request::get("http://web.demo/m")
+        .header("strait-orig-proto", "HTTP/1.1")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let rsp = h2.send_request(req).await.expect("response");
+    let body = rsp.into_body().collect().await.expect("body").to_bytes();
+    assert!(
+        body.starts_with(b"HTTP/2.0 /m"),
+        "sent on as HTTP/2: {}",
+        String::from_utf8_lossy(&body)
+    );
+    // And HTTP/1.0 reaches the application as HTTP/1.0.
+    let rsp = raw_http1(
+        p.client.outbound_addr(),
+        "GET /old HTTP/1.0\r\nhost: web.demo\r\n\r\n",
+    )
+    .await;
+    assert!(rsp.contains("HTTP/1.0 /old"), "{rsp}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -364,6 +364,7 @@ async fn bodies_are_framed_by_length_chunks_or_the_close() {
     assert_eq!(accepted.load(Ordering::SeqCst), 1, "all kept alive so far");
     let rsp = pool.send(addr, get("/")).await.expect("response");
     assert_eq!(body(rsp).await, "until the end");
+    assert_eq!(idle(&pool, addr), 0, "not pooled");
     let rsp = pool.send(addr, get("/")).await.expect("response");
     assert_eq!(rsp.status(), http::StatusCode::NO_CONTENT);
     assert_eq!(

@@ -39,7 +39,8 @@ pub enum WireError {
     /// A `Content-Length` that is not a number, or two that differ.
     #[error("invalid content-length")]
     ContentLength,
-    /// `101 Switching Protocols` to a request that asked for no upgrade.
+    /// `101 Switching Protocols`: upgrades are not carried this way (the
+    /// proxy splices them), so nothing here asked for one.
     #[error("switching protocols without an upgrade")]
     Upgrade,
     /// A chunked body that breaks the chunked coding.
@@ -64,8 +65,8 @@ pub(super) fn suits<B: hyper::body::Body>(req: &http::Request<B>) -> bool {
 }
 
 /// Appends the head of a request without a body to `dst`: origin form
-/// (path `/` when the URI has none), HTTP/1.1, the header fields as they
-/// are, and `Content-Length: 0` for the methods whose requests carry
+/// (path `/` when the URI has none), HTTP/1.0 for an HTTP/1.0 request and
+/// HTTP/1.1 for any other, the header fields as they are, and `Content-Length: 0` for the methods whose requests carry
 /// content (RFC 9110 §8.6), so the upstream does not wait for any.
 pub(super) fn encode_request(parts: &http::request::Parts, dst: &mut Vec<u8>) {
     dst.extend_from_slice(parts.method.as_str().as_bytes());
@@ -76,7 +77,11 @@ pub(super) fn encode_request(parts: &http::request::Parts, dst: &mut Vec<u8>) {
         dst.push(b'?');
         dst.extend_from_slice(query.as_bytes());
     }
-    dst.extend_from_slice(b" HTTP/1.1\r\n");
+    dst.extend_from_slice(if parts.version == Version::HTTP_10 {
+        b" HTTP/1.0\r\n"
+    } else {
+        b" HTTP/1.1\r\n"
+    });
     for (name, value) in &parts.headers {
         dst.extend_from_slice(name.as_str().as_bytes());
         dst.extend_from_slice(b": ");

@@ -54,6 +54,11 @@ fn a_request_head_is_origin_form_http11_with_its_fields() {
         .body(())
         .expect("request");
     assert_eq!(encoded(req), "GET /?x=1 HTTP/1.1\r\n\r\n");
+    let req = Request::get("/")
+        .version(Version::HTTP_10)
+        .body(())
+        .expect("request");
+    assert_eq!(encoded(req), "GET / HTTP/1.0\r\n\r\n");
 }
 
 #[test]
