@@ -535,11 +535,31 @@ async fn a_get_is_retried_when_its_endpoint_fails_and_a_post_is_not() {
     );
 }
 
+/// The body of an HTTP/2 `GET http://web.demo{path}` sent to `addr` in
+/// plaintext, marked `strait-orig-proto: HTTP/1.1` as a client proxy marks
+/// an HTTP/1.1 request.
+async fn marked_h2_get(addr: SocketAddr, path: &str) -> Bytes {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (mut h2, conn) = hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(
+        TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await
+    .expect("handshake");
+    tokio::spawn(conn);
+    let req = Request::get(format!("http://web.demo{path}"))
+        .header("strait-orig-proto", "HTTP/1.1")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let rsp = h2.send_request(req).await.expect("response");
+    rsp.into_body().collect().await.expect("body").to_bytes()
+}
+
 /// Marks only a proxy may set are not taken from anyone else: an
 /// application's `strait-proxy-error` does not make its 502 look like the
 /// server proxy's (which the client proxy would retry), and a plaintext
-/// client's `strait-orig-proto` does not choose the version spoken to the
-/// application.
+/// client's or an application's `strait-orig-proto` does not choose the
+/// version spoken to the application (and HTTP/1.0 reaches it as HTTP/1.0).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_marks_are_not_taken_from_applications_or_plain_clients() {
     let p = pair(None).await;
@@ -562,51 +582,20 @@ async fn proxy_marks_are_not_taken_from_applications_or_plain_clients() {
             "{host}: the application's 502 is not retried"
         );
     }
-    // A plaintext HTTP/2 client of the server proxy's inbound listener.
-    let tcp = TcpStream::connect(p.server.inbound_addr())
-        .await
-        .expect("connect");
-    let (mut h2, conn) = hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(
-        TokioExecutor::new(),
-        TokioIo::new(tcp),
-    )
-    .await
-    .expect("handshake");
-    tokio::spawn(conn);
-    let req = Request::get("http://web.demo/v")
-        .header("strait-orig-proto", "HTTP/1.1")
-        .body(Full::new(Bytes::new()))
-        .expect("request");
-    let rsp = h2.send_request(req).await.expect("response");
-    let body = rsp.into_body().collect().await.expect("body").to_bytes();
-    assert!(
-        body.starts_with(b"HTTP/2.0 /v"),
-        "sent on as HTTP/2: {}",
-        String::from_utf8_lossy(&body)
-    );
-    // An application's HTTP/2 request carrying the marking, through the
-    // mesh: the peer does not take it for the client proxy's.
-    let tcp = TcpStream::connect(p.client.outbound_addr())
-        .await
-        .expect("connect");
-    let (mut h2, conn) = hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(
-        TokioExecutor::new(),
-        TokioIo::new(tcp),
-    )
-    .await
-    .expect("handshake");
-    tokio::spawn(conn);
-    let req = Request::get("http://web.demo/m")
-        .header("strait-orig-proto", "HTTP/1.1")
-        .body(Full::new(Bytes::new()))
-        .expect("request");
-    let rsp = h2.send_request(req).await.expect("response");
-    let body = rsp.into_body().collect().await.expect("body").to_bytes();
-    assert!(
-        body.starts_with(b"HTTP/2.0 /m"),
-        "sent on as HTTP/2: {}",
-        String::from_utf8_lossy(&body)
-    );
+    // A plaintext HTTP/2 client of the server proxy's inbound listener,
+    // then an application's HTTP/2 request through the mesh: neither
+    // marking is taken for the client proxy's.
+    for (addr, path) in [
+        (p.server.inbound_addr(), "/v"),
+        (p.client.outbound_addr(), "/m"),
+    ] {
+        let body = marked_h2_get(addr, path).await;
+        assert!(
+            body.starts_with(format!("HTTP/2.0 {path}").as_bytes()),
+            "sent on as HTTP/2: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
     // And HTTP/1.0 reaches the application as HTTP/1.0.
     let rsp = raw_http1(
         p.client.outbound_addr(),
