@@ -236,9 +236,7 @@ impl Shared {
             conns.push_back(Idle { conn, since: now });
         }
     }
-}
 
-impl Shared {
     /// Starts the task that, while connections are idle, closes the
     /// expired ones and those their upstream closed (nothing else reads
     /// an idle connection this module drives), and forgets addresses with
