@@ -434,7 +434,7 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
 /// if its head takes longer than `timeout`. `on_end` gets the splice's
 /// outcome (or is dropped, if there is none).
 pub async fn upgrade_via<S, E>(
-    mut req: Request<hyper::body::Incoming>,
+    mut req: Request<Body>,
     stream: S,
     timeout: std::time::Duration,
     on_end: E,
@@ -452,7 +452,7 @@ where
         let _ = conn.with_upgrades().await;
     });
     let (parts, body) = req.into_parts();
-    let mut fwd = Request::from_parts(parts, boxed(body));
+    let mut fwd = Request::from_parts(parts, body);
     if let Some(pq) = fwd.uri().path_and_query().cloned() {
         *fwd.uri_mut() = http::Uri::from(pq);
     }

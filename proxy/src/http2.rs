@@ -8,6 +8,8 @@
 //! the response is awaited, and only a body still streaming after the
 //! response head has arrived (gRPC streaming, uploads) moves to a task of
 //! its own.
+//!
+//! [`server`] is the other side: HTTP/2 server connections on `h2`.
 
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
@@ -22,6 +24,8 @@ use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::http::{Body, BoxError};
+
+pub mod server;
 
 /// A handle to send requests on one HTTP/2 connection; cheap to clone.
 pub type Sender = h2::client::SendRequest<Bytes>;
@@ -81,7 +85,7 @@ where
         Keepalive::Off => None,
     };
     tokio::spawn(async move {
-        let pings = pings(ping);
+        let pings = pings(ping, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT);
         tokio::pin!(pings);
         match select(Batched::new(conn), pings).await {
             Either::Left((Err(error), _)) => {
@@ -189,14 +193,15 @@ fn is_closed(sender: &Sender) -> bool {
     matches!(sender.poll_ready(&mut cx), Poll::Ready(Err(_)))
 }
 
-/// Resolves when the peer fails to answer a ping in time.
-async fn pings(ping: Option<h2::PingPong>) {
+/// Pings the peer every `interval`; resolves when one goes unanswered for
+/// `timeout`.
+async fn pings(ping: Option<h2::PingPong>, interval: Duration, timeout: Duration) {
     let Some(mut ping) = ping else {
         return std::future::pending().await;
     };
     loop {
-        tokio::time::sleep(KEEPALIVE_INTERVAL).await;
-        match tokio::time::timeout(KEEPALIVE_TIMEOUT, ping.ping(h2::Ping::opaque())).await {
+        tokio::time::sleep(interval).await;
+        match tokio::time::timeout(timeout, ping.ping(h2::Ping::opaque())).await {
             Ok(Ok(_)) => {}
             // The connection is gone: its own future reports why.
             Ok(Err(_)) => return std::future::pending().await,
@@ -218,7 +223,7 @@ pub async fn send(sender: &mut Sender, req: Request<Body>) -> Result<Response<Bo
     } else {
         // Piped here while the response head is awaited; a body that is
         // still streaming when the head arrives carries on in its own task.
-        let pipe = Box::pin(pipe(body, stream));
+        let pipe = Box::pin(pipe(body, stream, h2::Reason::CANCEL));
         match select(response, pipe).await {
             Either::Left((response, pipe)) => {
                 tokio::spawn(pipe);
@@ -237,15 +242,7 @@ pub async fn send(sender: &mut Sender, req: Request<Body>) -> Result<Response<Bo
     } else {
         content_length(response.headers())
     };
-    Ok(response.map(|recv| {
-        RecvBody {
-            recv,
-            length,
-            data_done: false,
-            done: false,
-        }
-        .boxed()
-    }))
+    Ok(response.map(|recv| RecvBody::boxed(recv, length)))
 }
 
 fn content_length(headers: &http::HeaderMap) -> Option<u64> {
@@ -258,11 +255,15 @@ fn content_length(headers: &http::HeaderMap) -> Option<u64> {
 }
 
 /// Copies `body` into `stream` under the stream's flow control; trailers
-/// are sent as trailers. A body that fails resets the stream (the peer
-/// must not take a cut-off body for a whole one) and is the error; a
-/// stream the peer resets, or a connection gone, stops the copy (the
-/// response reports why).
-async fn pipe(mut body: Body, mut stream: h2::SendStream<Bytes>) -> Result<(), h2::Error> {
+/// are sent as trailers. A body that fails resets the stream with
+/// `failed` (the peer must not take a cut-off body for a whole one) and is
+/// the error; a stream the peer resets, or a connection gone, stops the
+/// copy (the response reports why).
+async fn pipe(
+    mut body: Body,
+    mut stream: h2::SendStream<Bytes>,
+    failed: h2::Reason,
+) -> Result<(), h2::Error> {
     loop {
         let frame = {
             let next = body.frame();
@@ -279,9 +280,9 @@ async fn pipe(mut body: Body, mut stream: h2::SendStream<Bytes>) -> Result<(), h
                 return Ok(());
             }
             Some(Err(error)) => {
-                tracing::debug!(%error, "request body failed; resetting the stream");
-                stream.send_reset(h2::Reason::CANCEL);
-                return Err(h2::Reason::CANCEL.into());
+                tracing::debug!(%error, "body failed; resetting the stream");
+                stream.send_reset(failed);
+                return Err(failed.into());
             }
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => {
@@ -339,6 +340,18 @@ struct RecvBody {
     length: Option<u64>,
     data_done: bool,
     done: bool,
+}
+
+impl RecvBody {
+    /// `recv` as a [`Body`], `length` bytes long if known.
+    fn boxed(recv: h2::RecvStream, length: Option<u64>) -> Body {
+        BodyExt::boxed(Self {
+            recv,
+            length,
+            data_done: false,
+            done: false,
+        })
+    }
 }
 
 impl HttpBody for RecvBody {

@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::LazyConfigAcceptor;
@@ -310,7 +309,7 @@ impl Inbound {
 
     async fn handle(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Body>,
         target: Target,
         tls: &'static str,
     ) -> Response<Body> {
@@ -349,7 +348,6 @@ impl Inbound {
             });
             return Observed::wrap(rsp, route, started);
         }
-        let mut req = req.map(crate::http::boxed);
         // Only a peer proxy says which version the application spoke; from
         // any other client the marking is dropped, not followed.
         let req = if tls == "true" {

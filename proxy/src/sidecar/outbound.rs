@@ -10,7 +10,6 @@ use std::time::Instant;
 
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::net::TcpStream;
 
 use super::{Active, HttpVersion, PlainClient, Shared, StartError, UpstreamError};
@@ -245,7 +244,7 @@ impl Outbound {
         super::serve_http(Box::new(io), version, &shared, DIRECTION, handle).await
     }
 
-    async fn handle(&self, mut req: Request<Incoming>, orig: Option<SocketAddr>) -> Response<Body> {
+    async fn handle(&self, mut req: Request<Body>, orig: Option<SocketAddr>) -> Response<Body> {
         let started = Instant::now();
         let shared = &self.0.shared;
         let named = match authority_of(&req) {
@@ -279,7 +278,6 @@ impl Outbound {
             // plain request's future stays small.
             Box::pin(self.upgrade(req, &authority, orig, &mut counted)).await
         } else {
-            let req = req.map(crate::http::boxed);
             let to = Names {
                 routed: &authority,
                 sent_as,
@@ -321,7 +319,7 @@ impl Outbound {
     /// and on 101 the two sides spliced.
     async fn upgrade(
         &self,
-        req: Request<Incoming>,
+        req: Request<Body>,
         authority: &str,
         orig: Option<SocketAddr>,
         counted: &mut Option<Arc<crate::metrics::RouteMetrics>>,

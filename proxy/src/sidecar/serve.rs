@@ -25,7 +25,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 
@@ -314,13 +314,59 @@ fn http1(header_timeout: Duration) -> hyper::server::conn::http1::Builder {
     b
 }
 
-fn http2(keepalive: Duration) -> hyper::server::conn::http2::Builder<TokioExecutor> {
-    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    b.max_header_list_size(MAX_HEADER_BYTES as u32)
-        .timer(hyper_util::rt::TokioTimer::new())
-        .keep_alive_interval(keepalive)
-        .keep_alive_timeout(keepalive);
-    b
+/// Serves one HTTP/2 connection (see [`crate::http2::server`]) until it
+/// ends or a drain asks it to finish its streams and close. Returns whether
+/// it ended cleanly; failures are counted by reason.
+async fn serve_h2(
+    io: Box<dyn BoxedIo>,
+    shared: &Shared,
+    direction: &'static str,
+    handle: Handler,
+) -> bool {
+    use crate::http2::server;
+    let settings = server::Settings {
+        max_header: MAX_HEADER_BYTES as u32,
+        keepalive: shared.config.http2_keepalive,
+    };
+    let failed = |error: server::ServeError| {
+        tracing::debug!(direction, %error, "HTTP/2 connection failed");
+        shared.http.error(direction, http2_error_reason(&error));
+        false
+    };
+    let mut draining = shared.draining.clone();
+    let mut conn = tokio::select! {
+        r = server::handshake(io, settings) => match r {
+            Ok(conn) => conn,
+            Err(error) => return failed(error.into()),
+        },
+        () = drained(&mut draining) => return true,
+    };
+    let handle = move |req| handle(req);
+    let ended = tokio::select! {
+        r = conn.serve(&handle) => Some(r),
+        () = drained(&mut draining) => None,
+    };
+    let ended = match ended {
+        Some(r) => r,
+        None => {
+            conn.graceful_shutdown();
+            conn.serve(&handle).await
+        }
+    };
+    ended.map_or_else(failed, |()| true)
+}
+
+/// The error counter's reason for a failed HTTP/2 connection: the client
+/// broke the protocol (this side sent GOAWAY for it), stopped answering
+/// pings, or the connection failed otherwise (reset, closed mid-stream, or
+/// the client's GOAWAY with an error).
+fn http2_error_reason(error: &crate::http2::server::ServeError) -> &'static str {
+    use crate::http2::server::ServeError;
+    match error {
+        ServeError::PingTimeout(_) => "http2_ping_timeout",
+        ServeError::H2(e) if e.is_go_away() && e.is_library() => "http2_protocol",
+        ServeError::H2(_) => "http_connection",
+    }
 }
 
 /// How one hyper connection ended.
@@ -343,8 +389,7 @@ pub(crate) type Handled =
     Pin<Box<dyn std::future::Future<Output = http::Response<crate::http::Body>> + Send>>;
 
 /// A request handler of either direction.
-pub(crate) type Handler =
-    Arc<dyn Fn(http::Request<hyper::body::Incoming>) -> Handled + Send + Sync>;
+pub(crate) type Handler = Arc<dyn Fn(http::Request<crate::http::Body>) -> Handled + Send + Sync>;
 
 /// Serves one HTTP connection with `handle`, until it ends or a drain asks
 /// it to finish its requests and close. Returns whether it ended cleanly;
@@ -363,6 +408,9 @@ pub(crate) async fn serve_http(
     direction: &'static str,
     handle: Handler,
 ) -> bool {
+    if version == Version::Http2 {
+        return serve_h2(io, shared, direction, handle).await;
+    }
     let idle = Arc::new(Idle::new());
     // hyper keeps a box sized for the service's future on every
     // connection, in flight or not: the request handler's (large) state is
@@ -373,7 +421,7 @@ pub(crate) async fn serve_http(
             use hyper::body::Body as _;
             let keeps_alive = req.version() == http::Version::HTTP_11 && !closes(req.headers());
             let in_flight = InFlight::new(idle.clone(), keeps_alive && req.body().is_end_stream());
-            let fut = handle(req);
+            let fut = handle(req.map(crate::http::boxed));
             async move {
                 let rsp = fut.await;
                 if closes(rsp.headers()) {
@@ -407,17 +455,6 @@ pub(crate) async fn serve_http(
         replay: Bytes::new(),
         idle: idle.clone(),
     };
-    if version == Version::Http2 {
-        let conn = http2(shared.config.http2_keepalive).serve_connection(TokioIo::new(io), service);
-        tokio::pin!(conn);
-        return tokio::select! {
-            r = conn.as_mut() => r.map_or_else(|e| failed(&e), |()| true),
-            () = drained(&mut draining) => {
-                conn.as_mut().graceful_shutdown();
-                conn.await.is_ok()
-            }
-        };
-    }
     let head_limit = shared.config.http1_header_timeout;
     loop {
         idle.parking.store(false, Ordering::Relaxed);
