@@ -24,11 +24,14 @@ use hyper::body::Body as HttpBody;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::runtime::RuntimeFlavor;
 
-use super::{pipe, RecvBody, CONN_WINDOW, MAX_SEND_BUFFER, STREAM_WINDOW};
+use super::{pipe, RecvBody, CONN_WINDOW, STREAM_WINDOW};
 use crate::http::Body;
 
 /// Streams a client may have open at once (hyper's figure).
 const MAX_CONCURRENT_STREAMS: u32 = 200;
+/// Response bytes buffered per stream ahead of the client's window
+/// (hyper's figure: at most 80 MB over all of a connection's streams).
+const MAX_SEND_BUFFER: usize = 400 * 1024;
 
 /// How a connection is served.
 #[derive(Debug, Clone, Copy)]
