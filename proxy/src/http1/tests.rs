@@ -426,6 +426,39 @@ async fn a_connection_closed_while_idle_is_not_used_again() {
     assert_eq!(accepted.load(Ordering::SeqCst), 3);
 }
 
+/// A request whose write fails on a reused connection that passed the
+/// idle probe (its upstream reset it just after, say) goes out again on a
+/// new connection: the upstream cannot have acted on a request it never
+/// received whole.
+#[tokio::test]
+async fn a_request_a_reused_connection_fails_to_take_goes_out_on_a_new_one() {
+    let (addr, accepted) = server().await;
+    let pool = pool(8, Duration::from_secs(30));
+    let rsp = pool.send(addr, get("/")).await.expect("response");
+    assert_eq!(body(rsp).await, "ok");
+    // The idle connection's sending side shut: a write fails (EPIPE) while
+    // a read still finds nothing. (The server's task, on this same thread,
+    // does not run to answer the FIN before the pool has probed and
+    // written.)
+    {
+        let conns = pool.0.idle.lock().expect("lock");
+        let idle = conns
+            .by_addr
+            .get(&crate::net::Target::from(addr))
+            .and_then(|c| c.front())
+            .expect("an idle connection");
+        let super::Conn::Wire(wire) = &idle.conn else {
+            panic!("not a connection of the wire path");
+        };
+        socket2::SockRef::from(&wire.tcp)
+            .shutdown(std::net::Shutdown::Write)
+            .expect("shutdown");
+    }
+    let rsp = pool.send(addr, get("/again")).await.expect("response");
+    assert_eq!(body(rsp).await, "ok");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
 #[tokio::test]
 async fn idle_connections_are_swept_without_traffic() {
     // The upstream closes its first connection after answering, keeps
