@@ -30,8 +30,8 @@ pub mod server;
 /// A handle to send requests on one HTTP/2 connection; cheap to clone.
 pub type Sender = h2::client::SendRequest<Bytes>;
 
-/// Stream flow-control window: large enough that one stream is not held to
-/// 64 KiB in flight (hyper's default too).
+/// Stream flow-control window of client connections: large enough that
+/// one stream is not held to 64 KiB in flight (hyper's client default too).
 const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 /// Connection flow-control window.
 const CONN_WINDOW: u32 = 5 * 1024 * 1024;

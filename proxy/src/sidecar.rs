@@ -3,8 +3,9 @@
 //! admin server; [`Proxy::start`] wires them from a [`ProxyConfig`].
 //!
 //! Every accepted connection goes through protocol detection. HTTP is
-//! served with hyper and forwarded request by request (balanced, timed,
-//! measured); anything else is forwarded byte for byte. Between two
+//! served (HTTP/1 with hyper, HTTP/2 with `h2` directly) and forwarded
+//! request by request (balanced, timed, measured); anything else is
+//! forwarded byte for byte. Between two
 //! proxies the connection is mutual TLS with a transport header, and HTTP
 //! rides one multiplexed HTTP/2 connection per peer and port.
 

@@ -10,25 +10,34 @@
 //! and their frames leave in one write, with no task to create, schedule
 //! or wake per request. On a multi-threaded runtime each stream still gets
 //! a task of its own, so that the streams of one connection (all the
-//! traffic from one peer proxy) spread over the workers.
+//! traffic from one peer proxy) spread over the workers. A stream that
+//! panics is reset alone either way.
 
+use std::cell::RefCell;
 use std::future::{poll_fn, Future};
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
 use http::{HeaderValue, Request, Response};
 use hyper::body::Body as HttpBody;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::runtime::RuntimeFlavor;
 
-use super::{pipe, RecvBody, CONN_WINDOW, STREAM_WINDOW};
+use super::{pipe, RecvBody};
 use crate::http::Body;
 
 /// Streams a client may have open at once (hyper's figure).
 const MAX_CONCURRENT_STREAMS: u32 = 200;
+/// Request body bytes a client may send ahead of the proxy's reading, per
+/// stream and per connection (hyper's server figures: the client side's
+/// larger windows would let each connection pin 5 MiB).
+const STREAM_WINDOW: u32 = 1024 * 1024;
+const CONN_WINDOW: u32 = 1024 * 1024;
 /// Response bytes buffered per stream ahead of the client's window
 /// (hyper's figure: at most 80 MB over all of a connection's streams).
 const MAX_SEND_BUFFER: usize = 400 * 1024;
@@ -149,9 +158,18 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Connection<I> {
             // new streams.
             match self.conn.poll_accept(cx) {
                 Poll::Ready(Some(Ok((req, respond)))) => {
-                    let stream = Box::pin(answer(handle.call(request(req)), respond));
+                    let connect = req.method() == http::Method::CONNECT;
+                    let stream = answer(handle.call(request(req)), respond, connect);
                     if self.in_task {
-                        self.streams.push(stream);
+                        // A panic unwinds out of this stream only (its
+                        // stream reset as its `SendResponse` drops), not
+                        // through the connection and every other stream.
+                        self.streams
+                            .push(Box::pin(AssertUnwindSafe(stream).catch_unwind().map(|r| {
+                                if r.is_err() {
+                                    tracing::error!("HTTP/2 stream panicked; reset");
+                                }
+                            })));
                     } else {
                         tokio::spawn(stream);
                     }
@@ -181,8 +199,9 @@ fn request(req: Request<h2::RecvStream>) -> Request<Body> {
 /// Answers one stream with `response`'s outcome, piping its body under the
 /// stream's flow control. A client that resets the stream before the
 /// response is ready cancels the request (the handler's future is
-/// dropped); one that resets it later stops the body.
-async fn answer<F>(response: F, mut respond: h2::server::SendResponse<Bytes>)
+/// dropped); one that resets it later stops the body. `connect`: the
+/// request is a CONNECT, whose successful response has no length.
+async fn answer<F>(response: F, mut respond: h2::server::SendResponse<Bytes>, connect: bool)
 where
     F: Future<Output = Response<Body>>,
 {
@@ -202,8 +221,17 @@ where
     // Hop-by-hop fields have no place in HTTP/2 (and h2 refuses a head
     // with any).
     crate::http::strip_hop_by_hop(&mut parts.headers);
+    // A proxy forwarding a response without a date adds one (RFC 9110
+    // §6.6.1), as hyper's HTTP/1 server does on the other path.
+    if !parts.headers.contains_key(http::header::DATE) {
+        if let Some(date) = date() {
+            parts.headers.insert(http::header::DATE, date);
+        }
+    }
     let eos = body.is_end_stream();
-    if !eos {
+    // (A CONNECT's successful response starts a tunnel: no length.)
+    let tunnel = connect && parts.status.is_success();
+    if !eos && !tunnel {
         if let Some(n) = body.size_hint().exact() {
             parts
                 .headers
@@ -216,8 +244,29 @@ where
             let _ = pipe(body, stream, h2::Reason::INTERNAL_ERROR).await;
         }
         Ok(_) => {}
-        Err(error) => tracing::debug!(%error, "HTTP/2 response not sent"),
+        Err(error) => {
+            tracing::debug!(%error, "HTTP/2 response not sent");
+            // This side failed, not the client: not a CANCEL.
+            respond.send_reset(h2::Reason::INTERNAL_ERROR);
+        }
     }
+}
+
+/// Now as an HTTP date, formatted once a second per thread.
+fn date() -> Option<HeaderValue> {
+    thread_local! {
+        static LAST: RefCell<Option<(u64, HeaderValue)>> = const { RefCell::new(None) };
+    }
+    let now = SystemTime::now();
+    let second = now.duration_since(UNIX_EPOCH).ok()?.as_secs();
+    LAST.with_borrow_mut(|last| match last {
+        Some((s, value)) if *s == second => Some(value.clone()),
+        _ => {
+            let value = HeaderValue::from_str(&httpdate::fmt_http_date(now)).ok()?;
+            *last = Some((second, value.clone()));
+            Some(value)
+        }
+    })
 }
 
 #[cfg(test)]

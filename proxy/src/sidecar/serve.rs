@@ -1,5 +1,6 @@
-//! Serving one accepted HTTP connection with hyper, and parking idle
-//! HTTP/1 keep-alive connections.
+//! Serving one accepted HTTP connection (HTTP/1 with hyper, HTTP/2 with
+//! [`crate::http2::server`]), and parking idle HTTP/1 keep-alive
+//! connections.
 //!
 //! hyper holds two buffers on every HTTP/1 server connection for as long
 //! as it lives — a read buffer of 8 to 16 KiB and an 8 KiB write buffer —
@@ -334,10 +335,20 @@ async fn serve_h2(
         false
     };
     let mut draining = shared.draining.clone();
+    // The client's preface is due at once (detection saw it, or a peer
+    // proxy sends it first): one that stalls does not hold its slot.
+    let handshake = tokio::time::timeout(
+        shared.config.detect_timeout * 5,
+        server::handshake(io, settings),
+    );
     let mut conn = tokio::select! {
-        r = server::handshake(io, settings) => match r {
-            Ok(conn) => conn,
-            Err(error) => return failed(error.into()),
+        r = handshake => match r {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(error)) => return failed(error.into()),
+            Err(_) => {
+                shared.http.error(direction, "http_timeout");
+                return false;
+            }
         },
         () = drained(&mut draining) => return true,
     };
@@ -357,9 +368,10 @@ async fn serve_h2(
 }
 
 /// The error counter's reason for a failed HTTP/2 connection: the client
-/// broke the protocol (this side sent GOAWAY for it), stopped answering
+/// broke the protocol (h2 found it: a bad preface, frame or header block,
+/// answered with GOAWAY once the preface was good), stopped answering
 /// pings, or the connection failed otherwise (reset, closed mid-stream, or
-/// the client's GOAWAY with an error).
+/// the client's GOAWAY with an error). A client's clean close is no error.
 fn http2_error_reason(error: &crate::http2::server::ServeError) -> &'static str {
     use crate::http2::server::ServeError;
     match error {
@@ -383,8 +395,9 @@ pub(crate) trait BoxedIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> BoxedIo for T {}
 
-/// A request handler's answer, boxed (its state is large, and hyper keeps
-/// room for the service's future on every connection, in flight or not).
+/// A request handler's answer, boxed (its state is large, and hyper's
+/// HTTP/1 server keeps room for the service's future on every connection,
+/// in flight or not).
 pub(crate) type Handled =
     Pin<Box<dyn std::future::Future<Output = http::Response<crate::http::Body>> + Send>>;
 

@@ -72,13 +72,17 @@ fn post(body: Body) -> Request<Body> {
 }
 
 /// Answers with the request's own body (trailers included), with a
-/// hop-by-hop field an HTTP/1 upstream might have sent.
+/// hop-by-hop field an HTTP/1 upstream might have sent, and the id of the
+/// task it ran in.
 async fn echo(req: Request<Body>) -> Response<Body> {
     let mut rsp = Response::new(req.into_body());
     rsp.headers_mut()
         .insert("connection", "keep-alive".parse().expect("value"));
     rsp.headers_mut()
         .insert("keep-alive", "timeout=5".parse().expect("value"));
+    let task = tokio::task::id().to_string();
+    rsp.headers_mut()
+        .insert("task", task.parse().expect("value"));
     rsp
 }
 
@@ -90,8 +94,9 @@ fn streamed() -> (mpsc::Sender<Result<Frame<Bytes>, BoxError>>, Body) {
 
 /// Many requests at once on one connection, each echoed frame by frame
 /// with its trailers, on both runtimes: in the connection's task
-/// (current-thread) and in a task per stream (multi-threaded).
-async fn echoes_concurrent_streams_with_trailers() {
+/// (current-thread: one task for all) and in a task per stream
+/// (multi-threaded: as many tasks as streams).
+async fn echoes_concurrent_streams_with_trailers(tasks: usize) {
     let (addr, _) = server(echo).await;
     let send = client(addr).await;
     let mut all = Vec::new();
@@ -109,27 +114,103 @@ async fn echoes_concurrent_streams_with_trailers() {
             drop(tx);
             let rsp = rsp.await.expect("response");
             assert_eq!(rsp.status(), StatusCode::OK);
+            let task = rsp.headers()["task"].to_str().expect("task").to_string();
             assert!(rsp.headers().get("connection").is_none());
             assert!(rsp.headers().get("keep-alive").is_none());
             let body = rsp.into_body().collect().await.expect("body");
             let status = body.trailers().and_then(|t| t.get("grpc-status")).cloned();
             assert_eq!(status, Some(i.to_string().parse().expect("value")));
             assert_eq!(body.to_bytes(), format!("request {i} request {i} "));
+            task
         }));
     }
+    let mut ran_in = std::collections::HashSet::new();
     for t in all {
-        t.await.expect("stream");
+        ran_in.insert(t.await.expect("stream"));
     }
+    assert_eq!(ran_in.len(), tasks, "{ran_in:?}");
 }
 
 #[tokio::test]
 async fn streams_run_in_the_connections_task() {
-    echoes_concurrent_streams_with_trailers().await;
+    echoes_concurrent_streams_with_trailers(1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_run_in_tasks_of_their_own_on_several_workers() {
-    echoes_concurrent_streams_with_trailers().await;
+    echoes_concurrent_streams_with_trailers(40).await;
+}
+
+/// Bodies larger than the windows, both ways: the request body's window is
+/// released as the handler reads it.
+#[tokio::test]
+async fn bodies_larger_than_the_windows_flow_both_ways() {
+    let (addr, _) = server(echo).await;
+    let mut send = client(addr).await;
+    let (mut tx, body) = streamed();
+    let rsp = send.send_request(post(body));
+    const PIECE: usize = 64 * 1024;
+    const PIECES: usize = 96; // 6 MiB
+    let feed = tokio::spawn(async move {
+        for i in 0..PIECES {
+            let piece = Bytes::from(vec![(i % 251) as u8; PIECE]);
+            tx.send(Ok(Frame::data(piece))).await.expect("send");
+        }
+    });
+    let echoed = async {
+        let rsp = rsp.await.expect("response");
+        let mut body = rsp.into_body();
+        let mut got = Vec::with_capacity(PIECE * PIECES);
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.expect("frame").into_data() {
+                got.extend_from_slice(&data);
+            }
+        }
+        got
+    };
+    // (A window never released would stall it for good.)
+    let got = tokio::time::timeout(Duration::from_secs(30), echoed)
+        .await
+        .expect("stalled");
+    feed.await.expect("feed");
+    assert_eq!(got.len(), PIECE * PIECES);
+    assert!(got
+        .chunks(PIECE)
+        .enumerate()
+        .all(|(i, c)| c.iter().all(|b| *b == (i % 251) as u8)));
+}
+
+/// A handler that panics takes its own stream down, not the connection's
+/// other streams (which share its task on this runtime).
+#[tokio::test]
+async fn a_panicking_stream_is_reset_alone() {
+    let (addr, mut ended) = server(|req: Request<Body>| async move {
+        if req.uri().path() == "/panic" {
+            panic!("a handler's bug");
+        }
+        echo(req).await
+    })
+    .await;
+    let mut send = client(addr).await;
+    let (mut tx, body) = streamed();
+    let open = send.send_request(post(body));
+    let open = tokio::spawn(open);
+    let panicked = send
+        .send_request(
+            Request::post("http://test.local/panic")
+                .body(crate::http::empty())
+                .expect("request"),
+        )
+        .await;
+    assert!(panicked.is_err(), "{panicked:?}");
+    tx.send(Ok(Frame::data(Bytes::from_static(b"still here"))))
+        .await
+        .expect("send");
+    drop(tx);
+    let rsp = open.await.expect("task").expect("response");
+    let body = rsp.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(body, "still here");
+    assert!(ended.try_recv().is_err(), "the connection ended");
 }
 
 /// A response body whose length is known gets its `content-length`; an
@@ -153,6 +234,8 @@ async fn a_known_length_is_sent_and_an_empty_body_ends_with_the_head() {
     };
     let rsp = send.send_request(get("/full")).await.expect("response");
     assert_eq!(rsp.headers()["content-length"], "12");
+    let date = rsp.headers()["date"].to_str().expect("date");
+    httpdate::parse_http_date(date).expect("an HTTP date");
     let rsp = send.send_request(get("/empty")).await.expect("response");
     assert!(rsp.body().is_end_stream());
 }
@@ -168,14 +251,6 @@ async fn a_stream_reset_by_the_client_drops_its_request() {
         let dropped_tx = dropped_tx.clone();
         async move {
             if req.uri().path() == "/hang" {
-                struct OnDrop(std::sync::Arc<std::sync::Mutex<Option<oneshot::Sender<()>>>>);
-                impl Drop for OnDrop {
-                    fn drop(&mut self) {
-                        if let Some(tx) = self.0.lock().expect("lock").take() {
-                            let _ = tx.send(());
-                        }
-                    }
-                }
                 let _guard = OnDrop(dropped_tx);
                 std::future::pending::<()>().await;
             }
@@ -204,6 +279,89 @@ async fn a_stream_reset_by_the_client_drops_its_request() {
     let (response, _) = h2.send_request(req, true).expect("send");
     let rsp = response.await.expect("response");
     assert_eq!(rsp.status(), StatusCode::OK);
+}
+
+/// A client that resets its stream while the response body streams stops
+/// it: the body is dropped.
+#[tokio::test]
+async fn a_stream_reset_during_the_body_drops_the_body() {
+    let (dropped_tx, dropped) = oneshot::channel::<()>();
+    let dropped_tx = std::sync::Arc::new(std::sync::Mutex::new(Some(dropped_tx)));
+    let (addr, _) = server(move |_req: Request<Body>| {
+        let (mut tx, body) = streamed();
+        let dropped_tx = dropped_tx.lock().expect("lock").take();
+        tokio::spawn(async move {
+            // Pieces until the body is gone (a send then fails).
+            while tx
+                .send(Ok(Frame::data(Bytes::from_static(b"more"))))
+                .await
+                .is_ok()
+            {}
+            if let Some(d) = dropped_tx {
+                let _ = d.send(());
+            }
+        });
+        async move { Response::new(body) }
+    })
+    .await;
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (mut h2, conn) = h2::client::handshake(tcp).await.expect("handshake");
+    tokio::spawn(conn);
+    let req = Request::get("http://test.local/endless")
+        .body(())
+        .expect("request");
+    let (response, mut stream) = h2.send_request(req, true).expect("send");
+    let mut body = response.await.expect("response").into_body();
+    body.data().await.expect("data").expect("data");
+    stream.send_reset(h2::Reason::CANCEL);
+    tokio::time::timeout(Duration::from_secs(5), dropped)
+        .await
+        .expect("the body was not dropped")
+        .expect("dropped");
+}
+
+/// A client that goes away with a stream in flight ends the connection
+/// (h2 reports how: a reset or broken pipe is counted as a connection
+/// error, as with hyper) and drops the request it left.
+#[tokio::test]
+async fn a_client_that_goes_away_drops_its_requests() {
+    let (dropped_tx, dropped) = oneshot::channel::<()>();
+    let dropped_tx = std::sync::Arc::new(std::sync::Mutex::new(Some(dropped_tx)));
+    let (addr, mut ended) = server(move |_req: Request<Body>| {
+        let dropped_tx = dropped_tx.clone();
+        async move {
+            let _guard = OnDrop(dropped_tx);
+            std::future::pending::<Response<Body>>().await
+        }
+    })
+    .await;
+    // With a request in flight: the socket closed under it.
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (mut h2, conn) = h2::client::handshake(tcp).await.expect("handshake");
+    let conn = tokio::spawn(conn);
+    let req = Request::get("http://test.local/hang")
+        .body(())
+        .expect("request");
+    let (_response, _stream) = h2.send_request(req, true).expect("send");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    conn.abort();
+    tokio::time::timeout(Duration::from_secs(5), dropped)
+        .await
+        .expect("the request was not dropped")
+        .expect("dropped");
+    let r = tokio::time::timeout(Duration::from_secs(5), ended.recv()).await;
+    assert!(r.is_ok(), "the connection did not end");
+}
+
+/// Sends on its channel when dropped (a handler's future cancelled).
+struct OnDrop(std::sync::Arc<std::sync::Mutex<Option<oneshot::Sender<()>>>>);
+
+impl Drop for OnDrop {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.lock().expect("lock").take() {
+            let _ = tx.send(());
+        }
+    }
 }
 
 /// A response body that fails resets the stream: the client never takes
@@ -248,7 +406,8 @@ async fn a_graceful_shutdown_lets_open_streams_finish() {
             let _ = tx.send(());
         }
         async move {
-            if let Some(rx) = release.lock().await.take() {
+            let rx = release.lock().await.take();
+            if let Some(rx) = rx {
                 let _ = rx.await;
             }
             Response::new(crate::http::whole(Bytes::from_static(b"finished")))
@@ -267,13 +426,17 @@ async fn a_graceful_shutdown_lets_open_streams_finish() {
     let mut send = client(addr).await;
     let first = send.send_request(post(crate::http::empty()));
     let first = tokio::spawn(first);
-    // The shutdown's GOAWAY reaches the client before its next request.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let refused = send.send_request(post(crate::http::empty())).await;
-    assert!(
-        refused.is_err(),
-        "a stream opened after the GOAWAY was served"
-    );
+    // Once the shutdown's GOAWAY has reached the client, a new stream is
+    // refused (those sent before it arrived are answered).
+    let mut refused = false;
+    for _ in 0..250 {
+        if send.send_request(post(crate::http::empty())).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "streams still taken 5 s after the GOAWAY");
     release_tx.send(()).expect("release");
     let rsp = first.await.expect("task").expect("response");
     let body = rsp.into_body().collect().await.expect("body").to_bytes();
