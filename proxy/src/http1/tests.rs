@@ -453,6 +453,8 @@ async fn a_request_a_reused_connection_fails_to_take_goes_out_on_a_new_one() {
         socket2::SockRef::from(&wire.tcp)
             .shutdown(std::net::Shutdown::Write)
             .expect("shutdown");
+        // Taken by the probe: the write is what fails.
+        assert!(wire.is_usable());
     }
     let rsp = pool.send(addr, get("/again")).await.expect("response");
     assert_eq!(body(rsp).await, "ok");

@@ -161,8 +161,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Connection<I> {
                     let connect = req.method() == http::Method::CONNECT;
                     let stream = answer(handle.call(request(req)), respond, connect);
                     if self.in_task {
-                        // A panic unwinds out of this stream only (its
-                        // stream reset as its `SendResponse` drops), not
+                        // A panic unwinds out of this stream only (reset
+                        // with CANCEL as its `SendResponse` drops), not
                         // through the connection and every other stream.
                         self.streams
                             .push(Box::pin(AssertUnwindSafe(stream).catch_unwind().map(|r| {
@@ -229,9 +229,12 @@ where
         }
     }
     let eos = body.is_end_stream();
-    // (A CONNECT's successful response starts a tunnel: no length.)
+    // A CONNECT's successful response starts a tunnel: it has no length
+    // (RFC 9110 §9.3.6).
     let tunnel = connect && parts.status.is_success();
-    if !eos && !tunnel {
+    if tunnel {
+        parts.headers.remove(http::header::CONTENT_LENGTH);
+    } else if !eos {
         if let Some(n) = body.size_hint().exact() {
             parts
                 .headers

@@ -338,7 +338,7 @@ async fn serve_h2(
     // The client's preface is due at once (detection saw it, or a peer
     // proxy sends it first): one that stalls does not hold its slot.
     let handshake = tokio::time::timeout(
-        shared.config.detect_timeout * 5,
+        shared.config.detect_timeout.saturating_mul(5),
         server::handshake(io, settings),
     );
     let mut conn = tokio::select! {
@@ -346,6 +346,7 @@ async fn serve_h2(
             Ok(Ok(conn)) => conn,
             Ok(Err(error)) => return failed(error.into()),
             Err(_) => {
+                tracing::debug!(direction, "HTTP/2 preface not received in time");
                 shared.http.error(direction, "http_timeout");
                 return false;
             }
@@ -370,8 +371,9 @@ async fn serve_h2(
 /// The error counter's reason for a failed HTTP/2 connection: the client
 /// broke the protocol (h2 found it: a bad preface, frame or header block,
 /// answered with GOAWAY once the preface was good), stopped answering
-/// pings, or the connection failed otherwise (reset, closed mid-stream, or
-/// the client's GOAWAY with an error). A client's clean close is no error.
+/// pings, or the connection failed otherwise (reset, cut off in the middle
+/// of a frame, or the client's GOAWAY with an error). A close between
+/// frames, even with streams open, is no error (as with hyper).
 fn http2_error_reason(error: &crate::http2::server::ServeError) -> &'static str {
     use crate::http2::server::ServeError;
     match error {

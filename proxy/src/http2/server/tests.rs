@@ -210,6 +210,13 @@ async fn a_panicking_stream_is_reset_alone() {
     let rsp = open.await.expect("task").expect("response");
     let body = rsp.into_body().collect().await.expect("body").to_bytes();
     assert_eq!(body, "still here");
+    // The connection still takes new streams.
+    let rsp = send
+        .send_request(post(crate::http::whole(Bytes::from_static(b"next"))))
+        .await
+        .expect("response");
+    let body = rsp.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(body, "next");
     assert!(ended.try_recv().is_err(), "the connection ended");
 }
 
@@ -321,16 +328,22 @@ async fn a_stream_reset_during_the_body_drops_the_body() {
 }
 
 /// A client that goes away with a stream in flight ends the connection
-/// (h2 reports how: a reset or broken pipe is counted as a connection
+/// (a close between frames as a clean end, a reset or a cut frame as an
 /// error, as with hyper) and drops the request it left.
 #[tokio::test]
 async fn a_client_that_goes_away_drops_its_requests() {
     let (dropped_tx, dropped) = oneshot::channel::<()>();
     let dropped_tx = std::sync::Arc::new(std::sync::Mutex::new(Some(dropped_tx)));
+    let (running_tx, running) = oneshot::channel::<()>();
+    let running_tx = std::sync::Arc::new(std::sync::Mutex::new(Some(running_tx)));
     let (addr, mut ended) = server(move |_req: Request<Body>| {
         let dropped_tx = dropped_tx.clone();
+        let running_tx = running_tx.lock().expect("lock").take();
         async move {
             let _guard = OnDrop(dropped_tx);
+            if let Some(tx) = running_tx {
+                let _ = tx.send(());
+            }
             std::future::pending::<Response<Body>>().await
         }
     })
@@ -343,7 +356,7 @@ async fn a_client_that_goes_away_drops_its_requests() {
         .body(())
         .expect("request");
     let (_response, _stream) = h2.send_request(req, true).expect("send");
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    running.await.expect("the request is being answered");
     conn.abort();
     tokio::time::timeout(Duration::from_secs(5), dropped)
         .await
