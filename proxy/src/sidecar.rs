@@ -141,6 +141,13 @@ pub struct ConfigError {
 }
 
 impl ProxyConfig {
+    /// How long each step of a connection's set-up may take once its
+    /// protocol is known (a mesh TLS handshake, the transport header, an
+    /// HTTP/2 preface): five detection timeouts.
+    pub fn setup_timeout(&self) -> Duration {
+        self.detect_timeout.saturating_mul(5)
+    }
+
     /// Checks the settings against each other.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |field, message: &str| {

@@ -63,26 +63,6 @@ pub enum ServeError {
     PingTimeout(Duration),
 }
 
-/// An answer to one request: a future of the response, which must not
-/// borrow the handler.
-pub trait Handle: Send + Sync {
-    /// The response's future.
-    type Future: Future<Output = Response<Body>> + Send + 'static;
-    /// Starts answering `req`.
-    fn call(&self, req: Request<Body>) -> Self::Future;
-}
-
-impl<F, Fut> Handle for F
-where
-    F: Fn(Request<Body>) -> Fut + Send + Sync,
-    Fut: Future<Output = Response<Body>> + Send + 'static,
-{
-    type Future = Fut;
-    fn call(&self, req: Request<Body>) -> Fut {
-        self(req)
-    }
-}
-
 /// Performs the server side of the HTTP/2 handshake on `io` (the client's
 /// preface not yet read) and returns the connection to serve.
 pub async fn handshake<I>(io: I, settings: Settings) -> Result<Connection<I>, h2::Error>
@@ -130,11 +110,16 @@ pub struct Connection<I> {
 impl<I: AsyncRead + AsyncWrite + Unpin> Connection<I> {
     /// Serves requests with `handle` until the client closes the
     /// connection, a graceful shutdown has let every stream finish, or
-    /// the connection fails.
-    pub fn serve<'a, H: Handle>(
+    /// the connection fails. `handle`'s future of a response must not
+    /// borrow it (a stream may outlive this call, in a task of its own).
+    pub fn serve<'a, H, F>(
         &'a mut self,
         handle: &'a H,
-    ) -> impl Future<Output = Result<(), ServeError>> + 'a {
+    ) -> impl Future<Output = Result<(), ServeError>> + 'a
+    where
+        H: Fn(Request<Body>) -> F + ?Sized,
+        F: Future<Output = Response<Body>> + Send + 'static,
+    {
         poll_fn(move |cx| self.poll_serve(handle, cx))
     }
 
@@ -144,11 +129,11 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Connection<I> {
         self.conn.graceful_shutdown();
     }
 
-    fn poll_serve<H: Handle>(
-        &mut self,
-        handle: &H,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<(), ServeError>> {
+    fn poll_serve<H, F>(&mut self, handle: &H, cx: &mut Context<'_>) -> Poll<Result<(), ServeError>>
+    where
+        H: Fn(Request<Body>) -> F + ?Sized,
+        F: Future<Output = Response<Body>> + Send + 'static,
+    {
         loop {
             // The streams woken first: what they send leaves with the
             // connection's next write, just below. (`FuturesUnordered`
@@ -159,7 +144,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Connection<I> {
             match self.conn.poll_accept(cx) {
                 Poll::Ready(Some(Ok((req, respond)))) => {
                     let connect = req.method() == http::Method::CONNECT;
-                    let stream = answer(handle.call(request(req)), respond, connect);
+                    let stream = answer(handle(request(req)), respond, connect);
                     if self.in_task {
                         // A panic unwinds out of this stream only (reset
                         // with CANCEL as its `SendResponse` drops), not

@@ -194,21 +194,18 @@ impl Inbound {
             let tls = start.into_stream(self.0.tls.clone()).await?;
             Ok::<_, std::io::Error>(tls)
         };
-        let mut tls =
-            match tokio::time::timeout(shared.config.detect_timeout.saturating_mul(5), handshake)
-                .await
-            {
-                Ok(Ok(t)) => t,
-                Ok(Err(error)) => {
-                    tracing::info!(%error, "inbound mesh handshake failed");
-                    shared.http.error(DIRECTION, "tls_handshake");
-                    return false;
-                }
-                Err(_) => {
-                    shared.http.error(DIRECTION, "tls_handshake_timeout");
-                    return false;
-                }
-            };
+        let mut tls = match tokio::time::timeout(shared.config.setup_timeout(), handshake).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(error)) => {
+                tracing::info!(%error, "inbound mesh handshake failed");
+                shared.http.error(DIRECTION, "tls_handshake");
+                return false;
+            }
+            Err(_) => {
+                shared.http.error(DIRECTION, "tls_handshake_timeout");
+                return false;
+            }
+        };
         let client = tls
             .get_ref()
             .1
@@ -216,23 +213,21 @@ impl Inbound {
             .and_then(identity_of)
             .map(|id| id.to_string())
             .unwrap_or_default();
-        let header = match tokio::time::timeout(
-            shared.config.detect_timeout.saturating_mul(5),
-            transport::read(&mut tls),
-        )
-        .await
-        {
-            Ok(Ok(h)) => h,
-            Ok(Err(error)) => {
-                tracing::info!(%client, %error, "bad transport header");
-                shared.http.error(DIRECTION, error.reason());
-                return false;
-            }
-            Err(_) => {
-                shared.http.error(DIRECTION, "header_timeout");
-                return false;
-            }
-        };
+        let header =
+            match tokio::time::timeout(shared.config.setup_timeout(), transport::read(&mut tls))
+                .await
+            {
+                Ok(Ok(h)) => h,
+                Ok(Err(error)) => {
+                    tracing::info!(%client, %error, "bad transport header");
+                    shared.http.error(DIRECTION, error.reason());
+                    return false;
+                }
+                Err(_) => {
+                    shared.http.error(DIRECTION, "header_timeout");
+                    return false;
+                }
+            };
         let Ok(port) = u16::try_from(header.port) else {
             return false;
         };

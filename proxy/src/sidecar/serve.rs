@@ -338,7 +338,7 @@ async fn serve_h2(
     // The client's preface is due at once (detection saw it, or a peer
     // proxy sends it first): one that stalls does not hold its slot.
     let handshake = tokio::time::timeout(
-        shared.config.detect_timeout.saturating_mul(5),
+        shared.config.setup_timeout(),
         server::handshake(io, settings),
     );
     let mut conn = tokio::select! {
@@ -353,16 +353,15 @@ async fn serve_h2(
         },
         () = drained(&mut draining) => return true,
     };
-    let handle = move |req| handle(req);
     let ended = tokio::select! {
-        r = conn.serve(&handle) => Some(r),
+        r = conn.serve(&*handle) => Some(r),
         () = drained(&mut draining) => None,
     };
     let ended = match ended {
         Some(r) => r,
         None => {
             conn.graceful_shutdown();
-            conn.serve(&handle).await
+            conn.serve(&*handle).await
         }
     };
     ended.map_or_else(failed, |()| true)

@@ -252,8 +252,7 @@ async fn a_known_length_is_sent_and_an_empty_body_ends_with_the_head() {
 /// serves on.
 #[tokio::test]
 async fn a_stream_reset_by_the_client_drops_its_request() {
-    let (dropped_tx, dropped) = oneshot::channel::<()>();
-    let dropped_tx = std::sync::Arc::new(std::sync::Mutex::new(Some(dropped_tx)));
+    let (dropped_tx, dropped) = signal();
     let (addr, _) = server(move |req: Request<Body>| {
         let dropped_tx = dropped_tx.clone();
         async move {
@@ -265,13 +264,8 @@ async fn a_stream_reset_by_the_client_drops_its_request() {
         }
     })
     .await;
-    let tcp = TcpStream::connect(addr).await.expect("connect");
-    let (mut h2, conn) = h2::client::handshake(tcp).await.expect("handshake");
-    tokio::spawn(conn);
-    let req = Request::get("http://test.local/hang")
-        .body(())
-        .expect("request");
-    let (response, mut stream) = h2.send_request(req, true).expect("send");
+    let (mut h2, _conn) = h2_client(addr).await;
+    let (response, mut stream) = h2.send_request(get_head("/hang"), true).expect("send");
     tokio::time::sleep(Duration::from_millis(50)).await;
     stream.send_reset(h2::Reason::CANCEL);
     tokio::time::timeout(Duration::from_secs(5), dropped)
@@ -280,10 +274,7 @@ async fn a_stream_reset_by_the_client_drops_its_request() {
         .expect("dropped");
     assert!(response.await.is_err());
     let mut h2 = h2.ready().await.expect("ready");
-    let req = Request::get("http://test.local/next")
-        .body(())
-        .expect("request");
-    let (response, _) = h2.send_request(req, true).expect("send");
+    let (response, _) = h2.send_request(get_head("/next"), true).expect("send");
     let rsp = response.await.expect("response");
     assert_eq!(rsp.status(), StatusCode::OK);
 }
@@ -292,8 +283,7 @@ async fn a_stream_reset_by_the_client_drops_its_request() {
 /// it: the body is dropped.
 #[tokio::test]
 async fn a_stream_reset_during_the_body_drops_the_body() {
-    let (dropped_tx, dropped) = oneshot::channel::<()>();
-    let dropped_tx = std::sync::Arc::new(std::sync::Mutex::new(Some(dropped_tx)));
+    let (dropped_tx, dropped) = signal();
     let (addr, _) = server(move |_req: Request<Body>| {
         let (mut tx, body) = streamed();
         let dropped_tx = dropped_tx.lock().expect("lock").take();
@@ -311,13 +301,8 @@ async fn a_stream_reset_during_the_body_drops_the_body() {
         async move { Response::new(body) }
     })
     .await;
-    let tcp = TcpStream::connect(addr).await.expect("connect");
-    let (mut h2, conn) = h2::client::handshake(tcp).await.expect("handshake");
-    tokio::spawn(conn);
-    let req = Request::get("http://test.local/endless")
-        .body(())
-        .expect("request");
-    let (response, mut stream) = h2.send_request(req, true).expect("send");
+    let (mut h2, _conn) = h2_client(addr).await;
+    let (response, mut stream) = h2.send_request(get_head("/endless"), true).expect("send");
     let mut body = response.await.expect("response").into_body();
     body.data().await.expect("data").expect("data");
     stream.send_reset(h2::Reason::CANCEL);
@@ -332,10 +317,8 @@ async fn a_stream_reset_during_the_body_drops_the_body() {
 /// error, as with hyper) and drops the request it left.
 #[tokio::test]
 async fn a_client_that_goes_away_drops_its_requests() {
-    let (dropped_tx, dropped) = oneshot::channel::<()>();
-    let dropped_tx = std::sync::Arc::new(std::sync::Mutex::new(Some(dropped_tx)));
-    let (running_tx, running) = oneshot::channel::<()>();
-    let running_tx = std::sync::Arc::new(std::sync::Mutex::new(Some(running_tx)));
+    let (dropped_tx, dropped) = signal();
+    let (running_tx, running) = signal();
     let (addr, mut ended) = server(move |_req: Request<Body>| {
         let dropped_tx = dropped_tx.clone();
         let running_tx = running_tx.lock().expect("lock").take();
@@ -349,13 +332,8 @@ async fn a_client_that_goes_away_drops_its_requests() {
     })
     .await;
     // With a request in flight: the socket closed under it.
-    let tcp = TcpStream::connect(addr).await.expect("connect");
-    let (mut h2, conn) = h2::client::handshake(tcp).await.expect("handshake");
-    let conn = tokio::spawn(conn);
-    let req = Request::get("http://test.local/hang")
-        .body(())
-        .expect("request");
-    let (_response, _stream) = h2.send_request(req, true).expect("send");
+    let (mut h2, conn) = h2_client(addr).await;
+    let (_response, _stream) = h2.send_request(get_head("/hang"), true).expect("send");
     running.await.expect("the request is being answered");
     conn.abort();
     tokio::time::timeout(Duration::from_secs(5), dropped)
@@ -366,8 +344,37 @@ async fn a_client_that_goes_away_drops_its_requests() {
     assert!(r.is_ok(), "the connection did not end");
 }
 
-/// Sends on its channel when dropped (a handler's future cancelled).
-struct OnDrop(std::sync::Arc<std::sync::Mutex<Option<oneshot::Sender<()>>>>);
+/// A one-shot signal the handler's calls share: whichever takes the
+/// sender first fires it.
+type Signal = std::sync::Arc<std::sync::Mutex<Option<oneshot::Sender<()>>>>;
+
+fn signal() -> (Signal, oneshot::Receiver<()>) {
+    let (tx, rx) = oneshot::channel();
+    (std::sync::Arc::new(std::sync::Mutex::new(Some(tx))), rx)
+}
+
+/// An `h2` client connection to `addr` (its streams reset at will), and
+/// the task driving it.
+async fn h2_client(
+    addr: SocketAddr,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (h2, conn) = h2::client::handshake(tcp).await.expect("handshake");
+    (h2, tokio::spawn(conn))
+}
+
+/// The head of a GET of `path`.
+fn get_head(path: &str) -> Request<()> {
+    Request::get(format!("http://test.local{path}"))
+        .body(())
+        .expect("request")
+}
+
+/// Fires its signal when dropped (a handler's future cancelled).
+struct OnDrop(Signal);
 
 impl Drop for OnDrop {
     fn drop(&mut self) {
